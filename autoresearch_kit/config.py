@@ -1,0 +1,157 @@
+"""Configuration: the budget, where things live, and the AUTORESEARCH_* environment.
+
+No IO happens here (beyond reading os.environ): this module is imported by both the
+training child (via harness) and the notebook kernel, so it stays tiny and stdlib-only.
+
+    from autoresearch_kit.config import Budget
+    Budget.parse("60s"), Budget.parse("50M-tokens"), Budget.parse("1e15-flops")
+
+Environment variables (the runner sets the RUN ones for the child; users may set the rest):
+
+    AUTORESEARCH_CACHE        root of the cache (default ~/.cache/autoresearch_kit)
+    AUTORESEARCH_DATA         a prepared data directory (default <cache>/data/builtin-bpe4096)
+    AUTORESEARCH_BUDGET       budget for train.py, e.g. "60s", "50M-tokens", "1e15-flops"
+    AUTORESEARCH_SEED         training seed (default 42)
+    AUTORESEARCH_DEVICE       force a device: cuda | mps | cpu
+    AUTORESEARCH_EVAL_TOKENS  pinned validation tokens scored by evaluate_bpb
+    AUTORESEARCH_WARMUP_STEPS first N steps not counted against a seconds budget
+    AUTORESEARCH_CHANNEL_FD   (runner -> child) fd of the trusted result channel
+    AUTORESEARCH_CHANNEL_KEY  (runner -> child) HMAC key for that channel, hex
+    AUTORESEARCH_RUN_ID       (runner -> child) id used to find stray children
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_PREFIX = "AUTORESEARCH_"
+
+# Default budgets: the original's 5 minutes on a GPU; 60 s on CPU/MPS keeps a notebook
+# interactive (a 4M-parameter GPT sees ~0.4M tokens/min on a 2-core CPU).
+DEFAULT_SECONDS = {"cuda": 300.0, "mps": 60.0, "cpu": 60.0}
+DEFAULT_SEED = 42
+DEFAULT_WARMUP_STEPS = 3
+DEFAULT_DATASET = "builtin"
+DEFAULT_VOCAB_SIZE = 4096
+# Pinned validation tokens scored for every candidate. 2**16 on CPU evaluates in a
+# few seconds for a small model; the GPU default is larger for a lower-noise metric.
+DEFAULT_EVAL_TOKENS = {"cuda": 2**21, "mps": 2**17, "cpu": 2**16}
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12, "p": 1e15}
+_KINDS = ("seconds", "tokens", "flops")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A fixed training budget: wall-clock seconds, training tokens, or FLOPs.
+
+    Exactly one of the three is set. Seconds exclude compile/warm-up steps (as the
+    original autoresearch does); tokens and FLOPs are measured by the harness and make
+    results comparable across machines.
+
+    Examples
+    --------
+    >>> Budget(seconds=60).kind
+    'seconds'
+    >>> str(Budget.parse("50M-tokens"))
+    '50M-tokens'
+    """
+
+    seconds: float | None = None
+    tokens: int | None = None
+    flops: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in _KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            msg = (
+                "A Budget needs exactly one of seconds=, tokens= or flops= "
+                f"(got {given or 'none'}); e.g. Budget(seconds=60) or Budget.parse('50M-tokens')."
+            )
+            raise ValueError(msg)
+        if self.amount <= 0:
+            msg = f"A budget must be positive, got {self.amount} {self.kind}."
+            raise ValueError(msg)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) is not None)
+
+    @property
+    def amount(self) -> float:
+        return float(getattr(self, self.kind))
+
+    @classmethod
+    def parse(cls, text: "str | Budget | float | int") -> "Budget":
+        """Parse '60s', '5min', '300', '50M-tokens', '2e6 tokens', '1e15-flops', '3P-flops'."""
+        if isinstance(text, Budget):
+            return text
+        if isinstance(text, (int, float)):
+            return cls(seconds=float(text))
+        s = str(text).strip().lower().replace("_", "")
+        m = re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)\s*([kmgbtp]?)\s*[- ]?\s*([a-z]*)", s)
+        if not m:
+            msg = f"Cannot read budget {text!r}: use e.g. '60s', '5min', '50M-tokens' or '1e15-flops'."
+            raise ValueError(msg)
+        number, unit, kind = float(m.group(1)), m.group(2), m.group(3)
+        if kind in ("", "s", "sec", "secs", "second", "seconds"):
+            if unit == "m" and kind == "":  # "5m" reads as five minutes, not 5e6 seconds
+                return cls(seconds=number * 60)
+            return cls(seconds=number * _UNITS[unit])
+        if kind in ("min", "mins", "minute", "minutes"):
+            return cls(seconds=number * 60 * _UNITS[unit])
+        if kind in ("tok", "toks", "token", "tokens"):
+            return cls(tokens=int(round(number * _UNITS[unit])))
+        if kind in ("flop", "flops"):
+            return cls(flops=number * _UNITS[unit])
+        msg = f"Unknown budget unit {kind!r} in {text!r}: use s, min, tokens or flops."
+        raise ValueError(msg)
+
+    def __str__(self) -> str:
+        if self.kind == "seconds":
+            return f"{self.amount:g}s"
+        if self.kind == "tokens":
+            n = self.amount
+            for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+                if n >= scale and (n / scale) == int(n / scale):
+                    return f"{int(n / scale)}{unit}-tokens"
+            return f"{int(n)}-tokens"
+        return f"{self.amount:.3g}-flops"
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """Read AUTORESEARCH_<name> (empty counts as unset)."""
+    value = os.environ.get(ENV_PREFIX + name, "")
+    return value if value != "" else default
+
+
+def cache_dir() -> Path:
+    """Root of everything the kit caches (data, tokenizers, compile cache)."""
+    return Path(env("CACHE") or Path.home() / ".cache" / "autoresearch_kit").expanduser()
+
+
+def data_name(dataset: str = DEFAULT_DATASET, tokenizer: str | int = DEFAULT_VOCAB_SIZE) -> str:
+    """Folder name of a prepared dataset: '<dataset>-bpe<V>' or '<dataset>-bytes'."""
+    tok = "bytes" if str(tokenizer) == "bytes" else f"bpe{int(tokenizer)}"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset).strip("_") or "data"
+    return f"{safe}-{tok}"
+
+
+def data_dir(dataset: str | None = None, tokenizer: str | int | None = None) -> Path:
+    """The prepared data directory: AUTORESEARCH_DATA, else the cache's default."""
+    if dataset is None and tokenizer is None and env("DATA"):
+        return Path(env("DATA")).expanduser()
+    return cache_dir() / "data" / data_name(dataset or DEFAULT_DATASET, tokenizer or DEFAULT_VOCAB_SIZE)
+
+
+def default_budget(device_type: str) -> Budget:
+    """AUTORESEARCH_BUDGET if set, else 300 s on CUDA and 60 s on CPU/MPS."""
+    text = env("BUDGET")
+    return Budget.parse(text) if text else Budget(seconds=DEFAULT_SECONDS.get(device_type, 60.0))
+
+
+def default_eval_tokens(device_type: str) -> int:
+    return int(env("EVAL_TOKENS") or DEFAULT_EVAL_TOKENS.get(device_type, 2**16))
