@@ -92,11 +92,16 @@ class Budget:
         if isinstance(text, (int, float)):
             return cls(seconds=float(text))
         s = str(text).strip().lower().replace("_", "")
-        m = re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)\s*([kmgbtp]?)\s*[- ]?\s*([a-z]*)", s)
+        m = re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)\s*-?\s*([a-z]*)\s*-?\s*([a-z]*)", s)
         if not m:
             msg = f"Cannot read budget {text!r}: use e.g. '60s', '5min', '50M-tokens' or '1e15-flops'."
             raise ValueError(msg)
         number, unit, kind = float(m.group(1)), m.group(2), m.group(3)
+        if not kind and unit not in _UNITS:  # "5min", "60s", "2e6tokens": no scale letter
+            unit, kind = "", unit
+        elif unit and unit not in _UNITS and kind:
+            msg = f"Unknown scale {unit!r} in {text!r}: use k, M, G, T or P (e.g. '50M-tokens')."
+            raise ValueError(msg)
         if kind in ("", "s", "sec", "secs", "second", "seconds"):
             if unit == "m" and kind == "":  # "5m" reads as five minutes, not 5e6 seconds
                 return cls(seconds=number * 60)
