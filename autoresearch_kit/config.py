@@ -145,10 +145,22 @@ def data_name(dataset: str = DEFAULT_DATASET, tokenizer: str | int = DEFAULT_VOC
     return f"{safe}-{tok}"
 
 
+LATEST_FILE = "LATEST"  # <cache>/data/LATEST names the most recently prepared directory
+
+
 def data_dir(dataset: str | None = None, tokenizer: str | int | None = None) -> Path:
-    """The prepared data directory: AUTORESEARCH_DATA, else the cache's default."""
-    if dataset is None and tokenizer is None and env("DATA"):
-        return Path(env("DATA")).expanduser()
+    """The prepared data directory.
+
+    With no arguments: AUTORESEARCH_DATA if set, else the directory `prepare` wrote
+    last (so `python prepare.py --vocab-size 8192 && python train.py` just works), else
+    the built-in corpus with the default tokenizer.
+    """
+    if dataset is None and tokenizer is None:
+        if env("DATA"):
+            return Path(env("DATA")).expanduser()
+        latest = cache_dir() / "data" / LATEST_FILE
+        if latest.is_file() and latest.read_text().strip():
+            return cache_dir() / "data" / latest.read_text().strip()
     return cache_dir() / "data" / data_name(dataset or DEFAULT_DATASET, tokenizer or DEFAULT_VOCAB_SIZE)
 
 
