@@ -22,7 +22,8 @@ def _pyproject_deps() -> dict[str, str]:
 
 def _environment_deps() -> dict[str, str]:
     deps = {}
-    for line in (ROOT / "environment.yml").read_text().splitlines():
+    text = (ROOT / "environment.yml").read_text()
+    for line in text[text.index("dependencies:"):].splitlines():
         m = re.match(r"\s*-\s+(.+?)\s*$", line)
         if not m or line.strip().startswith("#") or m.group(1).endswith(":"):
             continue
@@ -50,6 +51,8 @@ def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     # The second Quick start command installs dev extras and runs the tests.
-    block = re.search(r"```(?:bash|sh)?\n(.*?)```", readme, re.S).group(1)
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
+    assert "python prepare.py" in blocks[0] and "python train.py" in blocks[0]
+    block = blocks[1]
     assert 'pip install -e ".[dev]"' in block and "python -m pytest -q" in block
     assert 'pip install -q -e ".[dev]"' in ci and "python3 -m pytest -q" in ci
