@@ -85,7 +85,7 @@ def load_results(data: Any):
         return d if d in ("keep", "discard") else "pending"
 
     out = pd.DataFrame({
-        "label": (df["exp_id"] if "exp_id" in df else df["commit"] if "commit" in df else pd.Series(df.index, index=df.index)).astype(str),
+        "label": (df["id"] if "id" in df else df["exp_id"] if "exp_id" in df else df["commit"] if "commit" in df else pd.Series(df.index, index=df.index)).astype(str),
         "val_bpb": pd.to_numeric(df.get("val_bpb"), errors="coerce"),
         "outcome": [outcome(s, d) for s, d in zip(status, decision)],
         "description": df["description"].fillna("").astype(str) if "description" in df else "",
