@@ -1,0 +1,431 @@
+"""Tests for the ledger: records, results.tsv, best(), recover(), kill safety and the lab lock.
+
+Real SQLite files in tmp_path and real subprocesses (killed with SIGKILL where a test
+says so). Run: `python -m pytest tests/test_ledger.py -q`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import fields
+from datetime import datetime, timezone
+
+import pytest
+
+from autoresearch_kit.ledger import (
+    COLUMNS,
+    INTERRUPTED,
+    TSV_HEADER,
+    LabLockedError,
+    Ledger,
+    tsv_row,
+)
+from autoresearch_kit.runner import RunResult
+
+HW = {"device": "cpu", "device_name": "test cpu", "torch": "2.x"}
+
+
+def _result(status="ok", val_bpb=1.0, **kw) -> RunResult:
+    return RunResult(status=status, val_bpb=val_bpb if status == "ok" else None, **kw)
+
+
+def _run(led: Ledger, parent, desc, status="ok", val_bpb=1.0, kind="candidate", decision=None,
+         commit=None, mem=2.0) -> str:
+    eid = led.start(parent, f"hash-{desc}", f"diff {desc}", desc, "mutate", "60s", HW, kind=kind)
+    led.finish(eid, _result(status, val_bpb, peak_memory_gb=mem, reason="" if status == "ok" else "boom"),
+               commit=commit)
+    if decision:
+        led.decide(eid, decision, reason=f"why {desc}")
+    return eid
+
+
+def _tsv(lab) -> list[str]:
+    return (lab / "results.tsv").read_text().splitlines()
+
+
+def _python(code: str, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+# ---- records --------------------------------------------------------------------------------
+
+
+def test_record_round_trip_keeps_every_field(tmp_path):
+    lab = tmp_path / "lab"
+    meta = {"model": "gpt-x", "tokens_used": 1234, "prompt_tokens": 1000, "attempts": 2,
+            "api_key": "sk-abcdefghijklmnopqrstuv", "Authorization": "Bearer xyz", "client_secret": "s",
+            "nested": {"OPENAI_API_KEY": "k", "max_tokens": 50}, "access-token": "t", "note": "sk-live0123456789abcdef"}
+    curve = [{"step": 1, "loss": 4.5, "lr": 1e-3}, {"step": 2, "loss": 4.25, "lr": 1e-3}]
+    result = RunResult(status="ok", val_bpb=1.23456789, reason="", steps=17, tokens=34816, flops=1.5e12,
+                       peak_memory_gb=3.25, mfu=0.41, params=123456, training_seconds=9.5, total_seconds=12.25,
+                       wall_seconds=14.0, eval_seconds=1.75, eval_tokens=4096, budget="10s", seed=7,
+                       device="cpu: test", torch_version="2.13.0", log_path="/x/run.log", log_tail="done\n",
+                       curve=curve, extra={"causal": True})
+    with Ledger(lab) as led:
+        base = led.start(None, "h0", "", "baseline", "human", "10s", HW, kind="baseline")
+        led.finish(base, _result(val_bpb=1.5))
+        eid = led.start(base, "h1", "--- a\n+++ b\n", "lower lr", "llm", "10s", HW, proposal_meta=meta,
+                        commit="0123456789abcdef")
+        assert led.get(eid)["status"] == "running"
+        led.finish(eid, result)
+        led.decide(eid, "keep", reason="clear win", decided_by="autopilot", within_noise=True)
+
+    with Ledger(lab) as led:  # everything survives a close and reopen
+        rec = led.get("0002")
+        assert led.get(2) == rec  # ids may be given as ints
+        records = led.records()
+        df = led.history()
+
+    assert set(rec) == set(COLUMNS)
+    for f in fields(RunResult):  # every RunResult field has a home in the record
+        if f.name != "status":
+            assert f.name in rec, f.name
+            assert rec[f.name] == getattr(result, f.name), f.name
+    assert (rec["id"], rec["parent_id"], rec["kind"], rec["status"]) == ("0002", "0001", "candidate", "ok")
+    assert (rec["decision"], rec["decision_reason"], rec["decided_by"], rec["within_noise"]) == (
+        "keep", "clear win", "autopilot", True)
+    assert (rec["source_hash"], rec["diff"], rec["description"], rec["proposer"]) == (
+        "h1", "--- a\n+++ b\n", "lower lr", "llm")
+    assert rec["commit"] == "0123456789abcdef"
+    assert rec["hardware"] == HW
+    # credentials never reach the database file; token counts do
+    assert rec["proposal_meta"] == {"model": "gpt-x", "tokens_used": 1234, "prompt_tokens": 1000, "attempts": 2,
+                                    "nested": {"max_tokens": 50}}
+    raw = (lab / "ledger.sqlite").read_bytes() + b"".join(p.read_bytes() for p in lab.glob("ledger.sqlite-*"))
+    for secret in (b"sk-abcdefghijklmnopqrstuv", b"Bearer xyz", b"sk-live0123456789abcdef"):
+        assert secret not in raw
+    stamps = [datetime.fromisoformat(rec[k]) for k in ("created_at", "started_at", "finished_at", "decided_at")]
+    assert all(s.utcoffset().total_seconds() == 0 for s in stamps)
+    assert stamps == sorted(stamps) and datetime.now(timezone.utc) >= stamps[-1]
+    assert [r["id"] for r in records] == ["0001", "0002"] and records[1] == rec
+    assert list(df["id"]) == ["0001", "0002"] and df.loc["0002", "val_bpb"] == pytest.approx(1.23456789)
+    assert str(df["finished_at"].dtype).startswith("datetime64") and df.loc["0002", "curve"] == curve
+
+
+def test_unknown_runresult_fields_are_kept_in_extra(tmp_path):
+    with Ledger(tmp_path) as led:
+        eid = led.start(None, "h", "", "baseline", "human", "10s", HW, kind="baseline")
+        rec = led.finish(eid, {"status": "ok", "val_bpb": 1.1, "tokens_per_second": 9.5, "extra": {"a": 1}})
+    assert rec["extra"] == {"a": 1, "tokens_per_second": 9.5}
+
+
+def test_bad_calls_say_what_to_do(tmp_path):
+    with Ledger(tmp_path) as led:
+        with pytest.raises(ValueError, match="kind must be one of"):
+            led.start(None, "h", "", "x", "human", "10s", HW, kind="trial")
+        with pytest.raises(KeyError, match="no experiments yet"):
+            led.start("0007", "h", "", "x", "human", "10s", HW)
+        eid = led.start(None, "h", "", "x", "human", "10s", HW)
+        with pytest.raises(ValueError, match="only a finished run"):
+            led.decide(eid, "keep")
+        led.finish(eid, _result("crash", reason="CUDA OOM"))
+        with pytest.raises(ValueError, match="cannot be kept.*crash.*CUDA OOM"):
+            led.decide(eid, "keep")
+        with pytest.raises(ValueError, match="is not running"):
+            led.finish(eid, _result())
+        with pytest.raises(ValueError, match="'keep', 'discard' or None"):
+            led.decide(eid, "maybe")
+        with pytest.raises(ValueError, match="status must be one of"):
+            led.start(None, "h", "", "y", "human", "10s", HW)
+            led.finish("0002", {"status": "great"})
+        with pytest.raises(KeyError, match="ids run from 0001 to 0002"):
+            led.get("0042")
+        led.decide(eid, "discard", "crashed")  # a crash may be discarded
+    with pytest.raises(RuntimeError, match="closed"):
+        led.records()
+
+
+# ---- results.tsv ----------------------------------------------------------------------------
+
+
+def test_results_tsv_matches_the_original_format_and_follows_every_change(tmp_path):
+    lab = tmp_path / "lab"
+    header = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+    with Ledger(lab) as led:
+        assert _tsv(lab) == [header]
+        base = led.start(None, "h0", "", "baseline", "human", "60s", HW, kind="baseline")
+        assert _tsv(lab) == [header]  # running: not an outcome yet
+        led.finish(base, _result(val_bpb=0.9979, peak_memory_gb=44.04), commit="a1b2c3d4e5f6a7b8")
+        assert _tsv(lab) == [header, "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline"]  # the baseline is the first keep
+
+        c1 = led.start(base, "h1", "d", "increase LR to 0.04", "llm", "60s", HW, commit="b2c3d4e5f6")
+        led.finish(c1, _result(val_bpb=0.9932, peak_memory_gb=44.2))
+        assert len(_tsv(lab)) == 2  # undecided: no row until the human decides
+        led.decide(c1, "keep", "better")
+        assert _tsv(lab)[-1] == "b2c3d4e\t0.993200\t44.2\tkeep\tincrease LR to 0.04"
+
+        c2 = _run(led, c1, "switch to\tGeLU\nactivation", val_bpb=1.005, decision="discard", commit="c3d4e5f60")
+        c3 = _run(led, c1, "double model width (OOM)", status="crash", commit="d4e5f6a7b")
+        c4 = _run(led, c1, "too long", status="timeout", commit=None, mem=None)
+        led.reject(c1, "h5", "d5", "remove the optimizer", "llm", "pointless")
+        c6 = _run(led, c1, "undecided still", val_bpb=0.98)
+        lines = _tsv(lab)
+        assert lines == [header,
+                         "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline",
+                         "b2c3d4e\t0.993200\t44.2\tkeep\tincrease LR to 0.04",
+                         "c3d4e5f\t1.005000\t2.0\tdiscard\tswitch to GeLU activation",
+                         "d4e5f6a\t0.000000\t0.0\tcrash\tdouble model width (OOM)",
+                         "\t0.000000\t0.0\tcrash\ttoo long"]
+        led.decide(c6, "discard", "")
+        assert _tsv(lab)[-1] == "\t0.980000\t2.0\tdiscard\tundecided still"
+        led.decide(c6, None)  # a decision can be withdrawn; the row goes away again
+        assert len(_tsv(lab)) == 6
+        led.decide(c2, "keep", "changed my mind")
+        assert _tsv(lab)[3].endswith("\tkeep\tswitch to GeLU activation")
+        assert (c3, c4) == ("0004", "0005")
+
+    # the original analysis notebook's reading of the file still works
+    import pandas as pd
+
+    df = pd.read_csv(lab / "results.tsv", sep="\t")
+    assert list(df.columns) == list(TSV_HEADER)
+    df["status"] = df["status"].str.strip().str.upper()
+    assert set(df["status"]) <= {"KEEP", "DISCARD", "CRASH"}
+    valid = df[df["status"] != "CRASH"].reset_index(drop=True)
+    assert valid.loc[0, "val_bpb"] == pytest.approx(0.9979)  # baseline_bpb in the notebook
+    assert df[df["status"] == "KEEP"]["val_bpb"].min() == pytest.approx(0.9932)
+    assert not list(lab.glob(".results.tsv.tmp"))
+
+
+# ---- best -----------------------------------------------------------------------------------
+
+
+def test_best_is_the_lowest_kept_run_or_the_baseline(tmp_path):
+    with Ledger(tmp_path) as led:
+        assert led.best() is None
+        base = _run(led, None, "baseline", val_bpb=1.00, kind="baseline")
+        assert led.best()["id"] == base  # an undecided baseline is the one to beat
+        _run(led, base, "worse kept", val_bpb=1.05, decision="keep")
+        assert led.best()["id"] == base
+        _run(led, base, "better but discarded", val_bpb=0.90, decision="discard")
+        _run(led, base, "better but undecided", val_bpb=0.91)
+        _run(led, base, "noise rerun", val_bpb=0.92, kind="noise")
+        _run(led, base, "crashed", status="crash")
+        assert led.best()["id"] == base
+        kept = _run(led, base, "better kept", val_bpb=0.95, decision="keep")
+        assert led.best()["id"] == kept
+        assert led.best()["val_bpb"] == pytest.approx(0.95)
+        led.decide(kept, "discard", "on reflection, noise")
+        led.decide(base, "discard", "bad baseline")  # an explicitly discarded baseline no longer counts
+        assert led.best()["description"] == "worse kept"
+
+
+# ---- recover --------------------------------------------------------------------------------
+
+
+def test_recover_marks_runs_of_a_dead_process_aborted(tmp_path):
+    lab = tmp_path / "lab"
+    with Ledger(lab) as led:
+        _run(led, None, "baseline", kind="baseline")
+    # another process starts a run and ends without finishing it (as a kernel that died would)
+    code = """
+        import sys
+        from autoresearch_kit.ledger import Ledger
+        led = Ledger(sys.argv[1])
+        eid = led.start("0001", "h", "a diff", "in flight", "llm", "60s", {"device": "cpu"})
+        print(eid, flush=True)
+        import os; os._exit(0)  # no finish, no close
+    """
+    proc = _python(code, str(lab))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "0002"
+
+    with Ledger(lab) as led:
+        before = led.get("0002")
+        assert before["status"] == "running"
+        mine = led.start("0001", "h3", "", "my own run", "human", "60s", HW)
+        assert led.recover() == ["0002"]
+        after = led.get("0002")
+        assert (after["status"], after["reason"]) == ("aborted", INTERRUPTED)
+        assert {k: v for k, v in after.items() if k not in ("status", "reason")} == \
+            {k: v for k, v in before.items() if k not in ("status", "reason")}
+        assert led.get(mine)["status"] == "running"  # a run of this very Ledger is alive
+        assert _tsv(lab)[-1] == "\t0.000000\t0.0\tcrash\tin flight"
+        assert led.recover() == []
+
+
+# ---- kill safety ----------------------------------------------------------------------------
+
+_WRITER = """
+    import sys
+    from autoresearch_kit.ledger import Ledger
+    led = Ledger(sys.argv[1])
+    led.recover()
+    parent = None
+    i = 0
+    while True:
+        eid = led.start(parent, f"h{i}", "diff " * 50, f"exp {i}", "mutate", "60s", {"device": "cpu"},
+                        kind="baseline" if parent is None else "candidate")
+        if i % 5 == 3:
+            led.finish(eid, {"status": "crash", "reason": "boom", "log_tail": "x" * 2000})
+        else:
+            led.finish(eid, {"status": "ok", "val_bpb": 1.0 - i * 1e-4, "peak_memory_gb": 1.0,
+                             "curve": [{"step": s, "loss": 3.0} for s in range(50)]})
+            led.decide(eid, "keep" if i % 2 else "discard", "auto", decided_by="autopilot")
+        if i % 7 == 6:
+            led.reject(eid, "r", "d", "rejected one", "llm", "no")
+        parent = parent or eid
+        i += 1
+        if i == 3:
+            print("writing", flush=True)
+"""
+
+
+def _check_consistent(lab) -> list[dict]:
+    db = sqlite3.connect(lab / "ledger.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    with Ledger(lab, readonly=True) as led:
+        recs = led.records()
+    assert [r["id"] for r in recs] == [f"{i:04d}" for i in range(1, len(recs) + 1)]  # no gap, no half record
+    for r in recs:  # a finished record is whole: its run fields came in the same transaction
+        if r["status"] == "ok":
+            assert r["finished_at"] and r["val_bpb"] is not None
+        if r["status"] in ("ok", "crash"):
+            assert r["finished_at"]
+    expected = ["\t".join(TSV_HEADER)] + [line for r in recs if (line := tsv_row(r)) is not None]
+    assert _tsv(lab) == expected
+    return recs
+
+
+def test_a_writer_killed_mid_write_leaves_a_consistent_ledger(tmp_path):
+    lab = tmp_path / "lab"
+    n_before = 0
+    for delay in (0.13, 0.31, 0.22):  # three kills at different points of the write loop
+        proc = _python(_WRITER, str(lab))
+        assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        with Ledger(lab) as led:  # opens (lock died with the writer) and rewrites results.tsv
+            aborted = led.recover()
+            assert len(aborted) <= 1  # at most the run in flight at the kill
+        recs = _check_consistent(lab)
+        for r in recs:
+            if r["status"] == "ok":
+                assert len(r["curve"]) == 50
+            if r["status"] == "crash":
+                assert r["log_tail"] == "x" * 2000
+        assert len(recs) > n_before + 3  # the writer made progress each round
+        n_before = len(recs)
+
+
+
+_SUICIDE = """
+    import os, signal, sys
+    from autoresearch_kit.ledger import Ledger
+    where = sys.argv[2]
+    led = Ledger(sys.argv[1])
+    base = led.start(None, "h", "", "baseline", "human", "60s", {}, kind="baseline")
+    led.finish(base, {"status": "ok", "val_bpb": 1.0})
+    eid = led.start(base, "h2", "d", "candidate", "llm", "60s", {})
+    if where == "in-transaction":   # SIGKILL after the UPDATE ran, before COMMIT
+        real = Ledger._update
+        def _update(self, db, exp_id, values):
+            real(self, db, exp_id, values)
+            os.kill(os.getpid(), signal.SIGKILL)
+        Ledger._update = _update
+    else:                           # SIGKILL after COMMIT, before results.tsv is rewritten
+        Ledger._write_tsv = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+    led.finish(eid, {"status": "ok", "val_bpb": 0.5})
+    led.decide(eid, "keep", "better")
+"""
+
+
+@pytest.mark.parametrize("where", ["in-transaction", "before-tsv"])
+def test_kill_at_the_two_critical_points_of_a_write(tmp_path, where):
+    lab = tmp_path / "lab"
+    proc = _python(_SUICIDE, str(lab), where)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == -signal.SIGKILL, err
+    stale = _tsv(lab)
+    with Ledger(lab) as led:
+        rec = led.get("0002")
+        if where == "in-transaction":  # the half-done finish() is rolled back entirely
+            assert (rec["status"], rec["val_bpb"], rec["finished_at"]) == ("running", None, None)
+            assert led.recover() == ["0002"]
+        else:  # the finish() committed; reopening brings results.tsv up to date
+            assert (rec["status"], rec["val_bpb"]) == ("ok", 0.5) and rec["finished_at"]
+            assert stale == ["\t".join(TSV_HEADER)]  # the kill left the file behind the database
+            led.decide("0002", "keep", "better")
+    recs = _check_consistent(lab)
+    assert [r["status"] for r in recs] == ["ok", "aborted" if where == "in-transaction" else "ok"]
+
+
+# ---- lock -----------------------------------------------------------------------------------
+
+_HOLDER = """
+    import sys, time
+    from autoresearch_kit.ledger import Ledger
+    led = Ledger(sys.argv[1])
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+_OPENER = """
+    import sys
+    from autoresearch_kit.ledger import Ledger, LabLockedError
+    try:
+        Ledger(sys.argv[1])
+    except LabLockedError as e:
+        print("LOCKED", e)
+    else:
+        print("OPENED")
+"""
+
+
+def test_second_open_fails_clearly_and_the_lock_dies_with_its_process(tmp_path):
+    lab = tmp_path / "lab"
+    led = Ledger(lab)
+    eid = led.start(None, "h", "", "baseline", "human", "60s", HW, kind="baseline")
+
+    # another process is refused, with who holds it and what to do
+    out = _python(_OPENER, str(lab)).communicate(timeout=60)[0]
+    assert out.startswith("LOCKED")
+    assert f"process {os.getpid()}" in out and "lab.close()" in out and "readonly=True" in out
+    # so is this process
+    with pytest.raises(LabLockedError, match="current process"):
+        Ledger(lab)
+    # read-only access works meanwhile and sees live writes, but cannot write
+    ro = Ledger(lab, readonly=True)
+    assert ro.get(eid)["status"] == "running"
+    led.finish(eid, _result(val_bpb=1.1))
+    assert ro.get(eid)["status"] == "ok"
+    with pytest.raises(RuntimeError, match="readonly=True"):
+        ro.decide(eid, "keep")
+    led.close()
+    led.close()  # twice is fine
+    assert _python(_OPENER, str(lab)).communicate(timeout=60)[0].strip() == "OPENED"
+
+    # a holder killed with SIGKILL leaves no stale lock behind
+    holder = _python(_HOLDER, str(lab))
+    assert holder.stdout.readline().strip() == "ready"
+    with pytest.raises(LabLockedError, match=f"process {holder.pid} "):
+        Ledger(lab)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    with Ledger(lab) as led2:
+        assert led2.get(eid)["val_bpb"] == pytest.approx(1.1)
+    assert ro.get(eid)["status"] == "ok"
+    ro.close()
+
+
+def test_readonly_needs_an_existing_ledger(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No ledger"):
+        Ledger(tmp_path / "nowhere", readonly=True)
+    with Ledger(tmp_path / "lab") as led:
+        _run(led, None, "baseline", kind="baseline")
+    # after the writer closed (WAL checkpointed), a read-only open still reads everything
+    with Ledger(tmp_path / "lab", readonly=True) as ro:
+        assert [r["description"] for r in ro.records()] == ["baseline"]
+        assert "1 experiments" in repr(ro)
