@@ -1,0 +1,623 @@
+"""The review panel: one ipywidgets view of a Lab's current step.
+
+    lab = Lab("my_lab", budget="60s")
+    lab.panel()                 # == autoresearch_kit.ui.Panel(lab)
+
+What it shows, top to bottom: the lab's state (best so far, experiment count); the
+proposal (description, rationale, a highlighted diff with a unified/side-by-side
+toggle, +/- counts) with Approve / Reject (+ reason) / Edit / Stop and an Autopilot
+toggle; a feedback box the agent reads on the next proposal; the live loss curves
+while the candidate trains (this run, its parent, the best so far, the budget's
+progress); the outcome against the parent and the best with keep/discard buttons
+prefilled by the lab's rule; the results table and the progress plot.
+
+Threads: the kernel must stay free while a candidate trains (so Stop can be clicked),
+so proposing and running happen on a worker thread; metric events arrive on the
+runner's thread and go to `LiveCurve`, which throttles redraws. Widgets are updated
+from those threads (ipywidgets sends comm messages from any thread). One worker runs
+at a time; `wait()` joins it (tests and headless notebooks use it).
+
+The panel keeps no state the ledger does not have: a new Panel on the same lab (after
+a kernel restart) shows the history and, if the last run was never decided, its result
+with the keep/discard buttons.
+"""
+
+from __future__ import annotations
+
+import html as _html
+import math
+import threading
+import time
+from typing import Any, Callable
+
+import ipywidgets as w
+
+from autoresearch_kit.ui.curves import LiveCurve
+from autoresearch_kit.ui.diff import diff_html
+from autoresearch_kit.ui.render import (
+    badge,
+    delta_html,
+    fmt_bpb,
+    history_table_html,
+    proposal_header_html,
+    progress_png,
+    run_result_html,
+)
+
+_FINISHED = ("ok", "crash", "timeout", "diverged", "invalid", "aborted")
+_BOX = {"border": "1px solid #d0d7de", "padding": "8px 12px", "margin": "0 0 8px 0"}
+
+
+def _card(children: list, title: str = "") -> w.VBox:
+    head = [w.HTML(f'<div style="font-weight:600;color:#57606a;font-size:12px;'
+                   f'text-transform:uppercase;letter-spacing:.04em">{title}</div>')] if title else []
+    return w.VBox(head + children, layout=w.Layout(**_BOX))
+
+
+def _message_html(text: str, kind: str = "info") -> str:
+    colours = {"info": ("#ddf4ff", "#0969da"), "error": ("#ffebe9", "#cf222e"), "ok": ("#dafbe1", "#1a7f37"),
+               "warn": ("#fff8c5", "#9a6700")}
+    bg, fg = colours.get(kind, colours["info"])
+    return (f'<div style="background:{bg};border-left:4px solid {fg};padding:6px 10px;margin:2px 0;'
+            f'white-space:pre-wrap;font-size:13px">{_html.escape(text)}</div>')
+
+
+def _error_text(exc: BaseException) -> str:
+    """What a person can act on: a ProposalError's reason, else the exception's message (no traceback)."""
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return f"The proposer gave up: {reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Panel(w.VBox):
+    """Review, run and decide a Lab's experiments from JupyterLab.
+
+    Parameters
+    ----------
+    lab : autoresearch_kit.Lab
+        The lab to drive (its proposer, budget, ledger).
+    proposal : Proposal, optional
+        Review this proposal first (e.g. one made with ``lab.propose()`` in a cell).
+        Without one, the panel asks the lab's proposer for the next one at once.
+    propose : bool
+        Ask for a proposal on creation and after each decision (default True). With
+        False, the "New proposal" button does it.
+    autopilot_steps : int
+        Default number of unattended steps for the Autopilot toggle.
+
+    Examples
+    --------
+    >>> panel = Panel(lab)          # doctest: +SKIP
+    >>> panel                       # doctest: +SKIP  (displays in a notebook)
+    """
+
+    def __init__(self, lab: Any, proposal: Any = None, *, propose: bool = True, autopilot_steps: int = 3) -> None:
+        super().__init__(layout=w.Layout(width="100%", max_width="1100px"))
+        self.lab = lab
+        self.proposal = proposal
+        self.exp_id: str | None = None       # the experiment shown in the outcome section
+        self.state = "idle"
+        self.auto_propose = propose
+        self._worker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._autopilot_stop = threading.Event()
+        self._tokens: list[str] = []
+        self._last_token_draw = 0.0
+        self._outcome_status: str | None = None
+        self.errors: list[str] = []          # every message shown as an error, for tests and logs
+        self._build(autopilot_steps)
+        self.refresh()
+        self._restore(proposal)
+
+    # --- layout ---------------------------------------------------------------------------
+
+    def _build(self, autopilot_steps: int) -> None:
+        self.header = w.HTML()
+        self.message = w.HTML()
+        self.stream = w.Textarea(disabled=True, layout=w.Layout(width="100%", height="110px", display="none"))
+
+        self.proposal_head = w.HTML()
+        self.diff_mode = w.ToggleButtons(options=[("unified", "unified"), ("side by side", "split")],
+                                         value="unified", style={"button_width": "100px"})
+        self.diff_mode.observe(lambda _: self._show_proposal(), names="value")
+        self.diff = w.HTML(layout=w.Layout(width="100%"))
+
+        def button(label, style, icon, tip):
+            return w.Button(description=label, button_style=style, icon=icon, tooltip=tip,
+                            layout=w.Layout(width="auto", min_width="96px"))
+
+        self.approve_button = button("Approve", "success", "play", "Train this candidate under the budget")
+        self.reject_button = button("Reject", "danger", "times", "Record it as rejected (never run); "
+                                    "the reason reaches the next proposal")
+        self.reject_reason = w.Text(placeholder="why not? (the agent reads this)",
+                                    layout=w.Layout(width="260px"))
+        self.edit_button = button("Edit", "warning", "pencil", "Edit train.py yourself, then run it")
+        self.stop_button = button("Stop", "", "stop", "End the running experiment now (recorded as aborted)")
+        self.new_button = button("New proposal", "info", "refresh", "Ask the proposer (reads the feedback box)")
+        self.autopilot = w.ToggleButton(value=False, description="Autopilot", icon="forward",
+                                        tooltip="Run N steps unattended: propose, run, decide by the rule",
+                                        layout=w.Layout(width="auto", min_width="110px"))
+        self.autopilot_steps = w.BoundedIntText(value=autopilot_steps, min=1, max=1000, description="steps",
+                                                layout=w.Layout(width="130px"), style={"description_width": "40px"})
+        self.approve_button.on_click(lambda _: self.approve())
+        self.reject_button.on_click(lambda _: self.reject())
+        self.edit_button.on_click(lambda _: self.open_editor())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.new_button.on_click(lambda _: self.new_proposal())
+        self.autopilot.observe(self._on_autopilot, names="value")
+
+        self.editor_description = w.Text(placeholder="one line: what your edit changes",
+                                         description="description", layout=w.Layout(width="100%"),
+                                         style={"description_width": "80px"})
+        self.editor = w.Textarea(layout=w.Layout(width="100%", height="360px"))
+        self.editor_run = button("Run my edit", "warning", "play", "Train your edited train.py")
+        self.editor_cancel = button("Cancel", "", "", "Back to the proposal")
+        self.editor_run.on_click(lambda _: self.run_edit())
+        self.editor_cancel.on_click(lambda _: self.close_editor())
+        self.editor_box = w.VBox([self.editor_description, self.editor,
+                                  w.HBox([self.editor_run, self.editor_cancel])],
+                                 layout=w.Layout(display="none", width="100%"))
+
+        self.feedback = w.Textarea(placeholder="Feedback for the agent's next proposal (optional), e.g. "
+                                   "'try a smaller learning rate; leave the model size alone'",
+                                   layout=w.Layout(width="100%", height="52px"))
+
+        actions = w.HBox([self.approve_button, self.reject_button, self.reject_reason, self.edit_button,
+                          self.stop_button], layout=w.Layout(flex_flow="row wrap", align_items="center",
+                                                             gap="6px", margin="6px 0"))
+        steering = w.HBox([self.new_button, self.autopilot, self.autopilot_steps],
+                          layout=w.Layout(flex_flow="row wrap", align_items="center", gap="6px"))
+        self.proposal_card = _card([self.stream, self.proposal_head, self.diff_mode, self.diff, self.editor_box,
+                                    actions, self.feedback, steering], "proposal")
+
+        self.live = LiveCurve(getattr(self.lab, "budget", None))
+        self.live_card = _card([self.live.widget], "training")
+
+        self.outcome = w.HTML()
+        self.keep_button = button("Keep", "", "check", "Keep: the kept line moves to this experiment")
+        self.discard_button = button("Discard", "", "trash", "Discard: the parent stays; the record is kept")
+        self.decision_reason = w.Text(placeholder="note (optional)", layout=w.Layout(width="260px"))
+        self.keep_button.on_click(lambda _: self.decide(True))
+        self.discard_button.on_click(lambda _: self.decide(False))
+        self.decision_row = w.HBox([self.keep_button, self.discard_button, self.decision_reason],
+                                   layout=w.Layout(gap="6px", align_items="center", margin="6px 0"))
+        self.outcome_card = _card([self.outcome, self.decision_row], "outcome")
+
+        self.table = w.HTML(layout=w.Layout(overflow="auto"))
+        self.plot = w.Image(format="png", layout=w.Layout(width="100%", max_width="720px"))
+        self.history_tabs = w.Tab(children=[self.table, self.plot])
+        self.history_tabs.set_title(0, "results")
+        self.history_tabs.set_title(1, "progress")
+        self.children = [self.header, self.message, self.proposal_card, self.live_card, self.outcome_card,
+                         self.history_tabs]
+
+    # --- state ----------------------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        """Enable exactly the actions that make sense now."""
+        self.state = state
+        has_prop = self.proposal is not None
+        idle_like = state in ("idle", "proposed", "ran")
+        self.approve_button.disabled = not (state == "proposed" and has_prop)
+        self.reject_button.disabled = not (state == "proposed" and has_prop)
+        self.edit_button.disabled = not (state == "proposed" and has_prop)
+        self.editor_run.disabled = state != "proposed"
+        self.stop_button.disabled = state not in ("running", "proposing") and not self.autopilot.value
+        self.stop_button.button_style = "danger" if state == "running" else ""
+        self.new_button.disabled = not idle_like or self.autopilot.value
+        undecided = state == "ran" and self.exp_id is not None
+        self.discard_button.disabled = not undecided
+        # only a scored run can join the kept line
+        self.keep_button.disabled = not undecided or self._outcome_status != "ok"
+        self.decision_row.layout.display = "flex" if undecided else "none"
+        self.live_card.layout.display = "flex" if state in ("running", "ran") or self.live.events else "none"
+        self.outcome_card.layout.display = "flex" if self.exp_id is not None else "none"
+
+    def _say(self, text: str, kind: str = "info") -> None:
+        if kind == "error":
+            self.errors.append(text)
+        self.message.value = _message_html(text, kind) if text else ""
+
+    def _spawn(self, name: str, fn: Callable[[], None]) -> None:
+        """Run fn on the worker thread; report any exception in the panel, not as a traceback."""
+        if self._worker is not None and self._worker.is_alive():
+            self._say("Busy: wait for the current step to finish (or press Stop).", "warn")
+            return
+
+        def body():
+            try:
+                fn()
+            except Exception as exc:  # shown to the person; the panel stays usable
+                self._say(_error_text(exc), "error")
+                self._set_state("proposed" if self.proposal is not None else "idle")
+
+        self._worker = threading.Thread(target=body, name=f"autoresearch-panel-{name}", daemon=True)
+        self._worker.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the current background step (proposing, running, autopilot) is done.
+
+        Returns True if nothing is running any more.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            t = self._worker
+            if t is None or not t.is_alive():
+                return True
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline:
+                return not t.is_alive()
+
+    # --- ledger views ---------------------------------------------------------------------
+
+    def _records(self) -> list[dict]:
+        led = getattr(self.lab, "ledger", None)
+        return list(led.records()) if led is not None else []
+
+    def _record(self, exp_id: str | None) -> dict | None:
+        if not exp_id:
+            return None
+        led = getattr(self.lab, "ledger", None)
+        try:
+            return led.get(exp_id) if led is not None else None
+        except Exception:  # an id the ledger does not know (e.g. parent of an imported proposal)
+            return None
+
+    def _best(self) -> dict | None:
+        try:
+            return self.lab.best()
+        except Exception:  # no scored experiment yet
+            return None
+
+    def refresh(self) -> None:
+        """Redraw the header, the results table and the progress plot from the ledger."""
+        records = self._records()
+        best = self._best()
+        budget = getattr(self.lab, "budget", "")
+        proposer = getattr(getattr(self.lab, "proposer", None), "name", "")
+        n_keep = sum(1 for r in records if r.get("decision") == "keep")
+        path = getattr(self.lab, "path", "")
+        best_txt = (f'best val_bpb <b>{fmt_bpb(best.get("val_bpb"))}</b> '
+                    f'<span style="color:#57606a">({_html.escape(str(best.get("id")))}: '
+                    f'{_html.escape(str(best.get("description", ""))[:60])})</span>') if best else "no baseline yet"
+        self.header.value = (
+            f'<div style="display:flex;gap:14px;align-items:baseline;flex-wrap:wrap;margin-bottom:6px">'
+            f'<span style="font-size:17px;font-weight:700">autoresearch</span>'
+            f'<span style="color:#57606a">{_html.escape(str(path))}</span>'
+            f'<span>{best_txt}</span>'
+            f'<span style="color:#57606a">{len(records)} experiments · {n_keep} kept · budget {budget}'
+            f'{" · proposer " + _html.escape(proposer) if proposer else ""}</span></div>')
+        self.table.value = history_table_html(records, best_id=best.get("id") if best else None)
+        if records:
+            self.plot.value = progress_png(records)
+
+    def _restore(self, proposal: Any) -> None:
+        """Pick up where the ledger says we are (after a kernel restart too)."""
+        records = self._records()
+        last = records[-1] if records else None
+        if (last is not None and last.get("status") in _FINISHED and not last.get("decision")
+                and last.get("kind") == "candidate"):
+            self.exp_id = last.get("id")
+            self._show_outcome(last)
+            self.live.reset(self._references(last.get("parent_id")), title=f"{last.get('id')} (restored)")
+            for ev in last.get("curve") or []:
+                self.live.events.append(ev)
+            self.live.finish(last.get("status", "ok"))
+            self._set_state("ran")
+            self._say(f"Experiment {self.exp_id} ran but was never decided: keep or discard it.", "warn")
+            return
+        if proposal is not None:
+            self.proposal = proposal
+            self._show_proposal()
+            self._set_state("proposed")
+        elif self.auto_propose:
+            self.new_proposal()
+        else:
+            self._show_proposal()
+            self._set_state("idle")
+
+    # --- proposal -------------------------------------------------------------------------
+
+    def _show_proposal(self) -> None:
+        p = self.proposal
+        if p is None:
+            self.proposal_head.value = '<div style="color:#6e7781">No proposal yet.</div>'
+            self.diff.value = ""
+            self.diff_mode.layout.display = "none"
+            return
+        self.diff_mode.layout.display = "flex"
+        self.proposal_head.value = proposal_header_html(p)
+        self.diff.value = diff_html(p.diff, mode=self.diff_mode.value, max_height="460px")
+
+    def _on_token(self, token: str) -> None:
+        """Streamed proposer text (LLM): shown live, redrawn at most 5 times a second."""
+        self._tokens.append(str(token))
+        now = time.monotonic()
+        if now - self._last_token_draw > 0.2:
+            self._last_token_draw = now
+            text = "".join(self._tokens)
+            self.stream.value = text[-4000:]
+
+    def _propose(self) -> None:
+        feedback = self.feedback.value.strip()
+        self._tokens = []
+        proposer = getattr(self.lab, "proposer", None)
+        streams = proposer is not None and hasattr(proposer, "on_token")
+        if streams:
+            self.stream.value = ""
+            self.stream.layout.display = "flex"
+            old, proposer.on_token = proposer.on_token, self._on_token
+        try:
+            p = self.lab.propose(feedback=feedback)
+        finally:
+            if streams:
+                proposer.on_token = old
+                self.stream.layout.display = "none"
+        self.feedback.value = ""      # read once: it went into this proposal's context
+        self.proposal = p
+        self._show_proposal()
+        self._say("")
+        self._set_state("proposed")
+
+    def new_proposal(self) -> None:
+        """Ask the lab's proposer for the next proposal (reads and clears the feedback box)."""
+        self.proposal = None
+        self._show_proposal()
+        self._set_state("proposing")
+        name = getattr(getattr(self.lab, "proposer", None), "name", "the proposer")
+        self._say(f"Asking {name} for a proposal...", "info")
+        self._spawn("propose", self._propose)
+
+    # --- run ------------------------------------------------------------------------------
+
+    def _references(self, parent_id: str | None) -> list[tuple]:
+        refs = []
+        parent = self._record(parent_id)
+        best = self._best()
+        if parent and parent.get("curve"):
+            refs.append((f"parent {parent['id']} ({fmt_bpb(parent.get('val_bpb'))})", parent["curve"], "parent"))
+        if best and best.get("curve") and (not parent or best.get("id") != parent.get("id")):
+            refs.append((f"best {best['id']} ({fmt_bpb(best.get('val_bpb'))})", best["curve"], "best"))
+        return refs
+
+    def _latest_id(self) -> str | None:
+        records = self._records()
+        return records[-1].get("id") if records else None
+
+    def _run(self, proposal: Any) -> Any:
+        """Train `proposal` with live curves; returns the RunResult (worker thread)."""
+        self._stop.clear()
+        self.exp_id = None
+        self.proposal = proposal
+        self._show_proposal()
+        self.live.budget = self.live.budget or getattr(self.lab, "budget", None)
+        self.live.reset(self._references(getattr(proposal, "parent_id", None)),
+                        budget=getattr(self.lab, "budget", None), title=str(proposal.description)[:70])
+        self._set_state("running")
+        self._say(f"Training: {proposal.description}", "info")
+        result = self.lab.run_budgeted(proposal, on_event=self.live.add_event, stop=self._stop)
+        extra = getattr(result, "extra", {}) or {}
+        self.exp_id = extra.get("exp_id") or self._latest_id()
+        status = getattr(result, "status", "?")
+        self.live.finish(status, f"{status}: val_bpb {fmt_bpb(getattr(result, 'val_bpb', None))}"
+                         if status == "ok" else f"{status}: {getattr(result, 'reason', '')}")
+        self.proposal = None
+        self._show_proposal()
+        rec = self._record(self.exp_id) or {}
+        self._show_outcome(rec or result.to_dict())
+        self.refresh()
+        self._set_state("ran")
+        self._say("", "info")
+        return result
+
+    def approve(self) -> None:
+        """Approve: train the current proposal under the lab's budget (in the background)."""
+        if self.proposal is None or self.state != "proposed":
+            self._say("Nothing to approve yet.", "warn")
+            return
+        p = self.proposal
+        self._spawn("run", lambda: self._run(p))
+
+    def stop(self) -> None:
+        """End the running experiment now: it is recorded as aborted, its partial curve kept."""
+        self._stop.set()
+        self._autopilot_stop.set()
+        if self.autopilot.value:
+            self.autopilot.value = False
+        self._say("Stopping...", "warn")
+
+    # --- reject / edit --------------------------------------------------------------------
+
+    def reject(self, reason: str | None = None) -> None:
+        """Reject the proposal without running it; the reason reaches the next proposal."""
+        if self.proposal is None or self.state != "proposed":
+            self._say("Nothing to reject.", "warn")
+            return
+        reason = (reason if reason is not None else self.reject_reason.value).strip()
+        if not reason:
+            self._say("Say why in the box next to Reject: the agent reads it on the next proposal.", "warn")
+            return
+        p = self.proposal
+
+        def body():
+            self.lab.reject(p, reason)
+            self.reject_reason.value = ""
+            self.proposal = None
+            self.refresh()
+            if self.auto_propose:
+                self._propose_after("Rejected; asking for another proposal...")
+            else:
+                self._show_proposal()
+                self._set_state("idle")
+                self._say("Rejected. The reason goes into the next proposal's context.", "ok")
+
+        self._set_state("busy")
+        self._spawn("reject", body)
+
+    def _propose_after(self, text: str) -> None:
+        self._show_proposal()
+        self._set_state("proposing")
+        self._say(text, "info")
+        self._propose()
+
+    def open_editor(self) -> None:
+        """Open the proposed train.py in a text area (your edit runs as proposer 'human')."""
+        if self.proposal is None:
+            self._say("Nothing to edit yet.", "warn")
+            return
+        self.editor.value = self.proposal.source
+        self.editor_description.value = f"human edit: {self.proposal.description}"[:120]
+        self.editor_box.layout.display = "flex"
+        self.diff.layout.display = "none"
+        self.diff_mode.layout.display = "none"
+
+    def close_editor(self) -> None:
+        self.editor_box.layout.display = "none"
+        self.diff.layout.display = "flex"
+        self._show_proposal()
+
+    def run_edit(self, source: str | None = None, description: str | None = None) -> None:
+        """Run the edited train.py (recorded as a human edit)."""
+        source = source if source is not None else self.editor.value
+        description = (description if description is not None else self.editor_description.value).strip()
+        if not description:
+            self._say("Give your edit a one-line description first.", "warn")
+            return
+        if self.state != "proposed":
+            self._say("Wait for the current step to finish.", "warn")
+            return
+
+        def body():
+            human = self.lab.submit(source, description)
+            self.close_editor()
+            self._run(human)
+
+        self._set_state("busy")
+        self._spawn("edit", body)
+
+    # --- decide ---------------------------------------------------------------------------
+
+    def _verdict(self, exp_id: str) -> dict:
+        try:
+            return dict(self.lab.verdict(exp_id) or {})
+        except Exception:  # no rule verdict for a failed run: the human decides
+            return {}
+
+    def _show_outcome(self, rec: dict) -> None:
+        """val_bpb against the parent and the best, the noise flag, the rule's verdict."""
+        exp_id = rec.get("id") or self.exp_id
+        parent = self._record(rec.get("parent_id"))
+        best = self._best()
+        status = rec.get("status", "?")
+        self._outcome_status = status
+        lines = []
+        if status == "ok":
+            v = rec.get("val_bpb")
+            lines.append(f'<div style="font-size:15px"><b>val_bpb {fmt_bpb(v)}</b> &nbsp; '
+                         f'{delta_html(v, parent.get("val_bpb") if parent else None, "parent")} &nbsp;·&nbsp; '
+                         f'{delta_html(v, best.get("val_bpb") if best else None, "best")}</div>')
+        verdict = self._verdict(exp_id) if exp_id else {}
+        keep = verdict.get("keep")
+        if verdict:
+            noise = verdict.get("within_noise")
+            noise_txt = ""
+            if noise:
+                noise_txt = " " + badge("within noise", "#9a6700")
+            elif verdict.get("noise") is not None or noise is False:
+                noise_txt = " " + badge("beyond noise", "#1a7f37")
+            lines.append(f'<div style="margin-top:4px">rule says: <b>{"keep" if keep else "discard"}</b>'
+                         f'{noise_txt} <span style="color:#57606a">{_html.escape(str(verdict.get("reason", "")))}'
+                         f'</span></div>')
+        decision = rec.get("decision")
+        if decision:
+            lines.append(f'<div style="margin-top:4px">decided: {badge(decision, "#1a7f37" if decision == "keep" else "#6e7781")}'
+                         f' by {_html.escape(str(rec.get("decided_by") or ""))} '
+                         f'{_html.escape(str(rec.get("decision_reason") or ""))}</div>')
+        title = f"{exp_id} · {rec.get('description', '')}"
+        self.outcome.value = "".join(lines) + run_result_html(rec, references=self._references(rec.get("parent_id")),
+                                                               title=title)
+        # prefill: the rule's choice is the highlighted button
+        self.keep_button.button_style = "success" if keep else ""
+        self.discard_button.button_style = "danger" if keep is False or (not verdict and status != "ok") else ""
+        self.keep_button.description = "Keep (rule)" if keep else "Keep"
+        self.discard_button.description = "Discard (rule)" if keep is False else "Discard"
+
+    def decide(self, keep: bool, reason: str | None = None) -> None:
+        """Record the human's keep/discard for the experiment shown, then ask for the next proposal."""
+        if self.exp_id is None or self.state != "ran":
+            self._say("No finished experiment to decide.", "warn")
+            return
+        exp_id = self.exp_id
+        reason = (reason if reason is not None else self.decision_reason.value).strip()
+
+        def body():
+            rec = self.lab.decide(exp_id, keep=keep, reason=reason, decided_by="human")
+            self.decision_reason.value = ""
+            self._show_outcome(rec if isinstance(rec, dict) and rec.get("id") else self._record(exp_id) or {})
+            self.refresh()
+            self._set_state("decided")
+            if self.auto_propose:
+                self._propose_after(f"{exp_id} {'kept' if keep else 'discarded'}; asking for the next proposal...")
+            else:
+                self._set_state("idle")
+
+        self._set_state("busy")
+        self._spawn("decide", body)
+
+    # --- autopilot ------------------------------------------------------------------------
+
+    def _on_autopilot(self, change: dict) -> None:
+        if change["new"]:
+            if self.state not in ("idle", "proposed", "ran"):
+                self._say("Autopilot starts once the current step is done.", "warn")
+                self.autopilot.value = False
+                return
+            self.run_autopilot(self.autopilot_steps.value)
+        else:
+            self._autopilot_stop.set()
+
+    def run_autopilot(self, steps: int) -> None:
+        """Run `steps` unattended steps: propose, run, decide by the rule (decided_by 'autopilot')."""
+        self._autopilot_stop.clear()
+        if not self.autopilot.value:
+            # the toggle's observer comes back here with the widget's step count
+            self.autopilot_steps.value = steps
+            self.autopilot.value = True
+            return
+
+        def body():
+            done = 0
+            try:
+                if self.state == "ran" and self.exp_id is not None:
+                    self._auto_decide(self.exp_id)
+                while done < steps and not self._autopilot_stop.is_set():
+                    if self.proposal is None:
+                        self._set_state("proposing")
+                        self._say(f"Autopilot {done + 1}/{steps}: proposing...", "info")
+                        self._propose()
+                    if self._autopilot_stop.is_set():
+                        break
+                    self._say(f"Autopilot {done + 1}/{steps}: training...", "info")
+                    self._run(self.proposal)
+                    self._auto_decide(self.exp_id)
+                    done += 1
+            finally:
+                self.autopilot.value = False
+            self._say(f"Autopilot finished {done} step(s).", "ok")
+            if self.auto_propose and self.proposal is None and not self._stop.is_set():
+                self._propose_after("Asking for the next proposal...")
+            else:
+                self._set_state("proposed" if self.proposal is not None else "idle")
+
+        self._spawn("autopilot", body)
+
+    def _auto_decide(self, exp_id: str | None) -> None:
+        if exp_id is None:
+            return
+        verdict = self._verdict(exp_id)
+        keep = bool(verdict.get("keep", False))
+        self.lab.decide(exp_id, keep=keep, reason=str(verdict.get("reason", "")), decided_by="autopilot")
+        self._show_outcome(self._record(exp_id) or {})
+        self.refresh()
+        self.exp_id = exp_id

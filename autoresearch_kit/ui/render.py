@@ -1,0 +1,330 @@
+"""HTML renderings for cell-by-cell use: a Proposal, a RunResult, a Lab's history.
+
+Each function returns a self-contained HTML string (inline styles, images as base64
+PNG), so the library objects can hook them into `_repr_html_` without importing
+ipywidgets:
+
+    from autoresearch_kit.ui.render import proposal_html, run_result_html, lab_html
+    class RunResult:
+        def _repr_html_(self):
+            from autoresearch_kit.ui.render import run_result_html
+            return run_result_html(self)
+
+The panel (`ui/panel.py`) builds its sections from the same functions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html as _html
+import math
+from typing import Any, Iterable, Sequence
+
+from autoresearch_kit.ui.diff import diff_html, diff_stats
+
+_STATUS_COLOURS = {"ok": "#1a7f37", "crash": "#cf222e", "timeout": "#cf222e", "diverged": "#cf222e",
+                   "invalid": "#cf222e", "aborted": "#bf8700", "running": "#0969da", "rejected": "#6e7781"}
+_DECISION_COLOURS = {"keep": "#1a7f37", "discard": "#6e7781"}
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    """Field of a dict (ledger record) or attribute of an object (RunResult, Proposal)."""
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _esc(x: Any) -> str:
+    return _html.escape("" if x is None else str(x))
+
+
+def badge(text: str, colour: str = "#6e7781") -> str:
+    """A small rounded label, e.g. a status or a proposer name."""
+    return (f'<span style="display:inline-block;padding:0 7px;border-radius:10px;font-size:11px;'
+            f'line-height:18px;border:1px solid {colour};color:{colour};font-weight:600">{_esc(text)}</span>')
+
+
+def png_img(png: bytes, *, alt: str = "plot", max_width: str = "760px") -> str:
+    """An <img> tag carrying the PNG inline (works in saved notebooks and widget HTML)."""
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}" style="max-width:{max_width};width:100%">'
+
+
+def fmt_bpb(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) and math.isfinite(x) else "—"
+
+
+def delta_html(value: Any, ref: Any, ref_name: str) -> str:
+    """'-0.0123 vs parent' coloured green when lower (better), red when higher."""
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (value, ref)):
+        return f'<span style="color:#6e7781">no {ref_name} to compare</span>'
+    d = value - ref
+    colour = "#1a7f37" if d < 0 else "#cf222e" if d > 0 else "#6e7781"
+    return f'<span style="color:{colour};font-weight:600">{d:+.4f}</span> vs {ref_name} ({fmt_bpb(ref)})'
+
+
+# --- Proposal -------------------------------------------------------------------------------
+
+def proposal_header_html(proposal: Any) -> str:
+    """Description, proposer, +/- counts and rationale of a Proposal (no diff)."""
+    plus, minus = diff_stats(_get(proposal, "diff", "") or "")
+    meta = _get(proposal, "metadata", {}) or {}
+    extras = []
+    if meta.get("model"):
+        extras.append(_esc(meta["model"]))
+    if meta.get("attempts"):
+        extras.append(f"{meta['attempts']} attempt(s)")
+    if meta.get("tokens"):
+        extras.append(f"{meta['tokens']} tokens")
+    parent = _get(proposal, "parent_id")
+    extras.append(f"parent {_esc(parent)}" if parent else "")
+    rationale = _get(proposal, "rationale", "") or ""
+    return (f'<div style="margin:2px 0 6px 0">'
+            f'<div style="font-size:15px;font-weight:600">{_esc(_get(proposal, "description", ""))}</div>'
+            f'<div style="margin:3px 0;font-size:12px;color:#57606a">'
+            f'{badge(_get(proposal, "proposer", "?"), "#8250df")} '
+            f'<span style="color:#1a7f37;font-weight:600">+{plus}</span> '
+            f'<span style="color:#cf222e;font-weight:600">&minus;{minus}</span> '
+            f'{" · ".join(e for e in extras if e)}</div>'
+            + (f'<div style="font-size:13px;color:#24292f;white-space:pre-wrap">{_esc(rationale)}</div>'
+               if rationale else "")
+            + "</div>")
+
+
+def proposal_html(proposal: Any, *, mode: str = "unified") -> str:
+    """A Proposal as HTML: header (description, rationale, +/- counts) and its highlighted diff."""
+    return ("<div>" + proposal_header_html(proposal)
+            + diff_html(_get(proposal, "diff", "") or "", mode=mode) + "</div>")
+
+
+# --- RunResult ------------------------------------------------------------------------------
+
+def _fmt_count(n: Any) -> str:
+    if not isinstance(n, (int, float)) or n is None:
+        return "—"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
+def run_summary_rows(result: Any) -> list[tuple[str, str]]:
+    """(name, value) pairs worth a glance after a run."""
+    rows = [("val_bpb", fmt_bpb(_get(result, "val_bpb"))), ("steps", _fmt_count(_get(result, "steps"))),
+            ("tokens", _fmt_count(_get(result, "tokens"))), ("FLOPs", _fmt_count(_get(result, "flops"))),
+            ("params", _fmt_count(_get(result, "params")))]
+    ts, ws = _get(result, "training_seconds"), _get(result, "wall_seconds")
+    if ts:
+        rows.append(("training", f"{ts:.1f} s"))
+    if ws:
+        rows.append(("wall", f"{ws:.1f} s"))
+    if _get(result, "peak_memory_gb"):
+        rows.append(("peak memory", f"{_get(result, 'peak_memory_gb'):.2f} GB"))
+    if _get(result, "mfu"):
+        rows.append(("MFU", f"{100 * _get(result, 'mfu'):.1f}%"))
+    for name in ("budget", "device"):
+        if _get(result, name):
+            rows.append((name, _esc(_get(result, name))))
+    return rows
+
+
+def _kv_table(rows: Sequence[tuple[str, str]]) -> str:
+    cells = "".join(f'<tr><td style="color:#57606a;padding:1px 12px 1px 0;text-align:left">{k}</td>'
+                    f'<td style="padding:1px 0;text-align:left;font-variant-numeric:tabular-nums">{v}</td></tr>'
+                    for k, v in rows)
+    return f'<table style="border-collapse:collapse;font-size:12px;margin:0">{cells}</table>'
+
+
+def run_result_html(result: Any, *, references: Sequence[tuple] = (), title: str = "") -> str:
+    """A RunResult (or ledger record) as HTML: status, summary numbers, its loss curve.
+
+    Parameters
+    ----------
+    result : RunResult or dict
+        Anything with the RunResult fields.
+    references : sequence of (label, curve, role)
+        Curves to draw beside this run's (e.g. the parent's, role "parent").
+    title : str
+        Heading; defaults to the status.
+    """
+    from autoresearch_kit.ui.curves import curves_png
+
+    status = _get(result, "status", "?")
+    head = (f'<div style="font-weight:600;margin-bottom:4px">{_esc(title)} '
+            f'{badge(status, _STATUS_COLOURS.get(status, "#6e7781"))}</div>')
+    reason = _get(result, "reason", "") or ""
+    failure = ""
+    if status != "ok":
+        tail = _get(result, "log_tail", "") or ""
+        failure = (f'<div style="color:#cf222e;margin:4px 0">{_esc(reason)}</div>' if reason else "") + (
+            f'<details><summary style="cursor:pointer;color:#57606a">log tail</summary>'
+            f'<pre style="font-size:11px;max-height:240px;overflow:auto;background:#f6f8fa;padding:6px">'
+            f'{_esc(tail)}</pre></details>' if tail else "")
+    curve = _get(result, "curve", []) or []
+    plot = ""
+    if curve:
+        png = curves_png(list(references) + [("this run", curve, "run")], budget=_get(result, "budget") or None,
+                         width=6.0, height=2.6)
+        plot = png_img(png, alt="loss curve", max_width="620px")
+    return (f'<div style="display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start">'
+            f'<div style="min-width:220px">{head}{_kv_table(run_summary_rows(result))}{failure}</div>'
+            f'<div style="flex:1;min-width:320px">{plot}</div></div>')
+
+
+# --- Lab history ----------------------------------------------------------------------------
+
+_TABLE_COLUMNS = ("id", "parent_id", "status", "decision", "val_bpb", "proposer", "description", "reason")
+_FAILED = ("crash", "timeout", "diverged", "invalid", "aborted")
+
+
+def _records_frame(records: Iterable[dict]):
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        row = {c: r.get(c) for c in _TABLE_COLUMNS}
+        row["id"] = r.get("id", r.get("exp_id"))
+        # the human's reason for a decision or rejection; for a failed run, why it failed
+        row["reason"] = r.get("decision_reason") or (r.get("reason") if r.get("status") in _FAILED else "") or ""
+        if r.get("kind") not in (None, "candidate"):
+            row["status"] = f"{r.get('status')} ({r.get('kind')})"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(_TABLE_COLUMNS))
+
+
+def history_table_html(records: Sequence[dict], *, best_id: str | None = None, last: int | None = 15) -> str:
+    """The experiments as a pandas HTML table (newest first), kept rows green, the best bold."""
+    df = _records_frame(records)
+    if df.empty:
+        return '<div style="color:#6e7781">no experiments yet</div>'
+    df = df.iloc[::-1]
+    if last:
+        df = df.head(last)
+    df["val_bpb"] = df["val_bpb"].map(fmt_bpb)
+    df = df.fillna("").rename(columns={"parent_id": "parent"})
+
+    def style_row(row):
+        colour = "#dafbe1" if row["decision"] == "keep" else ""
+        weight = "font-weight:700;" if best_id is not None and row["id"] == best_id else ""
+        return [f"background-color:{colour};{weight}" if colour or weight else "" for _ in row]
+
+    try:
+        styler = df.style.apply(style_row, axis=1).hide(axis="index").set_table_attributes(
+            'style="border-collapse:collapse;font-size:12px"').set_properties(
+            **{"text-align": "left", "padding": "2px 8px", "border-bottom": "1px solid #eaeef2"})
+        return styler.to_html()
+    except ImportError:  # Styler needs jinja2; plain HTML is fine without it
+        return df.to_html(index=False, border=0)
+
+
+def _records_from(lab_or_records: Any) -> list[dict]:
+    if isinstance(lab_or_records, list):
+        return lab_or_records
+    ledger = getattr(lab_or_records, "ledger", None)
+    if ledger is not None and hasattr(ledger, "records"):
+        return list(ledger.records())
+    if hasattr(lab_or_records, "records"):
+        return list(lab_or_records.records())
+    return []
+
+
+def progress_png(records: Any, *, width: float = 7.5, height: float = 3.4, dpi: int = 96) -> bytes:
+    """The progress plot (val_bpb over experiments, kept labelled, running best) as PNG bytes.
+
+    Draws with `autoresearch_kit.plots.progress_plot` (the same figure `autoresearch report`
+    writes) into an Agg figure of our own, so it is safe off the main thread; falls back to
+    a local drawing if that module is unavailable.
+    """
+    try:
+        from autoresearch_kit.plots import progress_plot
+    except ImportError:
+        return _progress_png(list(records), width=width, height=height, dpi=dpi)
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    progress_plot(records, ax=ax, max_label=30)
+    ax.title.set_fontsize(10)
+    ax.xaxis.label.set_fontsize(9)
+    ax.yaxis.label.set_fontsize(9)
+    ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _progress_png(records: Sequence[dict], *, width: float, height: float, dpi: int) -> bytes:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs, ys, kept, best_x, best_y, best = [], [], [], [], [], math.inf
+    for i, r in enumerate(records):
+        v = r.get("val_bpb")
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or r.get("status") != "ok":
+            continue
+        xs.append(i)
+        ys.append(v)
+        is_base = r.get("kind") == "baseline" or r.get("parent_id") in (None, "")
+        if r.get("decision") == "keep" or is_base:
+            kept.append((i, v, r))
+            if v < best:
+                best = v
+        if best < math.inf:
+            best_x.append(i)
+            best_y.append(best)
+    if xs:
+        ax.scatter(xs, ys, color="#afb8c1", s=18, label="discarded / undecided", zorder=2)
+        if kept:
+            ax.scatter([k[0] for k in kept], [k[1] for k in kept], color="#1a7f37", s=30, label="kept", zorder=3)
+            for i, v, r in kept:
+                text = str(r.get("description", ""))[:28]
+                ax.annotate(text, (i, v), textcoords="offset points", xytext=(4, 5), fontsize=7, color="#1a7f37")
+        if best_x:
+            ax.step(best_x, best_y, where="post", color="#1a7f37", alpha=0.6, linewidth=1.2, label="running best")
+        ax.legend(fontsize=8, frameon=False, loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no finished experiments yet", ha="center", va="center", color="#6e7781",
+                transform=ax.transAxes)
+    ax.set_xlabel("experiment #", fontsize=9)
+    ax.set_ylabel("val_bpb (lower is better)", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.25)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def lab_html(lab: Any, *, last: int | None = 15) -> str:
+    """A Lab (or Ledger, or list of records) as HTML: best so far, counts, table, progress plot."""
+    records = _records_from(lab)
+    best = None
+    try:
+        best = lab.best() if hasattr(lab, "best") else None
+    except Exception:  # an empty lab has no best yet; the table still renders
+        best = None
+    best_id = _get(best, "id") if best else None
+    n_ok = sum(1 for r in records if r.get("status") == "ok")
+    n_keep = sum(1 for r in records if r.get("decision") == "keep")
+    n_fail = sum(1 for r in records if r.get("status") in ("crash", "timeout", "diverged", "invalid"))
+    path = getattr(lab, "path", None)
+    head = (f'<div style="font-size:14px;margin-bottom:4px"><b>Lab</b> {_esc(path) if path else ""} — '
+            f'{len(records)} experiments, {n_ok} scored, {n_keep} kept, {n_fail} failed; '
+            f'best val_bpb <b>{fmt_bpb(_get(best, "val_bpb")) if best else "—"}</b>'
+            + (f" ({_esc(best_id)}: {_esc(_get(best, 'description', ''))})" if best else "") + "</div>")
+    plot = png_img(progress_png(records), alt="progress plot", max_width="640px") if records else ""
+    return (f'<div>{head}<div style="display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start">'
+            f'<div style="flex:1;min-width:360px;overflow:auto">{history_table_html(records, best_id=best_id, last=last)}</div>'
+            f'<div style="flex:1;min-width:360px">{plot}</div></div></div>')
