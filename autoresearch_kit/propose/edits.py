@@ -1,0 +1,553 @@
+"""Edits to train.py: parse a proposer's reply, apply it, and validate the result.
+
+Every proposal (LLM, offline mutation, replayed patch, human edit) goes through
+`validate` here, so "valid" means the same thing whoever proposed it:
+
+- the new source compiles (`compile()`), and differs from the parent;
+- it is not a repeat of an experiment already in the ledger (`source_hash`);
+- it passes `autoresearch_kit.integrity.check_source` when that module is installed.
+
+The LLM reply format (see prompts.py) is SEARCH/REPLACE blocks against the parent,
+
+    train.py
+    <<<<<<< SEARCH
+    MATRIX_LR = 0.04
+    =======
+    MATRIX_LR = 0.05
+    >>>>>>> REPLACE
+
+or one ```python block holding the complete file, plus `DESCRIPTION:` and `RATIONALE:`
+lines. Blocks are matched exactly first, then ignoring trailing whitespace, then ignoring
+indentation (the replacement is re-indented by the same offset), because models drift on
+whitespace far more often than on code. Unified diffs (replay patches) apply here too.
+
+    python -m pytest tests/test_propose_edits.py -q
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from autoresearch_kit.propose.base import (HistoryEntry, Proposal, ProposalContext, ProposalError,
+                                           source_hash, unified_diff)
+
+TARGET = "train.py"
+MAX_DESCRIPTION = 120          # results.tsv column; a line a person reads at a glance
+
+_SEARCH = re.compile(r"^\s*<{5,9}\s*SEARCH\b.*$", re.IGNORECASE)
+_DIVIDER = re.compile(r"^\s*={5,9}\s*$")
+_REPLACE = re.compile(r"^\s*>{5,9}\s*REPLACE\b.*$", re.IGNORECASE)
+_FENCE = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
+# "train.py", "`train.py`", "**File: src/other.py**", "# file: other.py", "path/x.py:"
+_EXT = r"(?:py|pyi|ipynb|md|txt|toml|cfg|ini|json|ya?ml|sh|c|cc|cpp|h|cu|rs|js|ts|patch|diff)"
+_PATH_LINE = re.compile(r"^[\s#*`>\-]*(?:file(?:name)?\s*[:=]\s*)?[`*\"']*([\w./\\-]+\." + _EXT + r")[`*\"':]*\s*$",
+                        re.IGNORECASE)
+_HEADER = re.compile(r"^[\s#*>\-]*(description|rationale|summary|title|reason(?:ing)?)\s*\**\s*[:\-]\s*\**\s*(.*)$",
+                     re.IGNORECASE)
+
+
+class EditError(ValueError):
+    """An edit that cannot be applied; the message is fed back to the model as is."""
+
+
+@dataclass
+class EditBlock:
+    """One SEARCH/REPLACE block from a reply."""
+
+    search: str
+    replace: str
+    path: str = TARGET
+
+
+@dataclass
+class ParsedReply:
+    """What a reply carries: the edit (blocks or a whole file), description and rationale."""
+
+    description: str = ""
+    rationale: str = ""
+    blocks: list[EditBlock] = field(default_factory=list)
+    whole_file: str | None = None
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _named_path(line: str) -> str | None:
+    """The file a line names ('train.py', '**other.py**'), or None if it names none."""
+    m = _PATH_LINE.match(line.strip())
+    return m.group(1).replace("\\", "/") if m else None
+
+
+def _is_target(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] == TARGET
+
+
+def _fence_path(info: str) -> str | None:
+    """A path in a fence's info string: ```python train.py / ```python:other.py / ```other.py."""
+    for token in re.split(r"[\s:]+", info.strip()):
+        token = token.strip("`'\"")
+        if re.fullmatch(r"[\w./\\-]+\." + _EXT, token, re.IGNORECASE):
+            return token.replace("\\", "/")
+    return None
+
+
+def _previous_nonblank(lines: Sequence[str], i: int) -> str:
+    j = i - 1
+    while j >= 0 and not lines[j].strip():
+        j -= 1
+    return lines[j] if j >= 0 else ""
+
+
+def parse_reply(text: str) -> ParsedReply:
+    """Split a proposer's reply into description, rationale and the edit.
+
+    Parameters
+    ----------
+    text
+        The model's reply.
+
+    Returns
+    -------
+    ParsedReply
+        `blocks` when the reply has SEARCH/REPLACE blocks, else `whole_file` when it has a
+        ```python block; both empty when it has neither (the caller reports that).
+
+    Raises
+    ------
+    EditError
+        A block is malformed, or a block / fenced file names a file other than train.py.
+    """
+    lines = (text or "").replace("\r\n", "\n").split("\n")
+    out = ParsedReply()
+    prose: list[str] = []          # lines outside blocks and fences
+    fences: list[tuple[str | None, str]] = []   # (named path, body)
+    open_fence = ""                # ``` around SEARCH/REPLACE blocks: skip its closing line
+    i, n = 0, len(lines)
+    while i < n:
+        line = lines[i]
+        if _SEARCH.match(line):
+            k = len(out.blocks) + 1
+            j = i - 1
+            while j >= 0 and not lines[j].strip():
+                j -= 1
+            prev = lines[j] if j >= 0 else ""
+            fm = _FENCE.match(prev)
+            if fm:   # train.py\n```python\n<<<<<<< SEARCH: the path is in or above the fence
+                path = _fence_path(fm.group(2)) or _named_path(_previous_nonblank(lines, j))
+            else:
+                path = _named_path(prev)
+            if path is not None and not _is_target(path):
+                msg = f"edit block {k} is for {path!r}: only {TARGET} may be changed"
+                raise EditError(msg)
+            j = i + 1
+            while j < n and not _DIVIDER.match(lines[j]):
+                if _SEARCH.match(lines[j]) or _REPLACE.match(lines[j]):
+                    msg = f"edit block {k} has no '=======' line between SEARCH and REPLACE"
+                    raise EditError(msg)
+                j += 1
+            if j >= n:
+                msg = f"edit block {k} has no '=======' line after '<<<<<<< SEARCH'"
+                raise EditError(msg)
+            m = j + 1
+            while m < n and not _REPLACE.match(lines[m]) and not _SEARCH.match(lines[m]):
+                m += 1
+            if m >= n or not _REPLACE.match(lines[m]):
+                msg = f"edit block {k} has no '>>>>>>> REPLACE' line"
+                raise EditError(msg)
+            search, replace = "\n".join(lines[i + 1:j]), "\n".join(lines[j + 1:m])
+            out.blocks.append(EditBlock(search=search, replace=replace, path=path or TARGET))
+            i = m + 1
+            continue
+        fm = _FENCE.match(line)
+        if fm and open_fence and line.strip() == open_fence:
+            open_fence = ""
+            i += 1
+            continue
+        if fm:
+            ticks, info = fm.group(1), fm.group(2)
+            j = i + 1
+            while j < n and lines[j].strip() != ticks and not _SEARCH.match(lines[j]):
+                j += 1
+            if j < n and _SEARCH.match(lines[j]):
+                open_fence = ticks        # a fenced SEARCH/REPLACE block: parsed above
+                i += 1
+                continue
+            body = "\n".join(lines[i + 1:j])
+            path = _fence_path(info) or _named_path(_previous_nonblank(lines, i)) or _first_line_path(body)
+            lang = info.strip().split()[0].lower() if info.strip() else ""
+            if lang in ("", "python", "py", "python3") or path:
+                fences.append((path, body))
+            i = j + 1
+            continue
+        prose.append(line)
+        i += 1
+
+    _parse_prose(prose, out)
+    if out.blocks:
+        return out
+    code = [(p, b) for p, b in fences if b.strip()]
+    for path, _ in code:
+        if path is not None and not _is_target(path):
+            msg = f"the reply's code block is for {path!r}: only {TARGET} may be changed"
+            raise EditError(msg)
+    if code:
+        out.whole_file = max((b for _, b in code), key=len).rstrip("\n") + "\n"
+    return out
+
+
+def _first_line_path(body: str) -> str | None:
+    """'# file: other.py' or '# other.py' as the first line of a fenced block."""
+    first = body.lstrip("\n").split("\n", 1)[0]
+    if re.match(r"^\s*#\s*(file(name)?\s*[:=]\s*)?[\w./\\-]+\.py\s*$", first, re.IGNORECASE):
+        return _named_path(first)
+    return None
+
+
+def _parse_prose(prose: list[str], out: ParsedReply) -> None:
+    """DESCRIPTION and RATIONALE from the text outside blocks, leniently."""
+    rationale: list[str] = []
+    section = None
+    for line in prose:
+        m = _HEADER.match(line)
+        if m:
+            key, rest = m.group(1).lower(), m.group(2).strip().strip("*").strip()
+            if key in ("description", "summary", "title"):
+                section = "description"
+                if rest and not out.description:
+                    out.description = rest
+                continue
+            section = "rationale"
+            if rest:
+                rationale.append(rest)
+            continue
+        if section == "description" and not out.description and line.strip():
+            out.description = line.strip()
+            continue
+        if section == "rationale":
+            if _named_path(line) and _is_target(_named_path(line) or ""):
+                continue                   # the "train.py" line above a block
+            rationale.append(line)
+    text = "\n".join(rationale).strip()
+    if not text:                           # no RATIONALE header: the prose is the rationale
+        text = "\n".join(l for l in prose if not _HEADER.match(l)
+                         and not (_named_path(l) and _is_target(_named_path(l) or ""))).strip()
+    out.rationale = text[:2000]
+
+
+def clean_description(text: str) -> str:
+    """One line for results.tsv: no tabs or newlines, no markdown emphasis, bounded length."""
+    text = (text or "").strip().split("\n", 1)[0]
+    text = re.sub(r"\s+", " ", text.replace("\t", " ")).strip().strip("*_`\"' ").strip()
+    if len(text) > MAX_DESCRIPTION:
+        text = text[:MAX_DESCRIPTION - 3].rstrip() + "..."
+    return text
+
+
+# ----------------------------------------------------------------------------- applying
+
+def _snippet(text: str, limit: int = 80) -> str:
+    first = next((l.strip() for l in text.split("\n") if l.strip()), "")
+    return first if len(first) <= limit else first[:limit - 3] + "..."
+
+
+def _find_lines(hay: list[str], needle: list[str], norm: Callable[[str], str]) -> list[int]:
+    want = [norm(l) for l in needle]
+    have = [norm(l) for l in hay]
+    k = len(want)
+    return [i for i in range(len(have) - k + 1) if have[i:i + k] == want]
+
+
+def _indent(line: str) -> str:
+    return line[:len(line) - len(line.lstrip())]
+
+
+def _reindent(lines: list[str], delta: int) -> list[str]:
+    """Shift every non-blank line by `delta` columns (uniformly, as a person would)."""
+    out = []
+    for line in lines:
+        if not line.strip():
+            out.append("")
+        elif delta >= 0:
+            out.append(" " * delta + line)
+        else:
+            cut = min(-delta, len(_indent(line)))
+            out.append(line[cut:])
+    return out
+
+
+def apply_block(source: str, block: EditBlock, k: int = 1) -> str:
+    """Apply one SEARCH/REPLACE block to `source` (block number `k` for messages).
+
+    Exact match first; then line by line ignoring trailing whitespace; then ignoring
+    indentation, re-indenting the replacement by the offset found. The SEARCH text must
+    match exactly one place at the first level where it matches at all.
+    """
+    search, replace = block.search, block.replace
+    if not search.strip():
+        msg = (f"edit block {k}: the SEARCH part is empty; copy the lines to change from "
+               f"the current {TARGET}")
+        raise EditError(msg)
+    count = source.count(search)
+    if count == 1:
+        return source.replace(search, replace, 1)
+    if count > 1:
+        msg = (f"edit block {k}: the SEARCH text matches {count} places in {TARGET} "
+               f"(first line: {_snippet(search)!r}); include more surrounding lines so it "
+               f"matches exactly one")
+        raise EditError(msg)
+
+    trailing_nl = source.endswith("\n")
+    hay = source.split("\n")
+    needle = search.strip("\n").split("\n")
+    repl = replace.strip("\n").split("\n") if replace.strip() else []
+    for level, norm in (("trailing whitespace", str.rstrip), ("indentation", str.strip)):
+        hits = _find_lines(hay, needle, norm)
+        if len(hits) > 1:
+            msg = (f"edit block {k}: the SEARCH text matches {len(hits)} places in {TARGET} "
+                   f"(ignoring {level}; first line: {_snippet(search)!r}); include more "
+                   f"surrounding lines so it matches exactly one")
+            raise EditError(msg)
+        if len(hits) == 1:
+            i = hits[0]
+            new = repl
+            if level == "indentation":
+                first = next(j for j, l in enumerate(needle) if l.strip())
+                delta = len(_indent(hay[i + first]).expandtabs(4)) - len(_indent(needle[first]).expandtabs(4))
+                new = _reindent([l.expandtabs(4) for l in repl], delta)
+            out = hay[:i] + new + hay[i + len(needle):]
+            text = "\n".join(out)
+            if trailing_nl and not text.endswith("\n"):
+                text += "\n"
+            return text
+    close = difflib.get_close_matches(needle[0].strip(), [l.strip() for l in hay if l.strip()], n=1, cutoff=0.6)
+    hint = f"; the closest line in {TARGET} is {close[0]!r}" if close else ""
+    msg = (f"edit block {k}: the SEARCH text was not found in {TARGET} (first line: "
+           f"{_snippet(search)!r}){hint}. Copy the lines exactly from the current {TARGET}")
+    raise EditError(msg)
+
+
+def apply_edits(parent: str, blocks: Iterable[EditBlock]) -> str:
+    """Apply SEARCH/REPLACE blocks in order; each must match exactly one place."""
+    source = parent
+    for k, block in enumerate(blocks, 1):
+        if not _is_target(block.path):
+            msg = f"edit block {k} is for {block.path!r}: only {TARGET} may be changed"
+            raise EditError(msg)
+        source = apply_block(source, block, k)
+    return source
+
+
+def apply_reply(parent: str, reply: ParsedReply) -> str:
+    """The new train.py a parsed reply describes (blocks applied, or the whole file)."""
+    if reply.blocks:
+        return apply_edits(parent, reply.blocks)
+    if reply.whole_file is not None:
+        body = reply.whole_file
+        parent_lines = max(1, len(parent.strip().splitlines()))
+        # A short code block is a fragment the model pasted, not a complete train.py.
+        if len(body.strip().splitlines()) < 0.5 * parent_lines:
+            msg = (f"the ```python block has {len(body.strip().splitlines())} lines but {TARGET} has "
+                   f"{parent_lines}: it looks like a fragment. Use SEARCH/REPLACE blocks, or send the "
+                   f"complete file")
+            raise EditError(msg)
+        return body
+    msg = (f"the reply has no SEARCH/REPLACE block and no ```python block with the complete "
+           f"{TARGET}; reply with DESCRIPTION, RATIONALE and SEARCH/REPLACE blocks")
+    raise EditError(msg)
+
+
+# --------------------------------------------------------------------- unified diffs
+
+_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+
+
+def apply_unified_diff(parent: str, patch: str) -> str:
+    """Apply a unified diff (git or diff -u) for train.py to `parent`.
+
+    Hunks are located by their context and removed lines: at the stated line number if
+    they match there, else at the nearest place they match (exactly, then ignoring
+    trailing whitespace), like `patch` with fuzz 0.
+
+    Raises
+    ------
+    EditError
+        The diff names another file, has no hunk, or a hunk does not match.
+    """
+    lines = patch.replace("\r\n", "\n").split("\n")
+    hunks: list[tuple[int, list[str], list[str]]] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith(("--- ", "+++ ")):
+            path = line[4:].split("\t")[0].strip()
+            if path != "/dev/null":
+                path = re.sub(r"^[ab]/", "", path)
+                if not _is_target(path):
+                    msg = f"the patch changes {path!r}: only {TARGET} may be changed"
+                    raise EditError(msg)
+            i += 1
+            continue
+        m = _HUNK.match(line)
+        if not m:
+            i += 1
+            continue
+        old_n = int(m.group(2)) if m.group(2) is not None else 1
+        new_n = int(m.group(4)) if m.group(4) is not None else 1
+        old, new = [], []
+        i += 1
+        while i < len(lines) and (len(old) < old_n or len(new) < new_n):
+            body = lines[i]
+            if body.startswith("\\"):            # "\ No newline at end of file"
+                i += 1
+                continue
+            tag, text = (body[:1], body[1:]) if body else (" ", "")
+            if tag == " ":
+                old.append(text); new.append(text)
+            elif tag == "-":
+                old.append(text)
+            elif tag == "+":
+                new.append(text)
+            else:
+                break
+            i += 1
+        hunks.append((int(m.group(1)), old, new))
+    if not hunks:
+        msg = "the patch has no hunk ('@@ -a,b +c,d @@' lines): is it a unified diff?"
+        raise EditError(msg)
+
+    trailing_nl = parent.endswith("\n")
+    hay = parent.split("\n")
+    if trailing_nl:
+        hay = hay[:-1]
+    offset = 0
+    for k, (start, old, new) in enumerate(hunks, 1):
+        want = start - 1 + offset if old else start + offset
+        pos = None
+        for norm in ((lambda s: s), str.rstrip):
+            hits = _find_lines(hay, old, norm) if old else [max(0, min(len(hay), want))]
+            if hits:
+                pos = min(hits, key=lambda h: abs(h - want))
+                break
+        if pos is None:
+            msg = f"hunk {k} of the patch (at line {start}) does not match {TARGET}: first line {_snippet(chr(10).join(old))!r}"
+            raise EditError(msg)
+        hay[pos:pos + len(old)] = new
+        offset += len(new) - len(old)
+    return "\n".join(hay) + ("\n" if trailing_nl else "")
+
+
+# --------------------------------------------------------------------- validation
+
+def _integrity_check() -> Callable[[str], list[str]] | None:
+    """autoresearch_kit.integrity.check_source if that module is installed, else None."""
+    try:
+        mod = importlib.import_module("autoresearch_kit.integrity")
+    except ModuleNotFoundError as e:
+        if e.name == "autoresearch_kit.integrity":
+            return None
+        raise
+    return getattr(mod, "check_source", None)
+
+
+def validate(parent: str, source: str, seen_hashes: Iterable[str] = (), *,
+             history: Sequence[HistoryEntry] = ()) -> list[str]:
+    """Problems with a candidate train.py; an empty list means it is valid.
+
+    Parameters
+    ----------
+    parent
+        The train.py the candidate edits.
+    source
+        The candidate train.py.
+    seen_hashes
+        `source_hash` of every train.py already in the ledger (a repeat is refused).
+    history
+        Optional, to name the experiment a repeat duplicates.
+
+    Returns
+    -------
+    list of str
+        Each problem in words a model or a person can act on.
+    """
+    if not isinstance(source, str) or not source.strip():
+        return [f"the new {TARGET} is empty"]
+    problems: list[str] = []
+    h = source_hash(source)
+    if h == source_hash(parent):
+        return [f"the edit changes nothing: the new {TARGET} is the same as the parent"]
+    try:
+        compile(source, TARGET, "exec")
+    except SyntaxError as e:
+        where = f"line {e.lineno}" + (f": {e.text.strip()!r}" if e.text and e.text.strip() else "")
+        problems.append(f"the new {TARGET} does not compile: {e.msg} ({where})")
+    except ValueError as e:        # e.g. null bytes in the source
+        problems.append(f"the new {TARGET} does not compile: {e}")
+    if h in set(seen_hashes):
+        past = next((e for e in history if e.source_hash == h), None)
+        what = (f" (experiment {past.exp_id}: {past.description!r}, {past.decision or past.status})"
+                if past else "")
+        problems.append(f"this {TARGET} was already tried{what}; propose a different change")
+    if not problems:
+        check = _integrity_check()
+        if check is not None:
+            problems.extend(f"integrity: {p}" for p in check(source))
+    return problems
+
+
+def describe_change(parent: str, source: str) -> str:
+    """A one-line description of an edit: changed UPPER_CASE constants, else the lines.
+
+    The fallback when a reply or patch gives no description, e.g. "DEPTH 4 -> 5".
+    """
+    try:
+        old, new = _constants(parent), _constants(source)
+    except SyntaxError:
+        old, new = {}, {}
+    changed = [f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]
+    changed += [f"add {k} = {new[k]}" for k in new if k not in old]
+    changed += [f"remove {k}" for k in old if k not in new]
+    if changed:
+        more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+        return clean_description(", ".join(changed[:3]) + more)
+    plus = minus = 0
+    for line in unified_diff(parent, source).splitlines():
+        plus += line.startswith("+") and not line.startswith("+++")
+        minus += line.startswith("-") and not line.startswith("---")
+    return f"edit {TARGET} (+{plus} -{minus} lines)"
+
+
+def _constants(source: str) -> dict[str, str]:
+    """Module-level UPPER_CASE assignments -> their value's source text."""
+    tree = ast.parse(source)
+    out = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name) and re.fullmatch(r"[A-Z][A-Z0-9_]*", t.id):
+                    out[t.id] = ast.get_source_segment(source, node.value) or ast.unparse(node.value)
+    return out
+
+
+def make_proposal(context: ProposalContext, source: str, description: str, *, proposer: str,
+                  rationale: str = "", metadata: dict | None = None, check_seen: bool = True) -> Proposal:
+    """Validate `source` against the context and wrap it as a Proposal.
+
+    Raises
+    ------
+    ProposalError
+        When `validate` finds a problem (the reason lists them all).
+    """
+    seen = context.seen_hashes if check_seen else ()
+    problems = validate(context.parent_source, source, seen, history=context.history)
+    if problems:
+        raise ProposalError("; ".join(problems), metadata=dict(metadata or {}))
+    description = clean_description(description) or describe_change(context.parent_source, source)
+    meta = {"proposer": proposer, **(metadata or {})}
+    return Proposal(source=source, diff=unified_diff(context.parent_source, source),
+                    description=description, rationale=(rationale or "").strip(), proposer=proposer,
+                    parent_id=context.parent_id, metadata=meta)
