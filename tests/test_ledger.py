@@ -335,10 +335,11 @@ _SUICIDE = """
             real(self, db, exp_id, values)
             os.kill(os.getpid(), signal.SIGKILL)
         Ledger._update = _update
-    else:                           # SIGKILL after COMMIT, before results.tsv is rewritten
+        led.finish(eid, {"status": "ok", "val_bpb": 0.5})
+    else:                           # SIGKILL after decide() committed, before results.tsv is rewritten
+        led.finish(eid, {"status": "ok", "val_bpb": 0.5})
         Ledger._write_tsv = lambda self: os.kill(os.getpid(), signal.SIGKILL)
-    led.finish(eid, {"status": "ok", "val_bpb": 0.5})
-    led.decide(eid, "keep", "better")
+        led.decide(eid, "keep", "better")
 """
 
 
@@ -354,10 +355,11 @@ def test_kill_at_the_two_critical_points_of_a_write(tmp_path, where):
         if where == "in-transaction":  # the half-done finish() is rolled back entirely
             assert (rec["status"], rec["val_bpb"], rec["finished_at"]) == ("running", None, None)
             assert led.recover() == ["0002"]
-        else:  # the finish() committed; reopening brings results.tsv up to date
-            assert (rec["status"], rec["val_bpb"]) == ("ok", 0.5) and rec["finished_at"]
-            assert stale == ["\t".join(TSV_HEADER)]  # the kill left the file behind the database
-            led.decide("0002", "keep", "better")
+        else:  # the decision committed; reopening brought results.tsv up to date
+            assert (rec["status"], rec["val_bpb"], rec["decision"]) == ("ok", 0.5, "keep")
+            # the kill had left the file one write behind the database: the baseline only
+            assert stale == ["\t".join(TSV_HEADER), "\t1.000000\t0.0\tkeep\tbaseline"]
+            assert _tsv(lab)[-1] == "\t0.500000\t0.0\tkeep\tcandidate"
     recs = _check_consistent(lab)
     assert [r["status"] for r in recs] == ["ok", "aborted" if where == "in-transaction" else "ok"]
 
