@@ -1,0 +1,500 @@
+"""The `autoresearch` command: the research loop headless, from a terminal.
+
+    autoresearch prepare                          # data + tokenizer (once)
+    autoresearch init mylab                       # a new lab: program.md + train.py
+    autoresearch run --lab mylab --steps 3 --budget 20s --yes      # autopilot
+    autoresearch run --lab mylab                  # asks y/n/e/q for each proposal
+    autoresearch status --lab mylab               # the ledger as a table
+    autoresearch report --lab mylab               # writes mylab/progress.png
+    python -m autoresearch_kit ...                # the same
+
+`--lab` defaults to the current directory if it is a lab, else `./lab` (created on the
+first `run`, from ./program.md and ./train.py if present, else the templates).
+Expected problems (no prepared data, a lab open elsewhere, a bad budget) print one
+line and exit with status 2; Ctrl-C records the interrupted run as aborted and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_USER = 2
+EXIT_INTERRUPT = 130
+
+
+class UserError(Exception):
+    """An expected problem: printed as one line, exit status 2."""
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+def _lab_dir(arg: str | None) -> Path:
+    from autoresearch_kit.lab import is_lab
+
+    if arg:
+        return Path(arg).expanduser()
+    here = Path.cwd()
+    return here if is_lab(here) else here / "lab"
+
+
+def _require_lab(path: Path) -> None:
+    from autoresearch_kit.lab import is_lab
+
+    if not is_lab(path):
+        raise UserError(f"{path} is not a lab (no ledger.sqlite): create one with `autoresearch init {path}` "
+                        f"or `autoresearch run --lab {path}`, or pass --lab DIR.")
+
+
+def _color(text: str, code: str, enabled: bool) -> str:
+    return f"\033[{code}m{text}\033[0m" if enabled else text
+
+
+def _print_diff(diff: str, out=sys.stdout) -> None:
+    tty = out.isatty()
+    for line in diff.splitlines():
+        if line.startswith("+++") or line.startswith("---"):
+            out.write(_color(line, "1", tty) + "\n")
+        elif line.startswith("+"):
+            out.write(_color(line, "32", tty) + "\n")
+        elif line.startswith("-"):
+            out.write(_color(line, "31", tty) + "\n")
+        elif line.startswith("@@"):
+            out.write(_color(line, "36", tty) + "\n")
+        else:
+            out.write(line + "\n")
+    out.flush()
+
+
+class ProgressBar:
+    """A one-line progress bar for a run, driven by the runner's step events.
+
+    On a terminal it redraws in place (stderr); otherwise it prints a line at each
+    quarter of the budget so logs stay short.
+    """
+
+    def __init__(self, label: str, stream=None, width: int = 28) -> None:
+        self.label, self.width = label, width
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._last_quarter = -1
+        self._last_draw = 0.0
+        self._mu = threading.Lock()
+        self._drawn = False
+
+    def __call__(self, event: dict) -> None:
+        p = min(max(float(event.get("progress") or 0.0), 0.0), 1.0)
+        loss = event.get("loss")
+        tps = event.get("tok_per_s")
+        info = f"step {event.get('step', '?')}"
+        if isinstance(loss, (int, float)):
+            info += f"  loss {loss:.4f}"
+        if isinstance(tps, (int, float)) and tps:
+            info += f"  {tps / 1000:.1f}k tok/s"
+        with self._mu:
+            if self.tty:
+                now = time.monotonic()
+                if now - self._last_draw < 0.1 and p < 1.0:  # ~10 redraws/s is plenty
+                    return
+                self._last_draw = now
+                filled = int(round(p * self.width))
+                bar = "#" * filled + "." * (self.width - filled)
+                self.stream.write(f"\r{self.label} [{bar}] {p * 100:3.0f}%  {info}\033[K")
+                self._drawn = True
+            else:
+                quarter = int(p * 4)
+                if quarter <= self._last_quarter:
+                    return
+                self._last_quarter = quarter
+                self.stream.write(f"{self.label} {p * 100:3.0f}%  {info}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        with self._mu:
+            if self.tty and self._drawn:
+                self.stream.write("\n")
+                self.stream.flush()
+            self._drawn = False
+
+
+def _edit_source(source: str) -> str:
+    """Open the source in $VISUAL / $EDITOR (default vi) and return the edited text."""
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.py"
+        path.write_text(source, encoding="utf-8")
+        cmd = shlex.split(editor) + [str(path)]
+        if shutil.which(cmd[0]) is None:
+            raise UserError(f"editor {cmd[0]!r} not found: set $EDITOR (e.g. EDITOR=nano).")
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            raise UserError(f"the editor exited with status {rc}; the edit was not used.")
+        return path.read_text(encoding="utf-8")
+
+
+def _ask(prompt: str) -> str:
+    """input() that treats end of input as 'quit' (a closed stdin must not loop forever)."""
+    try:
+        return input(prompt)
+    except EOFError:
+        print()
+        return "q"
+
+
+class _Quit(Exception):
+    """The user answered q at a prompt."""
+
+
+def _interactive_approve(lab) -> Any:
+    """The y/n/e/q approval callback: shows the diff, asks, returns what Lab.step expects."""
+
+    def approve(proposal):
+        print()
+        print(f"proposal ({proposal.proposer}): {proposal.description}")
+        if proposal.rationale:
+            print(f"why: {proposal.rationale}")
+        _print_diff(proposal.diff)
+        while True:
+            answer = _ask("run it? [y]es / [n]o / [e]dit / [q]uit: ").strip().lower()
+            if answer in ("y", "yes", ""):
+                return True
+            if answer in ("n", "no"):
+                reason = _ask("reason (shown to the proposer next step; enter to skip): ").strip()
+                return reason if reason not in ("", "q") else False
+            if answer in ("e", "edit"):
+                edited = _edit_source(proposal.source)
+                if edited == proposal.source:
+                    print("no change made; running the proposal as is")
+                    return True
+                description = _ask(f"description [{proposal.description} (edited)]: ").strip()
+                if description in ("", "q"):
+                    description = f"{proposal.description} (edited)"
+                try:
+                    return lab.submit(edited, description, original=proposal)
+                except ValueError as e:
+                    print(f"error: {e}")
+                    continue
+            if answer in ("q", "quit"):
+                raise _Quit
+            print("answer y, n, e or q")
+
+    return approve
+
+
+def _interactive_decide(lab, exp_id: str) -> dict:
+    """After a run: show the rule's verdict, let the person keep or discard (enter = the rule)."""
+    v = lab.verdict(exp_id)
+    rec = lab.ledger.get(exp_id)
+    if rec["status"] != "ok":
+        return lab.decide(exp_id, keep=None)
+    default = "keep" if v["keep"] else "discard"
+    print(f"rule: {default}: {v['reason']}")
+    while True:
+        answer = _ask(f"decision? [k]eep / [d]iscard (enter = {default}): ").strip().lower()
+        if answer == "":
+            return lab.decide(exp_id, keep=None)
+        if answer in ("k", "keep", "d", "discard"):
+            keep = answer.startswith("k")
+            reason = "" if keep == v["keep"] else _ask("reason (enter to skip): ").strip()
+            return lab.decide(exp_id, keep=keep, reason=reason if reason != "q" else "", decided_by="human")
+        if answer in ("q", "quit"):
+            raise _Quit
+        print("answer k, d or enter")
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from autoresearch_kit.lab import Lab, is_lab, template_path
+
+    path = Path(args.dir).expanduser()
+    if is_lab(path):
+        raise UserError(f"{path} is already a lab: run `autoresearch run --lab {path}` to continue it.")
+    program = args.program or template_path("program.md")
+    train = args.train or template_path("train.py")
+    for given in (program, train):
+        if not Path(given).is_file():
+            raise UserError(f"{given} not found: pass an existing file (or leave the option out for the template).")
+    with Lab(path, program=program, train=train, verbose=False):
+        pass
+    print(f"new lab in {path}: edit {path / 'program.md'} (your instructions to the agent), then run\n"
+          f"  autoresearch run --lab {path} --steps 3")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from autoresearch_kit.data.prepare import run_prepare
+
+    return run_prepare(args) or 0
+
+
+def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
+    from autoresearch_kit.lab import Lab
+
+    kw: dict[str, Any] = {}
+    if args.proposer == "llm":
+        kw.update({k: v for k, v in (("model", args.model), ("base_url", args.base_url)) if v})
+    elif args.proposer == "replay":
+        if not args.patches:
+            raise UserError("--proposer replay needs --patches DIR (a folder of .patch/.diff files).")
+        if not Path(args.patches).is_dir():
+            raise UserError(f"--patches {args.patches}: no such directory.")
+        kw["patches"] = args.patches
+    return Lab(_lab_dir(args.lab), budget=args.budget, proposer=args.proposer, data_dir=args.data,
+               seed=args.seed, device=args.device, threshold=args.threshold, proposer_kwargs=kw,
+               verbose=verbose)
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    from autoresearch_kit import config
+
+    d = Path(args.data).expanduser() if args.data else config.data_dir()
+    if not (d / "manifest.json").is_file():
+        raise UserError(f"no prepared data at {d}: run `autoresearch prepare` first (or pass --data DIR).")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from autoresearch_kit.lab import format_record
+
+    if args.steps < 0:
+        raise UserError(f"--steps must be 0 or more, got {args.steps}.")
+    _check_data(args)
+    with _make_lab(args) as lab:
+        if lab.recovered:
+            print(f"experiment(s) {', '.join(lab.recovered)} were interrupted last time: recorded as aborted")
+        print(f"lab {lab.path}  budget {lab.budget}  proposer {args.proposer}  "
+              f"{'autopilot' if args.yes else 'asking before each run'}")
+        lab._autopilot = args.yes   # decisions are recorded as the autopilot's under --yes
+        try:
+            base = lab._baseline_record()
+            if base is None or base["status"] != "ok":
+                bar = ProgressBar("baseline")
+                try:
+                    rec = lab.baseline(on_event=bar)
+                finally:
+                    bar.close()
+                print(format_record(rec))
+                if rec["status"] != "ok":
+                    tail = "\n".join((rec["log_tail"] or "").splitlines()[-15:])
+                    raise UserError(f"the baseline did not run ({rec['status']}: {rec['reason']}).\n{tail}\n"
+                                    f"Fix {lab.path / 'train.py'} and run again.")
+            if args.noise:
+                bar = ProgressBar("noise")
+                try:
+                    n = lab.measure_noise(args.noise, on_event=bar)
+                finally:
+                    bar.close()
+                print(f"noise: val_bpb {', '.join(f'{v:.6f}' for v in n['values'])}  sigma {n['sigma']:.6f}")
+            approve = None if args.yes else _interactive_approve(lab)
+            failures = 0
+            done = 0
+            while done < args.steps:
+                bar = ProgressBar(f"exp {len(lab.ledger) + 1:04d}")
+                try:
+                    rec = lab.step(approve=approve, on_event=bar, feedback=args.feedback if done == 0 else "",
+                                   decide=args.yes)
+                except _Quit:
+                    print("stopped")
+                    break
+                except Exception as e:
+                    from autoresearch_kit.propose.base import ProposalError
+
+                    if not isinstance(e, ProposalError):
+                        raise
+                    failures += 1
+                    print(f"proposer gave up ({failures}/3): {e.reason}")
+                    if failures >= 3:
+                        raise UserError("the proposer failed 3 times in a row; see the reasons above.") from None
+                    continue
+                finally:
+                    bar.close()
+                failures = 0
+                if rec["status"] != "rejected" and rec["decision"] is None:
+                    try:
+                        rec = _interactive_decide(lab, rec["id"])
+                    except _Quit:
+                        print(f"stopped; experiment {rec['id']} is undecided (decide it in the panel or next run)")
+                        break
+                print(format_record(rec))
+                done += 1
+        finally:
+            lab._autopilot = False
+        best = lab.best()
+        if best:
+            print(f"best: {best['id']} val_bpb {best['val_bpb']:.6f}  {best['description']}")
+        _write_report(lab.path, quiet=False)
+    return 0
+
+
+def _status_table(records: list[dict]) -> str:
+    cols = ("id", "parent", "kind", "status", "val_bpb", "delta", "decision", "by", "proposer", "description")
+    by_id = {r["id"]: r for r in records}
+    rows = []
+    for r in records:
+        parent = by_id.get(r["parent_id"] or "")
+        delta = ""
+        if r["val_bpb"] is not None and parent and parent["val_bpb"] is not None and r["kind"] != "baseline":
+            delta = f"{r['val_bpb'] - parent['val_bpb']:+.6f}"
+        decision = r["decision"] or ("rejected" if r["status"] == "rejected" else "")
+        if r["within_noise"]:
+            decision += "~noise"
+        desc = r["description"]
+        if r["status"] == "rejected" and r["decision_reason"]:
+            desc += f"  (rejected: {r['decision_reason']})"
+        elif r["status"] not in ("ok", "rejected") and r["reason"]:
+            desc += f"  ({r['reason'][:60]})"
+        rows.append((r["id"], r["parent_id"] or "-", r["kind"], r["status"],
+                     f"{r['val_bpb']:.6f}" if r["val_bpb"] is not None else "-", delta or "-",
+                     decision or "-", r["decided_by"] or "-", r["proposer"] or "-", desc))
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols[:-1])]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols[:-1], widths)) + "  " + cols[-1]]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from autoresearch_kit.ledger import Ledger
+
+    path = _lab_dir(args.lab)
+    _require_lab(path)
+    led = Ledger(path, readonly=True)  # works while `autoresearch run` holds the lab
+    try:
+        records = led.records()
+        best = led.best()
+    finally:
+        led.close()
+    if not records:
+        print(f"lab {path}: no experiments yet (`autoresearch run --lab {path}`)")
+        return 0
+    print(_status_table(records))
+    ran = [r for r in records if r["status"] not in ("rejected", "running")]
+    kept = [r for r in records if r["decision"] == "keep"]
+    print(f"\n{len(records)} experiments ({len(ran)} ran, {len(kept)} kept, "
+          f"{sum(r['status'] == 'rejected' for r in records)} rejected)"
+          + (f"; best {best['id']} val_bpb {best['val_bpb']:.6f}: {best['description']}" if best else ""))
+    return 0
+
+
+def _write_report(path: Path, out: Path | None = None, *, quiet: bool = True) -> Path | None:
+    from autoresearch_kit.plots import save_progress, summary
+
+    tsv = path / "results.tsv"
+    if not tsv.is_file() or len(tsv.read_text().strip().splitlines()) < 2:
+        if not quiet:
+            print("no finished experiments yet: no progress.png")
+        return None
+    target = save_progress(tsv, out or path / "progress.png")
+    s = summary(tsv)
+    print(f"wrote {target}: {s['experiments']} experiments, {s['kept']} kept, {s['discarded']} discarded, "
+          f"{s['failed']} failed; baseline {s['baseline']:.6f} -> best {s['best']:.6f}")
+    return target
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    path = _lab_dir(args.lab)
+    _require_lab(path)
+    if _write_report(path, Path(args.out) if args.out else None, quiet=False) is None:
+        raise UserError(f"lab {path} has no finished experiments yet: `autoresearch run --lab {path}` first.")
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------
+
+def _budget(text: str):
+    from autoresearch_kit.config import Budget
+
+    try:
+        return Budget.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `autoresearch` (sub-commands init, prepare, run, status, report)."""
+    p = argparse.ArgumentParser(prog="autoresearch",
+                                description="An agent edits train.py, a fixed budget trains it, "
+                                            "val bits-per-byte scores it; you decide.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    lab_help = "lab directory (default: the current directory if it is a lab, else ./lab)"
+
+    q = sub.add_parser("init", help="create a new lab from the templates (program.md + train.py)")
+    q.add_argument("dir", help="the new lab directory")
+    q.add_argument("--program", help="start from this program.md instead of the template")
+    q.add_argument("--train", help="start from this train.py instead of the template")
+    q.set_defaults(func=cmd_init)
+
+    q = sub.add_parser("prepare", help="download/build the corpus, train the tokenizer, write token shards")
+    try:
+        from autoresearch_kit.data.prepare import add_prepare_args
+    except ImportError:  # pragma: no cover - the data module is part of the package
+        add_prepare_args = None
+    if add_prepare_args is not None:
+        add_prepare_args(q)
+    q.set_defaults(func=cmd_prepare)
+
+    q = sub.add_parser("run", help="run the research loop (asks before each run unless --yes)")
+    q.add_argument("--lab", help=lab_help)
+    q.add_argument("--steps", type=int, default=10, help="experiments to run (default 10)")
+    q.add_argument("--budget", type=_budget, default=None,
+                   help="training budget per run: 60s, 5min, 50M-tokens, 1e15-flops "
+                        "(default: the lab's, else 60 s on CPU/MPS, 300 s on CUDA)")
+    q.add_argument("--proposer", choices=("mutate", "llm", "replay"), default="mutate",
+                   help="who proposes edits: mutate (offline, default), llm (OpenAI-compatible), replay (patches)")
+    q.add_argument("--model", help="model name for --proposer llm")
+    q.add_argument("--base-url", help="OpenAI-compatible endpoint for --proposer llm (key: OPENAI_API_KEY)")
+    q.add_argument("--patches", help="folder of patch files for --proposer replay")
+    q.add_argument("--yes", "-y", action="store_true", help="autopilot: run every proposal, decide by the rule")
+    q.add_argument("--threshold", type=float, default=0.0,
+                   help="keep a candidate that beats its parent's val_bpb by more than this (default 0)")
+    q.add_argument("--noise", type=int, default=0, metavar="K",
+                   help="first rerun the parent K times to measure noise; gains within 2 sigma are flagged")
+    q.add_argument("--feedback", default="", help="a note to the proposer for the first step")
+    q.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
+    q.add_argument("--device", choices=("cuda", "mps", "cpu"), help="force a device (default: detected)")
+    q.add_argument("--data", help="prepared data directory (default: the last one prepared)")
+    q.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("status", help="show the lab's experiments as a table")
+    q.add_argument("--lab", help=lab_help)
+    q.set_defaults(func=cmd_status)
+
+    q = sub.add_parser("report", help="write progress.png (val_bpb over experiments)")
+    q.add_argument("--lab", help=lab_help)
+    q.add_argument("--out", help="output path (default: <lab>/progress.png)")
+    q.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `autoresearch` and `python -m autoresearch_kit`; returns the exit status."""
+    from autoresearch_kit.ledger import LabLockedError
+    from autoresearch_kit.propose.base import ProposalError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the run in progress was recorded as aborted", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except (UserError, LabLockedError, FileNotFoundError, ProposalError) as e:
+        print(f"autoresearch: error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except ValueError as e:  # bad values the library rejects with a message (e.g. a budget)
+        if os.environ.get("AUTORESEARCH_DEBUG"):
+            raise
+        print(f"autoresearch: error: {e}", file=sys.stderr)
+        return EXIT_USER
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,821 @@
+"""The Lab: propose -> review -> run -> decide -> record, on one lab directory. No UI.
+
+    from autoresearch_kit import Lab
+    lab = Lab("my_lab", budget="60s", proposer="mutate")
+    lab.baseline()                       # the starting train.py, run once
+    rec = lab.step()                     # propose -> run -> decide by the rule -> record
+    rec = lab.step(approve=my_callback)  # the seam the notebook panel and the CLI plug into
+    lab.autopilot(steps=10)              # unattended; Ctrl-C stops after recording the run
+    lab.history(); lab.best(); lab.checkout("0003"); lab.measure_noise(3)
+
+A lab directory (see docs/CONTRACTS.md) holds program.md, train.py (the current parent:
+the tip of the kept line), a git workspace (`.git`, every experiment a commit), the
+ledger (`ledger.sqlite` + `results.tsv`) and `runs/<id>/` (train.py and run.log of each
+run). Everything the Lab knows lives there, so a new Lab on the same directory picks up
+exactly where the last one stopped; a run interrupted by a killed process shows as
+`aborted` and nothing else changes. One Lab per directory at a time (a lock).
+
+Where a new lab's files come from (`Lab(path, program=..., train=...)`), for each file:
+the path given, if it exists (relative paths from the current directory: by default the
+program.md / train.py of the directory you are in); else the file already in the lab
+directory; else, for the default names only, the package templates
+(`autoresearch_kit/templates/`). An existing lab ignores both arguments.
+
+Decisions. The rule keeps a candidate when its val_bpb beats its parent's (the tip of the
+kept line it edits, as the original autoresearch compares with the current best of its
+branch) by more than `threshold`. After `measure_noise(k)` (k reruns of the parent with
+other seeds) the Lab knows sigma, the run-to-run standard deviation; a gain above the
+threshold but within 2 sigma / sqrt(n) (n = the candidate's runs) is flagged
+"within noise" and not kept by the rule; `confirm(exp_id)` reruns it to check. The
+human has the last word: `decide(keep=True/False)` overrides, and the ledger records
+who decided (`human`, `rule` or `autopilot`).
+
+Interrupts: a KeyboardInterrupt during a run kills the training process group, the
+run is recorded as `aborted`, and then the KeyboardInterrupt is raised again so that a
+loop (autopilot, the CLI) stops. A `stop` event (the panel's Stop button) ends the run
+as `aborted` without raising.
+
+Run the tests with `python -m pytest tests/test_lab.py -q`.
+"""
+
+from __future__ import annotations
+
+import ast
+import html
+import math
+import os
+import statistics
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from autoresearch_kit import config
+from autoresearch_kit.ledger import CRASH_LIKE, Ledger, LabLockedError  # noqa: F401 (re-exported)
+from autoresearch_kit.propose.base import (HistoryEntry, Proposal, ProposalContext, ProposalError,
+                                           source_hash)
+from autoresearch_kit.runner import RunResult
+from autoresearch_kit.workspace import Workspace
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from autoresearch_kit.config import Budget
+
+RUNS = "runs"
+# statuses whose log tail is worth showing the proposer (aborted = the user stopped it)
+_FAILED_RUNS = ("crash", "timeout", "diverged", "invalid")
+_PROPOSAL_KINDS = ("baseline", "candidate")   # noise/rerun records repeat an experiment
+
+
+def template_path(name: str) -> Path:
+    """Path of a packaged template (`program.md` or `train.py`)."""
+    return Path(str(resources.files("autoresearch_kit") / "templates" / name))
+
+
+def is_lab(path: str | os.PathLike) -> bool:
+    """Whether `path` is a lab directory (it has a ledger)."""
+    return (Path(path).expanduser() / "ledger.sqlite").is_file()
+
+
+def _initial_text(name: str, given: str | os.PathLike, lab_dir: Path) -> str:
+    """The starting program.md / train.py of a new lab (the rule in the module docstring)."""
+    path = Path(given).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if (lab_dir / name).is_file():
+        return (lab_dir / name).read_text(encoding="utf-8")
+    if str(given) == name:
+        return template_path(name).read_text(encoding="utf-8")
+    msg = f"{given} not found: pass the path of an existing {name} (or leave it out to start from the template)."
+    raise FileNotFoundError(msg)
+
+
+def _looks_like_source(text: str) -> bool:
+    """A string answer to approve() is an edited train.py (not a rejection reason) when it
+    is several lines of valid Python that imports something, as every train.py does."""
+    if "\n" not in text.strip() or "import" not in text:
+        return False
+    try:
+        ast.parse(text)
+    except SyntaxError:
+        return False
+    return True
+
+
+class Lab:
+    """One research lab directory: the agent proposes, you decide, the ledger remembers.
+
+    Parameters
+    ----------
+    path : str or Path
+        The lab directory. Created if new; opened (and locked) if it exists.
+    program, train : str or Path
+        Where a new lab copies program.md and train.py from (see the module docstring
+        for the rule). Ignored when the lab exists.
+    budget : str or Budget, optional
+        Training budget of every run: "60s", "50M-tokens", "1e15-flops" or a Budget.
+        Default: the budget the lab's baseline ran with, else AUTORESEARCH_BUDGET, else
+        300 s on CUDA and 60 s on CPU/MPS.
+    proposer : str or Proposer
+        "mutate" (offline, the default), "llm", "replay", or any object with `.name`
+        and `.propose(context)`.
+    data_dir : str or Path, optional
+        Prepared data (default `config.data_dir()`: AUTORESEARCH_DATA, then the data
+        `prepare` wrote last).
+    seed : int
+        Training seed of every candidate (noise reruns use other seeds).
+    device : str, optional
+        "cuda", "mps" or "cpu" (default: detected).
+    threshold : float
+        A candidate is kept when it beats its parent's val_bpb by more than this.
+    proposer_kwargs : dict, optional
+        Passed to `propose.make_proposer` with a proposer name (model=, base_url=, ...).
+    verbose : bool
+        Print one line per finished experiment.
+
+    Raises
+    ------
+    LabLockedError
+        When another Lab (or Ledger) has this directory open.
+    """
+
+    def __init__(self, path: str | os.PathLike, program: str | os.PathLike = "program.md",
+                 train: str | os.PathLike = "train.py", budget: "str | Budget | None" = None,
+                 proposer: Any = "mutate", data_dir: str | os.PathLike | None = None, seed: int = 42,
+                 device: str | None = None, threshold: float = 0.0, *, proposer_kwargs: dict | None = None,
+                 verbose: bool = True) -> None:
+        self.path = Path(path).expanduser().resolve()
+        if (self.path / ".git").exists() and not is_lab(self.path) and not Workspace(self.path).initialized:
+            msg = (f"{self.path} is a git repository that is not a lab: a lab keeps its own repository. "
+                   f"Choose a new directory, e.g. Lab({str(self.path / 'lab')!r}).")
+            raise ValueError(msg)
+        new = not is_lab(self.path)
+        if new:  # read the starting files before creating anything, so a bad path leaves no half lab
+            train_src = _initial_text("train.py", train, self.path)
+            program_src = _initial_text("program.md", program, self.path)
+        self.ledger = Ledger(self.path)   # takes the lock
+        try:
+            self.workspace = Workspace(self.path)
+            if not self.workspace.initialized:
+                if not new:  # a ledger without its repository: start one from the lab's files
+                    train_src = _initial_text("train.py", train, self.path)
+                    program_src = _initial_text("program.md", program, self.path)
+                self.workspace.init(train_src, program_src)
+            self.recovered = self.ledger.recover()
+            (self.path / RUNS).mkdir(exist_ok=True)
+        except BaseException:
+            self.ledger.close()
+            raise
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+        self.seed = int(seed)
+        self.device = device
+        self.threshold = float(threshold)
+        self.verbose = verbose
+        self.feedback = ""                      # carried into the next context, then cleared
+        self._budget_arg = budget
+        self._budget: Budget | None = None
+        self._hardware: dict | None = None
+        self._last_id: str | None = None
+        self._autopilot = False
+        self._proposer_arg = proposer
+        self._proposer_kwargs = dict(proposer_kwargs or {})
+        self._proposer = None
+        self.sigma: float | None = self._sigma_from_ledger()
+        if self.recovered and self.verbose:
+            print(f"lab {self.path.name}: experiment(s) {', '.join(self.recovered)} were interrupted and are "
+                  f"recorded as aborted")
+
+    # ---- settings -----------------------------------------------------------------------------
+
+    @property
+    def budget(self) -> "Budget":
+        """The training budget of every run (see the class docstring for the default)."""
+        if self._budget is None:
+            from autoresearch_kit.config import Budget
+
+            if self._budget_arg is not None:
+                self._budget = Budget.parse(self._budget_arg)
+            else:
+                base = self._baseline_record()
+                self._budget = (Budget.parse(base["budget"]) if base and base["budget"]
+                                else config.default_budget(self._device_type()))
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: "str | Budget") -> None:
+        from autoresearch_kit.config import Budget
+
+        self._budget = Budget.parse(value)
+
+    @property
+    def proposer(self):
+        """The proposer object (built from its name on first use)."""
+        if self._proposer is None:
+            if hasattr(self._proposer_arg, "propose") and not self._proposer_kwargs:
+                self._proposer = self._proposer_arg
+            else:
+                from autoresearch_kit.propose import make_proposer
+
+                self._proposer = make_proposer(self._proposer_arg, **self._proposer_kwargs)
+        return self._proposer
+
+    @proposer.setter
+    def proposer(self, value: Any) -> None:
+        self._proposer_arg, self._proposer = value, None
+
+    def _device_type(self) -> str:
+        if self.device:
+            return self.device.split(":")[0]
+        from autoresearch_kit.device import detect
+
+        return detect(announce=False).type
+
+    def _hardware_fingerprint(self) -> dict:
+        if self._hardware is None:
+            from autoresearch_kit.device import detect, hardware_fingerprint
+
+            self._hardware = hardware_fingerprint(detect(self.device, announce=False))
+        return self._hardware
+
+    def _check_data(self) -> None:
+        """Fail before anything is recorded when there is no prepared data."""
+        d = self.data_dir if self.data_dir is not None else config.data_dir()
+        if not (d / "manifest.json").is_file():
+            msg = (f"No prepared data at {d}: run `autoresearch prepare` (or `python prepare.py`) first, "
+                   f"or point data_dir= / AUTORESEARCH_DATA at a prepared directory.")
+            raise FileNotFoundError(msg)
+
+    # ---- state --------------------------------------------------------------------------------
+
+    @property
+    def parent_id(self) -> str | None:
+        """The current parent: the experiment at the tip of the kept line (None before the baseline)."""
+        return self.workspace.head_id()
+
+    @property
+    def last_id(self) -> str | None:
+        """The most recent experiment this Lab ran or recorded (else the ledger's latest)."""
+        if self._last_id is not None:
+            return self._last_id
+        recs = self.ledger.records()
+        return recs[-1]["id"] if recs else None
+
+    def _baseline_record(self) -> dict | None:
+        base = [r for r in self.ledger.records() if r["kind"] == "baseline"]
+        ok = [r for r in base if r["status"] == "ok"]
+        return (ok or base or [None])[-1]
+
+    def _scores(self, exp_id: str) -> list[float]:
+        """val_bpb of an experiment and of its noise/confirmation reruns (same source)."""
+        rec = self.ledger.get(exp_id)
+        vals = [rec["val_bpb"]] if rec["status"] == "ok" and rec["val_bpb"] is not None else []
+        for r in self.ledger.records():
+            if (r["kind"] in ("noise", "rerun") and r["parent_id"] == rec["id"] and r["status"] == "ok"
+                    and r["val_bpb"] is not None and r["source_hash"] == rec["source_hash"]):
+                vals.append(r["val_bpb"])
+        return vals
+
+    def _sigma_from_ledger(self) -> float | None:
+        """sigma of the most recent measure_noise (its parent's runs), if any."""
+        noise = [r for r in self.ledger.records() if r["kind"] == "noise" and r["status"] == "ok"]
+        if not noise:
+            return None
+        vals = self._scores(noise[-1]["parent_id"])
+        return statistics.stdev(vals) if len(vals) >= 2 else None
+
+    # ---- proposing ----------------------------------------------------------------------------
+
+    def context(self, feedback: str = "") -> ProposalContext:
+        """What the proposer sees: program.md, the parent, the history, the last crash.
+
+        The history lists every proposal (run or rejected) oldest first, with the
+        decision and the human's reason; `seen_hashes` holds every train.py ever
+        proposed, so none is proposed twice.
+        """
+        recs = self.ledger.records()
+        parent_id = self.parent_id
+        parent_source = self.workspace.source(parent_id) if parent_id else (self.path / "train.py").read_text()
+        history = []
+        for r in recs:
+            if r["kind"] not in _PROPOSAL_KINDS:
+                continue
+            if r["decided_by"] == "human" or r["status"] == "rejected":
+                reason = r["decision_reason"]
+            elif r["status"] in CRASH_LIKE:
+                reason = r["reason"]
+            elif r["within_noise"]:
+                reason = r["decision_reason"]
+            else:
+                reason = ""
+            history.append(HistoryEntry(exp_id=r["id"], description=r["description"], status=r["status"],
+                                        decision=r["decision"], val_bpb=r["val_bpb"], reason=reason,
+                                        source_hash=r["source_hash"], diff=r["diff"]))
+        crashes = [r for r in recs if r["status"] in _FAILED_RUNS and r["log_tail"]]
+        best = self.ledger.best()
+        parent_scores = self._scores(parent_id) if parent_id else []
+        text = " ".join(t for t in (self.feedback, feedback) if t)
+        return ProposalContext(
+            program=(self.path / "program.md").read_text(encoding="utf-8"),
+            parent_source=parent_source, parent_id=parent_id,
+            parent_val_bpb=statistics.fmean(parent_scores) if parent_scores else None,
+            best_val_bpb=best["val_bpb"] if best else None, history=history,
+            last_crash_log=crashes[-1]["log_tail"] if crashes else "", feedback=text,
+            seen_hashes={r["source_hash"] for r in recs if r["source_hash"]},
+            seed=self.seed * 100_003 + len(recs))
+
+    def propose(self, feedback: str = "") -> Proposal:
+        """Ask the proposer for the next candidate (not run, not recorded).
+
+        Raises
+        ------
+        ProposalError
+            When the proposer gives up; its `reason` says why.
+        """
+        ctx = self.context(feedback)
+        proposal = self.proposer.propose(ctx)
+        self.feedback = ""
+        if proposal.parent_id is None:
+            proposal.parent_id = ctx.parent_id
+        return proposal
+
+    def submit(self, source: str | os.PathLike, description: str, *, original: Proposal | None = None) -> Proposal:
+        """Turn a human-written train.py into a Proposal (proposer ``human``), validated.
+
+        Parameters
+        ----------
+        source : str or Path
+            The new train.py text (or a path to it).
+        description : str
+            One line for results.tsv.
+        original : Proposal, optional
+            The proposal this edits; its proposer is noted in the metadata.
+
+        Raises
+        ------
+        ValueError
+            When the edit cannot run (does not compile, changes nothing, repeats an
+            experiment, fails the integrity check).
+        """
+        from autoresearch_kit.propose.edits import make_proposal
+
+        if isinstance(source, Path):
+            source = source.read_text(encoding="utf-8")
+        meta: dict[str, Any] = {}
+        if original is not None:
+            meta = {"edited_from": original.proposer, "original_description": original.description,
+                    "original_source_hash": original.source_hash}
+        try:
+            return make_proposal(self.context(), source, description, proposer="human",
+                                 rationale=original.rationale if original else "", metadata=meta)
+        except ProposalError as e:
+            msg = f"This edit of train.py cannot run: {e.reason}"
+            raise ValueError(msg) from None
+
+    def reject(self, proposal: Proposal, reason: str = "") -> dict:
+        """Record a proposal as rejected (never run); the reason reaches the next context."""
+        exp_id = self.ledger.reject(proposal.parent_id or self.parent_id, proposal.source_hash, proposal.diff,
+                                    proposal.description, proposal.proposer, reason,
+                                    proposal_meta={**proposal.metadata, "rationale": proposal.rationale},
+                                    decided_by="human")
+        # the workspace keeps its train.py too: nothing proposed is ever lost
+        parent = proposal.parent_id or self.parent_id
+        try:
+            sha = self.workspace.commit_experiment(exp_id, proposal.source, parent, proposal.description)
+            self.ledger.set_commit(exp_id, sha)
+        except KeyError:  # parent never committed (no baseline yet): the diff in the ledger suffices
+            pass
+        self._last_id = exp_id
+        rec = self.ledger.get(exp_id)
+        self._say(rec)
+        return rec
+
+    # ---- running ------------------------------------------------------------------------------
+
+    def _run(self, source: str, *, parent_id: str | None, kind: str, description: str, proposer: str,
+             diff: str = "", meta: dict | None = None, seed: int | None = None,
+             on_event: Callable[[dict], Any] | None = None, stop: threading.Event | None = None) -> RunResult:
+        """Record, commit, run and record again. Raises KeyboardInterrupt after recording one."""
+        from autoresearch_kit import runner
+
+        self._check_data()
+        budget, hardware = self.budget, self._hardware_fingerprint()
+        exp_id = self.ledger.start(parent_id, source_hash(source), diff, description, proposer, budget, hardware,
+                                   proposal_meta=meta, kind=kind)
+        self._last_id = exp_id
+        result: RunResult | None = None
+        try:
+            sha = self.workspace.commit_experiment(exp_id, source, parent_id, description)
+            workdir = self.path / RUNS / exp_id
+            result = runner.run_budgeted(source, budget, workdir=workdir, data_dir=self.data_dir,
+                                         seed=self.seed if seed is None else seed, device=self.device,
+                                         on_event=on_event, stop=stop)
+        except BaseException as e:  # a broken setup or a Ctrl-C outside the runner's wait
+            why = "interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            self.ledger.finish(exp_id, RunResult(status="aborted", reason=why, budget=str(budget)))
+            raise
+        result.extra["exp_id"] = exp_id
+        self.ledger.finish(exp_id, result, commit=sha)
+        interrupted = (result.status == "aborted" and not (stop is not None and stop.is_set())
+                       and "KeyboardInterrupt" in result.reason)
+        if interrupted:
+            self._say(self.ledger.get(exp_id))
+            raise KeyboardInterrupt(f"experiment {exp_id} interrupted and recorded as aborted")
+        return result
+
+    def run_budgeted(self, proposal: Proposal | str, on_event: Callable[[dict], Any] | None = None,
+                     stop: threading.Event | None = None) -> RunResult:
+        """Train a proposal under the lab's budget and record it (undecided).
+
+        The run lives in `runs/<id>/`; the ledger has it as ``running`` before the
+        process starts. `result.extra["exp_id"]` names the experiment.
+
+        Parameters
+        ----------
+        proposal : Proposal or str
+            A proposal, or train.py source (recorded as a human edit).
+        on_event : callable, optional
+            Gets each step event (step, loss, lr, tokens, progress, ...), on a thread.
+        stop : threading.Event, optional
+            Set it to end the run as ``aborted``.
+
+        Raises
+        ------
+        KeyboardInterrupt
+            After recording the run as aborted, when Ctrl-C interrupted it.
+        FileNotFoundError
+            When there is no prepared data (nothing is recorded).
+        """
+        if isinstance(proposal, str):
+            proposal = self.submit(proposal, "human edit")
+        self._ensure_baseline()
+        parent = proposal.parent_id or self.parent_id
+        meta = {**proposal.metadata, "rationale": proposal.rationale}
+        return self._run(proposal.source, parent_id=parent, kind="candidate", description=proposal.description,
+                         proposer=proposal.proposer, diff=proposal.diff, meta=meta, on_event=on_event, stop=stop)
+
+    def baseline(self, on_event: Callable[[dict], Any] | None = None, stop: threading.Event | None = None) -> dict:
+        """Run the lab's starting train.py once and keep it; a no-op when a baseline ran ok.
+
+        A failed baseline is recorded and can be run again after fixing `lab/train.py`.
+        """
+        done = self._baseline_record()
+        if done is not None and done["status"] == "ok":
+            return done
+        source = (self.path / "train.py").read_text(encoding="utf-8")
+        result = self._run(source, parent_id=None, kind="baseline", description="baseline", proposer="baseline",
+                           on_event=on_event, stop=stop)
+        exp_id = result.extra["exp_id"]
+        by = "autopilot" if self._autopilot else "rule"
+        if result.ok:
+            self.ledger.decide(exp_id, "keep", "baseline", decided_by=by)
+            self.workspace.keep(exp_id)
+        else:
+            self.ledger.decide(exp_id, "discard", f"baseline {result.status}: {result.reason}", decided_by=by)
+        rec = self.ledger.get(exp_id)
+        self._say(rec)
+        return rec
+
+    def _ensure_baseline(self) -> None:
+        base = self.baseline()
+        if base["status"] != "ok":
+            tail = "\n".join(base["log_tail"].splitlines()[-15:])
+            msg = (f"The baseline (experiment {base['id']}) did not run: {base['status']}: {base['reason']}\n{tail}\n"
+                   f"Fix {self.path / 'train.py'} and run lab.baseline() again.")
+            raise RuntimeError(msg)
+
+    # ---- deciding -----------------------------------------------------------------------------
+
+    def verdict(self, exp_id: str | None = None) -> dict:
+        """The rule's verdict on a finished experiment.
+
+        Returns
+        -------
+        dict
+            ``keep`` (bool), ``within_noise`` (bool), ``gain`` (parent minus candidate
+            val_bpb, means over reruns; None for a failed run), ``val_bpb``,
+            ``parent_val_bpb``, ``sigma``, ``band`` (2 sigma / sqrt(n)), ``threshold``
+            and a readable ``reason``.
+        """
+        rec = self.ledger.get(exp_id or self.last_id)
+        out = {"exp_id": rec["id"], "keep": False, "within_noise": False, "gain": None, "val_bpb": None,
+               "parent_val_bpb": None, "sigma": self.sigma, "band": None, "threshold": self.threshold}
+        if rec["kind"] not in _PROPOSAL_KINDS:
+            msg = f"Experiment {rec['id']} is a {rec['kind']} rerun of {rec['parent_id']}: only proposals are decided."
+            raise ValueError(msg)
+        if rec["status"] != "ok":
+            out["reason"] = f"{rec['status']}: {rec['reason'] or 'no reason recorded'}"
+            return out
+        cand = self._scores(rec["id"])
+        out["val_bpb"] = statistics.fmean(cand)
+        if rec["parent_id"] is None:  # a baseline: nothing to beat
+            out.update(keep=True, reason="baseline")
+            return out
+        ref = self._scores(rec["parent_id"])
+        if not ref:
+            out.update(keep=True, reason=f"parent {rec['parent_id']} has no score to beat")
+            return out
+        out["parent_val_bpb"] = statistics.fmean(ref)
+        gain = out["parent_val_bpb"] - out["val_bpb"]
+        out["gain"] = gain
+        runs = f" (mean of {len(cand)} runs)" if len(cand) > 1 else ""
+        if gain <= self.threshold:
+            out["reason"] = (f"val_bpb {out['val_bpb']:.6f}{runs} does not beat parent {rec['parent_id']} "
+                             f"({out['parent_val_bpb']:.6f}) by more than {self.threshold:g}: gain {gain:+.6f}")
+            return out
+        if self.sigma:
+            band = 2 * self.sigma / math.sqrt(len(cand))
+            out["band"] = band
+            if gain <= band:
+                out.update(within_noise=True, reason=(
+                    f"gain {gain:+.6f}{runs} is within noise (2 sigma/sqrt(n) = {band:.6f}): not kept; "
+                    f"lab.confirm({rec['id']!r}) reruns it to check"))
+                return out
+        out.update(keep=True, reason=(f"val_bpb {out['val_bpb']:.6f}{runs} beats parent {rec['parent_id']} "
+                                      f"({out['parent_val_bpb']:.6f}) by {gain:.6f}"))
+        return out
+
+    def decide(self, exp_id: str | None = None, keep: bool | None = None, reason: str = "",
+               decided_by: str = "human") -> dict:
+        """Keep or discard a finished experiment; keeping makes it the new parent.
+
+        Parameters
+        ----------
+        exp_id : str, optional
+            Default: the last experiment run.
+        keep : bool, optional
+            None applies the rule (recorded as decided by ``rule``, or ``autopilot`` when
+            ``decided_by="autopilot"``); True/False is a person's decision (``decided_by``).
+        reason : str
+            Why (default for the rule: its verdict's reason).
+
+        Returns
+        -------
+        dict
+            The updated ledger record.
+        """
+        v = self.verdict(exp_id)
+        exp_id = v["exp_id"]
+        if keep is None:
+            keep, by, reason = v["keep"], ("autopilot" if decided_by == "autopilot" else "rule"), reason or v["reason"]
+        else:
+            by = decided_by
+        rec = self.ledger.decide(exp_id, "keep" if keep else "discard", reason, decided_by=by,
+                                 within_noise=v["within_noise"])
+        if keep:
+            self.workspace.keep(exp_id)
+        self._say(rec)
+        return rec
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _answer(self, proposal: Proposal, answer: Any) -> tuple[str, Any]:
+        """Read approve()'s answer: ("run", Proposal) or ("reject", reason)."""
+        if answer is True:
+            return "run", proposal
+        if answer is False or answer is None:
+            return "reject", ""
+        if isinstance(answer, Proposal):
+            if answer.source == proposal.source:
+                return "run", answer
+            return "run", self.submit(answer.source, answer.description or proposal.description, original=proposal)
+        if isinstance(answer, str):
+            if _looks_like_source(answer):
+                return "run", self.submit(answer, f"{proposal.description} (edited)", original=proposal)
+            return "reject", answer
+        msg = (f"approve() returned {type(answer).__name__}: return True (run it), False or a reason string "
+               f"(reject), or a Proposal / train.py source (run your edit instead).")
+        raise TypeError(msg)
+
+    def step(self, approve: Callable[[Proposal], Any] | None = None, on_event: Callable[[dict], Any] | None = None,
+             *, feedback: str = "", stop: threading.Event | None = None, decide: bool = True) -> dict:
+        """One experiment: propose -> approve -> run -> decide -> record.
+
+        Parameters
+        ----------
+        approve : callable, optional
+            ``approve(proposal)`` returns True (run it), False or a reason string
+            (reject: recorded, never run, the reason reaches the next context), or a
+            Proposal / train.py source (run this human edit instead, proposer
+            ``human``). None runs every proposal.
+        on_event : callable, optional
+            Step events of the run (live curves, progress bars).
+        feedback : str
+            Free text for the proposer, this step only.
+        stop : threading.Event, optional
+            Ends the run as ``aborted``.
+        decide : bool
+            Apply the rule after the run (default); False leaves the decision to
+            ``lab.decide``.
+
+        Returns
+        -------
+        dict
+            The ledger record of the experiment (or of the rejected proposal).
+        """
+        self._ensure_baseline()
+        proposal = self.propose(feedback)
+        if approve is not None:
+            what, value = self._answer(proposal, approve(proposal))
+            if what == "reject":
+                return self.reject(proposal, value)
+            proposal = value
+        result = self.run_budgeted(proposal, on_event=on_event, stop=stop)
+        exp_id = result.extra["exp_id"]
+        if not decide:
+            rec = self.ledger.get(exp_id)
+            self._say(rec)
+            return rec
+        return self.decide(exp_id, keep=None, decided_by="autopilot" if self._autopilot else "rule")
+
+    def autopilot(self, steps: int = 10, on_event: Callable[[dict], Any] | None = None, *,
+                  confirm: int = 0, max_failures: int = 3) -> list[dict]:
+        """Run `steps` experiments unattended, each decided by the rule (``autopilot``).
+
+        Parameters
+        ----------
+        steps : int
+            Number of experiments (proposals that fail to materialise do not count).
+        confirm : int
+            Reruns of a within-noise candidate before the final decision (0: none).
+        max_failures : int
+            Stop after this many proposer failures in a row (re-raising the last).
+
+        Returns
+        -------
+        list of dict
+            The ledger records of the experiments, in order.
+
+        Raises
+        ------
+        KeyboardInterrupt
+            Ctrl-C stops the loop after the interrupted run is recorded as aborted.
+        """
+        out: list[dict] = []
+        failures = 0
+        self._autopilot = True
+        try:
+            self.baseline(on_event=on_event)
+            while len(out) < steps:
+                try:
+                    rec = self.step(on_event=on_event)
+                except ProposalError as e:
+                    failures += 1
+                    if self.verbose:
+                        print(f"proposer gave up ({failures}/{max_failures}): {e.reason}")
+                    if failures >= max_failures:
+                        raise
+                    continue
+                failures = 0
+                if confirm and rec["within_noise"]:
+                    rec = self.confirm(rec["id"], k=confirm, on_event=on_event)
+                out.append(rec)
+        finally:
+            self._autopilot = False
+        return out
+
+    # ---- noise --------------------------------------------------------------------------------
+
+    def _rerun(self, exp_id: str, k: int, kind: str, on_event=None) -> list[float]:
+        rec = self.ledger.get(exp_id)
+        if rec["status"] != "ok":
+            msg = f"Experiment {exp_id} did not run ok ({rec['status']}): rerun an experiment with a val_bpb."
+            raise ValueError(msg)
+        if k < 1:
+            msg = f"k must be at least 1 (the number of reruns), got {k}."
+            raise ValueError(msg)
+        source = self.workspace.source(exp_id)
+        used = {r["seed"] for r in self.ledger.records()
+                if r["id"] == exp_id or (r["parent_id"] == exp_id and r["kind"] in ("noise", "rerun"))}
+        seeds, s = [], self.seed
+        while len(seeds) < k:  # the next seeds this experiment has not run with
+            s += 1
+            if s not in used:
+                seeds.append(s)
+        for seed in seeds:
+            self._run(source, parent_id=exp_id, kind=kind, description=f"{kind}: rerun of {exp_id} (seed {seed})",
+                      proposer="rerun", seed=seed, on_event=on_event)
+            self._say(self.ledger.get(self._last_id))
+        return self._scores(exp_id)
+
+    def measure_noise(self, k: int = 3, on_event: Callable[[dict], Any] | None = None) -> dict:
+        """Rerun the current parent with k other seeds and set `sigma` (run-to-run std).
+
+        Returns
+        -------
+        dict
+            ``exp_id``, ``values`` (the parent's val_bpb and the reruns'), ``mean`` and
+            ``sigma`` (sample standard deviation).
+        """
+        self._ensure_baseline()
+        parent = self.parent_id
+        values = self._rerun(parent, k, "noise", on_event)
+        self.sigma = statistics.stdev(values) if len(values) >= 2 else None
+        return {"exp_id": parent, "values": values, "mean": statistics.fmean(values), "sigma": self.sigma}
+
+    def confirm(self, exp_id: str | None = None, k: int = 1, on_event: Callable[[dict], Any] | None = None) -> dict:
+        """Rerun a candidate k times with other seeds; re-apply the rule to the mean.
+
+        A decision made by a person is left alone (the new verdict is in the return
+        value's ``verdict``); one made by the rule or autopilot is made again, if the
+        experiment's parent is still the current parent.
+        """
+        exp_id = self.ledger.get(exp_id or self.last_id)["id"]
+        self._rerun(exp_id, k, "rerun", on_event)
+        rec = self.ledger.get(exp_id)
+        if rec["decided_by"] != "human" and rec["parent_id"] == self.parent_id:
+            by = rec["decided_by"] or ("autopilot" if self._autopilot else "rule")
+            rec = self.decide(exp_id, keep=None, decided_by=by)
+        return {**rec, "verdict": self.verdict(exp_id)}
+
+    # ---- looking back -------------------------------------------------------------------------
+
+    def history(self) -> "pd.DataFrame":
+        """Every experiment as a DataFrame (the ledger's columns), oldest first."""
+        return self.ledger.history()
+
+    def best(self) -> dict | None:
+        """The kept experiment (or baseline) with the lowest val_bpb."""
+        return self.ledger.best()
+
+    def checkout(self, exp_id: str) -> dict:
+        """Continue from any past experiment that ran ok: it becomes the parent.
+
+        The kept line it leaves stays in the workspace (``lines/<tip id>``); the next
+        kept experiment grows a new branch of the tree from here.
+        """
+        rec = self.ledger.get(exp_id)
+        if rec["status"] != "ok" or rec["kind"] not in _PROPOSAL_KINDS:
+            msg = (f"Experiment {rec['id']} cannot be continued from: it is a {rec['kind']} with status "
+                   f"{rec['status']!r}. Check out an experiment that ran ok (see lab.history()).")
+            raise ValueError(msg)
+        self.workspace.checkout(rec["id"])
+        if self.verbose:
+            print(f"lab {self.path.name}: continuing from {rec['id']} ({rec['description']})")
+        return rec
+
+    def panel(self, **kwargs):
+        """The ipywidgets panel for this lab (JupyterLab)."""
+        from autoresearch_kit.ui import panel as _panel
+
+        return _panel.Panel(self, **kwargs)
+
+    # ---- housekeeping -------------------------------------------------------------------------
+
+    def _say(self, rec: dict) -> None:
+        if self.verbose:
+            print(format_record(rec))
+
+    def close(self) -> None:
+        """Release the lab (its lock). Safe to call twice."""
+        self.ledger.close()
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.ledger.closed:
+            return f"Lab({str(self.path)!r}, closed)"
+        best = self.best()
+        tail = f", best {best['val_bpb']:.6f} ({best['id']})" if best else ""
+        return f"Lab({str(self.path)!r}: {len(self.ledger)} experiments, parent {self.parent_id}{tail})"
+
+    def _repr_html_(self) -> str:
+        if self.ledger.closed:
+            return f"<b>Lab</b> {html.escape(str(self.path))} (closed)"
+        recs = self.ledger.records()
+        best = self.best()
+        rows = []
+        for r in recs[-15:]:
+            bpb = f"{r['val_bpb']:.6f}" if r["val_bpb"] is not None else ""
+            style = ("background:#e6ffec" if r["decision"] == "keep" else "color:#888" if r["decision"] == "discard"
+                     else "background:#ffebe9" if r["status"] in CRASH_LIKE else "")
+            noise = " (within noise)" if r["within_noise"] else ""
+            cells = (r["id"], r["parent_id"] or "", r["kind"], r["status"], bpb,
+                     (r["decision"] or "") + noise, r["decided_by"] or "", r["proposer"], r["description"])
+            rows.append(f"<tr style='{style}'>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        head = "".join(f"<th>{h}</th>" for h in ("id", "parent", "kind", "status", "val_bpb", "decision", "by",
+                                                     "proposer", "description"))
+        more = f"<div>({len(recs) - 15} earlier experiments: lab.history())</div>" if len(recs) > 15 else ""
+        best_txt = (f"best <b>{best['val_bpb']:.6f}</b> ({html.escape(best['id'])}: "
+                    f"{html.escape(best['description'])})" if best else "no result yet")
+        return (f"<div><b>Lab</b> <code>{html.escape(str(self.path))}</code>: {len(recs)} experiments, "
+                f"parent {html.escape(str(self.parent_id))}, budget {html.escape(str(self._budget or self._budget_arg or 'default'))}, "
+                f"{best_txt}{more}<table style='font-size:12px'><tr>{head}</tr>{''.join(rows)}</table></div>")
+
+
+def format_record(rec: dict) -> str:
+    """One line for a ledger record: id, status, val_bpb, decision (by whom), description."""
+    bpb = f"val_bpb {rec['val_bpb']:.6f}" if rec.get("val_bpb") is not None else f"{rec['status']}"
+    if rec["status"] not in ("ok", "rejected") and rec.get("reason"):
+        bpb += f" ({rec['reason'][:80]})"
+    decision = rec.get("decision") or ("rejected" if rec["status"] == "rejected" else
+                                       "running" if rec["status"] == "running" else "undecided")
+    if rec.get("within_noise"):
+        decision += " (within noise)"
+    by = f" [{rec['decided_by']}]" if rec.get("decided_by") else ""
+    why = f": {rec['decision_reason']}" if rec["status"] == "rejected" and rec.get("decision_reason") else ""
+    return f"{rec['id']}  {rec['kind']:<9} {bpb:<22} {decision}{by}  {rec['description']}{why}"
