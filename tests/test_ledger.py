@@ -108,6 +108,10 @@ def test_record_round_trip_keeps_every_field(tmp_path):
     assert [r["id"] for r in records] == ["0001", "0002"] and records[1] == rec
     assert list(df["id"]) == ["0001", "0002"] and df.loc["0002", "val_bpb"] == pytest.approx(1.23456789)
     assert str(df["finished_at"].dtype).startswith("datetime64") and df.loc["0002", "curve"] == curve
+    with Ledger(lab, readonly=True) as ro:  # the fast table for panels: everything but the curves
+        light = ro.history(curves=False)
+    assert light.loc["0002", "curve"] == [] and light.loc["0002", "val_bpb"] == df.loc["0002", "val_bpb"]
+    assert list(light.columns) == list(df.columns)
 
 
 def test_unknown_runresult_fields_are_kept_in_extra(tmp_path):
