@@ -241,7 +241,9 @@ def _parse_prose(prose: list[str], out: ParsedReply) -> None:
 def clean_description(text: str) -> str:
     """One line for results.tsv: no tabs or newlines, no markdown emphasis, bounded length."""
     text = (text or "").strip().split("\n", 1)[0]
-    text = re.sub(r"\s+", " ", text.replace("\t", " ")).strip().strip("*_`\"' ").strip()
+    text = re.sub(r"\s+", " ", text.replace("\t", " ")).strip().strip("*_` ").strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'" and text.count(text[0]) == 2:
+        text = text[1:-1].strip()          # DESCRIPTION: "MATRIX_LR 0.04 -> 0.05"
     if len(text) > MAX_DESCRIPTION:
         text = text[:MAX_DESCRIPTION - 3].rstrip() + "..."
     return text
