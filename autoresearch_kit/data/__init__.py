@@ -6,6 +6,7 @@ Kept light on import (the training child imports `autoresearch_kit.data.shards`)
 
 from __future__ import annotations
 
+from autoresearch_kit.data.corpus import load_corpus, load_documents
 from autoresearch_kit.data.shards import PreparedData, bytes_encoding, write_prepared
 
 
@@ -16,4 +17,4 @@ def prepare(*args, **kwargs):
     return _prepare(*args, **kwargs)
 
 
-__all__ = ["PreparedData", "bytes_encoding", "prepare", "write_prepared"]
+__all__ = ["PreparedData", "bytes_encoding", "load_corpus", "load_documents", "prepare", "write_prepared"]
