@@ -372,11 +372,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _strays(run_id: str, pipe_inodes: set[int]) -> list[int]:
-    """Processes (ours) carrying AUTORESEARCH_RUN_ID=run_id or holding one of our pipes.
+def _strays(run_id: str, pgid: int, pipe_inodes: set[int]) -> list[int]:
+    """Live processes (ours) left of a run: in its process group, carrying
+    AUTORESEARCH_RUN_ID=run_id in their environment, or holding one of our pipes.
 
-    Catches descendants that left the process group (setsid) but kept the environment
-    or inherited stdout / the channel. Linux only (reads /proc); elsewhere [].
+    The last two catch descendants that left the group (setsid) but kept the
+    environment or inherited stdout / the channel. Linux only (reads /proc); elsewhere [].
     """
     if not os.path.isdir("/proc"):
         return []
@@ -387,6 +388,16 @@ def _strays(run_id: str, pipe_inodes: set[int]) -> list[int]:
         if not name.isdigit() or int(name) == me:
             continue
         pid = int(name)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().decode("ascii", "replace").rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if not fields or fields[0] in ("Z", "X"):
+            continue  # gone, or a zombie waiting for its parent: nothing left to kill
+        if len(fields) > 2 and fields[2] == str(pgid):
+            found.append(pid)
+            continue
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read()
@@ -428,22 +439,27 @@ def _terminate(proc, pgid: int) -> None:
 
 
 def _cleanup(pgid: int, run_id: str, pipe_inodes: set[int]) -> list[int]:
-    """Kill everything left of the run; returns the pids that had to be killed."""
+    """Kill everything left of the run and wait until it is gone (at most ~3 s).
+
+    Returns the pids found alive after the child exited (group members included).
+    """
     _kill_group(pgid, signal.SIGKILL)  # children still in the group
-    killed = []
-    for _ in range(3):  # a stray may fork while we look: look again
-        strays = _strays(run_id, pipe_inodes)
-        strays = [p for p in strays if _alive(p)]
-        if not strays:
+    killed: set[int] = set()
+    deadline = time.monotonic() + 3.0
+    while True:
+        strays = _strays(run_id, pgid, pipe_inodes)
+        if not strays or time.monotonic() > deadline:
             break
-        for pid in strays:
+        for pid in strays:  # a stray may fork while we look: the loop looks again
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                killed.add(pid)
             except (ProcessLookupError, PermissionError):
                 pass
-        time.sleep(0.05)
-    return sorted(set(killed))
+        time.sleep(0.02)  # SIGKILL is delivered asynchronously
+    if strays:
+        log.warning("could not kill processes %s left by run %s", strays, run_id)
+    return sorted(killed)
 
 
 # --------------------------------------------------------------------------- classify

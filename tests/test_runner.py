@@ -1,0 +1,432 @@
+"""Tests of run_budgeted(): every failure mode the runner promises to survive.
+
+Most candidates here are small self-made scripts that talk to the runner through the
+trusted channel directly (`ChildChannel.from_env()`), so the supervisor is tested on
+its own: a real subprocess, real signals, real pipes, a budget of a second or two.
+The static check is switched off for those (they import the channel, which a real
+train.py may not); it is tested on its own in test_integrity.py and end to end at the
+bottom of this file, where the real train.py runs on the tiny data.
+
+    python -m pytest tests/test_runner.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from autoresearch_kit import integrity, runner
+from autoresearch_kit.runner import RunResult, run_budgeted
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A stand-in for the harness: the same channel, the same messages (docs/CONTRACTS.md).
+FAKE_HARNESS = textwrap.dedent('''
+    import math, os, sys, time
+    from autoresearch_kit.channel import ChildChannel
+    ch = ChildChannel.from_env()
+    ch.send("start", {"device": "cpu", "device_name": "fake", "torch": "none",
+                      "budget": os.environ.get("AUTORESEARCH_BUDGET"),
+                      "seed": int(os.environ.get("AUTORESEARCH_SEED", 0)),
+                      "data_dir": os.environ.get("AUTORESEARCH_DATA"),
+                      "eval_tokens": int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", 0)), "pid": os.getpid()})
+    def step(i, loss=2.0):
+        ch.send("step", {"step": i, "loss": loss, "lr": 0.01, "tokens": 64 * (i + 1),
+                         "elapsed": 0.01 * i, "progress": 0.1 * i, "tok_per_s": 6400.0})
+    def result(val_bpb=1.25, status="ok", reason=""):
+        ch.send("result", {"status": status, "reason": reason, "val_bpb": val_bpb, "steps": 3, "tokens": 192,
+                           "flops": 1e6, "params": 1000, "training_seconds": 0.5, "total_seconds": 0.7,
+                           "eval_seconds": 0.1, "eval_tokens": int(os.environ["AUTORESEARCH_EVAL_TOKENS"]),
+                           "peak_memory_gb": None, "mfu": None, "causal": True, "device": "cpu", "torch": "none"})
+''')
+
+
+def fake(body: str) -> str:
+    return FAKE_HARNESS + textwrap.dedent(body)
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (what `ps` would call running)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _run_id_processes(run_id: str) -> list[int]:
+    marker = f"AUTORESEARCH_RUN_ID={run_id}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if marker in Path(f"/proc/{name}/environ").read_bytes().split(b"\0") and _alive(int(name)):
+                    found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+def _assert_nothing_left(res: RunResult) -> None:
+    run_id = res.extra.get("run_id")
+    if run_id:
+        assert _run_id_processes(run_id) == []
+    pid = (res.extra.get("start") or {}).get("pid")
+    if pid:
+        assert not _alive(pid)
+
+
+@pytest.fixture()
+def unchecked(monkeypatch, kit_env):
+    """Run self-made candidates that use the channel directly (the static check forbids it)."""
+    monkeypatch.setattr(integrity, "check_source", lambda source: [])
+    return kit_env
+
+
+def run(source: str, tmp_path: Path, budget="2s", **kw) -> RunResult:
+    kw.setdefault("hard_limit", 20)
+    return run_budgeted(source, budget, workdir=tmp_path / "work", **kw)
+
+
+# --------------------------------------------------------------------------- happy path
+
+
+def test_ok_run_scores_from_the_channel_and_streams_events(unchecked, tmp_path):
+    events = []
+    res = run(fake("""
+        for i in range(3):
+            step(i, loss=3.0 - i)
+        print("training done")
+        result(1.25)
+    """), tmp_path, on_event=events.append)
+    assert res.status == "ok", res.reason
+    assert res.val_bpb == 1.25
+    assert [e["step"] for e in events] == [0, 1, 2]
+    assert [p["loss"] for p in res.curve] == [3.0, 2.0, 1.0]
+    assert (res.steps, res.tokens, res.params, res.flops) == (3, 192, 1000, 1e6)
+    assert res.eval_tokens == 4096 and res.budget == "2s" and res.seed == 42
+    assert 0 < res.wall_seconds < 20
+    assert "training done" in Path(res.log_path).read_text()
+    assert Path(res.extra["workdir"], "train.py").read_text().startswith(FAKE_HARNESS[:20])
+    _assert_nothing_left(res)
+
+
+def test_candidate_may_be_a_path_or_a_proposal(unchecked, tmp_path):
+    src = fake("result(1.5)\n")
+    path = tmp_path / "cand.py"
+    path.write_text(src)
+    assert run(path, tmp_path).val_bpb == 1.5
+    assert run(str(path), tmp_path).val_bpb == 1.5
+
+    class Proposal:
+        source = src
+    assert run(Proposal(), tmp_path).val_bpb == 1.5
+
+
+def test_raising_callback_does_not_end_the_run(unchecked, tmp_path):
+    def bad(event):
+        raise RuntimeError("plot broke")
+    res = run(fake("step(0); step(1); result(1.0)\n"), tmp_path, on_event=bad)
+    assert res.status == "ok"
+    assert "plot broke" in res.extra["on_event_error"]
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+def test_syntax_error_is_a_crash_with_the_line_and_never_runs(kit_env, tmp_path):
+    res = run("import torch\nx = 1\ndef f(:\n    pass\n", tmp_path)
+    assert res.status == "crash"
+    assert "SyntaxError" in res.reason and "line 3" in res.reason
+    assert "exit_code" not in res.extra  # no process was started
+
+
+def test_exception_at_import_is_a_crash_with_the_exception_line(unchecked, tmp_path):
+    res = run("import not_a_module_xyz\n", tmp_path)
+    assert res.status == "crash"
+    assert res.reason == "ModuleNotFoundError: No module named 'not_a_module_xyz'"
+    assert "Traceback" in res.log_tail
+    _assert_nothing_left(res)
+
+
+def test_exception_mid_training_keeps_the_curve(unchecked, tmp_path):
+    res = run(fake("""
+        for i in range(4):
+            step(i)
+        raise ValueError("shapes do not match at step 4")
+    """), tmp_path)
+    assert res.status == "crash"
+    assert res.reason == "ValueError: shapes do not match at step 4"
+    assert len(res.curve) == 4 and res.steps == 4
+    assert 'raise ValueError("shapes do not match at step 4")' in res.log_tail
+    _assert_nothing_left(res)
+
+
+def test_allocation_failure_is_a_crash_that_says_out_of_memory(unchecked, tmp_path):
+    res = run(fake("step(0)\nbuf = bytearray(1 << 60)\n"), tmp_path)
+    assert res.status == "crash"
+    assert res.reason.startswith("out of memory") and "MemoryError" in res.reason
+
+
+def test_nan_loss_is_diverged(unchecked, tmp_path):
+    res = run(fake("""
+        step(0, 2.5)
+        step(1, float("nan"))
+        ch.send("status", {"status": "diverged", "reason": "loss is nan at step 1"})
+        sys.exit(3)
+    """), tmp_path)
+    assert res.status == "diverged"
+    assert res.reason == "loss is nan at step 1"
+    assert len(res.curve) == 2
+
+
+def test_non_causal_result_is_invalid(unchecked, tmp_path):
+    res = run(fake('result(0.01, status="invalid", reason="the model sees future tokens (causality probe)")\n'),
+              tmp_path)
+    assert res.status == "invalid" and res.val_bpb is None
+    assert "future tokens" in res.reason
+
+
+# --------------------------------------------------------------------------- the clock
+
+
+def test_busy_loop_is_killed_at_the_hard_limit(unchecked, tmp_path):
+    res = run(fake("step(0)\nwhile True:\n    pass\n"), tmp_path, hard_limit=1.5)
+    assert res.status == "timeout"
+    assert "hard limit of 2 s" in res.reason or "hard limit" in res.reason
+    assert 1.5 <= res.wall_seconds < 1.5 + runner.TERM_GRACE_SECONDS + 2
+    assert len(res.curve) == 1
+    _assert_nothing_left(res)
+
+
+def test_blocking_sleep_that_ignores_sigterm_is_killed(unchecked, tmp_path):
+    res = run(fake("""
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(1000)
+    """), tmp_path, hard_limit=1.0)
+    assert res.status == "timeout"
+    assert res.wall_seconds < 1.0 + runner.TERM_GRACE_SECONDS + 2
+    _assert_nothing_left(res)
+
+
+def test_default_hard_limit_leaves_grace_for_startup_and_eval(monkeypatch):
+    monkeypatch.delenv("AUTORESEARCH_GRACE", raising=False)
+    monkeypatch.delenv("AUTORESEARCH_HARD_LIMIT", raising=False)
+    from autoresearch_kit.config import Budget
+    assert runner._hard_limit(Budget(seconds=300), None) == 300 + 60 + 75
+    assert runner._hard_limit(Budget(tokens=10**6), None) == 600
+    monkeypatch.setenv("AUTORESEARCH_GRACE", "5")
+    assert runner._hard_limit(Budget(seconds=4), None) == 4 + 5 + 1
+    assert runner._hard_limit(Budget(seconds=4), 2.5) == 2.5
+
+
+# --------------------------------------------------------------------------- strays
+
+_FORK = """
+    pid = os.fork()
+    if pid == 0:
+        {child}
+        time.sleep(60)
+        os._exit(0)
+    open("stray.pid", "w").write(str(pid))
+    result(1.0)
+"""
+
+
+@pytest.mark.parametrize("how, child", [
+    ("fork", "pass"),
+    ("fork+setsid", "os.setsid()"),
+    # setsid and drop stdout: only the environment marker can find it
+    ("fork+setsid+closed fds", "os.setsid(); os.closerange(0, 1024)"),
+])
+def test_children_that_keep_running_are_killed(unchecked, tmp_path, how, child):
+    res = run(fake(_FORK.format(child=child)), tmp_path)
+    pid = int((tmp_path / "work" / "stray.pid").read_text())
+    assert res.status == "ok", res.reason
+    assert not _alive(pid), f"{how}: pid {pid} survived the run"
+    assert pid in res.extra.get("killed_strays", []) or how == "fork"  # the group kill took the plain fork
+    _assert_nothing_left(res)
+
+
+def test_subprocess_in_its_own_session_is_killed(unchecked, tmp_path):
+    res = run(fake("""
+        import subprocess
+        p = subprocess.Popen(["sleep", "60"], start_new_session=True, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        open("stray.pid", "w").write(str(p.pid))
+        result(1.0)
+    """), tmp_path)
+    pid = int((tmp_path / "work" / "stray.pid").read_text())
+    assert res.status == "ok"
+    assert not _alive(pid)
+    assert pid in res.extra["killed_strays"]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_ten_megabytes_of_output_are_capped_and_do_not_block(unchecked, tmp_path):
+    tracemalloc.start()
+    try:
+        res = run(fake("""
+            line = "x" * 99 + "\\n"
+            for i in range(100_000):   # 10 MB
+                sys.stdout.write(line)
+            sys.stdout.write("y" * 3_000_000)  # one 3 MB line, no newline
+            print("\\nlast line")
+            result(1.0)
+        """), tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert res.status == "ok", res.reason
+    size = Path(res.log_path).stat().st_size
+    assert size <= runner.LOG_HEAD_BYTES + runner.LOG_TAIL_BYTES + 500
+    text = Path(res.log_path).read_text()
+    assert "bytes of output dropped here" in text and text.rstrip().endswith("last line")
+    assert res.extra["output_bytes"] > 13_000_000
+    assert peak < 12 * 2**20, f"the caller held {peak / 2**20:.1f} MiB while reading the output"
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+def test_printed_summary_is_not_scored(unchecked, tmp_path):
+    res = run(fake("""
+        step(0)
+        print("---")
+        print("val_bpb:          0.500000")
+        print("training_seconds: 2.0")
+    """), tmp_path)
+    assert res.status == "invalid" and res.val_bpb is None
+    assert "without a trusted result" in res.reason and "summary is not trusted" in res.reason
+
+
+def test_result_file_is_not_scored(unchecked, tmp_path):
+    res = run(fake("""
+        import json
+        step(0)
+        json.dump({"status": "ok", "val_bpb": 0.1}, open("result.json", "w"))
+        open("results.tsv", "w").write("commit\\tval_bpb\\nabc\\t0.1\\n")
+    """), tmp_path)
+    assert res.status == "invalid" and res.val_bpb is None
+
+
+def test_forged_channel_line_is_rejected(unchecked, tmp_path):
+    # What a candidate could do if it found the fd: write a result it cannot sign.
+    res = run("""
+import json, os
+fd = int(os.environ["AUTORESEARCH_CHANNEL_FD"])
+body = json.dumps({"seq": 1, "kind": "result", "data": {"status": "ok", "val_bpb": 0.1}})
+os.write(fd, ("0" * 64 + " " + body + "\\n").encode())
+os.write(fd, b"not even a signature\\n")
+""", tmp_path)
+    assert res.status == "invalid" and res.val_bpb is None
+    assert res.extra["channel_rejected"] == 2
+    assert "forged" in res.reason
+
+
+def test_changed_eval_tokens_are_caught_at_runtime(unchecked, tmp_path):
+    # A computed name evades the static check; the runner compares what the trusted
+    # start/result messages report with what it set.
+    res = run("import os\nos.environ['AUTORE' + 'SEARCH_EVAL_TOKENS'] = '64'\n" + fake("result(0.2)\n"), tmp_path)
+    assert res.status == "invalid" and res.val_bpb is None
+    assert "eval_tokens was 64, but the runner set 4096" in res.reason
+
+
+def test_monkeypatched_evaluation_is_invalid_before_running(kit_env, tmp_path):
+    res = run("""
+from autoresearch_kit import harness
+harness.metric.evaluate_bpb = lambda *a, **k: 0.1
+run = harness.start()
+run.finish(None)
+""", tmp_path)
+    assert res.status == "invalid"
+    assert "line 3: assigns to harness.metric.evaluate_bpb" in res.reason
+    assert "exit_code" not in res.extra  # never started
+    assert "Not run" in Path(res.log_path).read_text()
+
+
+# --------------------------------------------------------------------------- stopping
+
+_FOREVER = """
+    import subprocess
+    p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    open("stray.pid", "w").write(str(p.pid))
+    i = 0
+    while True:
+        step(i)
+        i += 1
+        time.sleep(0.05)
+"""
+
+
+def test_stop_event_aborts_and_kills_the_group(unchecked, tmp_path):
+    stop = threading.Event()
+
+    def on_event(e):
+        if e["step"] >= 3:
+            stop.set()
+    res = run(fake(_FOREVER), tmp_path, on_event=on_event, stop=stop)
+    assert res.status == "aborted" and "stop" in res.reason
+    assert len(res.curve) >= 4
+    assert not _alive(int((tmp_path / "work" / "stray.pid").read_text()))
+    _assert_nothing_left(res)
+
+
+def test_keyboard_interrupt_returns_aborted_and_leaves_nothing(tiny_data, tmp_path):
+    work = tmp_path / "work"
+    script = tmp_path / "drive.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        from autoresearch_kit import integrity, runner
+        integrity.check_source = lambda source: []
+        res = runner.run_budgeted({fake(_FOREVER)!r}, "30s", workdir={str(work)!r}, data_dir={str(tiny_data)!r},
+                                  device="cpu", hard_limit=60)
+        print(json.dumps({{"status": res.status, "reason": res.reason, "curve": len(res.curve),
+                          "pid": res.extra["start"]["pid"], "run_id": res.extra["run_id"]}}))
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (work / "stray.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["status"] == "aborted" and "KeyboardInterrupt" in got["reason"]
+    assert got["curve"] >= 1
+    assert not _alive(got["pid"])
+    assert not _alive(int((work / "stray.pid").read_text()))
+    assert _run_id_processes(got["run_id"]) == []
+
+
+# --------------------------------------------------------------------------- broken setup
+
+
+def test_missing_data_raises_with_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python prepare.py"):
+        run_budgeted("print(1)\n", "2s", data_dir=tmp_path / "nothing", workdir=tmp_path / "w", device="cpu")
+
+
+def test_unwritable_workdir_raises(kit_env, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="writable directory"):
+        run_budgeted("print(1)\n", "2s", workdir=blocker / "sub", device="cpu")
