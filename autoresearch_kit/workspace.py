@@ -53,7 +53,7 @@ runs/
 ledger.sqlite
 ledger.sqlite-*
 results.tsv
-.results.tsv.tmp
+.*.tmp
 progress.png
 .lock
 .gitignore

@@ -6,7 +6,6 @@ says so). Run: `python -m pytest tests/test_ledger.py -q`.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
