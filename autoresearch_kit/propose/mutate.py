@@ -39,7 +39,7 @@ _UPPER = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # Not research knobs: seeds, logging cadence, paths, the device. Changing them says nothing
 # about the model (or breaks the run on another machine).
 # torch.compile flags too: on a CPU box a toggle is a crash or a slow warm-up, not a finding.
-_SKIP = re.compile(r"SEED|EVERY|LOG|PRINT|VERBOSE|EVAL|DEVICE|PATH|DIR|FILE|NAME|URL|VERSION|COMPILE")
+_SKIP = re.compile(r"(^|_)(SEED|EVERY|LOG|PRINT|VERBOSE|EVAL|DEVICE|PATH|DIR|FILE|NAME|URL|VERSION|COMPILE)(_|$)")
 
 # Categorical values a researcher would cycle through when the comment lists none.
 KNOWN_CHOICES = (
@@ -77,6 +77,10 @@ class _Site:
     leaves: list[_Leaf] = field(default_factory=list)
     comment: str = ""
     last: Any = None     # last dict key / tuple index in the value (None for a plain literal)
+    names: tuple = ()    # every constant the knob spans (CPU_DEPTH and GPU_DEPTH); default (name,)
+
+    def __post_init__(self) -> None:
+        self.names = self.names or (self.name,)
 
 
 @dataclass
@@ -179,8 +183,18 @@ def _assignments(body: list[ast.stmt]):
             yield from _assignments(node.orelse)
 
 
-def find_knobs(source: str) -> list[_Site]:
-    """The hyperparameter knobs of a train.py, in source order."""
+def find_knobs(source: str, device: str | None = None) -> list[_Site]:
+    """The hyperparameter knobs of a train.py, in source order.
+
+    Parameters
+    ----------
+    source
+        train.py text.
+    device
+        "cpu", "mps" or "cuda" to change only the CPU_* or GPU_* knobs that device uses;
+        None pairs them (CPU_DEPTH and GPU_DEPTH move together), so an experiment
+        means the same thing on every machine.
+    """
     tree = ast.parse(source)
     starts, blines = _offsets(source)
     comments = _comments(source)
@@ -211,7 +225,34 @@ def find_knobs(source: str) -> list[_Site]:
                 sites.append(_Site(label, site.name, site.key, [lf], site.comment, site.last))
         else:
             sites.append(site)
-    return sorted(sites, key=lambda s: s.leaves[0].start)
+    return sorted(_pair_devices(sites, device), key=lambda s: s.leaves[0].start)
+
+
+_DEVICE_PREFIX = re.compile(r"^(CPU|GPU|CUDA|MPS)_(.+)$")
+
+
+def _pair_devices(sites: list[_Site], device: str | None) -> list[_Site]:
+    """CPU_X / GPU_X: keep the device's own (device given) or merge them into one knob."""
+    own = None if device is None else ("GPU", "CUDA") if device == "cuda" else ("CPU", "MPS")
+    out, pairs = [], {}
+    for s in sites:
+        m = _DEVICE_PREFIX.match(s.name)
+        if not m or s.last is not None:
+            out.append(s)
+        elif own is not None:
+            if m.group(1) in own:
+                out.append(s)
+        else:
+            pairs.setdefault((m.group(2), s.leaves[0].kind), []).append(s)
+    for group in pairs.values():
+        if len(group) == 1 or len({len(s.leaves) for s in group}) > 1:
+            out.extend(group)
+            continue
+        first = group[0]
+        out.append(_Site(label="|".join(s.label for s in group), name=first.name, key=first.key,
+                         leaves=[l for s in group for l in s.leaves], comment=first.comment,
+                         names=tuple(s.name for s in group)))
+    return out
 
 
 # ------------------------------------------------------------------------ moves
@@ -266,6 +307,8 @@ def _ops(site: _Site) -> list[tuple]:
         return [("add", 0.1), ("add", -0.1), ("add", 0.05), ("add", -0.05)]
     if re.search(r"LR|LEARNING_RATE", key):
         return [("mul", f) for f in (1.25, 0.8, 1.5, 0.67, 2.0, 0.5)]
+    if "CLIP" in key:
+        return [("set", 1.0)] if v == 0 else [("mul", 2.0), ("mul", 0.5), ("set", 0.0)]
     if re.search(r"DECAY|WD\b|_WD", key):
         return [("add", 0.05), ("add", 0.1)] if v == 0 else [("mul", 2.0), ("mul", 0.5), ("set", 0.0)]
     if v == 0:
@@ -416,6 +459,9 @@ class MutateProposer:
     seed
         Combined with `context.seed` and the parent's hash: the same inputs give the
         same proposal.
+    device
+        "cpu", "mps" or "cuda": change only that device's CPU_*/GPU_* knobs. None (the
+        default) moves each CPU_X/GPU_X pair together.
     p_two
         Probability of changing two knobs at once instead of one.
     max_tries
@@ -424,8 +470,9 @@ class MutateProposer:
 
     name = "mutate"
 
-    def __init__(self, seed: int = 0, *, p_two: float = 0.3, max_tries: int = 64) -> None:
-        self.seed, self.p_two, self.max_tries = seed, p_two, max_tries
+    def __init__(self, seed: int = 0, *, device: str | None = None, p_two: float = 0.3,
+                 max_tries: int = 64) -> None:
+        self.seed, self.device, self.p_two, self.max_tries = seed, device, p_two, max_tries
 
     def __repr__(self) -> str:
         return f"MutateProposer(seed={self.seed})"
@@ -441,7 +488,7 @@ class MutateProposer:
         t0 = time.perf_counter()
         parent = context.parent_source
         try:
-            sites = find_knobs(parent)
+            sites = find_knobs(parent, self.device)
         except SyntaxError as e:
             msg = f"mutate: the parent train.py does not parse ({e.msg}, line {e.lineno}); fix it first"
             raise ProposalError(msg) from None
@@ -456,7 +503,8 @@ class MutateProposer:
         rng = random.Random(f"mutate:{self.seed}:{context.seed}:{source_hash(parent)}")
 
         def move_weight(m: _Move) -> float:
-            return weights.get((m.site.name, m.site.last, m.direction), 1.0)
+            ws = [weights[k] for k in ((n, m.site.last, m.direction) for n in m.site.names) if k in weights]
+            return sum(ws) / len(ws) if ws else 1.0
 
         def site_weight(s: _Site) -> float:
             return max(move_weight(m) for m in moves[id(s)])
