@@ -47,8 +47,9 @@ _FENCE = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
 _EXT = r"(?:py|pyi|ipynb|md|txt|toml|cfg|ini|json|ya?ml|sh|c|cc|cpp|h|cu|rs|js|ts|patch|diff)"
 _PATH_LINE = re.compile(r"^[\s#*`>\-]*(?:file(?:name)?\s*[:=]\s*)?[`*\"']*([\w./\\-]+\." + _EXT + r")[`*\"':]*\s*$",
                         re.IGNORECASE)
-_HEADER = re.compile(r"^[\s#*>\-]*(description|rationale|summary|title|reason(?:ing)?)\s*\**\s*[:\-]\s*\**\s*(.*)$",
-                     re.IGNORECASE)
+# "DESCRIPTION: x", "**Description:** x", "description - x", "## Description" (text on the next line)
+_HEADER = re.compile(r"^[\s#*>\-]*(description|rationale|summary|title|reason(?:ing)?)\s*\**\s*"
+                     r"(?:[:\-]\s*\**\s*(.*)|)$", re.IGNORECASE)
 
 
 class EditError(ValueError):
@@ -214,7 +215,7 @@ def _parse_prose(prose: list[str], out: ParsedReply) -> None:
     for line in prose:
         m = _HEADER.match(line)
         if m:
-            key, rest = m.group(1).lower(), m.group(2).strip().strip("*").strip()
+            key, rest = m.group(1).lower(), (m.group(2) or "").strip().strip("*").strip()
             if key in ("description", "summary", "title"):
                 section = "description"
                 if rest and not out.description:
@@ -236,6 +237,7 @@ def _parse_prose(prose: list[str], out: ParsedReply) -> None:
         text = "\n".join(l for l in prose if not _HEADER.match(l)
                          and not (_named_path(l) and _is_target(_named_path(l) or ""))).strip()
     out.rationale = text[:2000]
+    out.description = clean_description(out.description)
 
 
 def clean_description(text: str) -> str:
@@ -325,8 +327,11 @@ def apply_block(source: str, block: EditBlock, k: int = 1) -> str:
             if trailing_nl and not text.endswith("\n"):
                 text += "\n"
             return text
-    close = difflib.get_close_matches(needle[0].strip(), [l.strip() for l in hay if l.strip()], n=1, cutoff=0.6)
-    hint = f"; the closest line in {TARGET} is {close[0]!r}" if close else ""
+    # Compare code without trailing comments: a model quoting "X = 0.4" means "X = 0.04  # why".
+    code = {l.split("#", 1)[0].strip(): l.strip() for l in hay if l.split("#", 1)[0].strip()}
+    first = next((l for l in needle if l.strip()), "").split("#", 1)[0].strip()
+    close = difflib.get_close_matches(first, list(code), n=1, cutoff=0.6)
+    hint = f"; the closest line in {TARGET} is {code[close[0]]!r}" if close else ""
     msg = (f"edit block {k}: the SEARCH text was not found in {TARGET} (first line: "
            f"{_snippet(search)!r}){hint}. Copy the lines exactly from the current {TARGET}")
     raise EditError(msg)
