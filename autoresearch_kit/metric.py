@@ -1,0 +1,237 @@
+"""The metric: validation bits per byte, and a probe that the model is causal. Trusted code.
+
+    from autoresearch_kit.metric import evaluate_bpb, causality_probe
+    bpb = evaluate_bpb(model, data_dir, seq_len=256, eval_tokens=65536)
+    causality_probe(model, vocab_size=4096, seq_len=256, device="cpu")["causal"]
+
+Bits per byte is independent of the tokenizer: the summed cross-entropy (nats) over the
+scored target tokens, divided by ln 2 times the UTF-8 bytes those tokens stand for.
+Special tokens (BOS) have 0 bytes and are left out of both sums, as in the original
+autoresearch. The cross-entropy is computed here, in float32, from the model's logits:
+a loss the model returns is never used. Every candidate is scored on the same pinned
+validation tokens: the first `eval_tokens` targets of the val split, in non-overlapping
+rows of seq_len (the last row padded at its end, which a causal model cannot see).
+
+A model that peeks at later tokens would get an absurdly low bpb; `causality_probe`
+catches it by changing the tokens after a position and checking the logits up to that
+position do not move. The harness runs it before scoring and marks such a run invalid.
+
+Imported by the training child through the harness: torch, numpy and stdlib only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from autoresearch_kit import config
+from autoresearch_kit.data.shards import PreparedData
+
+# Elements of float32 logits per eval batch: rows = budget // (seq_len * vocab). 2**25
+# (128 MB) keeps CPU memory modest; on CUDA 2**28 (1 GB) keeps an H100 busy.
+_LOGIT_BUDGET = {"cuda": 2**28, "mps": 2**26, "cpu": 2**25}
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Call the model on ids (B, T) and return its logits (B, T, V), checked."""
+    out = model(x)
+    if isinstance(out, (tuple, list)):
+        # (logits, loss) or (logits, cache): the logits are the one (B, T, V) tensor
+        cands = [o for o in out if torch.is_tensor(o) and o.dim() == 3 and tuple(o.shape[:2]) == tuple(x.shape)]
+        if len(cands) != 1:
+            msg = ("The model returned a tuple without exactly one (B, T, V) logits tensor. "
+                   "finish(model) needs forward(ids) -> logits of shape (B, T, vocab).")
+            raise TypeError(msg)
+        out = cands[0]
+    elif isinstance(out, dict) and "logits" in out:
+        out = out["logits"]
+    if not torch.is_tensor(out) or out.dim() != 3 or tuple(out.shape[:2]) != tuple(x.shape):
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        hint = " (it looks like a loss)" if torch.is_tensor(out) and out.dim() == 0 else ""
+        msg = (f"The model returned {got}{hint} for ids of shape {tuple(x.shape)}: the metric computes "
+               "the cross-entropy itself and needs forward(ids) -> logits of shape (B, T, vocab).")
+        raise TypeError(msg)
+    if out.shape[-1] < vocab_size:
+        msg = f"The model's logits have {out.shape[-1]} classes but the vocabulary has {vocab_size} tokens."
+        raise ValueError(msg)
+    return out
+
+
+def _open(data) -> PreparedData:
+    if isinstance(data, PreparedData):
+        return data
+    return PreparedData.open(config.data_dir() if data is None else data)
+
+
+def eval_rows(val: np.ndarray, eval_tokens: int, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pinned evaluation rows: inputs, targets, and a mask of real (non-pad) targets.
+
+    Targets are val[1 : eval_tokens + 1], cut into rows of seq_len; the last row is padded
+    at its end (inputs with pad_id, targets masked out).
+    """
+    n = int(eval_tokens)
+    stream = np.asarray(val[: n + 1], dtype=np.int64)
+    rows = math.ceil(n / seq_len)
+    x = np.full(rows * seq_len, pad_id, dtype=np.int64)
+    y = np.zeros(rows * seq_len, dtype=np.int64)
+    mask = np.zeros(rows * seq_len, dtype=bool)
+    x[:n], y[:n], mask[:n] = stream[:n], stream[1 : n + 1], True
+    return x.reshape(rows, seq_len), y.reshape(rows, seq_len), mask.reshape(rows, seq_len)
+
+
+def evaluate_bpb_detail(model: torch.nn.Module, data: "PreparedData | str | os.PathLike | None" = None, *,
+                        seq_len: int, batch_size: int | None = None, eval_tokens: int | None = None,
+                        device: "torch.device | str | None" = None,
+                        autocast_dtype: torch.dtype | None = None, verbose: bool = True) -> dict:
+    """Score a model on the pinned validation tokens; the full record.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps int64 ids (B, T) to logits (B, T, V).
+    data : PreparedData, path or None
+        The prepared data (default: `config.data_dir()`).
+    seq_len : int
+        Context length of each evaluation row.
+    batch_size : int, optional
+        Rows per forward pass (default: from a memory budget). Does not change the result.
+    eval_tokens : int, optional
+        Target tokens to score (default: `config.default_eval_tokens`). Clamped, with a
+        message, to what the val split holds.
+    device : torch.device or str, optional
+        Default: the device of the model's parameters.
+    autocast_dtype : torch.dtype, optional
+        Run the forward pass under autocast (e.g. bf16, as in training). The
+        cross-entropy is always float32.
+    verbose : bool
+        Print a note when eval_tokens is clamped.
+
+    Returns
+    -------
+    dict
+        bpb, nats, bytes, tokens (targets scored, specials included), seconds.
+    """
+    t0 = time.perf_counter()
+    data = _open(data)
+    dev = torch.device(device) if device is not None else _model_device(model)
+    seq_len = int(seq_len)
+    if seq_len < 1:
+        msg = f"seq_len must be positive, got {seq_len}."
+        raise ValueError(msg)
+    n = int(eval_tokens if eval_tokens is not None else config.default_eval_tokens(dev.type))
+    available = len(data.val) - 1
+    if available < 1:
+        msg = f"The val split of {data.path} is empty; prepare the data again (`python prepare.py --force`)."
+        raise ValueError(msg)
+    if n > available:
+        if verbose:
+            print(f"eval: the val split has {available:,} target tokens; scoring all of them "
+                  f"instead of the {n:,} asked for", flush=True)
+        n = available
+    x_all, y_all, m_all = eval_rows(data.val, n, seq_len, data.bos_id)
+    tb = torch.as_tensor(np.asarray(data.token_bytes, dtype=np.int64), device=dev)
+    if batch_size is None:
+        batch_size = max(1, _LOGIT_BUDGET.get(dev.type, 2**25) // (seq_len * max(data.vocab_size, 1)))
+    amp = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    was_training = model.training
+    model.eval()
+    nats, nbytes = 0.0, 0
+    try:
+        # no_grad rather than inference_mode: a model that caches tensors lazily (e.g. RoPE
+        # tables) would otherwise keep inference tensors that break later training.
+        with torch.no_grad():
+            for i in range(0, len(x_all), batch_size):
+                x = torch.from_numpy(x_all[i : i + batch_size]).to(dev)
+                y = torch.from_numpy(y_all[i : i + batch_size]).to(dev)
+                m = torch.from_numpy(m_all[i : i + batch_size]).to(dev)
+                with amp:
+                    logits = _logits(model, x, data.vocab_size)
+                logits = logits.float()
+                ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                w = tb[y.reshape(-1)] * m.reshape(-1)  # bytes per target; 0 for BOS and padding
+                scored = w > 0
+                # float64 accumulation where the device has it (MPS does not)
+                acc = ce[scored].double() if dev.type != "mps" else ce[scored].cpu().double()
+                nats += float(acc.sum())
+                nbytes += int(w.sum())
+    finally:
+        model.train(was_training)
+    if nbytes == 0:
+        msg = "The scored validation tokens carry no bytes (only special tokens?): cannot compute bits per byte."
+        raise ValueError(msg)
+    bpb = nats / (math.log(2) * nbytes)
+    return {"bpb": bpb, "nats": nats, "bytes": nbytes, "tokens": n, "seconds": time.perf_counter() - t0}
+
+
+def evaluate_bpb(model: torch.nn.Module, data: "PreparedData | str | os.PathLike | None" = None, *,
+                 seq_len: int, batch_size: int | None = None, eval_tokens: int | None = None,
+                 device: "torch.device | str | None" = None, autocast_dtype: torch.dtype | None = None) -> float:
+    """Validation bits per byte of `model` on the pinned validation tokens.
+
+    See `evaluate_bpb_detail` for the parameters; this returns only the number.
+    """
+    return evaluate_bpb_detail(model, data, seq_len=seq_len, batch_size=batch_size, eval_tokens=eval_tokens,
+                               device=device, autocast_dtype=autocast_dtype)["bpb"]
+
+
+def causality_probe(model: torch.nn.Module, *, vocab_size: int, seq_len: int,
+                    device: "torch.device | str | None" = None, trials: int = 2, tol: float | None = None,
+                    seed: int = 1234) -> dict:
+    """Check that logits at positions <= t do not depend on tokens after t.
+
+    For each trial: random ids (2, seq_len), a cut t (the middle, then random), the tokens
+    after t replaced with fresh random ones; the logits at positions 0..t must not move.
+    Runs in eval mode without autocast, so a causal model's prefix logits agree to
+    rounding; the default tolerance is 1e-4 (float32 parameters) or 2e-2 (16-bit), relative
+    to the largest logit.
+
+    Returns
+    -------
+    dict
+        causal (bool), max_diff (float: largest change seen at positions <= t),
+        position (int or None: first position that moved), tol (float).
+    """
+    dev = torch.device(device) if device is not None else _model_device(model)
+    seq_len = int(seq_len)
+    if seq_len < 2:
+        msg = f"The causality probe needs seq_len >= 2, got {seq_len}."
+        raise ValueError(msg)
+    low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+    rel = tol if tol is not None else (2e-2 if low_precision else 1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    worst, where, causal = 0.0, None, True
+    try:
+        with torch.no_grad():
+            for trial in range(max(1, trials)):
+                t = seq_len // 2 if trial == 0 else int(torch.randint(0, seq_len - 1, (1,), generator=gen))
+                ids = torch.randint(0, vocab_size, (2, seq_len), generator=gen)
+                alt = ids.clone()
+                alt[:, t + 1 :] = torch.randint(0, vocab_size, (2, seq_len - t - 1), generator=gen)
+                a = _logits(model, ids.to(dev), vocab_size).float()
+                b = _logits(model, alt.to(dev), vocab_size).float()
+                scale = max(1.0, float(a.abs().max()))
+                diff = (a[:, : t + 1] - b[:, : t + 1]).abs().amax(dim=(0, 2))  # per position
+                d = float(diff.max())
+                worst = max(worst, d)
+                if d > rel * scale and causal:
+                    causal = False
+                    where = int(torch.nonzero(diff > rel * scale)[0, 0])
+    finally:
+        model.train(was_training)
+    return {"causal": causal, "max_diff": worst, "position": where, "tol": rel}
