@@ -33,7 +33,9 @@ clock and kill switch, verifies the signed result and the eval tokens it set).
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 HARNESS_MODULE = "autoresearch_kit.harness"
 
@@ -83,6 +85,7 @@ FORBIDDEN_ATTRIBUTES = {
     "__subclasses__": "finds classes the harness uses",
     "__builtins__": "patching builtins changes the harness's code too",
     "__setattr__": "a disguised attribute write",
+    "__getattribute__": "a disguised attribute read that bypasses the check on private names",
     "__delattr__": "a disguised attribute delete",
     "_getframe": "reaches into the harness's frames",
     "_current_frames": "reaches into the harness's frames",
@@ -128,6 +131,40 @@ ALLOWED_MODULE_WRITES = ("torch.backends.", "torch._inductor.config.", "torch._d
 MUTATING_METHODS = {"update", "append", "extend", "insert", "remove", "pop", "popitem", "clear",
                     "setdefault", "sort", "reverse", "fill", "put", "resize", "setflags", "itemset",
                     "__setitem__", "__delitem__", "__init__", "discard", "add"}
+
+@functools.lru_cache(maxsize=1)
+def _trusted_private_names() -> frozenset[str]:
+    """Private names of the harness and the channel (`_CHANNEL`, `_s`, `_key`, ...).
+
+    Read from their source, so the list follows the code. Reaching one of them through
+    any object (an alias the check cannot follow, say) is how a result would be forged.
+    """
+    names: set[str] = set()
+    here = Path(__file__).resolve().parent
+    for module in ("harness.py", "channel.py"):
+        try:
+            tree = ast.parse((here / module).read_text())
+        except (OSError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                candidate = node.id
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                candidate = node.attr
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                candidate = node.name
+            elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__"
+                                                      for t in node.targets):
+                names.update(c.value for c in ast.walk(node.value)  # __slots__ = ("_s",)
+                             if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value.startswith("_"))
+                continue
+            else:
+                continue
+            if candidate.startswith("_") and not candidate.startswith("__") and candidate.isidentifier() \
+                    and len(candidate) > 1:
+                names.add(candidate)
+    return frozenset(names)
+
 
 _SHARED = "train.py may not change the harness or the run object: they own the clock, the budget and the metric"
 
@@ -397,7 +434,7 @@ class _Checker(ast.NodeVisitor):
             self.add(node, f"uses .{attr}", FORBIDDEN_ATTRIBUTES[attr])
         elif attr in EVALUATION_NAMES:
             self.add(node, f"uses .{attr} ({self._text(node)})", EVALUATION_NAMES[attr])
-        elif attr.startswith("_") and self._shared_root(node.value):
+        elif attr.startswith("_") and (self._shared_root(node.value) or attr in _trusted_private_names()):
             self.add(node, f"uses {self._text(node)}", "private parts of the harness and the run are off limits")
         else:
             module = _dotted(node.value, self.n)
@@ -434,6 +471,10 @@ class _Checker(ast.NodeVisitor):
             if "AUTORESEARCH_" in s:
                 self.add(node, f"mentions {s!r}", "AUTORESEARCH_* variables are the runner's settings (budget, "
                                                   "eval tokens, channel); train.py reads them through `run`")
+            if s in ("__torch_function__", "__torch_dispatch__"):
+                self.add(node, f"mentions {s!r}", FORBIDDEN_ATTRIBUTES[s])
+            if s.startswith("_") and not s.startswith("__") and s in _trusted_private_names():
+                self.add(node, f"mentions {s!r}", "names a private part of the harness or the channel")
             if s.startswith("/proc/") or "/proc/self" in s:
                 self.add(node, f"mentions {s!r}", "/proc reaches the runner's pipes and this process's memory")
 

@@ -180,6 +180,17 @@ def _check_data(data_dir: Path) -> None:
         raise FileNotFoundError(msg)
 
 
+def _val_tokens(data_dir: Path) -> int | None:
+    import json
+
+    from autoresearch_kit.data.shards import MANIFEST
+
+    try:
+        return int(json.loads((data_dir / MANIFEST).read_text())["splits"]["val"]["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _prepare_workdir(workdir: str | os.PathLike | None, source: str) -> Path:
     wd = Path(tempfile.mkdtemp(prefix="autoresearch-run-")) if workdir is None else Path(workdir).expanduser()
     try:
@@ -288,6 +299,7 @@ class _Messages:
         self.curve: list[dict] = []
         self.times: dict[str, float] = {}
         self.callback_error: str | None = None
+        self.extra_results = 0
         self.lock = threading.Lock()
         # on_event runs on a thread of its own: a slow live plot must not stop the
         # channel being read (a full pipe would block the child's training loop).
@@ -320,8 +332,11 @@ class _Messages:
                 self.curve.append(data)
             elif kind == "status":
                 self.status, self.times["status"] = data, now
-            elif kind == "result" and self.result is None:
-                self.result, self.times["result"] = data, now
+            elif kind == "result":
+                if self.result is None:
+                    self.result, self.times["result"] = data, now
+                else:  # the harness sends one; a second means someone else holds the channel
+                    self.extra_results += 1
         if kind == "step" and self.on_event is not None:
             self.events.put(dict(data))
 
@@ -495,7 +510,7 @@ def _tampering(start: dict | None, result: dict, expected: dict) -> list[str]:
         return problems
     checks = (("budget", start.get("budget"), expected["budget"]),
               ("eval_tokens", start.get("eval_tokens"), expected["eval_tokens"]),
-              ("eval_tokens", result.get("eval_tokens"), expected["eval_tokens"]),
+              ("scored eval_tokens", result.get("eval_tokens"), expected["scored_tokens"]),
               ("seed", start.get("seed"), expected["seed"]))
     for name, got, want in checks:
         if got is None:
@@ -553,6 +568,8 @@ def _classify(res: RunResult, *, returncode: int | None, timed_out: bool, aborte
         return
     if result is not None and result.get("status") == "ok":
         problems = _tampering(msgs.start, result, expected)
+        if msgs.extra_results:
+            problems.append(f"{1 + msgs.extra_results} results were sent on the channel (the harness sends one)")
         bpb = result.get("val_bpb")
         if problems:
             res.status = "invalid"
@@ -735,7 +752,10 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
         "PYTHONUNBUFFERED": "1",
         **channel.open(),
     }
-    expected = {"budget": str(budget), "eval_tokens": eval_tokens, "seed": seed}
+    # The metric scores min(eval_tokens, val tokens - 1): a small val split is scored whole.
+    val_tokens = _val_tokens(data)
+    scored = min(eval_tokens, val_tokens - 1) if val_tokens else eval_tokens
+    expected = {"budget": str(budget), "eval_tokens": eval_tokens, "seed": seed, "scored_tokens": scored}
     res.eval_tokens = eval_tokens
     res.extra["run_id"] = run_id
 
