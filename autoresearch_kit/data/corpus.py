@@ -227,7 +227,9 @@ def _hf(name: str, repo: str, limit: int | None) -> Corpus:
                           f"{repo}: its own '{val_split}' split", info)
         return Corpus(name, _Stream(stream(train_split), keep="train"), _Stream(stream(train_split), keep="val"),
                       HASH_RULE, info)
-    _need_text_column(loaded[train_split].column_names, repo)
+    for split in (train_split, val_split):
+        if split:
+            _need_text_column(loaded[split].column_names, f"{repo} ({split})")
     if val_split:
         return Corpus(name, _Texts(loaded[train_split]), _Texts(loaded[val_split]),
                       f"{repo}: its own '{val_split}' split", info)

@@ -83,9 +83,12 @@ def _encode(enc, docs: Iterable[str], bos: int, threads: int, progress: bool, la
 
     def flush():
         nonlocal done, last
+        parts = []
         for ids in enc.encode_ordinary_batch(batch, num_threads=threads):
-            chunks.append(bos_arr)
-            chunks.append(np.array(ids, dtype=np.uint16))
+            parts.append(bos_arr)
+            parts.append(np.array(ids, dtype=np.uint16))
+        # One array per batch, not two per document: 2M TinyStories docs stay cheap to hold.
+        chunks.append(np.concatenate(parts))
         done += len(batch)
         batch.clear()
         if progress and time.time() - last > 2.0:  # a line every few seconds on long jobs

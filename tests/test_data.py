@@ -1,0 +1,319 @@
+"""Tests of the data layer: built-in corpus, sources, tokenizer, prepare, prepare.py.
+
+    python -m pytest tests/test_data.py -x -q
+
+Offline (conftest sets HF_*_OFFLINE). The full built-in prepare runs once, through the
+real `python prepare.py` in a subprocess with a private AUTORESEARCH_CACHE; everything
+else uses `limit=` and small vocabularies so the file stays within ~30 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoresearch_kit import config
+from autoresearch_kit.data import corpus as corpus_mod
+from autoresearch_kit.data.corpus import BUILTIN_FILE, load_corpus, load_documents
+from autoresearch_kit.data.prepare import prepare, unigram_bpb
+from autoresearch_kit.data.shards import BOS, PreparedData, bytes_encoding, token_byte_lengths
+from autoresearch_kit.data.tokenizer import parse_vocab_size, train_bpe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def builtin_docs():
+    return load_corpus("builtin")
+
+
+@pytest.fixture(scope="module")
+def prepared_builtin(tmp_path_factory):
+    """`python prepare.py --vocab-size 4096` as a user runs it, into a private cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("AUTORESEARCH_DATA", None)
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "prepare.py", "--vocab-size", "4096"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return {"cache": cache, "dir": cache / "data" / "builtin-bpe4096", "stdout": out.stdout,
+            "seconds": time.time() - t0}
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("AUTORESEARCH_DATA", raising=False)
+    return tmp_path / "cache"
+
+
+# ----------------------------------------------------------------------------- built-in corpus
+
+
+def test_builtin_corpus_is_big_enough_and_ships_small(builtin_docs):
+    text_bytes = sum(len(d.encode()) for d in list(builtin_docs.train) + list(builtin_docs.val))
+    assert text_bytes >= 4_000_000
+    assert BUILTIN_FILE.stat().st_size <= 2_000_000
+    assert len(builtin_docs.train) + len(builtin_docs.val) > 1000  # one document per chapter
+
+
+def test_builtin_text_has_no_references_footnotes_or_boilerplate(builtin_docs):
+    text = "\n".join(list(builtin_docs.train) + list(builtin_docs.val))
+    for pattern in (r"\b\d+:\d+:", r"\[\d+:\d+ ", r"<[a-zA-Z/][^>]*>", r"strong:[GH]\d", r"engWEB",
+                    r"World English Bible", r"Public Domain", r"eBible", r"\(engWEB2015eb\)", r"  ", r"\x00"):
+        m = re.search(pattern, text)
+        assert m is None, f"{pattern!r} found: {text[max(0, m.start() - 60):m.end() + 60]!r}"
+    # Footnote anchors sat between words with no space ("God<note/>created"): they became spaces.
+    gen1 = load_documents("builtin", split="val", limit=1)[0]
+    assert gen1.startswith("In the beginning, God created the heavens and the earth. The earth was formless")
+    # The last chapter ends with the last verse, not with the module's glossary.
+    with lzma.open(BUILTIN_FILE, "rt", encoding="utf-8") as f:
+        last = json.loads(f.readlines()[-1])
+    assert last["id"] == "Rev.22" and last["text"].endswith("be with all the saints. Amen.")
+
+
+def test_builtin_val_split_is_pinned_and_disjoint(builtin_docs):
+    assert builtin_docs.val_ids[:3] == ["Gen.1", "Gen.11", "Gen.21"]
+    with lzma.open(BUILTIN_FILE, "rt", encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f]
+    assert [r["id"] for r in recs if r["index"] % 10 == 0] == builtin_docs.val_ids
+    assert not set(builtin_docs.train) & set(builtin_docs.val)
+    assert 0.08 < len(builtin_docs.val) / len(recs) < 0.12
+    assert load_documents("builtin", split="val") == list(builtin_docs.val)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def test_prepare_py_builds_builtin(prepared_builtin):
+    d = prepared_builtin["dir"]
+    data = PreparedData.open(d)
+    assert data.verify() == []
+    assert data.vocab_size == 4096 and data.bos_id == 4095
+    src = data.manifest["source"]
+    assert src["dataset"] == "builtin" and len(src["sha256"]) == 64 and "% 10 == 0" in src["split_rule"]
+    assert src["val_ids"][:2] == ["Gen.1", "Gen.11"] and len(src["val_ids"]) == src["val_docs"]
+    s = data.manifest["splits"]
+    # Every document starts with BOS; token bytes add up to the text's UTF-8 bytes exactly.
+    assert data.train[0] == data.bos_id and data.val[0] == data.bos_id
+    assert s["train"]["docs"] == src["train_docs"] and s["val"]["docs"] == src["val_docs"]
+    assert s["train"]["bytes"] == src["train_bytes"] and s["val"]["bytes"] == src["val_bytes"]
+    assert s["train"]["tokens"] > 900_000 and s["val"]["tokens"] > 2**16  # the CPU eval fits in val
+    assert 1.0 < data.manifest["baselines"]["unigram_bpb"] < 4.0
+    # It is now what train.py and the runner find by default.
+    assert (prepared_builtin["cache"] / "data" / "LATEST").read_text().strip() == "builtin-bpe4096"
+    assert "prepared" in prepared_builtin["stdout"] and "unigram baseline" in prepared_builtin["stdout"]
+
+
+def test_prepared_val_is_the_pinned_documents(prepared_builtin, builtin_docs):
+    data = PreparedData.open(prepared_builtin["dir"])
+    enc = data.tokenizer
+    val = np.asarray(data.val)
+    docs = np.split(val, np.flatnonzero(val == data.bos_id)[1:])
+    assert len(docs) == len(builtin_docs.val)
+    assert enc.decode(docs[0][1:].tolist()) == builtin_docs.val[0]
+    assert enc.decode(docs[-1][1:].tolist()) == builtin_docs.val[-1]
+
+
+def test_prepare_is_idempotent_and_force_rebuilds(cache, capsys):
+    d = prepare("builtin", vocab_size=512, limit=120)
+    capsys.readouterr()
+    mtime = (d / "train.bin").stat().st_mtime_ns
+    assert prepare("builtin", vocab_size=512, limit=120) == d
+    out = capsys.readouterr().out
+    assert f"reusing prepared data in {d}" in out and "train tokens" in out
+    assert (d / "train.bin").stat().st_mtime_ns == mtime
+    prepare("builtin", vocab_size=512, limit=120, force=True)
+    out = capsys.readouterr().out
+    assert "reusing" not in out and "prepared" in out
+    assert (d / "train.bin").stat().st_mtime_ns != mtime
+    # Another vocabulary is another directory, and becomes the latest.
+    d2 = prepare("builtin", vocab_size="bytes", limit=120, progress=False)
+    assert d2 != d and config.data_dir() == d2
+
+
+def test_val_is_stable_across_prepares_and_a_tampered_shard_is_rebuilt(cache, tmp_path):
+    a = PreparedData.open(prepare("builtin", vocab_size=400, limit=150, data_dir=tmp_path / "a", progress=False))
+    b = PreparedData.open(prepare("builtin", vocab_size=400, limit=150, data_dir=tmp_path / "b", progress=False))
+    assert a.manifest["splits"]["val"]["sha256"] == b.manifest["splits"]["val"]["sha256"]
+    assert a.manifest["source"]["val_ids"] == b.manifest["source"]["val_ids"]
+    assert a.manifest["source"]["val_ids"] == load_corpus("builtin").val_ids[:15]
+    # A changed shard fails verification, and prepare rebuilds instead of reusing it.
+    with open(a.path / "val.bin", "r+b") as f:
+        f.write(b"\x01\x00")
+    assert PreparedData.open(a.path).verify() == ["val"]
+    prepare("builtin", vocab_size=400, limit=150, data_dir=tmp_path / "a", progress=False)
+    assert PreparedData.open(a.path).verify() == []
+
+
+def test_bytes_tokenizer_prepare(cache):
+    data = PreparedData.open(prepare("builtin", vocab_size="bytes", limit=30, progress=False))
+    assert data.vocab_size == 257 and data.bos_id == 256
+    s = data.manifest["splits"]["val"]
+    assert s["tokens"] == s["bytes"] + s["docs"]  # one token per byte, plus a BOS per document
+    assert int(data.token_bytes.sum()) == 256
+
+
+def test_unigram_bpb_of_a_uniform_source_is_log2_of_its_alphabet():
+    token_bytes = np.array([1, 1, 1, 1, 0], dtype=np.int32)  # four 1-byte tokens + BOS
+    train = np.tile(np.arange(4), 1000)
+    val = np.array([4, 0, 1, 2, 3, 4, 3, 2])
+    assert unigram_bpb(train, val, token_bytes) == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_and_counts_bytes(prepared_builtin):
+    enc = PreparedData.open(prepared_builtin["dir"]).tokenizer
+    tb = token_byte_lengths(enc)
+    text = "In the beginning… “Café” naïve 東京 🙂 3.14159, Hebrew אֱלֹהִים\n\tend"
+    ids = enc.encode_ordinary(text)
+    assert enc.decode(ids) == text
+    assert int(tb[ids].sum()) == len(text.encode("utf-8"))
+    assert enc.encode(BOS, allowed_special="all") == [enc.n_vocab - 1]
+    # Tokens that hold part of a multi-byte character (’ is e2 80 99) count their own bytes,
+    # not the 3 bytes of the U+FFFD that decoding them to str would give.
+    partial = [i for i in range(enc.n_vocab - 1) if not _utf8_ok(enc.decode_single_token_bytes(i))]
+    assert partial, "expected tokens that split a multi-byte character"
+    for i in partial[:50]:
+        assert tb[i] == len(enc.decode_single_token_bytes(i)) != len(enc.decode([i]).encode())
+
+
+def _utf8_ok(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_train_bpe_small_vocab_and_bos_last():
+    docs = load_documents("builtin", split="train", limit=40)
+    enc = train_bpe(docs, 300)
+    assert enc.n_vocab == 300 and enc.encode_single_token(BOS) == 299
+    assert enc.decode(enc.encode_ordinary(docs[0])) == docs[0]
+    b = bytes_encoding()
+    assert b.n_vocab == 257 and list(b.encode_ordinary("é")) == [0xC3, 0xA9]
+    assert token_byte_lengths(b)[[0xC3, 0xA9, 256]].tolist() == [1, 1, 0]
+
+
+def test_parse_vocab_size():
+    assert parse_vocab_size("bytes") == "bytes" and parse_vocab_size("8192") == 8192
+    for bad in ("12", "lots", 70000):
+        with pytest.raises(ValueError, match="--vocab-size"):
+            parse_vocab_size(bad)
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def _doc(i: int) -> str:
+    words = "the cat sat on a mat and then it ran to the big red house where a dog lived".split()
+    return f"Story {i}. " + " ".join(words[(i * 7 + k) % len(words)] for k in range(25)) + "."
+
+
+@pytest.fixture(scope="module")
+def local_files(tmp_path_factory):
+    import pandas as pd
+
+    d = tmp_path_factory.mktemp("local")
+    (d / "a.txt").write_text("\n\n".join(_doc(i) for i in range(60)) + "\n\n\n\n")
+    (d / "b.jsonl").write_text("\n".join(json.dumps({"text": _doc(100 + i), "id": i}) for i in range(60)) + "\n")
+    pd.DataFrame({"text": [_doc(200 + i) for i in range(60)]}).to_parquet(d / "c.parquet")
+    pd.DataFrame({"body": ["x"] * 3, "title": ["y"] * 3}).to_parquet(d / "bad.parquet")
+    (d / "folder" / "sub").mkdir(parents=True)
+    shutil.copy(d / "a.txt", d / "folder" / "a.txt")
+    shutil.copy(d / "b.jsonl", d / "folder" / "sub" / "b.jsonl")
+    (d / "folder" / "notes.rst").write_text("ignored: not a known text format")
+    return d
+
+
+@pytest.mark.parametrize("name, n", [("a.txt", 60), ("b.jsonl", 60), ("c.parquet", 60), ("folder", 120)])
+def test_local_sources(cache, local_files, name, n):
+    c = load_corpus(str(local_files / name))
+    train, val = list(c.train), list(c.val)
+    assert len(train) + len(val) == n and val and not set(train) & set(val)
+    assert all(corpus_mod._hash_is_val(t) for t in val) and "sha256" in c.split_rule
+    assert list(c.train) == train  # re-iterable, same order
+    if name == "a.txt":  # blank-line runs separate documents; surrounding newlines are stripped
+        assert sorted(train + val) == sorted(_doc(i) for i in range(60))
+
+
+def test_prepare_a_local_folder(cache, local_files):
+    d = prepare(str(local_files / "folder"), vocab_size=300, progress=False)
+    data = PreparedData.open(d)
+    assert data.manifest["source"]["n_files"] == 2 and data.manifest["source"]["train_docs"] > 100
+    assert d.parent == cache / "data" and d.name.startswith("folder_") and config.data_dir() == d
+
+
+def test_local_source_errors(cache, local_files):
+    with pytest.raises(ValueError, match=r"no 'text' column \(found: body, title\)"):
+        load_corpus(str(local_files / "bad.parquet"))
+    with pytest.raises(ValueError, match="Don't know how to read 'notes.rst'"):
+        load_corpus(str(local_files / "folder" / "notes.rst"))
+    with pytest.raises(FileNotFoundError, match="No such file or folder"):
+        load_corpus(str(local_files / "missing.txt"))
+    # Too few documents for the hash rule to pick any: the smallest-hash one is val.
+    two = local_files / "two.jsonl"
+    two.write_text(json.dumps({"text": "first"}) + "\n" + json.dumps({"text": "second"}) + "\n")
+    c = load_corpus(str(two))
+    assert len(list(c.train)) == 1 and len(list(c.val)) == 1 and "smallest-hash" in c.split_rule
+    one = local_files / "one.jsonl"
+    one.write_text(json.dumps({"text": "only one"}) + "\n")
+    with pytest.raises(ValueError, match="at least 2"):
+        load_corpus(str(one))
+
+
+# ----------------------------------------------------------------------------- Hugging Face offline
+
+
+def test_tinystories_offline_fails_fast_with_alternatives(cache):
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match="--dataset builtin"):
+        load_corpus("tinystories")
+    assert time.time() - t0 < 5
+
+
+def test_tinystories_unreachable_hub_fails_fast(cache, monkeypatch):
+    """No offline variables, and a network that hangs: the probe gives up in ~3 s."""
+    import socket
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match="--dataset builtin"):
+        load_corpus("tinystories")
+    assert time.time() - t0 < 5
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_prepare_py_user_errors_exit_2_without_traceback(tmp_path):
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(tmp_path), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "prepare.py", "--dataset", str(tmp_path / "nope.txt"), "--vocab-size", "512"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "No such file or folder" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_data_prepare_stays_callable_after_the_module_is_imported(cache):
+    import autoresearch_kit
+    import autoresearch_kit.data.prepare  # noqa: F401  (shadows the package attribute)
+    from autoresearch_kit.data import prepare as p
+
+    d = p("builtin", vocab_size="bytes", limit=20, progress=False)
+    assert autoresearch_kit.prepare("builtin", vocab_size="bytes", limit=20, progress=False) == d
