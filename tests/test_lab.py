@@ -1,0 +1,389 @@
+"""Tests of the Lab: the loop, decisions, rejections, human edits, resume, lock, checkout, noise.
+
+Every run is real (a subprocess training a tiny GPT on the tiny fixture data under a
+2000-token budget, a few seconds each); the proposer is a small deterministic one
+defined here, so the tests do not depend on which edits the offline mutator picks.
+
+    python -m pytest tests/test_lab.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from autoresearch_kit.lab import Lab, _looks_like_source, format_record
+from autoresearch_kit.ledger import LabLockedError, Ledger
+from autoresearch_kit.propose.base import Proposal
+from autoresearch_kit.runner import RunResult
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = "2000-tokens"
+
+# The real train.py, shrunk so a run takes seconds on a CPU: one block, width 32, 2 heads.
+_TINY = (("CPU_DEPTH = 4", "CPU_DEPTH = 1"), ("CPU_SEQ_LEN = 256", "CPU_SEQ_LEN = 32"),
+         ("CPU_BATCH_SIZE = 16", "CPU_BATCH_SIZE = 4"), ("ASPECT_RATIO = 64", "ASPECT_RATIO = 32"),
+         ("HEAD_DIM = 64", "HEAD_DIM = 16"))
+
+
+def tiny_train_source() -> str:
+    src = (ROOT / "train.py").read_text()
+    for old, new in _TINY:
+        assert old in src, f"train.py no longer has {old!r}: update _TINY in tests/test_lab.py"
+        src = src.replace(old, new)
+    return src
+
+
+class LRProposer:
+    """Proposes MATRIX_LR = each value in turn (a real edit of the parent's source)."""
+
+    name = "lrtest"
+
+    def __init__(self, values=(0.03, 0.01, 0.05, 0.015, 0.04)):
+        self.values = list(values)
+        self.contexts = []
+
+    def propose(self, ctx):
+        self.contexts.append(ctx)
+        for v in self.values:
+            lines = [f"MATRIX_LR = {v!r}  # lrtest" if line.startswith("MATRIX_LR =") else line
+                     for line in ctx.parent_source.splitlines()]
+            new = "\n".join(lines) + "\n"
+            if new != ctx.parent_source and Proposal.from_source("", new, "").source_hash not in ctx.seen_hashes:
+                return Proposal.from_source(ctx.parent_source, new, f"MATRIX_LR -> {v}", proposer=self.name,
+                                            rationale="test", parent_id=ctx.parent_id)
+        raise AssertionError("LRProposer ran out of values")
+
+
+@pytest.fixture(scope="module")
+def base_lab(tiny_data, tmp_path_factory):
+    """A lab with its baseline run, made once; tests work on copies of the directory."""
+    root = tmp_path_factory.mktemp("baselab")
+    (root / "train.py").write_text(tiny_train_source())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTORESEARCH_DATA", str(tiny_data))
+        mp.setenv("AUTORESEARCH_CACHE", str(root / "cache"))
+        mp.setenv("AUTORESEARCH_DEVICE", "cpu")
+        mp.setenv("AUTORESEARCH_EVAL_TOKENS", "4096")
+        mp.chdir(root)                  # no program.md here: the lab starts from the template
+        with Lab(root / "lab", train=root / "train.py", budget=BUDGET, proposer=LRProposer(), verbose=False) as lab:
+            base = lab.baseline()
+            assert base["status"] == "ok", base["reason"] + base["log_tail"]
+    return root / "lab"
+
+
+@pytest.fixture()
+def lab_dir(base_lab, tmp_path, kit_env):
+    dst = tmp_path / "lab"
+    shutil.copytree(base_lab, dst)
+    return dst
+
+
+def _open(path, **kw) -> Lab:
+    kw.setdefault("budget", BUDGET)
+    kw.setdefault("proposer", LRProposer())
+    kw.setdefault("verbose", False)
+    return Lab(path, **kw)
+
+
+def test_new_lab_layout_and_baseline(base_lab):
+    for name in ("program.md", "train.py", ".git", "ledger.sqlite", "results.tsv", "runs/0001/run.log",
+                 "runs/0001/train.py"):
+        assert (base_lab / name).exists(), name
+    # program.md came from the template (no program.md in the directory the test ran from)
+    assert (base_lab / "program.md").read_text() == (ROOT / "autoresearch_kit/templates/program.md").read_text()
+    rows = (base_lab / "results.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert rows[1].split("\t")[3:] == ["keep", "baseline"]
+
+
+def test_step_rule_keep_discard_and_checkout_branches(lab_dir):
+    with _open(lab_dir) as lab:
+        base = lab.best()
+        assert lab.baseline()["id"] == base["id"] == "0001"      # done already: no second run
+        assert len(lab.ledger) == 1
+
+        lab.threshold = -1.0                    # any candidate that runs ok beats this threshold
+        seen = []
+        kept = lab.step(approve=lambda p: seen.append(p) or True)
+        assert seen and seen[0].parent_id == "0001"
+        assert kept["status"] == "ok" and kept["decision"] == "keep" and kept["decided_by"] == "rule"
+        assert lab.parent_id == kept["id"] == "0002"
+        assert (lab_dir / "train.py").read_text() == seen[0].source == (lab_dir / "runs/0002/train.py").read_text()
+        assert lab.workspace.commit("0002") == kept["commit"]
+
+        lab.threshold = 10.0                    # nothing beats its parent by 10 bits per byte
+        disc = lab.step()
+        assert disc["decision"] == "discard" and disc["decided_by"] == "rule" and disc["parent_id"] == "0002"
+        assert "does not beat parent 0002" in disc["decision_reason"]
+        assert lab.parent_id == "0002"         # a discard leaves the kept line alone
+
+        # the verdict is the rule: val_bpb against the parent's
+        v = lab.verdict(disc["id"])
+        assert v["gain"] == pytest.approx(kept["val_bpb"] - disc["val_bpb"])
+
+        # continue from the baseline: the next kept experiment branches the tree
+        lab.checkout("0001")
+        assert lab.parent_id == "0001"
+        assert (lab_dir / "train.py").read_text() == lab.workspace.source("0001")
+        lab.threshold = -1.0
+        branch = lab.step()
+        assert branch["parent_id"] == "0001" and branch["decision"] == "keep"
+        assert lab.parent_id == branch["id"]
+        assert "lines/0002" in lab.workspace.lines()                  # the old line is still there
+        assert not lab.workspace._is_ancestor(lab.workspace.commit("0002"), lab.workspace.commit(branch["id"]))
+        never = lab.ledger.start("0001", "x", "", "never finished", "human", BUDGET, {})
+        with pytest.raises(ValueError, match="ran ok"):
+            lab.checkout(never)
+
+        rows = [line.split("\t") for line in (lab_dir / "results.tsv").read_text().splitlines()[1:]]
+        assert [r[3] for r in rows] == ["keep", "keep", "discard", "keep"]
+        assert rows[1][0] == kept["commit"][:7]
+        hist = lab.history()
+        assert list(hist["id"][:4]) == ["0001", "0002", "0003", "0004"]
+        assert "<table" in lab._repr_html_() and "0004" in lab._repr_html_()
+
+
+def test_reject_reason_and_feedback_reach_next_context(lab_dir):
+    prop = LRProposer()
+    with _open(lab_dir, proposer=prop) as lab:
+        rec = lab.step(approve=lambda p: "learning rate changes are boring")
+        assert rec["status"] == "rejected" and rec["decided_by"] == "human"
+        assert rec["decision_reason"] == "learning rate changes are boring"
+        assert (lab_dir / "runs" / rec["id"]).exists() is False      # never ran
+        assert len((lab_dir / "results.tsv").read_text().splitlines()) == 2   # header + baseline only
+
+        ctx = lab.context(feedback="try the warm-down instead")
+        last = ctx.history[-1]
+        assert (last.exp_id, last.status, last.reason) == (rec["id"], "rejected", "learning rate changes are boring")
+        assert ctx.feedback == "try the warm-down instead"
+        assert rec["source_hash"] in ctx.seen_hashes                 # never proposed twice
+        assert ctx.parent_id == "0001" and ctx.parent_val_bpb == pytest.approx(lab.best()["val_bpb"])
+
+        # False rejects with no reason
+        rec2 = lab.step(approve=lambda p: False)
+        assert rec2["status"] == "rejected" and rec2["decision_reason"] == ""
+        assert prop.contexts[-1].history[-1].exp_id == rec["id"]    # the proposer saw the rejection
+
+
+def test_human_edit_is_recorded_as_human(lab_dir):
+    with _open(lab_dir) as lab:
+        def edit(p):
+            return p.source.replace("WARMDOWN_FRAC = 0.4", "WARMDOWN_FRAC = 0.5")
+
+        rec = lab.step(approve=edit)
+        assert rec["status"] == "ok" and rec["proposer"] == "human"
+        assert rec["proposal_meta"]["edited_from"] == "lrtest"
+        assert rec["description"].endswith("(edited)")
+        assert "+WARMDOWN_FRAC = 0.5" in rec["diff"] and "MATRIX_LR" in rec["diff"]
+        assert "WARMDOWN_FRAC = 0.5" in (lab_dir / "runs" / rec["id"] / "train.py").read_text()
+
+        # a human edit that cannot run is refused before anything is recorded
+        n = len(lab.ledger)
+        broken = lambda p: Proposal.from_source(p.source, p.source + "\ndef broken(:\n", "oops")  # noqa: E731
+        with pytest.raises(ValueError, match="cannot run"):
+            lab.step(approve=broken)
+        assert len(lab.ledger) == n
+
+        # submit(): a human proposal made by hand
+        p = lab.submit(lab.workspace.source(lab.parent_id).replace("GRAD_CLIP = 0.0", "GRAD_CLIP = 1.0"),
+                       "clip gradients at 1")
+        assert p.proposer == "human" and p.parent_id == lab.parent_id and "+GRAD_CLIP = 1.0" in p.diff
+
+
+def test_answer_strings_source_vs_reason():
+    assert _looks_like_source("import torch\nX = 1\n")
+    assert not _looks_like_source("duplicate")              # parses as Python, but one word is a reason
+    assert not _looks_like_source("too big\nand slow to import")
+
+
+def test_second_lab_on_same_directory_is_refused(lab_dir):
+    lab = _open(lab_dir)
+    try:
+        with pytest.raises(LabLockedError, match="already open"):
+            _open(lab_dir)
+        # a read-only look is fine while it is open
+        assert len(Ledger(lab_dir, readonly=True).records()) == 1
+    finally:
+        lab.close()
+    with _open(lab_dir) as again:          # closed: it opens again
+        assert again.parent_id == "0001"
+
+
+_KILL_SCRIPT = r"""
+import sys, pathlib
+sys.path.insert(0, {tests!r})
+from test_lab import LRProposer
+from autoresearch_kit.lab import Lab
+marker = pathlib.Path({marker!r})
+lab = Lab({lab!r}, budget="400000-tokens", proposer=LRProposer(), verbose=False)
+def on_event(ev):
+    marker.write_text(str(ev.get("step")))
+lab.step(on_event=on_event)
+"""
+
+
+def _kill_run_dir_processes(run_dir: Path) -> None:
+    """Kill what still runs in a run directory (the orphaned training child)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if Path(os.readlink(proc / "cwd")) == run_dir:
+                os.killpg(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def test_resume_after_sigkill_mid_run(lab_dir, tmp_path):
+    before = Ledger(lab_dir, readonly=True).records()
+    tsv_before = (lab_dir / "results.tsv").read_text()
+    marker = tmp_path / "started"
+    script = _KILL_SCRIPT.format(tests=str(ROOT / "tests"), marker=str(marker), lab=str(lab_dir))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():          # training has started: the experiment is "running"
+            assert proc.poll() is None, "the lab process ended before training started"
+            assert time.monotonic() < deadline, "training did not start within 60 s"
+            time.sleep(0.05)
+        running = Ledger(lab_dir, readonly=True).records()[-1]
+        assert running["status"] == "running"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _kill_run_dir_processes((lab_dir / "runs" / "0002").resolve())
+
+    with _open(lab_dir) as lab:
+        assert lab.recovered == ["0002"]
+        recs = lab.ledger.records()
+        assert recs[:-1] == before                              # nothing else changed
+        assert recs[-1]["status"] == "aborted" and recs[-1]["decision"] is None
+        assert lab.parent_id == "0001"
+        tsv = (lab_dir / "results.tsv").read_text()
+        assert tsv.startswith(tsv_before) and tsv[len(tsv_before):].split("\t")[3] == "crash"
+        # and the lab goes on from where it was: the next proposal edits the same parent
+        ctx = lab.context()
+        assert ctx.parent_id == "0001" and recs[-1]["source_hash"] in ctx.seen_hashes
+
+
+def test_keyboard_interrupt_records_aborted_then_reraises(lab_dir):
+    import _thread
+
+    with _open(lab_dir, budget="400000-tokens") as lab:
+        fired = threading.Event()
+
+        def ctrl_c(ev):                       # the user presses Ctrl-C once training is under way
+            if not fired.is_set():
+                fired.set()
+                _thread.interrupt_main()
+
+        with pytest.raises(KeyboardInterrupt):
+            lab.autopilot(steps=3, on_event=ctrl_c)
+        recs = lab.ledger.records()
+        assert [r["status"] for r in recs] == ["ok", "aborted"]   # the loop stopped at the first
+        assert "KeyboardInterrupt" in recs[-1]["reason"]
+
+        # the panel's Stop button: aborted, no exception
+        stop = threading.Event()
+        rec = lab.step(on_event=lambda ev: stop.set(), stop=stop, decide=False)
+        assert rec["status"] == "aborted" and "stop" in rec["reason"]
+
+
+def test_measure_noise_sets_sigma(lab_dir):
+    with _open(lab_dir) as lab:
+        n = lab.measure_noise(k=2)
+        assert n["exp_id"] == "0001" and len(n["values"]) == 3
+        assert n["sigma"] == pytest.approx(statistics.stdev(n["values"]))
+        assert n["sigma"] > 0                                  # other seeds give other scores
+        recs = lab.ledger.records()
+        assert [r["kind"] for r in recs] == ["baseline", "noise", "noise"]
+        assert {r["seed"] for r in recs} == {42, 43, 44}
+        assert lab.parent_id == "0001" and lab.best()["id"] == "0001"   # reruns are not candidates
+        assert len((lab_dir / "results.tsv").read_text().splitlines()) == 2
+    with _open(lab_dir) as again:                              # sigma survives a restart
+        assert again.sigma == pytest.approx(n["sigma"])
+
+
+def _fake_run(led: Ledger, parent, kind, val, seed=42, src="a"):
+    eid = led.start(parent, src, "", f"{kind} {val}", "test", BUDGET, {}, kind=kind)
+    led.finish(eid, RunResult(status="ok", val_bpb=val, seed=seed))
+    return eid
+
+
+def test_within_noise_rule_with_synthetic_scores(tmp_path, kit_env):
+    path = tmp_path / "lab"
+    lab = _open(path, train=ROOT / "train.py")
+    led = lab.ledger
+    base = _fake_run(led, None, "baseline", 1.00, src="base")
+    _fake_run(led, base, "noise", 1.01, seed=43, src="base")
+    _fake_run(led, base, "noise", 0.99, seed=44, src="base")      # sigma = 0.01
+    small = _fake_run(led, base, "candidate", 0.995, src="small")  # gain 0.005 < 2 sigma
+    big = _fake_run(led, base, "candidate", 0.95, src="big")       # gain 0.05 > 2 sigma
+    worse = _fake_run(led, base, "candidate", 1.02, src="worse")
+    lab.close()
+
+    lab = _open(path)
+    assert lab.sigma == pytest.approx(0.01)
+    v = lab.verdict(small)
+    assert v["within_noise"] and not v["keep"] and v["band"] == pytest.approx(0.02)
+    assert "within noise" in v["reason"] and f"lab.confirm({small!r})" in v["reason"]
+    assert lab.verdict(big)["keep"] and not lab.verdict(big)["within_noise"]
+    assert not lab.verdict(worse)["keep"] and not lab.verdict(worse)["within_noise"]
+
+    # a confirmation rerun: the mean of the candidate's runs, band 2 sigma / sqrt(2)
+    _fake_run(lab.ledger, small, "rerun", 0.975, seed=43, src="small")
+    v2 = lab.verdict(small)
+    assert v2["val_bpb"] == pytest.approx(0.985) and v2["band"] == pytest.approx(0.02 / 2**0.5)
+    assert v2["keep"] and not v2["within_noise"]                  # gain 0.015 > 0.0141
+
+    # without noise measurements the same small gain is simply kept
+    lab.sigma = None
+    assert lab.verdict(small)["keep"]
+    lab.sigma = 0.01
+    rec = lab.ledger.decide(worse, "discard", "x", decided_by="human")
+    assert "discard [human]" in format_record(rec)
+    lab.close()
+
+
+def test_new_lab_rules_for_starting_files(tmp_path, kit_env, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # no program.md / train.py here: the templates
+    with _open(tmp_path / "a") as lab:
+        assert (lab.path / "train.py").read_text() == (ROOT / "autoresearch_kit/templates/train.py").read_text()
+    # files in the current directory win over the templates
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    (tmp_path / "program.md").write_text("# my program\n")
+    with _open(tmp_path / "b") as lab:
+        assert (lab.path / "program.md").read_text() == "# my program\n"
+        assert (lab.path / "train.py").read_text() == tiny_train_source()
+    # an explicit path that does not exist is an error that says what to do, and creates nothing
+    with pytest.raises(FileNotFoundError, match="pass the path of an existing train.py"):
+        _open(tmp_path / "c", train="nope.py")
+    assert not (tmp_path / "c" / "ledger.sqlite").exists()
+    # a git repository that is not a lab is refused (its train.py would be overwritten)
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not a lab"):
+        _open(repo)
+
+
+def test_missing_data_is_a_clear_error_and_records_nothing(lab_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(tmp_path / "nothing"))
+    with _open(lab_dir) as lab:
+        with pytest.raises(FileNotFoundError, match="autoresearch prepare"):
+            lab.step()
+        assert len(lab.ledger) == 1
