@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -430,3 +431,58 @@ def test_unwritable_workdir_raises(kit_env, tmp_path):
     blocker.write_text("")
     with pytest.raises(PermissionError, match="writable directory"):
         run_budgeted("print(1)\n", "2s", workdir=blocker / "sub", device="cpu")
+
+
+# --------------------------------------------------------------------------- end to end
+# The real train.py and harness on the tiny data, made tiny by editing its UPPER_CASE
+# knobs, as an agent would. A token budget keeps the work fixed on a busy machine.
+
+TINY = {"CPU_DEPTH": 1, "CPU_SEQ_LEN": 32, "CPU_BATCH_SIZE": 4, "ASPECT_RATIO": 32, "HEAD_DIM": 16}
+E2E_BUDGET = "1280-tokens"  # 10 steps of 4 x 32
+
+
+def tiny_train(**edits: str) -> str:
+    src = (REPO / "train.py").read_text()
+    for name, value in TINY.items():
+        src, n = re.subn(rf"^{name} = \S+", f"{name} = {value}", src, flags=re.M)
+        assert n == 1, f"train.py no longer has {name}"
+    for old, new in edits.items():
+        assert old in src, f"train.py no longer contains {old!r}"
+        src = src.replace(old, new)
+    return src
+
+
+def test_real_train_py_is_scored(kit_env, tmp_path):
+    events = []
+    res = run(tiny_train(), tmp_path, budget=E2E_BUDGET, hard_limit=120, on_event=events.append)
+    assert res.status == "ok", res.reason + "\n" + res.log_tail
+    assert 0 < res.val_bpb < 12
+    assert res.tokens == 1280 and res.steps == 10
+    assert res.eval_tokens == 4096 and res.params > 0 and res.flops > 0
+    assert events and events[-1]["step"] == 9
+    assert res.device.startswith("cpu") and res.torch_version
+    assert "val_bpb:" in Path(res.log_path).read_text()  # the human summary is still printed
+    _assert_nothing_left(res)
+
+
+def test_real_non_causal_model_is_invalid(kit_env, tmp_path):
+    res = run(tiny_train(**{"is_causal=True": "is_causal=False"}), tmp_path, budget=E2E_BUDGET, hard_limit=120)
+    assert res.status == "invalid" and res.val_bpb is None
+    assert "not causal" in res.reason
+
+
+def test_real_nan_loss_is_diverged(kit_env, tmp_path):
+    res = run(tiny_train(**{"    loss.backward()": '    loss = loss * float("nan")\n    loss.backward()'}),
+              tmp_path, budget=E2E_BUDGET, hard_limit=120)
+    assert res.status == "diverged", res.reason
+    assert "nan" in res.reason.lower()
+
+
+def test_real_harness_reports_changed_eval_tokens(kit_env, tmp_path):
+    # Computed names slip past the static check; the harness reports what it read and
+    # the runner compares it with what it set.
+    src = 'import os\nos.environ.update({"".join(["AUTORE", "SEARCH_EVAL_TOKENS"]): "64"})\n' + tiny_train()
+    assert integrity.check_source(src) == []
+    res = run(src, tmp_path, budget=E2E_BUDGET, hard_limit=120)
+    assert res.status == "invalid" and res.val_bpb is None
+    assert "eval_tokens was 64, but the runner set 4096" in res.reason
