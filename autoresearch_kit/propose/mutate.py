@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoresearch_kit.propose.base import HistoryEntry, Proposal, ProposalContext, ProposalError, source_hash
-from autoresearch_kit.propose.edits import make_proposal, validate
+from autoresearch_kit.propose.edits import clean_description, validate
 
 _UPPER = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # Not research knobs: seeds, logging cadence, paths, the device. Changing them says nothing
@@ -516,7 +516,7 @@ class MutateProposer:
             changes = _diff_changes(_line_diff(parent, source))
             if frozenset((k, _norm(a), _norm(b)) for k, (a, b) in changes.items()) in tried:
                 return None
-            if validate(parent, source, seen):
+            if validate(parent, source, seen):   # compile + integrity, once per candidate
                 return None
             return source, ", ".join(m.describe() for m in chosen)
 
@@ -562,7 +562,10 @@ class MutateProposer:
                              "new": "|".join(_show(l, t) for l, t in zip(m.site.leaves, m.new)),
                              "direction": m.direction} for m in chosen],
                 "seconds": round(time.perf_counter() - t0, 4)}
-        return make_proposal(context, source, description, proposer=self.name, rationale=rationale, metadata=meta)
+        # validated above: wrap without paying for the integrity check a second time
+        return Proposal(source=source, diff=_line_diff(parent, source), description=clean_description(description),
+                        rationale=rationale, proposer=self.name, parent_id=context.parent_id,
+                        metadata={"proposer": self.name, **meta})
 
 
 def _line_diff(a: str, b: str) -> str:
