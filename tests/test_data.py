@@ -276,6 +276,31 @@ def test_local_source_errors(cache, local_files):
         load_corpus(str(one))
 
 
+def test_tokenizer_never_sees_validation_text(cache, tmp_path):
+    """A word repeated only in a val document must not become a token of its own."""
+    val_doc = next(t for t in (f"zqxvj {'zqxvj ' * 400}{i}" for i in range(10_000)) if corpus_mod._hash_is_val(t))
+    train_docs = [_doc(i) for i in range(200) if not corpus_mod._hash_is_val(_doc(i))]
+    path = tmp_path / "leak.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*train_docs, val_doc]))
+    data = PreparedData.open(prepare(str(path), vocab_size=320, progress=False))
+    assert data.manifest["source"]["val_docs"] == 1
+    assert len(data.tokenizer.encode_ordinary(" zqxvj")) >= 4  # leaked, it would be 1 token
+
+
+def test_hub_style_dataset_uses_its_own_validation_split(cache, tmp_path):
+    """`hf:DIR` goes through the Hugging Face path; a local folder with train/validation
+    files stands in for a Hub repository (offline)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train.jsonl").write_text("".join(json.dumps({"text": f"train story {i}"}) + "\n" for i in range(40)))
+    (repo / "validation.jsonl").write_text("".join(json.dumps({"text": f"val story {i}"}) + "\n" for i in range(6)))
+    c = load_corpus(f"hf:{repo}")
+    assert list(c.val) == [f"val story {i}" for i in range(6)] and len(list(c.train)) == 40
+    assert "own 'validation' split" in c.split_rule
+    c = load_corpus(f"hf:{repo}", limit=5)  # streamed: reads only the first rows of each split
+    assert list(c.train) == [f"train story {i}" for i in range(5)] and len(list(c.val)) == 5
+
+
 # ----------------------------------------------------------------------------- Hugging Face offline
 
 

@@ -166,6 +166,12 @@ def _builtin(limit: int | None) -> Corpus:
 # ----------------------------------------------------------------------------- Hugging Face
 
 
+def _kit_cache() -> Path:
+    from autoresearch_kit import config
+
+    return config.cache_dir()
+
+
 def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -201,12 +207,16 @@ def _hf(name: str, repo: str, limit: int | None) -> Corpus:
         msg = f"--dataset {name} needs the `datasets` package: pip install datasets. {_OFFLINE_HINT}"
         raise ImportError(msg) from e
     datasets.logging.set_verbosity_error()  # no per-file progress spam from datasets
+    kwargs = {}
+    if Path(repo).expanduser().is_dir():  # `hf:some/local/dir` (train/validation files): our cache, no bars
+        kwargs["cache_dir"] = str(_kit_cache() / "hf_datasets")
+        datasets.disable_progress_bars()
     try:
         if limit is not None:
             # Streaming reads only the first `limit` rows instead of downloading everything.
             splits = list(datasets.get_dataset_split_names(repo))
         else:
-            loaded = datasets.load_dataset(repo)
+            loaded = datasets.load_dataset(repo, **kwargs)
             splits = list(loaded)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError)
         where = ("HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set and it is not in the local cache"
@@ -255,15 +265,17 @@ def _need_text_column(columns: list[str], where) -> None:
 
 
 def _local(path: Path, limit: int | None) -> Corpus:
-    from autoresearch_kit import config
-
     if not path.exists():
         msg = (f"No such file or folder: {path}. --dataset takes `builtin`, `tinystories`, or a path to "
                "a .txt / .jsonl / .json / .parquet file or a folder of them.")
         raise FileNotFoundError(msg)
     if path.is_dir():
+        # Skip hidden files and the kit's own cache, should it live inside the folder
+        # (its manifest.json and datasets' json files are not documents).
+        kit_cache = _kit_cache().resolve()
         files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                       and not p.resolve().is_relative_to(kit_cache))
         usable = [p for p in files if _builder(p)]
         if not usable:
             found = sorted({"".join(p.suffixes) or p.name for p in files})[:10]
@@ -282,7 +294,7 @@ def _local(path: Path, limit: int | None) -> Corpus:
         raise ImportError(msg) from e
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    cache = str(config.cache_dir() / "hf_datasets")
+    cache = str(_kit_cache() / "hf_datasets")
     parts = []
     for builder in ("text", "json", "parquet"):
         group = [str(p) for p in usable if _builder(p) == builder]
