@@ -161,3 +161,12 @@ def test_no_knobs_or_a_broken_parent_is_a_clear_error():
         MutateProposer().propose(context("import torch\nx = torch.zeros(3)\n"))
     with pytest.raises(ProposalError, match="does not parse"):
         MutateProposer().propose(context("DEPTH = = 4\n"))
+
+
+def test_asking_again_gives_a_new_idea_reproducibly():
+    ctx = context(seed=11)
+    p = MutateProposer(seed=4)
+    runs = [p.propose(ctx).description for _ in range(3)]
+    assert len(set(runs)) > 1                                   # "New proposal" is not a no-op
+    q = MutateProposer(seed=4)
+    assert [q.propose(ctx).description for _ in range(3)] == runs

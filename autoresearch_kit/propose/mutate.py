@@ -458,7 +458,8 @@ class MutateProposer:
     ----------
     seed
         Combined with `context.seed` and the parent's hash: the same inputs give the
-        same proposal.
+        same proposal from a fresh proposer; asking the same instance again with an
+        identical context gives the next draw (a new idea), also reproducibly.
     device
         "cpu", "mps" or "cuda": change only that device's CPU_*/GPU_* knobs. None (the
         default) moves each CPU_X/GPU_X pair together.
@@ -473,6 +474,9 @@ class MutateProposer:
     def __init__(self, seed: int = 0, *, device: str | None = None, p_two: float = 0.3,
                  max_tries: int = 64) -> None:
         self.seed, self.device, self.p_two, self.max_tries = seed, device, p_two, max_tries
+        # Asking again with the same context ("New proposal" in the panel) should give a new
+        # idea, not the same one: the n-th call with an identical context uses draw n.
+        self._asked: dict[tuple, int] = {}
 
     def __repr__(self) -> str:
         return f"MutateProposer(seed={self.seed})"
@@ -500,7 +504,11 @@ class MutateProposer:
             raise ProposalError(msg)
         weights, tried = _learn(context.history)
         seen = set(context.seen_hashes) | {e.source_hash for e in context.history if e.source_hash}
-        rng = random.Random(f"mutate:{self.seed}:{context.seed}:{source_hash(parent)}")
+        key = (context.seed, source_hash(parent), frozenset(seen))
+        draw = self._asked.get(key, 0)
+        self._asked[key] = draw + 1
+        rng = random.Random(f"mutate:{self.seed}:{context.seed}:{source_hash(parent)}"
+                            + (f":{draw}" if draw else ""))
 
         def move_weight(m: _Move) -> float:
             ws = [weights[k] for k in ((n, m.site.last, m.direction) for n in m.site.names) if k in weights]
@@ -557,7 +565,7 @@ class MutateProposer:
                 notes.append(f"moving {m.site.label} {way} did not help before; tried again with low probability")
         rationale = ("Offline local search over the hyperparameter block (seed "
                      f"{self.seed}/{context.seed}): {description}." + (" " + "; ".join(notes) + "." if notes else ""))
-        meta = {"seed": self.seed, "context_seed": context.seed, "tries": tries,
+        meta = {"seed": self.seed, "context_seed": context.seed, "draw": draw, "tries": tries,
                 "changes": [{"name": m.site.label, "old": "|".join(l.full or l.text for l in m.site.leaves),
                              "new": "|".join(_show(l, t) for l, t in zip(m.site.leaves, m.new)),
                              "direction": m.direction} for m in chosen],
