@@ -225,3 +225,13 @@ def test_real_train_passes_validation_after_a_small_edit():
     assert validate(src, src.replace("MATRIX_LR = 0.02", "MATRIX_LR = 0.03")) == []
     ctx = ProposalContext(program=PROGRAM, parent_source=src)
     assert "MATRIX_LR = 0.02" in ctx.parent_source
+
+
+def test_thinking_is_ignored_and_a_diff_block_is_accepted():
+    new = SYNTHETIC_TRAIN.replace("WEIGHT_DECAY = 0.1 ", "WEIGHT_DECAY = 0.0 ")
+    text = ("<think>maybe\n<<<<<<< SEARCH\nnonsense\n=======\nx\n>>>>>>> REPLACE\n</think>\n"
+            "DESCRIPTION: no weight decay\nRATIONALE: short runs barely overfit.\n\n```diff\n"
+            + unified_diff(SYNTHETIC_TRAIN, new) + "```\n")
+    r = parse_reply(text)
+    assert r.blocks == [] and r.description == "no weight decay"
+    assert apply_reply(SYNTHETIC_TRAIN, r) == new

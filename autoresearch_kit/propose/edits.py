@@ -73,6 +73,7 @@ class ParsedReply:
     rationale: str = ""
     blocks: list[EditBlock] = field(default_factory=list)
     whole_file: str | None = None
+    patch: str | None = None       # a ```diff block (unified diff), when the model sent one
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -122,7 +123,9 @@ def parse_reply(text: str) -> ParsedReply:
     EditError
         A block is malformed, or a block / fenced file names a file other than train.py.
     """
-    lines = (text or "").replace("\r\n", "\n").split("\n")
+    # Reasoning models (qwen3, deepseek-r1 via Ollama) think aloud first: drop that part.
+    text = re.sub(r"<think>.*?</think>", "", (text or "").replace("\r\n", "\n"), flags=re.DOTALL)
+    lines = text.split("\n")
     out = ParsedReply()
     prose: list[str] = []          # lines outside blocks and fences
     fences: list[tuple[str | None, str]] = []   # (named path, body)
@@ -180,7 +183,9 @@ def parse_reply(text: str) -> ParsedReply:
             body = "\n".join(lines[i + 1:j])
             path = _fence_path(info) or _named_path(_previous_nonblank(lines, i)) or _first_line_path(body)
             lang = info.strip().split()[0].lower() if info.strip() else ""
-            if lang in ("", "python", "py", "python3") or path:
+            if lang in ("diff", "patch") or re.search(r"^@@ -\d", body, re.MULTILINE):
+                out.patch = out.patch or body + "\n"
+            elif lang in ("", "python", "py", "python3") or path:
                 fences.append((path, body))
             i = j + 1
             continue
@@ -349,9 +354,11 @@ def apply_edits(parent: str, blocks: Iterable[EditBlock]) -> str:
 
 
 def apply_reply(parent: str, reply: ParsedReply) -> str:
-    """The new train.py a parsed reply describes (blocks applied, or the whole file)."""
+    """The new train.py a parsed reply describes (blocks applied, a ```diff applied, or the whole file)."""
     if reply.blocks:
         return apply_edits(parent, reply.blocks)
+    if reply.patch is not None and reply.whole_file is None:
+        return apply_unified_diff(parent, reply.patch)
     if reply.whole_file is not None:
         body = reply.whole_file
         parent_lines = max(1, len(parent.strip().splitlines()))
