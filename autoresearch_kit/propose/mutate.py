@@ -32,7 +32,8 @@ import tokenize
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoresearch_kit.propose.base import HistoryEntry, Proposal, ProposalContext, ProposalError, source_hash
+from autoresearch_kit.propose.base import (HistoryEntry, Proposal, ProposalContext, ProposalError, source_hash,
+                                           unified_diff)
 from autoresearch_kit.propose.edits import clean_description, validate
 
 _UPPER = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -577,5 +578,4 @@ class MutateProposer:
 
 
 def _line_diff(a: str, b: str) -> str:
-    from autoresearch_kit.propose.base import unified_diff
     return unified_diff(a, b)
