@@ -170,3 +170,19 @@ def test_asking_again_gives_a_new_idea_reproducibly():
     assert len(set(runs)) > 1                                   # "New proposal" is not a no-op
     q = MutateProposer(seed=4)
     assert [q.propose(ctx).description for _ in range(3)] == runs
+
+
+def test_feedback_steers_the_offline_proposer():
+    def share(feedback: str, pattern: str) -> float:
+        descs = [MutateProposer(seed=s, p_two=0.0).propose(context(feedback=feedback, seed=s)).description
+                 for s in range(60)]
+        return sum(bool(re.search(pattern, d)) for d in descs) / len(descs)
+
+    any_lr = r"^\w*_LR [\d.e-]+ -> "
+    neutral = share("", any_lr)
+    steered = share("please try a higher learning rate", any_lr)
+    assert steered > 2 * neutral and steered > 0.4
+    up = [MutateProposer(seed=s, p_two=0.0).propose(context(feedback="deeper model?", seed=s)).metadata["changes"][0]
+          for s in range(30)]
+    depth = [c for c in up if c["name"] == "DEPTH"]
+    assert len(depth) > 10 and sum(c["direction"] == 1 for c in depth) > 0.6 * len(depth)

@@ -12,7 +12,8 @@ two, add or remove a layer, nudge a warmup/warmdown fraction, toggle a flag, swi
 categorical among the values its comment lists. Only the literal's source span is
 replaced, so comments and layout survive.
 
-It learns from the ledger: a change whose direction was kept is tried again more often
+The human's feedback for the step steers it ("try a higher lr" makes an LR increase
+likelier). It learns from the ledger: a change whose direction was kept is tried again more often
 (DEPTH up was kept -> DEPTH up is likelier), a discarded or crashed direction less, and
 an edit already tried (same source hash, or the same constant change) is never
 proposed twice. Proposals are reproducible: (constructor seed, context.seed, parent).
@@ -450,6 +451,34 @@ def _learn(history: list[HistoryEntry]) -> tuple[dict, set]:
     return weights, tried
 
 
+# ------------------------------------------------------------------------ feedback
+
+# The human's note for this step ("try a higher lr", "deeper?") steers the offline proposer:
+# knobs it names become 5x likelier, and the direction it asks for 3x likelier.
+_FEEDBACK_SITE, _FEEDBACK_DIR = 5.0, 3.0
+_UP = {"up", "higher", "increase", "larger", "more", "bigger", "deeper", "wider", "longer", "raise", "hotter"}
+_DOWN = {"down", "lower", "decrease", "smaller", "less", "shallower", "narrower", "shorter", "reduce", "cooler"}
+_SYNONYMS = {"lr": "LR", "learning": "LR", "depth": "DEPTH", "layers": "DEPTH", "deeper": "DEPTH",
+             "shallower": "DEPTH", "batch": "BATCH", "warmup": "WARMUP", "warmdown": "WARMDOWN",
+             "decay": "DECAY", "wd": "DECAY", "width": "ASPECT", "wider": "ASPECT", "context": "SEQ_LEN",
+             "seq": "SEQ_LEN", "momentum": "MOMENTUM", "beta": "BETA", "clip": "CLIP", "heads": "HEAD"}
+
+
+def _feedback_hint(feedback: str, sites: list[_Site]) -> dict:
+    """Knobs (by id) and a direction (+1/-1/0) named in the human's free text."""
+    words = re.findall(r"[A-Za-z][A-Za-z0-9_]*", feedback or "")
+    lower = {w.lower() for w in words}
+    direction = (1 if lower & _UP else 0) - (1 if lower & _DOWN else 0)
+    parts = {w.upper() for w in words if len(w) > 2 and w.isupper() or "_" in w}      # MATRIX_LR
+    parts |= {_SYNONYMS[w] for w in lower if w in _SYNONYMS}
+    hit = set()
+    for site in sites:
+        names = " ".join(site.names) + " " + site.key
+        if any(p in names for p in parts):
+            hit.add(id(site))
+    return {"sites": hit, "direction": direction}
+
+
 # ------------------------------------------------------------------------ proposer
 
 class MutateProposer:
@@ -511,9 +540,14 @@ class MutateProposer:
         rng = random.Random(f"mutate:{self.seed}:{context.seed}:{source_hash(parent)}"
                             + (f":{draw}" if draw else ""))
 
+        hint = _feedback_hint(context.feedback, sites)
+
         def move_weight(m: _Move) -> float:
             ws = [weights[k] for k in ((n, m.site.last, m.direction) for n in m.site.names) if k in weights]
-            return sum(ws) / len(ws) if ws else 1.0
+            w = sum(ws) / len(ws) if ws else 1.0
+            if id(m.site) in hint["sites"]:
+                w *= _FEEDBACK_SITE * (_FEEDBACK_DIR if hint["direction"] and m.direction == hint["direction"] else 1.0)
+            return w
 
         def site_weight(s: _Site) -> float:
             return max(move_weight(m) for m in moves[id(s)])
@@ -560,7 +594,9 @@ class MutateProposer:
         for m in chosen:
             w = move_weight(m)
             way = {1: "up", -1: "down", 0: "to a new value"}[m.direction]
-            if w > 1:
+            if id(m.site) in hint["sites"]:
+                notes.append(f"{m.site.label} is what the feedback asked about")
+            elif w > 1:
                 notes.append(f"moving {m.site.label} {way} helped before (kept), so it is tried again")
             elif w < 1:
                 notes.append(f"moving {m.site.label} {way} did not help before; tried again with low probability")
