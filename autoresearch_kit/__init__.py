@@ -43,6 +43,8 @@ __all__ = sorted(_EXPORTS) + ["propose", "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "propose":  # the callable subpackage (see above)
+        return importlib.import_module("autoresearch_kit.propose")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -165,7 +165,7 @@ def _interactive_approve(lab) -> Any:
         _print_diff(proposal.diff)
         while True:
             answer = _ask("run it? [y]es / [n]o / [e]dit / [q]uit: ").strip().lower()
-            if answer in ("y", "yes", ""):
+            if answer in ("y", "yes"):
                 return True
             if answer in ("n", "no"):
                 reason = _ask("reason (shown to the proposer next step; enter to skip): ").strip()
@@ -232,9 +232,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from autoresearch_kit.data.prepare import run_prepare
+    from autoresearch_kit.data.prepare import USER_ERRORS, run_prepare
 
-    return run_prepare(args) or 0
+    try:
+        path = run_prepare(args)
+    except USER_ERRORS as e:
+        if os.environ.get("AUTORESEARCH_DEBUG"):
+            raise
+        raise UserError(str(e)) from None
+    print(f"prepared data in {path}: next, `autoresearch run` (or `autoresearch init DIR` first)")
+    return 0
 
 
 def _make_lab(args: argparse.Namespace, *, verbose: bool = False):

@@ -45,12 +45,21 @@ def x_key(budget: Any = None) -> tuple[str, str]:
         kind, ("progress", "fraction of budget"))
 
 
-def smooth(values: Sequence[float], beta: float = 0.8) -> list[float]:
-    """Debiased exponential moving average (as in nanochat's logging), for noisy per-step losses."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** (i + 1)))
+def smooth(values: Sequence[float], window: int | None = None) -> list[float]:
+    """Centred moving average: per-step losses are noisy, and a centred window does not lag
+    behind a falling curve the way an EMA does. The window defaults to ~1/25 of the points.
+    """
+    n = len(values)
+    k = window if window is not None else max(1, min(25, n // 25))
+    if k <= 1 or n == 0:
+        return [float(v) for v in values]
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    out = []
+    for i in range(n):
+        lo, hi = max(0, i - k), min(n, i + k + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
     return out
 
 

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import ipywidgets as w
 
+from autoresearch_kit.propose.base import Proposal
 from autoresearch_kit.ui.curves import LiveCurve
 from autoresearch_kit.ui.diff import diff_html
 from autoresearch_kit.ui.render import (
@@ -67,6 +68,8 @@ def _error_text(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
     if reason:
         return f"The proposer gave up: {reason}"
+    if type(exc) in (ValueError, FileNotFoundError, RuntimeError):
+        return str(exc)   # the kit's own messages already say what to do
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -94,8 +97,10 @@ class Panel(w.VBox):
 
     def __init__(self, lab: Any, proposal: Any = None, *, propose: bool = True, autopilot_steps: int = 3) -> None:
         super().__init__(layout=w.Layout(width="100%", max_width="1100px"))
+        self.add_class("ark-panel")   # a stable hook for the browser test and user CSS
         self.lab = lab
-        self.proposal = proposal
+        self.proposal = proposal             # awaiting approval (None once it ran or was rejected)
+        self.shown = proposal                # what the proposal card shows (also while/after it runs)
         self.exp_id: str | None = None       # the experiment shown in the outcome section
         self.state = "idle"
         self.auto_propose = propose
@@ -299,6 +304,10 @@ class Panel(w.VBox):
         if (last is not None and last.get("status") in _FINISHED and not last.get("decision")
                 and last.get("kind") == "candidate"):
             self.exp_id = last.get("id")
+            self.shown = Proposal(source="", diff=last.get("diff") or "", description=last.get("description", ""),
+                                  proposer=last.get("proposer", ""), parent_id=last.get("parent_id"),
+                                  rationale=(last.get("proposal_meta") or {}).get("rationale", ""))
+            self._show_proposal(f"ran as experiment {self.exp_id} ({last.get('status')})")
             self._show_outcome(last)
             self.live.reset(self._references(last.get("parent_id")), title=f"{last.get('id')} (restored)")
             for ev in last.get("curve") or []:
@@ -319,15 +328,18 @@ class Panel(w.VBox):
 
     # --- proposal -------------------------------------------------------------------------
 
-    def _show_proposal(self) -> None:
-        p = self.proposal
+    def _show_proposal(self, note: str = "") -> None:
+        """Render the shown proposal; `note` says what happened to it (running, ran as 0003)."""
+        p = self.shown
         if p is None:
             self.proposal_head.value = '<div style="color:#6e7781">No proposal yet.</div>'
             self.diff.value = ""
             self.diff_mode.layout.display = "none"
             return
         self.diff_mode.layout.display = "flex"
-        self.proposal_head.value = proposal_header_html(p)
+        note_html = (f'<div style="font-size:12px;color:#57606a;margin-bottom:2px">{_html.escape(note)}</div>'
+                     if note else "")
+        self.proposal_head.value = note_html + proposal_header_html(p)
         self.diff.value = diff_html(p.diff, mode=self.diff_mode.value, max_height="460px")
 
     def _on_token(self, token: str) -> None:
@@ -355,14 +367,14 @@ class Panel(w.VBox):
                 proposer.on_token = old
                 self.stream.layout.display = "none"
         self.feedback.value = ""      # read once: it went into this proposal's context
-        self.proposal = p
+        self.proposal = self.shown = p
         self._show_proposal()
         self._say("")
         self._set_state("proposed")
 
     def new_proposal(self) -> None:
         """Ask the lab's proposer for the next proposal (reads and clears the feedback box)."""
-        self.proposal = None
+        self.proposal = self.shown = None
         self._show_proposal()
         self._set_state("proposing")
         name = getattr(getattr(self.lab, "proposer", None), "name", "the proposer")
@@ -385,14 +397,38 @@ class Panel(w.VBox):
         records = self._records()
         return records[-1].get("id") if records else None
 
+    def _has_baseline(self) -> bool:
+        return any(r.get("kind") == "baseline" and r.get("status") == "ok" for r in self._records())
+
+    def _run_baseline(self) -> bool:
+        """Run the lab's starting train.py with live curves (the lab would otherwise run it silently)."""
+        self.live.reset([], budget=getattr(self.lab, "budget", None), title="baseline")
+        self._set_state("running")
+        self._say("No baseline yet: training the starting train.py first, to have a parent to compare with.")
+        rec = self.lab.baseline(on_event=self.live.add_event, stop=self._stop)
+        self.live.finish(rec.get("status", "?"))
+        self.refresh()
+        if rec.get("status") != "ok":
+            self._say(f"The baseline did not run ({rec.get('status')}: {rec.get('reason')}). "
+                      f"Fix the lab's train.py and try again.", "error")
+            return False
+        return True
+
     def _run(self, proposal: Any) -> Any:
         """Train `proposal` with live curves; returns the RunResult (worker thread)."""
         self._stop.clear()
+        if not self._has_baseline() and not self._run_baseline():
+            self.proposal = self.shown = proposal
+            self._show_proposal()
+            self._set_state("proposed")
+            return None
         self.exp_id = None
-        self.proposal = proposal
-        self._show_proposal()
+        self.proposal = None
+        self.shown = proposal
+        self._show_proposal("training...")
         self.live.budget = self.live.budget or getattr(self.lab, "budget", None)
-        self.live.reset(self._references(getattr(proposal, "parent_id", None)),
+        parent_id = getattr(proposal, "parent_id", None) or getattr(self.lab, "parent_id", None)
+        self.live.reset(self._references(parent_id),
                         budget=getattr(self.lab, "budget", None), title=str(proposal.description)[:70])
         self._set_state("running")
         self._say(f"Training: {proposal.description}", "info")
@@ -402,8 +438,7 @@ class Panel(w.VBox):
         status = getattr(result, "status", "?")
         self.live.finish(status, f"{status}: val_bpb {fmt_bpb(getattr(result, 'val_bpb', None))}"
                          if status == "ok" else f"{status}: {getattr(result, 'reason', '')}")
-        self.proposal = None
-        self._show_proposal()
+        self._show_proposal(f"ran as experiment {self.exp_id} ({status})")
         rec = self._record(self.exp_id) or {}
         self._show_outcome(rec or result.to_dict())
         self.refresh()
@@ -443,7 +478,7 @@ class Panel(w.VBox):
         def body():
             self.lab.reject(p, reason)
             self.reject_reason.value = ""
-            self.proposal = None
+            self.proposal = self.shown = None
             self.refresh()
             if self.auto_propose:
                 self._propose_after("Rejected; asking for another proposal...")
@@ -456,6 +491,7 @@ class Panel(w.VBox):
         self._spawn("reject", body)
 
     def _propose_after(self, text: str) -> None:
+        self.proposal = self.shown = None
         self._show_proposal()
         self._set_state("proposing")
         self._say(text, "info")
@@ -535,8 +571,8 @@ class Panel(w.VBox):
                          f' by {_html.escape(str(rec.get("decided_by") or ""))} '
                          f'{_html.escape(str(rec.get("decision_reason") or ""))}</div>')
         title = f"{exp_id} · {rec.get('description', '')}"
-        self.outcome.value = "".join(lines) + run_result_html(rec, references=self._references(rec.get("parent_id")),
-                                                               title=title)
+        # the curve is in the training card just above: the outcome shows the numbers
+        self.outcome.value = "".join(lines) + run_result_html(rec, title=title, plot=False)
         # prefill: the rule's choice is the highlighted button
         self.keep_button.button_style = "success" if keep else ""
         self.discard_button.button_style = "danger" if keep is False or (not verdict and status != "ok") else ""
@@ -599,7 +635,8 @@ class Panel(w.VBox):
                     if self._autopilot_stop.is_set():
                         break
                     self._say(f"Autopilot {done + 1}/{steps}: training...", "info")
-                    self._run(self.proposal)
+                    if self._run(self.proposal) is None:
+                        break
                     self._auto_decide(self.exp_id)
                     done += 1
             finally:

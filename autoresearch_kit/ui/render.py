@@ -135,7 +135,7 @@ def _kv_table(rows: Sequence[tuple[str, str]]) -> str:
     return f'<table style="border-collapse:collapse;font-size:12px;margin:0">{cells}</table>'
 
 
-def run_result_html(result: Any, *, references: Sequence[tuple] = (), title: str = "") -> str:
+def run_result_html(result: Any, *, references: Sequence[tuple] = (), title: str = "", plot: bool = True) -> str:
     """A RunResult (or ledger record) as HTML: status, summary numbers, its loss curve.
 
     Parameters
@@ -145,7 +145,9 @@ def run_result_html(result: Any, *, references: Sequence[tuple] = (), title: str
     references : sequence of (label, curve, role)
         Curves to draw beside this run's (e.g. the parent's, role "parent").
     title : str
-        Heading; defaults to the status.
+        Heading shown before the status badge.
+    plot : bool
+        Include the loss curve (the panel draws it separately).
     """
     from autoresearch_kit.ui.curves import curves_png
 
@@ -161,14 +163,13 @@ def run_result_html(result: Any, *, references: Sequence[tuple] = (), title: str
             f'<pre style="font-size:11px;max-height:240px;overflow:auto;background:#f6f8fa;padding:6px">'
             f'{_esc(tail)}</pre></details>' if tail else "")
     curve = _get(result, "curve", []) or []
-    plot = ""
-    if curve:
+    img = ""
+    if curve and plot:
         png = curves_png(list(references) + [("this run", curve, "run")], budget=_get(result, "budget") or None,
                          width=6.0, height=2.6)
-        plot = png_img(png, alt="loss curve", max_width="620px")
+        img = f'<div style="flex:1;min-width:320px">{png_img(png, alt="loss curve", max_width="620px")}</div>'
     return (f'<div style="display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start">'
-            f'<div style="min-width:220px">{head}{_kv_table(run_summary_rows(result))}{failure}</div>'
-            f'<div style="flex:1;min-width:320px">{plot}</div></div>')
+            f'<div style="min-width:220px">{head}{_kv_table(run_summary_rows(result))}{failure}</div>{img}</div>')
 
 
 # --- Lab history ----------------------------------------------------------------------------
