@@ -1,0 +1,569 @@
+"""The harness: the only part of the kit that train.py imports (the child side).
+
+    from autoresearch_kit import harness
+    run = harness.start()                        # budget, device, seed, data: env or defaults
+    loader = run.train_loader(batch_size, seq_len)
+    run.watch(model)                             # params and FLOPs/token, measured
+    while run.training(tokens=batch_size * seq_len):
+        ...                                      # schedules read run.progress (0..1)
+        run.log(step=step, loss=loss, lr=lr)
+    run.finish(model)                            # causality probe, trusted val_bpb, summary
+
+`python train.py` runs on its own with the defaults; under the runner the environment
+(docs/CONTRACTS.md) sets the budget, seed, device, data and the trusted channel. The
+harness owns what decides a result: the clock (device-synchronised, warm-up steps
+excluded from a seconds budget), the token count (what its loader yielded, not what
+train.py claims), the FLOP count (FlopCounterMode on one step), the divergence check and
+the metric. Results go to the runner only through the signed channel; stdout gets the
+human-readable summary block in the original autoresearch format.
+
+Exit codes: 3 when the loss diverged (NaN/inf/exploding), 4 when the model is not causal.
+
+Light imports only (torch, numpy, tiktoken via the tokenizer, stdlib and the kit's
+config/channel/device/metric/data.shards/data.loader): this runs on GPU boxes that may
+have nothing else, and every candidate pays its import time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+# Take the channel out of os.environ before any line of train.py runs: the candidate
+# never sees the fd or the key. The clock for total_seconds starts here too.
+from autoresearch_kit.channel import ChildChannel
+
+_CHANNEL = ChildChannel.from_env()
+_T_IMPORT = time.perf_counter()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from autoresearch_kit import config  # noqa: E402
+from autoresearch_kit.config import Budget  # noqa: E402
+from autoresearch_kit.data.loader import TokenLoader  # noqa: E402
+from autoresearch_kit.data.shards import PreparedData  # noqa: E402
+from autoresearch_kit.device import Device, detect  # noqa: E402
+from autoresearch_kit.metric import causality_probe, evaluate_bpb_detail  # noqa: E402
+
+EXIT_DIVERGED = 3
+EXIT_INVALID = 4
+_STEP_EVENTS_PER_S = 10.0  # live curves need no more; always the last one too
+_PRINT_EVERY_S = 2.0       # a human line every ~2 s (and the first steps)
+_EXPLODE_RATIO = 3.0       # loss > 3x the first loss (after warm-up) counts as diverged
+_EXPLODE_ABS = 100.0       # or above 100 nats/token: far beyond ln(65536) = 11.1
+
+_started = False
+
+
+class _State:
+    """Everything mutable about a run. Kept off the Run object so train.py cannot set it
+    by accident (Run refuses attribute writes)."""
+
+    __slots__ = (
+        "device", "budget", "seed", "data", "eval_tokens", "warmup_steps", "loaders", "seq_len",
+        "params", "flops_per_token", "calls", "steps", "t_train", "tokens_at_train", "train_seconds",
+        "done", "claimed", "last_step_tokens", "pending", "first_loss", "last_event_t", "last_print_t",
+        "last_sent", "last_loss", "failed", "finished", "tokens_at_call", "pending_claim",
+    )
+
+    def __init__(self, device: Device, budget: Budget, seed: int, data: PreparedData, eval_tokens: int,
+                 warmup_steps: int) -> None:
+        self.device, self.budget, self.seed, self.data = device, budget, seed, data
+        self.eval_tokens, self.warmup_steps = eval_tokens, warmup_steps
+        self.loaders: list[TokenLoader] = []
+        self.seq_len: int | None = None
+        self.params: int | None = None
+        self.flops_per_token: float | None = None
+        self.calls = 0             # training() calls so far
+        self.steps = 0             # training() calls that returned True
+        self.t_train: float | None = None    # clock start, after the warm-up steps
+        self.tokens_at_train = 0   # tokens seen before the clock started (for tok/s, MFU)
+        self.train_seconds: float | None = None
+        self.done = False
+        self.claimed = 0           # tokens train.py said it used (only ever raises the count)
+        self.last_step_tokens = 0
+        self.pending: dict | None = None   # last log() call, loss not yet materialised
+        self.first_loss: float | None = None
+        self.last_event_t = -1e9
+        self.last_print_t = -1e9
+        self.last_sent: dict | None = None
+        self.last_loss: float | None = None
+        self.failed: str | None = None
+        self.finished = False
+        self.tokens_at_call = 0
+        self.pending_claim = 0
+
+
+def _sync(device: Device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _to_float(value) -> float | None:
+    if value is None:
+        return None
+    if torch.is_tensor(value):
+        return float(value.detach().float().item())
+    return float(value)
+
+
+def _peak_memory_gb(device: Device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1024**3
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 1024**3
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (1024**3 if sys.platform == "darwin" else 1024**2)
+
+
+def _flop_count(model: torch.nn.Module, ids: torch.Tensor, device: Device) -> float:
+    """FLOPs of one eager forward + backward on `ids`, by FlopCounterMode."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    # The CPU flash-attention kernels have no registered formula (torch 2.13); count them
+    # like the CUDA ones, so CPU and GPU FLOP budgets agree.
+    custom = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v))
+        custom[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda g, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v))
+    amp = (torch.autocast(device.type, dtype=device.autocast_dtype) if device.autocast_dtype is not None
+           else nullcontext())
+    with fc.FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        with amp:
+            logits = model(ids)
+            if isinstance(logits, (tuple, list)):
+                logits = logits[0]
+        logits.float().logsumexp(-1).mean().backward()
+    return float(counter.get_total_flops())
+
+
+class Run:
+    """One training run, as train.py sees it. Made by `start()`; read-only from outside."""
+
+    __slots__ = ("_s",)
+
+    def __init__(self, state: _State) -> None:
+        object.__setattr__(self, "_s", state)
+
+    def __setattr__(self, name, value):
+        msg = f"run.{name} is read-only: the harness owns the budget, the clock and the metric."
+        raise AttributeError(msg)
+
+    # --- what train.py reads -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._s.device.torch_device
+
+    @property
+    def device_type(self) -> str:
+        return self._s.device.type
+
+    @property
+    def device_name(self) -> str:
+        return self._s.device.name
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self._s.device.autocast_dtype
+
+    @property
+    def compile(self) -> bool:
+        return self._s.device.compile
+
+    @property
+    def seed(self) -> int:
+        return self._s.seed
+
+    @property
+    def budget(self) -> Budget:
+        return self._s.budget
+
+    @property
+    def vocab_size(self) -> int:
+        return self._s.data.vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self._s.data.bos_id
+
+    @property
+    def tokenizer(self):
+        return self._s.data.tokenizer
+
+    @property
+    def step(self) -> int:
+        """Training steps granted so far."""
+        return self._s.steps
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens counted so far (what the harness loaders yielded)."""
+        return self._tokens()
+
+    @property
+    def flops_per_token(self) -> float | None:
+        return self._s.flops_per_token
+
+    @property
+    def params(self) -> int | None:
+        return self._s.params
+
+    def autocast(self):
+        """Context manager: autocast to run.autocast_dtype on this device (or nothing)."""
+        s = self._s
+        if s.device.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(s.device.type, dtype=s.device.autocast_dtype)
+
+    # --- data ------------------------------------------------------------------------------
+    def train_loader(self, batch_size: int, seq_len: int) -> TokenLoader:
+        """Random (x, y) training windows on run.device, from the TRAIN split only.
+
+        The seq_len of the last loader made is the context length used for evaluation.
+        """
+        s = self._s
+        loader = TokenLoader(s.data.train, batch_size, seq_len, s.device.type, seed=s.seed + len(s.loaders))
+        s.loaders.append(loader)
+        s.seq_len = int(seq_len)
+        return loader
+
+    # --- measuring -------------------------------------------------------------------------
+    def watch(self, model: torch.nn.Module) -> dict:
+        """Count parameters and measure FLOPs per token (one eager forward+backward of a
+        (1, seq_len) batch under FlopCounterMode). Gradients and RNG state are restored, so
+        training is not disturbed. Call after train_loader() (it needs seq_len).
+
+        Returns
+        -------
+        dict
+            params, flops_per_token.
+        """
+        s = self._s
+        if s.seq_len is None:
+            msg = "Call run.train_loader(batch_size, seq_len) before run.watch(model): FLOPs/token depend on seq_len."
+            raise RuntimeError(msg)
+        raw = getattr(model, "_orig_mod", model)  # a torch.compile'd module: count the eager one
+        params = list({id(p): p for p in raw.parameters()}.values())
+        s.params = int(sum(p.numel() for p in params))
+        saved_grads = [p.grad for p in params]
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if s.device.type == "cuda" else None
+        for p in params:
+            p.grad = None
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, s.data.vocab_size, (1, s.seq_len), generator=gen).to(s.device.torch_device)
+        try:
+            total = _flop_count(raw, ids, s.device)
+        finally:
+            for p, g in zip(params, saved_grads):
+                p.grad = g
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        s.flops_per_token = total / s.seq_len
+        print(f"model: {s.params / 1e6:.2f}M params, {s.flops_per_token / 1e6:.1f} MFLOPs/token "
+              f"(fwd+bwd, seq_len {s.seq_len})", flush=True)
+        return {"params": s.params, "flops_per_token": s.flops_per_token}
+
+    def _tokens(self) -> int:
+        s = self._s
+        return max(sum(ld.tokens_yielded for ld in s.loaders), s.claimed)
+
+    def _elapsed(self, sync: bool = False) -> float:
+        s = self._s
+        if s.train_seconds is not None:
+            return s.train_seconds
+        if s.t_train is None:
+            return 0.0
+        if sync:
+            _sync(s.device)
+        return time.perf_counter() - s.t_train
+
+    # --- the budget ------------------------------------------------------------------------
+    def training(self, tokens: int | None = None) -> bool:
+        """May the next training step run? False once the budget is spent.
+
+        Parameters
+        ----------
+        tokens : int, optional
+            Tokens the next step will use (e.g. batch_size * seq_len). A hint for token and
+            FLOP budgets; the count itself comes from the harness loader.
+        """
+        s = self._s
+        if s.done:
+            return False
+        b = s.budget
+        if s.calls == 0 and b.kind == "flops" and s.flops_per_token is None:
+            msg = ("A FLOP budget needs the model's FLOPs per token: call run.watch(model) "
+                   "before the training loop.")
+            raise RuntimeError(msg)
+        s.claimed += s.pending_claim  # the previous step ran: its claim counts now
+        s.pending_claim = 0
+        counted = self._tokens()
+        if s.calls > 0:
+            s.last_step_tokens = counted - s.tokens_at_call
+        s.tokens_at_call = counted
+        s.calls += 1
+        if s.calls == s.warmup_steps + 1:  # the warm-up steps are done: start the clock
+            _sync(s.device)
+            s.t_train = time.perf_counter()
+            s.tokens_at_train = counted
+        nxt = int(tokens) if tokens is not None else s.last_step_tokens
+        stop = False
+        if b.kind == "seconds":
+            stop = s.t_train is not None and self._elapsed(sync=True) >= b.amount
+        elif b.kind == "tokens":
+            stop = counted + max(nxt, 1) > b.amount
+        else:
+            stop = (counted + max(nxt, 1)) * s.flops_per_token > b.amount
+        if stop:
+            self._stop_clock()
+            return False
+        s.steps += 1
+        s.pending_claim = int(tokens) if tokens is not None else 0
+        return True
+
+    def _stop_clock(self) -> None:
+        s = self._s
+        if s.done:
+            return
+        s.done = True
+        s.train_seconds = self._elapsed(sync=True) if s.t_train is not None else 0.0
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the budget spent, 0..1, whatever its kind (for LR schedules)."""
+        s = self._s
+        b = s.budget
+        if s.done:
+            return 1.0
+        if b.kind == "seconds":
+            frac = self._elapsed() / b.amount
+        elif b.kind == "tokens":
+            frac = self._tokens() / b.amount
+        else:
+            frac = self._tokens() * (s.flops_per_token or 0.0) / b.amount
+        return min(max(frac, 0.0), 1.0)
+
+    # --- logging -------------------------------------------------------------------------
+    def log(self, step: int | None = None, loss=None, lr=None, **extra) -> None:
+        """Record one training step: loss (a float or a tensor), lr, and any extra numbers.
+
+        A tensor loss is materialised one call later, when the device has long finished
+        it, so logging never adds a device sync. Step events go to the runner at most 10
+        per second (and always the last); a line is printed every ~2 s. A NaN/inf loss, or
+        one exploding after warm-up (> 3x the first loss, or > 100), ends the run with
+        status `diverged` (exit code 3).
+        """
+        s = self._s
+        if loss is None:
+            msg = "run.log() needs loss=..., e.g. run.log(step=step, loss=loss, lr=lr)."
+            raise ValueError(msg)
+        previous = s.pending
+        s.pending = {
+            "step": s.steps - 1 if step is None else int(step),
+            "loss": loss.detach() if torch.is_tensor(loss) else loss,
+            "lr": lr.detach() if torch.is_tensor(lr) else lr,
+            "extra": {k: (v.detach() if torch.is_tensor(v) else v) for k, v in extra.items()},
+            "tokens": self._tokens(),
+            "elapsed": self._elapsed(),
+            "progress": self.progress,
+            "index": s.steps - 1,  # the harness's own count: train.py's step numbers are its business
+        }
+        if previous is not None:
+            self._emit(previous, last=False)
+
+    def _emit(self, rec: dict, last: bool) -> None:
+        s = self._s
+        loss = _to_float(rec["loss"])
+        event = {"step": rec["step"], "loss": loss, "lr": _to_float(rec["lr"]), "tokens": rec["tokens"],
+                 "elapsed": round(rec["elapsed"], 4), "progress": round(rec["progress"], 5)}
+        trained = rec["tokens"] - s.tokens_at_train
+        event["tok_per_s"] = trained / rec["elapsed"] if rec["elapsed"] > 0 else None
+        for k, v in rec["extra"].items():
+            try:
+                event[k] = _to_float(v)
+            except (TypeError, ValueError):
+                continue  # only numbers travel as metrics
+        s.last_loss = loss
+        self._check_divergence(loss, rec["step"], rec["index"])
+        now = time.perf_counter()
+        if last or now - s.last_event_t >= 1.0 / _STEP_EVENTS_PER_S:
+            _CHANNEL.send("step", event)
+            s.last_event_t, s.last_sent = now, event
+        if last or rec["index"] < 3 or now - s.last_print_t >= _PRINT_EVERY_S:
+            s.last_print_t = now
+            tps = f"{event['tok_per_s']:,.0f}" if event["tok_per_s"] else "-"
+            lr = f" | lr {event['lr']:.3g}" if event["lr"] is not None else ""
+            print(f"step {rec['step']:5d} | loss {loss:.4f}{lr} | {100 * rec['progress']:5.1f}% "
+                  f"| {rec['tokens'] / 1e6:.2f}M tok | {tps} tok/s | {rec['elapsed']:.1f}s", flush=True)
+
+    def _check_divergence(self, loss: float, step: int, index: int) -> None:
+        s = self._s
+        reason = None
+        if not math.isfinite(loss):
+            reason = f"loss is {loss} at step {step}"
+        elif s.first_loss is None:
+            s.first_loss = loss
+        elif index >= s.warmup_steps and (loss > _EXPLODE_ABS or loss > _EXPLODE_RATIO * s.first_loss):
+            reason = f"loss exploded to {loss:.3g} at step {step} (first loss {s.first_loss:.3g})"
+        if reason is not None:
+            self._fail("diverged", reason, EXIT_DIVERGED)
+
+    def _fail(self, status: str, reason: str, code: int, result: dict | None = None) -> None:
+        s = self._s
+        s.failed = status
+        self._stop_clock()
+        _CHANNEL.send("status", {"status": status, "reason": reason})
+        if result is not None:
+            _CHANNEL.send("result", result)
+            _write_standalone(result)
+        print(f"{status}: {reason}", flush=True)
+        sys.stdout.flush()
+        sys.exit(code)
+
+    # --- the end ---------------------------------------------------------------------------
+    def finish(self, model: torch.nn.Module) -> dict:
+        """Score the model and report: causality probe, trusted val_bpb on the pinned
+        validation tokens, peak memory, MFU; prints the summary block and sends the result.
+
+        Returns
+        -------
+        dict
+            The result record (as sent to the runner). A non-causal model exits with code 4.
+        """
+        s = self._s
+        if s.failed:
+            sys.exit(EXIT_DIVERGED if s.failed == "diverged" else EXIT_INVALID)
+        if s.finished:
+            msg = "run.finish(model) was already called; a run reports one result."
+            raise RuntimeError(msg)
+        s.finished = True
+        if s.pending is not None:
+            self._emit(s.pending, last=True)
+            s.pending = None
+        self._stop_clock()
+        if s.seq_len is None:
+            msg = "run.finish(model) needs the seq_len to evaluate at: create a loader with run.train_loader() first."
+            raise RuntimeError(msg)
+        if s.params is None:
+            raw = getattr(model, "_orig_mod", model)
+            s.params = int(sum(p.numel() for p in {id(p): p for p in raw.parameters()}.values()))
+        tokens = self._tokens()
+        flops = tokens * s.flops_per_token if s.flops_per_token else 0.0
+        dev = s.device
+        result = {
+            "status": "ok", "reason": "", "val_bpb": None, "steps": s.steps, "tokens": tokens, "flops": flops,
+            "params": s.params, "training_seconds": s.train_seconds or 0.0, "total_seconds": 0.0,
+            "eval_seconds": 0.0, "eval_tokens": 0, "peak_memory_gb": None, "mfu": None, "causal": None,
+            "device": dev.describe(), "torch": torch.__version__, "seed": s.seed, "budget": str(s.budget),
+            "seq_len": s.seq_len, "flops_per_token": s.flops_per_token,
+        }
+        probe = causality_probe(model, vocab_size=s.data.vocab_size, seq_len=s.seq_len, device=dev.torch_device)
+        result["causal"] = probe["causal"]
+        if not probe["causal"]:
+            reason = (f"the model is not causal: its logits at position {probe['position']} changed by "
+                      f"{probe['max_diff']:.3g} when only later tokens changed, so it can see the targets")
+            result.update(status="invalid", reason=reason, total_seconds=time.perf_counter() - _T_IMPORT)
+            self._fail("invalid", reason, EXIT_INVALID, result)
+        ev = evaluate_bpb_detail(model, s.data, seq_len=s.seq_len, eval_tokens=s.eval_tokens,
+                                 device=dev.torch_device, autocast_dtype=dev.autocast_dtype)
+        timed_tokens = tokens - s.tokens_at_train
+        mfu = None
+        if dev.peak_flops and s.flops_per_token and s.train_seconds:
+            mfu = s.flops_per_token * timed_tokens / (s.train_seconds * dev.peak_flops)
+        result.update(val_bpb=ev["bpb"], eval_seconds=ev["seconds"], eval_tokens=ev["tokens"],
+                      peak_memory_gb=_peak_memory_gb(dev), mfu=mfu,
+                      total_seconds=time.perf_counter() - _T_IMPORT)
+        _print_summary(result)
+        _CHANNEL.send("result", result)
+        _write_standalone(result)
+        return result
+
+
+def _print_summary(r: dict) -> None:
+    # The original autoresearch block, so existing `grep "^val_bpb:"` habits keep working.
+    print("---")
+    print(f"val_bpb:          {r['val_bpb']:.6f}")
+    print(f"training_seconds: {r['training_seconds']:.1f}")
+    print(f"total_seconds:    {r['total_seconds']:.1f}")
+    print(f"peak_memory_gb:   {r['peak_memory_gb']:.2f}")
+    print(f"mfu_percent:      {100 * (r['mfu'] or 0.0):.2f}")
+    print(f"total_tokens_M:   {r['tokens'] / 1e6:.1f}")
+    print(f"num_steps:        {r['steps']}")
+    print(f"num_params_M:     {r['params'] / 1e6:.1f}", flush=True)
+
+
+def _write_standalone(result: dict) -> None:
+    """Without a runner, keep the result where a person (or a notebook) can find it."""
+    if _CHANNEL.connected:
+        return
+    path = config.cache_dir() / "runs" / "last_result.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=float))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache must not lose the printed result
+        print(f"note: could not write {path}: {e}", flush=True)
+
+
+def start() -> Run:
+    """Begin the run: read the environment (or defaults), seed, open the data, announce.
+
+    Reads AUTORESEARCH_BUDGET, _SEED, _DEVICE, _DATA, _EVAL_TOKENS and _WARMUP_STEPS
+    (docs/CONTRACTS.md); without them: 60 s on CPU/MPS or 300 s on CUDA, seed 42, the
+    device autodetected, the last prepared dataset.
+
+    Returns
+    -------
+    Run
+    """
+    global _started
+    if _started:
+        msg = "harness.start() was already called in this process; one run per process."
+        raise RuntimeError(msg)
+    device = detect()
+    budget = config.default_budget(device.type)
+    seed = int(config.env("SEED") or config.DEFAULT_SEED)
+    warmup = int(config.env("WARMUP_STEPS") or config.DEFAULT_WARMUP_STEPS)
+    if warmup < 0:
+        msg = f"AUTORESEARCH_WARMUP_STEPS must be >= 0, got {warmup}."
+        raise ValueError(msg)
+    eval_tokens = config.default_eval_tokens(device.type)
+    data_dir = config.data_dir()
+    try:
+        data = PreparedData.open(data_dir)
+    except FileNotFoundError as e:
+        msg = (f"No prepared data at {data_dir}: run `python prepare.py` first (or set AUTORESEARCH_DATA "
+               f"to a prepared directory). [{e}]")
+        raise FileNotFoundError(msg) from None
+    if device.type == "cuda":
+        # the compile cache lives under the kit's cache, so reruns of a candidate reuse it
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(config.cache_dir() / "compile"))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    _started = True
+    state = _State(device, budget, seed, data, eval_tokens, warmup)
+    _CHANNEL.send("start", {"device": device.type, "device_name": device.name, "torch": torch.__version__,
+                            "budget": str(budget), "seed": seed, "data_dir": str(data.path),
+                            "eval_tokens": eval_tokens, "pid": os.getpid()})
+    print(f"run: budget {budget} | seed {seed} | data {data.path} (vocab {data.vocab_size}, "
+          f"{len(data.train) / 1e6:.2f}M train tokens) | eval {eval_tokens:,} val tokens", flush=True)
+    return Run(state)
+
+
+__all__ = ["EXIT_DIVERGED", "EXIT_INVALID", "Run", "start"]
