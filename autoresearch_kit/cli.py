@@ -59,7 +59,8 @@ def _color(text: str, code: str, enabled: bool) -> str:
     return f"\033[{code}m{text}\033[0m" if enabled else text
 
 
-def _print_diff(diff: str, out=sys.stdout) -> None:
+def _print_diff(diff: str, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time: tests and notebooks swap sys.stdout
     tty = out.isatty()
     for line in diff.splitlines():
         if line.startswith("+++") or line.startswith("---"):

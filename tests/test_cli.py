@@ -1,0 +1,197 @@
+"""Tests of the `autoresearch` command: init, run (autopilot and the y/n/e/q prompt), status,
+report, and the errors a user meets (exit 2, one line, no traceback).
+
+Runs are real and tiny (the shrunk train.py of test_lab, 2000-token budget, the offline
+mutate proposer). `main(argv)` is called in-process where possible; `python -m
+autoresearch_kit` once as a real subprocess.
+
+    python -m pytest tests/test_cli.py -x -q
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autoresearch_kit.cli import ProgressBar, _lab_dir, main
+from autoresearch_kit.lab import Lab, is_lab
+from autoresearch_kit.ledger import Ledger
+from autoresearch_kit.workspace import Workspace
+from test_lab import BUDGET, tiny_train_source
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = ROOT / "autoresearch_kit" / "templates"
+
+
+def test_templates_match_the_repository_files():
+    # `autoresearch init` must start from the same train.py/program.md as the repository
+    assert (TEMPLATES / "train.py").read_text() == (ROOT / "train.py").read_text(), \
+        "copy train.py to autoresearch_kit/templates/train.py"
+    assert (TEMPLATES / "program.md").read_text() == (ROOT / "program.md").read_text(), \
+        "copy program.md to autoresearch_kit/templates/program.md"
+
+
+def test_init_creates_a_lab_from_the_templates(tmp_path, capsys):
+    d = tmp_path / "mylab"
+    assert main(["init", str(d)]) == 0
+    assert is_lab(d)
+    assert (d / "program.md").read_text() == (TEMPLATES / "program.md").read_text()
+    assert (d / "train.py").read_text() == (TEMPLATES / "train.py").read_text()
+    assert Workspace(d).initialized and Workspace(d).head_id() is None   # no experiment yet
+    assert f"autoresearch run --lab {d}" in capsys.readouterr().out
+
+    assert main(["init", str(d)]) == 2
+    assert "already a lab" in capsys.readouterr().err
+    assert main(["init", str(tmp_path / "other"), "--train", str(tmp_path / "missing.py")]) == 2
+    assert "missing.py not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def cli_lab(tiny_data, tmp_path_factory):
+    """`autoresearch init` + `autoresearch run --steps 2 --budget 2000-tokens --yes`, once."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tiny_train.py").write_text(tiny_train_source())
+    d = root / "lab"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTORESEARCH_DATA", str(tiny_data))
+        mp.setenv("AUTORESEARCH_CACHE", str(root / "cache"))
+        mp.setenv("AUTORESEARCH_DEVICE", "cpu")
+        mp.setenv("AUTORESEARCH_EVAL_TOKENS", "4096")
+        out = io.StringIO()
+        mp.setattr(sys, "stdout", out)
+        assert main(["init", str(d), "--train", str(root / "tiny_train.py")]) == 0
+        rc = main(["run", "--lab", str(d), "--steps", "2", "--budget", BUDGET, "--yes", "--proposer", "mutate"])
+    assert rc == 0, out.getvalue()
+    return d, out.getvalue()
+
+
+def test_run_yes_leaves_consistent_ledger_tsv_git_and_plot(cli_lab):
+    d, out = cli_lab
+    recs = Ledger(d, readonly=True).records()
+    assert [r["kind"] for r in recs] == ["baseline", "candidate", "candidate"]
+    assert all(r["proposer"] == "mutate" for r in recs[1:])
+    assert all(r["decision"] in ("keep", "discard") and r["decided_by"] == "autopilot" for r in recs)
+    assert "best: " in out and "0003" in out
+
+    # results.tsv: one row per run, commits = the ledger's = the workspace's
+    rows = [line.split("\t") for line in (d / "results.tsv").read_text().splitlines()]
+    assert rows[0] == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    ws = Workspace(d)
+    for row, rec in zip(rows[1:], recs, strict=True):
+        assert row[0] == rec["commit"][:7] == ws.commit(rec["id"])[:7]
+        want = "crash" if rec["status"] != "ok" else rec["decision"]
+        assert row[3] == want and row[4] == rec["description"]
+    # the kept line ends at the last kept experiment, whose train.py is lab/train.py
+    last_kept = [r["id"] for r in recs if r["decision"] == "keep"][-1]
+    assert ws.head_id() == last_kept
+    assert (d / "train.py").read_text() == ws.source(last_kept)
+    assert (d / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _copy(cli_lab, tmp_path) -> Path:
+    dst = tmp_path / "lab"
+    shutil.copytree(cli_lab[0], dst)
+    return dst
+
+
+def test_status_and_report_via_python_m(cli_lab, tmp_path, kit_env):
+    d = _copy(cli_lab, tmp_path)
+    (d / "progress.png").unlink()
+    st = subprocess.run([sys.executable, "-m", "autoresearch_kit", "status", "--lab", str(d)],
+                        capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0, st.stderr
+    lines = st.stdout.splitlines()
+    assert lines[0].split()[:5] == ["id", "parent", "kind", "status", "val_bpb"]
+    assert [line.split()[0] for line in lines[1:4]] == ["0001", "0002", "0003"]
+    assert "3 experiments" in st.stdout and "best 0" in st.stdout
+
+    rp = subprocess.run([sys.executable, "-m", "autoresearch_kit", "report", "--lab", str(d)],
+                        capture_output=True, text=True, timeout=120)
+    assert rp.returncode == 0, rp.stderr
+    png = d / "progress.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "3 experiments" in rp.stdout
+
+
+def test_interactive_prompt_driven_by_stdin(cli_lab, tmp_path, kit_env, monkeypatch, capsys):
+    d = _copy(cli_lab, tmp_path)
+    editor = tmp_path / "editor.py"   # a scripted $EDITOR: adds a line to the file it is given
+    editor.write_text("import sys\np = sys.argv[1]\nopen(p, 'a').write('\\nHUMAN_WAS_HERE = 1\\n')\n")
+    monkeypatch.setenv("EDITOR", f"{sys.executable} {editor}")
+    monkeypatch.delenv("VISUAL", raising=False)
+    # step 1: y, then enter = the rule's decision; step 2: e(dit), default description, enter;
+    # step 3: n with a reason; step 4: q
+    answers = "y\n\ne\n\n\nn\ntoo timid\nq\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(answers))
+    rc = main(["run", "--lab", str(d), "--steps", "4", "--budget", BUDGET, "--proposer", "mutate"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("run it? [y]es / [n]o / [e]dit / [q]uit:") >= 4
+    assert "\n+" in out and "\n-" in out and "@@" in out      # the diff was shown
+    assert "stopped" in out
+
+    recs = Ledger(d, readonly=True).records()[3:]
+    assert recs[0]["decision"] in ("keep", "discard")
+    assert recs[0]["proposer"] == "mutate" and recs[0]["decided_by"] == "rule"
+    assert recs[1]["proposer"] == "human" and recs[1]["proposal_meta"]["edited_from"] == "mutate"
+    assert recs[1]["description"].endswith("(edited)") and "+HUMAN_WAS_HERE = 1" in recs[1]["diff"]
+    assert recs[2]["status"] == "rejected" and recs[2]["decision_reason"] == "too timid"
+    assert len(recs) == 3                                       # q ran nothing
+
+
+def test_missing_data_is_exit_2_with_the_command_to_run(tmp_path, kit_env, monkeypatch, capsys):
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(tmp_path / "nothing"))
+    rc = main(["run", "--lab", str(tmp_path / "lab"), "--yes", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "autoresearch prepare" in err and "Traceback" not in err
+    assert not is_lab(tmp_path / "lab")                        # nothing was created
+
+
+def test_lab_in_use_is_exit_2_but_status_still_reads(cli_lab, tmp_path, kit_env, capsys):
+    d = _copy(cli_lab, tmp_path)
+    with Lab(d, verbose=False):
+        assert main(["run", "--lab", str(d), "--yes", "--steps", "1", "--budget", BUDGET]) == 2
+        assert "already open" in capsys.readouterr().err
+        assert main(["status", "--lab", str(d)]) == 0
+        assert "0003" in capsys.readouterr().out
+
+
+def test_user_errors_are_exit_2(tmp_path, kit_env, capsys):
+    assert main(["run", "--lab", str(tmp_path / "x"), "--steps", "-1"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert main(["run", "--lab", str(tmp_path / "x"), "--proposer", "replay"]) == 2
+    assert "--patches" in capsys.readouterr().err
+    assert main(["status", "--lab", str(tmp_path / "x")]) == 2
+    assert "not a lab" in capsys.readouterr().err
+    assert main(["init", str(tmp_path / "empty")]) == 0
+    assert main(["report", "--lab", str(tmp_path / "empty")]) == 2
+    assert "no finished experiments" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:                      # argparse: a bad budget
+        main(["run", "--budget", "5 parsecs"])
+    assert e.value.code == 2
+
+
+def test_default_lab_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _lab_dir(None) == tmp_path / "lab"
+    (tmp_path / "ledger.sqlite").write_text("")
+    assert _lab_dir(None) == tmp_path                          # the current directory is a lab
+    assert _lab_dir("elsewhere") == Path("elsewhere")
+
+
+def test_progress_bar_lines_when_not_a_terminal():
+    out = io.StringIO()
+    bar = ProgressBar("exp 0002", stream=out)
+    for i, p in enumerate((0.1, 0.2, 0.3, 0.6, 1.0)):
+        bar({"step": i, "loss": 3.0 - p, "progress": p, "tok_per_s": 12_000})
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4                                     # once per quarter, not per step
+    assert lines[0].startswith("exp 0002  10%  step 0  loss 2.9000  12.0k tok/s")
+    assert lines[-1].startswith("exp 0002 100%")
