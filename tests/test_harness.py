@@ -76,6 +76,7 @@ run.finish(model)
 def run_candidate(source: str, tmp_path: Path, env_extra: dict | None = None, channel: bool = True,
                   timeout: float = 120) -> tuple[int, str, list[dict], ParentChannel | None]:
     """Run a candidate script as the runner would: own process, env, signed channel."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "train.py"
     script.write_text(source)
     # One OpenMP thread: the test box's 2 cores are shared, and oversubscribed OpenMP spin-waits

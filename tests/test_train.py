@@ -1,0 +1,113 @@
+"""Tests for the baseline train.py: it runs as a real subprocess on tiny data under each
+budget kind, and its failure modes (diverging, peeking ahead) end the way the runner expects.
+
+    python -m pytest tests/test_train.py -x -q
+
+The model is shrunk by rewriting the UPPER_CASE constants (the way the offline mutator edits
+them), so each run takes seconds on a shared 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from test_harness import _kinds, run_candidate
+
+TRAIN = Path(__file__).resolve().parents[1] / "train.py"
+HARNESS_API = {"start", "train_loader", "watch", "training", "log", "finish", "progress", "autocast"}
+SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_memory_gb", "mfu_percent",
+                "total_tokens_M", "num_steps", "num_params_M"]
+
+
+def with_constants(source: str, **values) -> str:
+    """Rewrite `NAME = literal` lines of the constants block; fails if a name is missing."""
+    for name, value in values.items():
+        source, n = re.subn(rf"^{name} = [^#\n]+", f"{name} = {value!r}", source, count=1, flags=re.M)
+        assert n == 1, f"train.py has no constant {name}"
+    return source
+
+
+def small_train(**extra) -> str:
+    # depth 1, width 64, 32 tokens x 8 rows: ~40k params, ~10 ms a step
+    return with_constants(TRAIN.read_text(), CPU_DEPTH=1, CPU_SEQ_LEN=32, CPU_BATCH_SIZE=8, **extra)
+
+
+def summary(out: str) -> dict[str, float]:
+    lines = out.splitlines()
+    block = lines[lines.index("---") + 1:]
+    found = dict(line.split(":", 1) for line in block if ":" in line)
+    assert list(found)[: len(SUMMARY_KEYS)] == SUMMARY_KEYS, block
+    return {k: float(v) for k, v in found.items()}
+
+
+def test_constants_block_is_literal_and_the_harness_api_is_all_it_uses():
+    src = TRAIN.read_text()
+    assert len(src.splitlines()) < 400
+    tree = ast.parse(src)
+    constants = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name.isupper() and isinstance(node.value, ast.Constant):
+                constants[name] = node.value.value
+        if isinstance(node, ast.Assign) and ast.unparse(node.value) == "harness.start()":
+            break  # the literal block ends where the run starts
+    assert {"CPU_DEPTH", "GPU_DEPTH", "CPU_SEQ_LEN", "GPU_SEQ_LEN", "MATRIX_LR", "WARMDOWN_FRAC"} <= set(constants)
+    assert all(isinstance(v, (int, float, str, bool)) for v in constants.values())
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id in ("run", "harness")}
+    assert {"start", "train_loader", "watch", "training", "log", "finish", "progress", "autocast"} <= used
+    reads = {"device", "device_type", "vocab_size", "compile"}
+    assert used <= HARNESS_API | reads, used - HARNESS_API - reads
+
+
+def test_seconds_budget_run(kit_env, tmp_path):
+    code, out, msgs, _ = run_candidate(small_train(), tmp_path, {"AUTORESEARCH_BUDGET": "3s"})
+    assert code == 0, out
+    s = summary(out)
+    (result,) = _kinds(msgs, "result")
+    assert result["status"] == "ok" and result["val_bpb"] == pytest.approx(s["val_bpb"], abs=1e-6)
+    # uniform over the 257 byte tokens is log2(257) = 8.0 bits per byte; 3 s of training beats it by far
+    assert math.isfinite(s["val_bpb"]) and s["val_bpb"] < math.log2(257) - 3
+    assert 3.0 <= result["training_seconds"] < 3.0 + 1.5  # the last step may finish past the budget
+    assert result["total_seconds"] > result["training_seconds"] + result["eval_seconds"]
+    assert s["num_steps"] == result["steps"] > 10
+    curve = _kinds(msgs, "step")
+    assert curve[0]["loss"] > curve[-1]["loss"]
+    assert curve[-1]["lr"] < 0.2  # the warm-down ran: the LR multiplier is near 0 at the end
+
+
+def test_token_and_flop_budgets(kit_env, tmp_path):
+    code, out, msgs, _ = run_candidate(small_train(), tmp_path / "a", {"AUTORESEARCH_BUDGET": "30k-tokens"})
+    assert code == 0, out
+    (result,) = _kinds(msgs, "result")
+    assert result["tokens"] == 117 * 256 and result["steps"] == 117  # a 118th step would pass 30,000
+    fpt = result["flops_per_token"]
+    assert fpt > 6 * result["params"] * 0.5  # measured: about 6 FLOPs per parameter per token
+    budget = fpt * 256 * 40  # exactly 40 steps' worth of FLOPs
+    code, out, msgs, _ = run_candidate(small_train(), tmp_path / "b", {"AUTORESEARCH_BUDGET": f"{budget!r}-flops"})
+    assert code == 0, out
+    (result,) = _kinds(msgs, "result")
+    assert result["steps"] == 40 and result["flops"] == pytest.approx(budget)
+
+
+def test_exploding_learning_rate_ends_as_diverged(kit_env, tmp_path):
+    src = small_train(MATRIX_LR=1e30, EMBED_LR=1e30)
+    code, out, msgs, _ = run_candidate(src, tmp_path, {"AUTORESEARCH_BUDGET": "30k-tokens"})
+    assert code == 3, out
+    (status,) = _kinds(msgs, "status")
+    assert status["status"] == "diverged"
+    assert not _kinds(msgs, "result") and "val_bpb:" not in out
+
+
+def test_attention_without_the_causal_mask_is_invalid(kit_env, tmp_path):
+    src = small_train().replace("is_causal=True", "is_causal=False")
+    code, out, msgs, _ = run_candidate(src, tmp_path, {"AUTORESEARCH_BUDGET": "10k-tokens"})
+    assert code == 4, out
+    (result,) = _kinds(msgs, "result")
+    assert result["status"] == "invalid" and result["val_bpb"] is None
