@@ -21,6 +21,10 @@ import threading
 import time
 from typing import Any, Iterable, Sequence
 
+# matplotlib is not thread-safe even across separate Figures (shared font and text caches):
+# every drawing in ui/ (live curves on the runner's thread, plots on the panel's worker) holds this.
+MPL_LOCK = threading.RLock()
+
 # (label, curve, colour, linestyle) per reference; the live run is drawn last, on top.
 _PALETTE = {"run": "#0969da", "parent": "#6e7781", "best": "#1a7f37", "other": "#bf8700"}
 
@@ -101,6 +105,11 @@ def curves_png(series: Sequence[tuple], *, budget: Any = None, title: str = "", 
     bytes
         PNG image.
     """
+    with MPL_LOCK:
+        return _curves_png(series, budget=budget, title=title, width=width, height=height, dpi=dpi, x_max=x_max)
+
+
+def _curves_png(series, *, budget, title, width, height, dpi, x_max) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -134,7 +143,8 @@ def curves_png(series: Sequence[tuple], *, budget: Any = None, title: str = "", 
         ys_all = [y for line in ax.get_lines() for y in line.get_ydata()]
         lo = min(lows)
         hi = min(max(ys_all), lo + max(1.5, 3 * (sorted(ys_all)[len(ys_all) // 2] - lo)))
-        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.02 * (hi - lo))
+        span = max(hi - lo, 0.05)   # one point or a flat line still gets a visible range
+        ax.set_ylim(lo - 0.05 * span, lo + 1.02 * span)
     else:
         ax.text(0.5, 0.5, "waiting for the first steps...", ha="center", va="center", color="#6e7781",
                 transform=ax.transAxes)

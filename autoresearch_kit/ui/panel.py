@@ -170,9 +170,9 @@ class Panel(w.VBox):
 
         actions = w.HBox([self.approve_button, self.reject_button, self.reject_reason, self.edit_button,
                           self.stop_button], layout=w.Layout(flex_flow="row wrap", align_items="center",
-                                                             gap="6px", margin="6px 0"))
+ margin="6px 0"))
         steering = w.HBox([self.new_button, self.autopilot, self.autopilot_steps],
-                          layout=w.Layout(flex_flow="row wrap", align_items="center", gap="6px"))
+                          layout=w.Layout(flex_flow="row wrap", align_items="center"))
         self.proposal_card = _card([self.stream, self.proposal_head, self.diff_mode, self.diff, self.editor_box,
                                     actions, self.feedback, steering], "proposal")
 
@@ -186,7 +186,7 @@ class Panel(w.VBox):
         self.keep_button.on_click(lambda _: self.decide(True))
         self.discard_button.on_click(lambda _: self.decide(False))
         self.decision_row = w.HBox([self.keep_button, self.discard_button, self.decision_reason],
-                                   layout=w.Layout(gap="6px", align_items="center", margin="6px 0"))
+                                   layout=w.Layout(align_items="center", margin="6px 0"))
         self.outcome_card = _card([self.outcome, self.decision_row], "outcome")
 
         self.table = w.HTML(layout=w.Layout(overflow="auto"))

@@ -236,10 +236,17 @@ def progress_png(records: Any, *, width: float = 7.5, height: float = 3.4, dpi: 
     writes) into an Agg figure of our own, so it is safe off the main thread; falls back to
     a local drawing if that module is unavailable.
     """
-    try:
-        from autoresearch_kit.plots import progress_plot
-    except ImportError:
-        return _progress_png(list(records), width=width, height=height, dpi=dpi)
+    from autoresearch_kit.ui.curves import MPL_LOCK
+
+    with MPL_LOCK:
+        try:
+            from autoresearch_kit.plots import progress_plot
+        except ImportError:
+            return _progress_png(list(records), width=width, height=height, dpi=dpi)
+        return _plots_png(progress_plot, records, width=width, height=height, dpi=dpi)
+
+
+def _plots_png(progress_plot, records, *, width: float, height: float, dpi: int) -> bytes:
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -1,0 +1,318 @@
+"""Tests of the notebook UI: the diff view, the live curves, and the panel's buttons on a real Lab.
+
+The panel tests drive a real Lab (real subprocess runs of a shrunk train.py on the tiny
+fixture data, a 2000-token budget, a few seconds each) by clicking the widgets'
+buttons in Python, as a person would in JupyterLab, and check the ledger afterwards.
+The proposer is a small deterministic one, so the diffs are known.
+
+    python -m pytest tests/test_panel.py -x -q
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from autoresearch_kit.lab import Lab
+from autoresearch_kit.propose.base import Proposal, ProposalError
+from autoresearch_kit.ui import Panel
+from autoresearch_kit.ui.curves import LiveCurve, curves_png
+from autoresearch_kit.ui.diff import diff_html, diff_stats, parse_unified
+from autoresearch_kit.ui.render import lab_html, proposal_html, run_result_html
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = "2000-tokens"
+PNG = b"\x89PNG"
+
+# The real train.py, shrunk so a run takes seconds on a CPU (as in test_lab.py).
+_TINY = (("CPU_DEPTH = 4", "CPU_DEPTH = 1"), ("CPU_SEQ_LEN = 256", "CPU_SEQ_LEN = 32"),
+         ("CPU_BATCH_SIZE = 16", "CPU_BATCH_SIZE = 4"), ("ASPECT_RATIO = 64", "ASPECT_RATIO = 32"),
+         ("HEAD_DIM = 64", "HEAD_DIM = 16"))
+
+
+def tiny_train_source() -> str:
+    src = (ROOT / "train.py").read_text()
+    for old, new in _TINY:
+        assert old in src, f"train.py no longer has {old!r}: update _TINY in tests/test_panel.py"
+        src = src.replace(old, new)
+    return src
+
+
+class KnobProposer:
+    """Sets MATRIX_LR to each value in turn; records every context it was given."""
+
+    name = "knobs"
+
+    def __init__(self, values=(0.03, 0.01, 0.05, 0.015, 0.04, 0.025)):
+        self.values, self.contexts = list(values), []
+
+    def propose(self, ctx):
+        self.contexts.append(ctx)
+        for v in self.values:
+            new = "\n".join(f"MATRIX_LR = {v!r}" if line.startswith("MATRIX_LR =") else line
+                            for line in ctx.parent_source.splitlines()) + "\n"
+            if new != ctx.parent_source and Proposal.from_source("", new, "").source_hash not in ctx.seen_hashes:
+                return Proposal.from_source(ctx.parent_source, new, f"MATRIX_LR -> {v}", proposer=self.name,
+                                            rationale="a different Muon step size", parent_id=ctx.parent_id)
+        raise ProposalError("out of learning rates to try")
+
+
+class GivingUp:
+    name = "gives-up"
+
+    def propose(self, ctx):
+        raise ProposalError("the model replied without a diff three times")
+
+
+# --- pure views --------------------------------------------------------------------------
+
+DIFF = """--- a/train.py
++++ b/train.py
+@@ -10,4 +10,5 @@
+ DEPTH = 4
+-MATRIX_LR = 0.02
++MATRIX_LR = 0.03
++WEIGHT_DECAY = 0.1
+ HEAD_DIM = 64
+ x = "<b>not html</b>"
+"""
+
+
+def test_diff_parsing_counts_and_line_numbers():
+    assert diff_stats(DIFF) == (2, 1)
+    (hunk,) = parse_unified(DIFF)
+    tags = [(ln.tag, ln.old_no, ln.new_no) for ln in hunk.lines]
+    assert tags == [(" ", 10, 10), ("-", 11, None), ("+", None, 11), ("+", None, 12), (" ", 12, 13), (" ", 13, 14)]
+
+
+@pytest.mark.parametrize("mode", ["unified", "split"])
+def test_diff_html_shows_changes_escaped_and_highlighted(mode):
+    out = diff_html(DIFF, mode=mode)
+    assert "+2" in out and "&minus;1" in out
+    assert "<b>not html</b>" not in out           # source text is escaped, never rendered
+    assert "0.03" in out and "0.02" in out and "WEIGHT_DECAY" in out
+    assert "#e6ffec" in out and "#ffebe9" in out  # added / removed backgrounds
+    assert "color:" in out                        # pygments inline colours
+    # side by side pairs the removed line with the first added one on the same row
+    row = next(r for r in out.split("<tr>") if "0.02" in r)
+    assert ("0.03" in row) == (mode == "split")
+
+
+def test_diff_html_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="unified"):
+        diff_html(DIFF, mode="sideways")
+
+
+def _events(n, base=3.0, dt=0.1):
+    return [{"step": i, "loss": base + 5 * math.exp(-i / 10), "elapsed": i * dt, "tokens": 1000 * i,
+             "progress": i / n} for i in range(n)]
+
+
+def test_curves_png_and_renderings():
+    png = curves_png([("parent", _events(50), "parent"), ("this run", _events(30, 2.9), "run")], budget="5s")
+    assert png.startswith(PNG) and len(png) > 5000
+    rec = {"id": "0003", "status": "crash", "reason": "exit code 1", "log_tail": "Traceback ...\nKeyError: 'x'",
+           "curve": _events(5), "budget": "5s"}
+    html = run_result_html(rec)
+    assert "crash" in html and "exit code 1" in html and "KeyError" in html and "data:image/png;base64" in html
+    p = Proposal.from_source("A = 1\n", "A = 2\n", "bump A", proposer="mutate", rationale="why not")
+    html = proposal_html(p)
+    assert "bump A" in html and "why not" in html and "mutate" in html and "+1" in html
+
+
+def test_live_curve_throttles_redraws_and_draws_the_last_event():
+    live = LiveCurve("10s", max_fps=2.0)
+    live.reset([("parent", _events(50), "parent")])
+    start = live.redraws
+    for ev in _events(200):                       # 200 events in well under a second
+        live.add_event(ev)
+    time.sleep(0.8)                               # the trailing redraw fires within 1/max_fps
+    assert 1 <= live.redraws - start <= 4
+    assert bytes(live.image.value).startswith(PNG)
+    assert "step 199" in live.status.value and "left of 10s" in live.status.value
+    assert live.progress.value == pytest.approx(199 / 200)
+
+
+def test_live_curve_takes_events_from_other_threads():
+    live = LiveCurve("2000-tokens", max_fps=20.0)
+    live.reset()
+    threads = [threading.Thread(target=lambda: [live(ev) for ev in _events(50)]) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    live.finish("ok")
+    assert len(live.events) == 150 and live.progress.bar_style == "success"
+
+
+# --- the panel on a real lab ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base_lab(tiny_data, tmp_path_factory):
+    """A lab with its baseline run, made once; tests work on copies."""
+    root = tmp_path_factory.mktemp("panellab")
+    (root / "train.py").write_text(tiny_train_source())
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"AUTORESEARCH_DATA": str(tiny_data), "AUTORESEARCH_CACHE": str(root / "cache"),
+                     "AUTORESEARCH_DEVICE": "cpu", "AUTORESEARCH_EVAL_TOKENS": "4096"}.items():
+            mp.setenv(k, v)
+        mp.chdir(root)
+        with Lab(root / "lab", train=root / "train.py", budget=BUDGET, proposer="mutate", verbose=False) as lab:
+            assert lab.baseline()["status"] == "ok"
+    return root / "lab"
+
+
+@pytest.fixture()
+def lab(base_lab, tmp_path, kit_env):
+    shutil.copytree(base_lab, tmp_path / "lab")
+    lab = Lab(tmp_path / "lab", budget=BUDGET, proposer=KnobProposer(), verbose=False)
+    yield lab
+    lab.close()
+
+
+def _ready(panel, state="proposed", timeout=120):
+    assert panel.wait(timeout), "the panel's background step did not finish"
+    assert panel.state == state, (panel.state, panel.errors, panel.message.value)
+
+
+def test_approve_runs_with_live_curves_then_keep_moves_the_parent(lab):
+    panel = lab.panel()
+    _ready(panel)
+    assert "MATRIX_LR" in panel.diff.value and "0.03" in panel.diff.value
+    assert "MATRIX_LR -&gt; 0.03" in panel.proposal_head.value or "MATRIX_LR -> 0.03" in panel.proposal_head.value
+    panel.diff_mode.value = "split"
+    assert panel.diff.value.count("<td") > 0 and "width:50%" in panel.diff.value
+
+    panel.approve_button.click()
+    _ready(panel, "ran")
+    rec = lab.ledger.records()[-1]
+    assert rec["id"] == panel.exp_id == "0002" and rec["status"] == "ok" and rec["decision"] is None
+    assert rec["proposer"] == "knobs" and "MATRIX_LR = 0.03" in rec["diff"]
+    # the live curve got the run's step events and drew them, with the parent for comparison
+    assert len(panel.live.events) == len(rec["curve"]) > 0
+    assert bytes(panel.live.image.value).startswith(PNG) and panel.live.progress.bar_style == "success"
+    assert any(r[2] == "parent" for r in panel.live.references)
+    # the outcome: val_bpb against the parent, and the rule's verdict preselected
+    assert f"{rec['val_bpb']:.4f}" in panel.outcome.value and "vs parent" in panel.outcome.value
+    verdict = lab.verdict(rec["id"])
+    assert (panel.keep_button.button_style == "success") == verdict["keep"]
+    assert not panel.keep_button.disabled and not panel.discard_button.disabled
+
+    panel.decision_reason.value = "looks good"
+    panel.keep_button.click()
+    _ready(panel)                                  # decided, and the next proposal is up
+    rec = lab.ledger.get("0002")
+    assert rec["decision"] == "keep" and rec["decided_by"] == "human" and rec["decision_reason"] == "looks good"
+    assert lab.parent_id == "0002" and panel.proposal.parent_id == "0002"
+    assert "0002" in panel.table.value and bytes(panel.plot.value).startswith(PNG)
+
+
+def test_reject_records_reason_and_the_next_proposal_reads_it(lab):
+    panel = lab.panel()
+    _ready(panel)
+    panel.reject_button.click()                   # no reason: refused with a hint, nothing recorded
+    assert panel.state == "proposed" and "why" in panel.message.value.lower()
+    assert len(lab.ledger) == 1
+    panel.reject_reason.value = "learning rate changes are done; try the model"
+    panel.reject_button.click()
+    _ready(panel)
+    rej = lab.ledger.records()[-1]
+    assert rej["status"] == "rejected" and rej["decision_reason"] == "learning rate changes are done; try the model"
+    ctx = lab.proposer.contexts[-1]               # the context of the proposal now shown
+    assert any(h.reason == rej["decision_reason"] and h.status == "rejected" for h in ctx.history)
+    assert panel.proposal.description != rej["description"]
+
+
+def test_feedback_box_reaches_the_next_proposal(lab):
+    panel = Panel(lab, propose=False)
+    assert panel.state == "idle" and not panel.new_button.disabled
+    panel.feedback.value = "keep the model size fixed"
+    panel.new_button.click()
+    _ready(panel)
+    assert lab.proposer.contexts[-1].feedback == "keep the model size fixed"
+    assert panel.feedback.value == ""             # read once
+
+
+def test_edit_runs_the_human_version(lab):
+    panel = lab.panel()
+    _ready(panel)
+    panel.edit_button.click()
+    assert panel.editor_box.layout.display == "flex" and "MATRIX_LR = 0.03" in panel.editor.value
+    panel.editor.value = panel.editor.value.replace("WEIGHT_DECAY = 0.0", "WEIGHT_DECAY = 0.05")
+    panel.editor_description.value = "LR 0.03 and a little weight decay"
+    panel.editor_run.click()
+    _ready(panel, "ran")
+    rec = lab.ledger.records()[-1]
+    assert rec["proposer"] == "human" and rec["description"] == "LR 0.03 and a little weight decay"
+    assert "WEIGHT_DECAY = 0.05" in rec["diff"] and "MATRIX_LR = 0.03" in rec["diff"]
+    assert rec["status"] == "ok"
+
+
+def test_edit_that_cannot_run_is_explained_not_run(lab):
+    panel = lab.panel()
+    _ready(panel)
+    panel.open_editor()
+    panel.editor.value = "def broken(:\n"
+    panel.editor_run.click()
+    _ready(panel)
+    assert "cannot run" in panel.message.value and "Traceback" not in panel.message.value
+    assert len(lab.ledger) == 1
+
+
+def test_stop_aborts_and_keeps_the_partial_curve(lab):
+    lab.budget = "60s"                            # long enough to be stopped mid-run
+    panel = lab.panel()
+    _ready(panel)
+    panel.approve_button.click()
+    deadline = time.monotonic() + 60
+    while len(panel.live.events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert panel.state == "running" and not panel.stop_button.disabled
+    panel.stop_button.click()
+    _ready(panel, "ran")
+    rec = lab.ledger.records()[-1]
+    assert rec["status"] == "aborted" and len(rec["curve"]) >= 3
+    assert panel.live.progress.bar_style == "warning"
+    assert panel.keep_button.disabled and not panel.discard_button.disabled   # only a scored run can be kept
+
+
+def test_proposer_error_is_shown_as_its_reason(lab):
+    lab.proposer = GivingUp()
+    panel = lab.panel()
+    _ready(panel, "idle")
+    assert "the model replied without a diff three times" in panel.message.value
+    assert "Traceback" not in panel.message.value and not panel.new_button.disabled
+
+
+def test_autopilot_runs_n_steps_decided_by_the_rule(lab):
+    panel = lab.panel()
+    _ready(panel)
+    panel.autopilot_steps.value = 2
+    panel.autopilot.value = True                  # the toggle, as clicked
+    _ready(panel, timeout=240)
+    recs = [r for r in lab.ledger.records() if r["kind"] == "candidate"]
+    assert len(recs) == 2 and all(r["decided_by"] == "autopilot" for r in recs)
+    assert [r["decision"] == "keep" for r in recs] == [lab.verdict(r["id"])["keep"] for r in recs]
+    assert panel.autopilot.value is False
+
+
+def test_new_panel_after_restart_offers_the_undecided_run(lab, tmp_path):
+    lab.run_budgeted(lab.propose())               # ran, never decided; then the kernel "restarts"
+    lab.close()
+    lab2 = Lab(tmp_path / "lab", budget=BUDGET, proposer=KnobProposer(), verbose=False)
+    try:
+        panel = lab2.panel()
+        assert panel.state == "ran" and panel.exp_id == "0002"
+        assert "never decided" in panel.message.value and "MATRIX_LR" in panel.diff.value
+        assert panel.live.events and not panel.discard_button.disabled
+        panel.discard_button.click()
+        _ready(panel)
+        assert lab2.ledger.get("0002")["decision"] == "discard"
+        assert "0002" in lab_html(lab2)
+    finally:
+        lab2.close()
