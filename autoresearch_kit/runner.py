@@ -72,6 +72,7 @@ DEFAULT_GRACE_SECONDS = 60.0
 DEFAULT_GRACE_FRACTION = 0.25
 # Token and FLOP budgets have no clock: the hard limit is a plain wall-clock cap.
 DEFAULT_HARD_LIMIT_SECONDS = 600.0
+EVENT_DRAIN_SECONDS = 2.0     # on_event may lag the child by this much at the end, no more
 DIVERGED_EXIT_CODE = 3        # harness: exit code after a NaN/inf loss
 
 _OOM_PATTERNS = ("MemoryError", "out of memory", "OutOfMemoryError", "can't allocate memory",
@@ -300,6 +301,7 @@ class _Messages:
         self.times: dict[str, float] = {}
         self.callback_error: str | None = None
         self.extra_results = 0
+        self.closed = False
         self.lock = threading.Lock()
         # on_event runs on a thread of its own: a slow live plot must not stop the
         # channel being read (a full pipe would block the child's training loop).
@@ -343,7 +345,7 @@ class _Messages:
     def _dispatch(self) -> None:
         while True:
             event = self.events.get()
-            if event is None:
+            if event is None or self.closed:
                 return
             try:
                 self.on_event(event)
@@ -358,6 +360,7 @@ class _Messages:
         if self.dispatcher.is_alive():
             self.events.put(None)
             self.dispatcher.join(timeout=timeout)
+            self.closed = True  # a callback still busy: drop the rest, no calls after we return
 
 
 # --------------------------------------------------------------------------- processes
@@ -657,7 +660,9 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
         "cuda", "mps" or "cpu" (default: AUTORESEARCH_DEVICE, else detected).
     on_event
         Called with each `step` event dict (step, loss, lr, tokens, ...) as it arrives,
-        on a background thread. Exceptions it raises are logged once and ignored.
+        on a background thread of its own (a slow callback never slows the child).
+        Exceptions it raises are logged once and ignored; events still queued 2 s
+        after the child exits are dropped (they are all in `RunResult.curve`).
     log_path
         Log file (default `workdir/run.log`); capped at 2 MiB (head and tail kept).
     hard_limit
@@ -820,7 +825,7 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
         done.set()
         for t in readers:
             t.join(timeout=5.0)
-        msgs.close(timeout=5.0)
+        msgs.close(timeout=EVENT_DRAIN_SECONDS)
         for fd in (out_r, channel.read_fd):
             try:
                 os.close(fd)

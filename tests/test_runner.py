@@ -142,6 +142,17 @@ def test_raising_callback_does_not_end_the_run(unchecked, tmp_path):
     assert "plot broke" in res.extra["on_event_error"]
 
 
+def test_slow_callback_never_blocks_the_child(unchecked, tmp_path):
+    # 3000 step messages (~500 KB) overflow the pipe many times over: if the channel
+    # waited on the callback, the child would block and hit the hard limit.
+    release = threading.Event()
+    res = run(fake("for i in range(3000):\n    step(i)\nresult(1.0)\n"), tmp_path, hard_limit=10,
+              on_event=lambda e: release.wait(30))
+    release.set()
+    assert res.status == "ok", res.reason
+    assert len(res.curve) == 3000
+
+
 # --------------------------------------------------------------------------- crashes
 
 
