@@ -66,9 +66,12 @@ FAILURE_TAIL_LINES = 40       # copied to RunResult.log_tail for a failed run
 MAX_LINE_CHARS = 2000         # one printed line longer than this is cut in the tail
 # Time between SIGTERM and SIGKILL: enough for Python to unwind, too short to matter.
 TERM_GRACE_SECONDS = 2.0
-# Default grace over a seconds budget: start-up (imports, data), torch.compile and the
-# final evaluation are not counted in the budget, so the hard limit allows for them.
-DEFAULT_GRACE_SECONDS = 60.0
+# Default grace over a seconds budget: start-up (imports, data), torch.compile, the
+# warm-up steps and the final evaluation are not counted in the budget, so the hard
+# limit allows for them. Measured (bench/overhead.py): H100, the stock train.py, 30 s:
+# 40 s over the budget with a cold compile cache, 20 s warm; a busy 2-core CPU, 20 s:
+# 78 s over (36 s FLOP count + 3 warm-up steps, 22 s eval of 65k tokens).
+DEFAULT_GRACE_SECONDS = {"cuda": 90.0, "mps": 120.0, "cpu": 120.0}
 DEFAULT_GRACE_FRACTION = 0.25
 # Token and FLOP budgets have no clock: the hard limit is a plain wall-clock cap.
 DEFAULT_HARD_LIMIT_SECONDS = 600.0
@@ -159,14 +162,14 @@ def _detect_device_type() -> str:
     return "mps" if mps is not None and mps.is_available() else "cpu"
 
 
-def _hard_limit(budget: config.Budget, hard_limit: float | None) -> float:
+def _hard_limit(budget: config.Budget, hard_limit: float | None, device_type: str = "cpu") -> float:
     if hard_limit is not None:
         if hard_limit <= 0:
             msg = f"hard_limit must be a positive number of seconds, got {hard_limit}."
             raise ValueError(msg)
         return float(hard_limit)
     if budget.kind == "seconds":
-        grace = float(config.env("GRACE") or DEFAULT_GRACE_SECONDS)
+        grace = float(config.env("GRACE") or DEFAULT_GRACE_SECONDS.get(device_type, 120.0))
         return budget.amount + grace + DEFAULT_GRACE_FRACTION * budget.amount
     return float(config.env("HARD_LIMIT") or DEFAULT_HARD_LIMIT_SECONDS)
 
@@ -667,8 +670,8 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
         Log file (default `workdir/run.log`); capped at 2 MiB (head and tail kept).
     hard_limit
         Wall-clock seconds after which the process group is killed (`timeout`).
-        Default: a seconds budget plus AUTORESEARCH_GRACE (60 s) plus 25 % of it; for
-        token/FLOP budgets AUTORESEARCH_HARD_LIMIT (600 s).
+        Default: a seconds budget plus AUTORESEARCH_GRACE (90 s on CUDA, 120 s on
+        CPU/MPS) plus 25 % of it; for token/FLOP budgets AUTORESEARCH_HARD_LIMIT (600 s).
     stop
         A threading.Event; setting it kills the run, which ends as `aborted`.
     env
@@ -701,7 +704,7 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
     seed = int(seed) if seed is not None else int(config.env("SEED") or config.DEFAULT_SEED)
     extra_env = {str(k): str(v) for k, v in (env or {}).items()}
     eval_tokens = int(extra_env.get(config.ENV_PREFIX + "EVAL_TOKENS") or config.default_eval_tokens(device_type))
-    limit = _hard_limit(budget, hard_limit)
+    limit = _hard_limit(budget, hard_limit, device_type)
     wd = _prepare_workdir(workdir, source)
     logfile = Path(log_path).expanduser() if log_path is not None else wd / "run.log"
 

@@ -236,11 +236,14 @@ def test_default_hard_limit_leaves_grace_for_startup_and_eval(monkeypatch):
     monkeypatch.delenv("AUTORESEARCH_GRACE", raising=False)
     monkeypatch.delenv("AUTORESEARCH_HARD_LIMIT", raising=False)
     from autoresearch_kit.config import Budget
-    assert runner._hard_limit(Budget(seconds=300), None) == 300 + 60 + 75
-    assert runner._hard_limit(Budget(tokens=10**6), None) == 600
+    assert runner._hard_limit(Budget(seconds=300), None, "cuda") == 300 + 90 + 75
+    assert runner._hard_limit(Budget(seconds=60), None, "cpu") == 60 + 120 + 15
+    assert runner._hard_limit(Budget(tokens=10**6), None, "cuda") == 600
     monkeypatch.setenv("AUTORESEARCH_GRACE", "5")
-    assert runner._hard_limit(Budget(seconds=4), None) == 4 + 5 + 1
-    assert runner._hard_limit(Budget(seconds=4), 2.5) == 2.5
+    assert runner._hard_limit(Budget(seconds=4), None, "cpu") == 4 + 5 + 1
+    assert runner._hard_limit(Budget(seconds=4), 2.5, "cpu") == 2.5
+    with pytest.raises(ValueError, match="positive"):
+        runner._hard_limit(Budget(seconds=4), 0, "cpu")
 
 
 # --------------------------------------------------------------------------- strays
