@@ -384,10 +384,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"lab {path}: no experiments yet (`autoresearch run --lab {path}`)")
         return 0
     print(_status_table(records))
-    ran = [r for r in records if r["status"] not in ("rejected", "running")]
-    kept = [r for r in records if r["decision"] == "keep"]
-    print(f"\n{len(records)} experiments ({len(ran)} ran, {len(kept)} kept, "
-          f"{sum(r['status'] == 'rejected' for r in records)} rejected)"
+    n = {k: sum(r["status"] == k for r in records) for k in ("ok", "rejected", "running")}
+    failed = len(records) - sum(n.values())
+    kept = sum(r["decision"] == "keep" for r in records)
+    print(f"\n{len(records)} experiments ({n['ok']} ran ok, {kept} kept, {failed} failed or aborted, "
+          f"{n['rejected']} rejected" + (f", {n['running']} running" if n["running"] else "") + ")"
           + (f"; best {best['id']} val_bpb {best['val_bpb']:.6f}: {best['description']}" if best else ""))
     return 0
 
@@ -483,16 +484,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sigterm_as_interrupt(signum, frame):
+    # `kill PID` (or a scheduler's stop) should end a run like Ctrl-C: the training process
+    # group is killed and the run recorded as aborted, instead of leaving an orphan behind
+    raise KeyboardInterrupt
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"autoresearch: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `autoresearch` and `python -m autoresearch_kit`; returns the exit status."""
+    import signal
+    import warnings
+
     from autoresearch_kit.ledger import LabLockedError
     from autoresearch_kit.propose.base import ProposalError
 
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if in_main_thread else None
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("\ninterrupted: the run in progress was recorded as aborted", file=sys.stderr)
+        print("\ninterrupted (a run in progress is recorded as aborted)", file=sys.stderr)
         return EXIT_INTERRUPT
     except (UserError, LabLockedError, FileNotFoundError, ProposalError) as e:
         print(f"autoresearch: error: {e}", file=sys.stderr)
@@ -502,6 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"autoresearch: error: {e}", file=sys.stderr)
         return EXIT_USER
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

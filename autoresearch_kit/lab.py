@@ -182,6 +182,7 @@ class Lab:
         self._proposer_kwargs = dict(proposer_kwargs or {})
         self._proposer = None
         self.sigma: float | None = self._sigma_from_ledger()
+        self._warn_budget_change()
         if self.recovered and self.verbose:
             print(f"lab {self.path.name}: experiment(s) {', '.join(self.recovered)} were interrupted and are "
                   f"recorded as aborted")
@@ -207,6 +208,19 @@ class Lab:
         from autoresearch_kit.config import Budget
 
         self._budget = Budget.parse(value)
+
+    def _warn_budget_change(self) -> None:
+        base = self._baseline_record()
+        if self._budget_arg is None or base is None or not base["budget"]:
+            return
+        from autoresearch_kit.config import Budget
+
+        if Budget.parse(self._budget_arg) != Budget.parse(base["budget"]):
+            import warnings
+
+            warnings.warn(f"This lab's baseline ran with budget {base['budget']}, this session uses "
+                          f"{Budget.parse(self._budget_arg)}: candidates are compared with parents trained "
+                          f"under another budget. Leave budget= out to keep the lab's.", stacklevel=3)
 
     @property
     def proposer(self):

@@ -283,7 +283,9 @@ def test_resume_after_sigkill_mid_run(lab_dir, tmp_path):
 def test_keyboard_interrupt_records_aborted_then_reraises(lab_dir):
     import _thread
 
-    with _open(lab_dir, budget="400000-tokens") as lab:
+    with pytest.warns(UserWarning, match="another budget"):   # the lab's baseline ran under 2000 tokens
+        lab = _open(lab_dir, budget="400000-tokens")
+    with lab:
         fired = threading.Event()
 
         def ctrl_c(ev):                       # the user presses Ctrl-C once training is under way
