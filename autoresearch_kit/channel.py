@@ -100,8 +100,9 @@ class ParentChannel:
         """Return the message dict for a genuine line, else None (and count it)."""
         raw = raw.rstrip(b"\n")
         sig, _, body = raw.partition(b" ")
-        if not body or len(raw) > MAX_LINE or not hmac.compare_digest(sig.decode("ascii", "replace"),
-                                                                       _sign(self.key, body)):
+        # Compare bytes: compare_digest refuses str with non-ASCII characters (TypeError),
+        # and a forged line may carry any bytes.
+        if not body or len(raw) > MAX_LINE or not hmac.compare_digest(sig, _sign(self.key, body).encode()):
             self.rejected += 1
             return None
         try:

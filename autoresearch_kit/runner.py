@@ -274,7 +274,7 @@ def _line_text(raw: bytes) -> str:
     return text if len(text) <= MAX_LINE_CHARS else text[:MAX_LINE_CHARS] + " [...]"
 
 
-def _pump(fd: int, on_chunk: Callable[[bytes], None], done: threading.Event) -> None:
+def _pump(fd: int, on_chunk: Callable[[bytes], None] | None, done: threading.Event) -> None:
     """Read fd until EOF, or until `done` is set and nothing more is waiting."""
     try:
         while True:
@@ -286,7 +286,13 @@ def _pump(fd: int, on_chunk: Callable[[bytes], None], done: threading.Event) -> 
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 return
-            on_chunk(chunk)
+            if on_chunk is not None:
+                try:
+                    on_chunk(chunk)
+                except Exception:  # keep draining: a stalled pipe would block the child
+                    log.exception("autoresearch runner: could not process the child's output; "
+                                  "the rest of this stream is drained unread")
+                    on_chunk = None
     except OSError as e:  # fd closed under us: nothing more to read
         log.debug("reader stopped: %s", e)
 

@@ -95,8 +95,12 @@ def unchecked(monkeypatch, kit_env):
 
 
 def run(source: str, tmp_path: Path, budget="2s", **kw) -> RunResult:
+    """run_budgeted in tmp_path/work; every run that started a process must leave none."""
     kw.setdefault("hard_limit", 20)
-    return run_budgeted(source, budget, workdir=tmp_path / "work", **kw)
+    res = run_budgeted(source, budget, workdir=tmp_path / "work", **kw)
+    assert res.reason or res.status == "ok", "a failed run must say why"
+    _assert_nothing_left(res)
+    return res
 
 
 # --------------------------------------------------------------------------- happy path
@@ -346,9 +350,10 @@ fd = int(os.environ["AUTORESEARCH_CHANNEL_FD"])
 body = json.dumps({"seq": 1, "kind": "result", "data": {"status": "ok", "val_bpb": 0.1}})
 os.write(fd, ("0" * 64 + " " + body + "\\n").encode())
 os.write(fd, b"not even a signature\\n")
+os.write(fd, b"\\xff" * 64 + b" {\\"seq\\": 2}\\n")
 """, tmp_path)
     assert res.status == "invalid" and res.val_bpb is None
-    assert res.extra["channel_rejected"] == 2
+    assert res.extra["channel_rejected"] == 3
     assert "forged" in res.reason
 
 
