@@ -16,10 +16,10 @@ exactly where the last one stopped; a run interrupted by a killed process shows 
 `aborted` and nothing else changes. One Lab per directory at a time (a lock).
 
 Where a new lab's files come from (`Lab(path, program=..., train=...)`), for each file:
-the path given, if it exists (relative paths from the current directory: by default the
-program.md / train.py of the directory you are in); else the file already in the lab
-directory; else, for the default names only, the package templates
-(`autoresearch_kit/templates/`). An existing lab ignores both arguments.
+a path you pass explicitly (it must exist); with the default names, the file already in
+the lab directory, else the one in the current directory (so `autoresearch run` in a
+checkout of this repository starts from its train.py and program.md), else the package
+templates (`autoresearch_kit/templates/`). An existing lab ignores both arguments.
 
 Decisions. The rule keeps a candidate when its val_bpb beats its parent's (the tip of the
 kept line it edits, as the original autoresearch compares with the current best of its
@@ -81,14 +81,15 @@ def is_lab(path: str | os.PathLike) -> bool:
 def _initial_text(name: str, given: str | os.PathLike, lab_dir: Path) -> str:
     """The starting program.md / train.py of a new lab (the rule in the module docstring)."""
     path = Path(given).expanduser()
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    if (lab_dir / name).is_file():
-        return (lab_dir / name).read_text(encoding="utf-8")
-    if str(given) == name:
-        return template_path(name).read_text(encoding="utf-8")
-    msg = f"{given} not found: pass the path of an existing {name} (or leave it out to start from the template)."
-    raise FileNotFoundError(msg)
+    if str(given) != name:  # an explicit path: it must exist
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+        msg = f"{given} not found: pass the path of an existing {name} (or leave it out to start from the template)."
+        raise FileNotFoundError(msg)
+    for candidate in (lab_dir / name, path):  # the lab directory's own file, then the current directory's
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    return template_path(name).read_text(encoding="utf-8")
 
 
 def _looks_like_source(text: str) -> bool:

@@ -372,6 +372,12 @@ def test_new_lab_rules_for_starting_files(tmp_path, kit_env, monkeypatch):
     with _open(tmp_path / "b") as lab:
         assert (lab.path / "program.md").read_text() == "# my program\n"
         assert (lab.path / "train.py").read_text() == tiny_train_source()
+    # a directory that already holds its own train.py keeps it (over the current directory's)
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "train.py").write_text(tiny_train_source().replace("GRAD_CLIP = 0.0", "GRAD_CLIP = 2.0"))
+    with _open(tmp_path / "own") as lab:
+        assert "GRAD_CLIP = 2.0" in (lab.path / "train.py").read_text()
+        assert "GRAD_CLIP = 2.0" in lab.workspace.source("kept")
     # an explicit path that does not exist is an error that says what to do, and creates nothing
     with pytest.raises(FileNotFoundError, match="pass the path of an existing train.py"):
         _open(tmp_path / "c", train="nope.py")
