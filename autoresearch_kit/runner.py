@@ -713,6 +713,11 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
     limit = _hard_limit(budget, hard_limit, device_type)
     wd = _prepare_workdir(workdir, source)
     logfile = Path(log_path).expanduser() if log_path is not None else wd / "run.log"
+    try:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"Cannot create the log directory {logfile.parent} ({e}); pass log_path= a writable location."
+        raise PermissionError(msg) from e
 
     res = RunResult(status="crash", budget=str(budget), seed=seed, device=device_type, log_path=str(logfile))
     res.extra.update(workdir=str(wd), hard_limit=limit)
