@@ -3,6 +3,9 @@
     from autoresearch_kit.ui import Panel
     Panel(lab)                         # what lab.panel() returns
 
+    from autoresearch_kit.ui import show
+    show(proposal); show(result); show(lab)    # HTML for any kit object, cell by cell
+
     from autoresearch_kit.ui.render import proposal_html, run_result_html, lab_html
     from autoresearch_kit.ui.diff import diff_html
 
@@ -22,6 +25,7 @@ _EXPORTS = {
     "proposal_html": "autoresearch_kit.ui.render",
     "run_result_html": "autoresearch_kit.ui.render",
     "lab_html": "autoresearch_kit.ui.render",
+    "show": "autoresearch_kit.ui.render",
 }
 __all__ = sorted(_EXPORTS)
 

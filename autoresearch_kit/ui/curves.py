@@ -262,6 +262,10 @@ class LiveCurve:
     # The runner's on_event signature: lab.run_budgeted(p, on_event=live)
     __call__ = add_event
 
+    def _repr_mimebundle_(self, **kwargs):
+        # `display(live)` shows the widget, so a cell can show it and then start the run
+        return self.widget._repr_mimebundle_(**kwargs)
+
     def _timed_draw(self) -> None:
         with self._lock:
             self._timer = None

@@ -336,3 +336,42 @@ def lab_html(lab: Any, *, last: int | None = 15) -> str:
     return (f'<div>{head}<div style="display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start">'
             f'<div style="flex:1;min-width:360px;overflow:auto">{history_table_html(records, best_id=best_id, last=last)}</div>'
             f'<div style="flex:1;min-width:360px">{plot}</div></div></div>')
+
+
+class Rendered:
+    """An HTML snippet that Jupyter displays (what `show` returns)."""
+
+    def __init__(self, html: str) -> None:
+        self.html = html
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+
+def show(obj: Any, **kwargs: Any) -> Rendered:
+    """Render a kit object for a notebook cell: a Proposal (its diff), a RunResult or ledger
+    record (summary and curve), a Lab or Ledger (history and progress plot).
+
+    Parameters
+    ----------
+    obj : Proposal, RunResult, dict, Lab or Ledger
+        What to show. A dict is read as a ledger record.
+    **kwargs
+        Passed to the renderer (e.g. ``mode="split"`` for a proposal's diff).
+
+    Examples
+    --------
+    >>> show(lab.propose(), mode="split")        # doctest: +SKIP
+    """
+    if hasattr(obj, "diff") and hasattr(obj, "source") and hasattr(obj, "description"):
+        return Rendered(proposal_html(obj, **kwargs))
+    if isinstance(obj, dict) or (hasattr(obj, "status") and hasattr(obj, "curve")):
+        title = kwargs.pop("title", None)
+        if title is None:
+            title = f"{_get(obj, 'id') or ''} {_get(obj, 'description', '') or ''}".strip()
+        return Rendered(run_result_html(obj, title=title, **kwargs))
+    if hasattr(obj, "records") or hasattr(obj, "ledger"):
+        return Rendered(lab_html(obj, **kwargs))
+    msg = (f"show() renders a Proposal, a RunResult, a ledger record (dict), a Lab or a Ledger; "
+           f"got {type(obj).__name__}.")
+    raise TypeError(msg)
