@@ -9,8 +9,8 @@ defined here, so the tests do not depend on which edits the offline mutator pick
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -31,16 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BUDGET = "2000-tokens"
 
 # The real train.py, shrunk so a run takes seconds on a CPU: one block, width 32, 2 heads.
-_TINY = (("CPU_DEPTH = 4", "CPU_DEPTH = 1"), ("CPU_SEQ_LEN = 256", "CPU_SEQ_LEN = 32"),
-         ("CPU_BATCH_SIZE = 16", "CPU_BATCH_SIZE = 4"), ("ASPECT_RATIO = 64", "ASPECT_RATIO = 32"),
-         ("HEAD_DIM = 64", "HEAD_DIM = 16"))
+# Only the values of these knobs change, whatever they are in train.py today.
+_TINY = {"CPU_DEPTH": "1", "CPU_SEQ_LEN": "32", "CPU_BATCH_SIZE": "4", "ASPECT_RATIO": "32", "HEAD_DIM": "16"}
 
 
 def tiny_train_source() -> str:
     src = (ROOT / "train.py").read_text()
-    for old, new in _TINY:
-        assert old in src, f"train.py no longer has {old!r}: update _TINY in tests/test_lab.py"
-        src = src.replace(old, new)
+    for name, value in _TINY.items():
+        src, n = re.subn(rf"^{name} = [^#\n]*?(\s*#|$)", rf"{name} = {value}\1", src, count=1, flags=re.M)
+        assert n == 1, f"train.py no longer sets {name}: update _TINY in tests/test_lab.py"
     return src
 
 
