@@ -289,7 +289,8 @@ class Panel(w.VBox):
         self.header.value = (
             f'<div style="display:flex;gap:14px;align-items:baseline;flex-wrap:wrap;margin-bottom:6px">'
             f'<span style="font-size:17px;font-weight:700">autoresearch</span>'
-            f'<span style="color:#57606a">{_html.escape(str(path))}</span>'
+            f'<span style="color:#57606a" title="{_html.escape(str(path))}">'
+            f'{_html.escape(getattr(path, "name", "") or str(path))}</span>'
             f'<span>{best_txt}</span>'
             f'<span style="color:#57606a">{len(records)} experiments · {n_keep} kept · budget {budget}'
             f'{" · proposer " + _html.escape(proposer) if proposer else ""}</span></div>')
@@ -556,12 +557,16 @@ class Panel(w.VBox):
         verdict = self._verdict(exp_id) if exp_id else {}
         keep = verdict.get("keep")
         if verdict:
-            noise = verdict.get("within_noise")
-            noise_txt = ""
-            if noise:
+            sigma = verdict.get("sigma")
+            if verdict.get("within_noise"):
                 noise_txt = " " + badge("within noise", "#9a6700")
-            elif verdict.get("noise") is not None or noise is False:
-                noise_txt = " " + badge("beyond noise", "#1a7f37")
+            elif sigma and status == "ok":
+                noise_txt = " " + badge(f"beyond noise (σ {sigma:.4f})", "#1a7f37")
+            elif status == "ok":
+                noise_txt = (' <span style="font-size:11px;color:#6e7781" title="lab.measure_noise() reruns the '
+                             'parent with other seeds to measure run-to-run noise">noise not measured</span>')
+            else:
+                noise_txt = ""
             lines.append(f'<div style="margin-top:4px">rule says: <b>{"keep" if keep else "discard"}</b>'
                          f'{noise_txt} <span style="color:#57606a">{_html.escape(str(verdict.get("reason", "")))}'
                          f'</span></div>')
@@ -570,7 +575,7 @@ class Panel(w.VBox):
             lines.append(f'<div style="margin-top:4px">decided: {badge(decision, "#1a7f37" if decision == "keep" else "#6e7781")}'
                          f' by {_html.escape(str(rec.get("decided_by") or ""))} '
                          f'{_html.escape(str(rec.get("decision_reason") or ""))}</div>')
-        title = f"{exp_id} · {rec.get('description', '')}"
+        title = f"experiment {exp_id}"
         # the curve is in the training card just above: the outcome shows the numbers
         self.outcome.value = "".join(lines) + run_result_html(rec, title=title, plot=False)
         # prefill: the rule's choice is the highlighted button

@@ -128,11 +128,12 @@ def run_summary_rows(result: Any) -> list[tuple[str, str]]:
     return rows
 
 
-def _kv_table(rows: Sequence[tuple[str, str]]) -> str:
-    cells = "".join(f'<tr><td style="color:#57606a;padding:1px 12px 1px 0;text-align:left">{k}</td>'
-                    f'<td style="padding:1px 0;text-align:left;font-variant-numeric:tabular-nums">{v}</td></tr>'
+def _stats(rows: Sequence[tuple[str, str]]) -> str:
+    """Numbers as small labelled tiles in a wrapping row (compact under JupyterLab's table CSS)."""
+    tiles = "".join(f'<div style="min-width:56px"><div style="font-size:11px;color:#57606a">{k}</div>'
+                    f'<div style="font-weight:600;font-variant-numeric:tabular-nums">{v}</div></div>'
                     for k, v in rows)
-    return f'<table style="border-collapse:collapse;font-size:12px;margin:0">{cells}</table>'
+    return f'<div style="display:flex;flex-wrap:wrap;gap:4px 18px;margin:4px 0;font-size:12px">{tiles}</div>'
 
 
 def run_result_html(result: Any, *, references: Sequence[tuple] = (), title: str = "", plot: bool = True) -> str:
@@ -169,7 +170,7 @@ def run_result_html(result: Any, *, references: Sequence[tuple] = (), title: str
                          width=6.0, height=2.6)
         img = f'<div style="flex:1;min-width:320px">{png_img(png, alt="loss curve", max_width="620px")}</div>'
     return (f'<div style="display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start">'
-            f'<div style="min-width:220px">{head}{_kv_table(run_summary_rows(result))}{failure}</div>{img}</div>')
+            f'<div style="flex:1;min-width:260px">{head}{_stats(run_summary_rows(result))}{failure}</div>{img}</div>')
 
 
 # --- Lab history ----------------------------------------------------------------------------
@@ -202,6 +203,9 @@ def history_table_html(records: Sequence[dict], *, best_id: str | None = None, l
     if last:
         df = df.head(last)
     df["val_bpb"] = df["val_bpb"].map(fmt_bpb)
+    # a run that finished but is not decided yet: say so (an empty cell reads as "nothing")
+    df["decision"] = [d if isinstance(d, str) and d else ("pending" if st == "ok" else "")
+                      for d, st in zip(df["decision"], df["status"])]
     df = df.fillna("").rename(columns={"parent_id": "parent"})
 
     def style_row(row):
