@@ -24,7 +24,7 @@ from autoresearch_kit import harness
 
 # ---------------------------------------------------------------------------------------
 # Hyperparameters: simple literals, one block. CPU_* apply on CPU and MPS, GPU_* on CUDA.
-CPU_DEPTH = 4            # transformer blocks; the width follows: DEPTH * ASPECT_RATIO
+CPU_DEPTH = 3            # transformer blocks; the width follows: DEPTH * ASPECT_RATIO
 CPU_SEQ_LEN = 256        # context length (also the evaluation context)
 CPU_BATCH_SIZE = 16      # sequences per step
 GPU_DEPTH = 8
