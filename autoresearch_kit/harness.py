@@ -58,6 +58,11 @@ _STEP_EVENTS_PER_S = 10.0  # live curves need no more; always the last one too
 _PRINT_EVERY_S = 2.0       # a human line every ~2 s (and the first steps)
 _EXPLODE_RATIO = 3.0       # loss > 3x the first loss (after warm-up) counts as diverged
 _EXPLODE_ABS = 100.0       # or above 100 nats/token: far beyond ln(65536) = 11.1
+# A seconds budget needs the device's clock, but a sync every step leaves the GPU idle while
+# the host queues the next step (a few ms of launches per step on an H100). The host runs at
+# most about a step ahead (log() waits for the step before last), so the harness syncs once
+# a second to keep run.progress honest, and at the end to confirm the budget is spent.
+_SYNC_EVERY_S = 1.0
 
 _started = False
 
@@ -71,6 +76,7 @@ class _State:
         "params", "flops_per_token", "calls", "steps", "t_train", "tokens_at_train", "train_seconds",
         "done", "claimed", "last_step_tokens", "pending", "first_loss", "last_event_t", "last_print_t",
         "last_sent", "last_loss", "failed", "finished", "tokens_at_call", "pending_claim",
+        "last_sync", "t_start", "t_first_call", "t_stop",
     )
 
     def __init__(self, device: Device, budget: Budget, seed: int, data: PreparedData, eval_tokens: int,
@@ -99,6 +105,10 @@ class _State:
         self.finished = False
         self.tokens_at_call = 0
         self.pending_claim = 0
+        self.last_sync = 0.0       # host time of the last device sync (seconds budgets)
+        self.t_start = time.perf_counter()      # the timeline, for the overhead report:
+        self.t_first_call: float | None = None  # first training() call (setup done)
+        self.t_stop: float | None = None        # clock stopped
 
 
 def _sync(device: Device) -> None:
@@ -114,6 +124,20 @@ def _to_float(value) -> float | None:
     if torch.is_tensor(value):
         return float(value.detach().float().item())
     return float(value)
+
+
+def _to_host(value):
+    """Start copying a CUDA scalar to (pinned) host memory without waiting for it.
+
+    `.item()` would queue its copy behind all the work queued so far and wait for it, so
+    the GPU would idle while the host queues the next step. A non-blocking copy plus an
+    event (see Run.log) waits only for the step that produced the value.
+    """
+    if torch.is_tensor(value):
+        value = value.detach()
+        if value.device.type == "cuda" and value.numel() == 1:
+            return value.to("cpu", non_blocking=True)
+    return value
 
 
 def _peak_memory_gb(device: Device) -> float:
@@ -316,14 +340,23 @@ class Run:
             s.last_step_tokens = counted - s.tokens_at_call
         s.tokens_at_call = counted
         s.calls += 1
+        if s.calls == 1:
+            s.t_first_call = time.perf_counter()
         if s.calls == s.warmup_steps + 1:  # the warm-up steps are done: start the clock
             _sync(s.device)
-            s.t_train = time.perf_counter()
+            s.t_train = s.last_sync = time.perf_counter()
             s.tokens_at_train = counted
+            if s.warmup_steps:
+                print(f"clock: started after {s.warmup_steps} warm-up steps "
+                      f"({s.t_train - s.t_first_call:.1f}s, compile included)", flush=True)
         nxt = int(tokens) if tokens is not None else s.last_step_tokens
         stop = False
         if b.kind == "seconds":
-            stop = s.t_train is not None and self._elapsed(sync=True) >= b.amount
+            now = time.perf_counter()
+            if s.t_train is not None and (now - s.t_train >= b.amount or now - s.last_sync >= _SYNC_EVERY_S):
+                _sync(s.device)
+                s.last_sync = time.perf_counter()
+                stop = s.last_sync - s.t_train >= b.amount
         elif b.kind == "tokens":
             stop = counted + max(nxt, 1) > b.amount
         else:
@@ -341,6 +374,7 @@ class Run:
             return
         s.done = True
         s.train_seconds = self._elapsed(sync=True) if s.t_train is not None else 0.0
+        s.t_stop = time.perf_counter()
 
     @property
     def progress(self) -> float:
@@ -361,8 +395,8 @@ class Run:
     def log(self, step: int | None = None, loss=None, lr=None, **extra) -> None:
         """Record one training step: loss (a float or a tensor), lr, and any extra numbers.
 
-        A tensor loss is materialised one call later, when the device has long finished
-        it, so logging never adds a device sync. Step events go to the runner at most 10
+        A tensor loss is copied to the host without blocking and read one call later,
+        waiting only for the step that made it: logging never drains the device's queue. Step events go to the runner at most 10
         per second (and always the last); a line is printed every ~2 s. A NaN/inf loss, or
         one exploding after warm-up (> 3x the first loss, or > 100), ends the run with
         status `diverged` (exit code 3).
@@ -374,19 +408,25 @@ class Run:
         previous = s.pending
         s.pending = {
             "step": s.steps - 1 if step is None else int(step),
-            "loss": loss.detach() if torch.is_tensor(loss) else loss,
-            "lr": lr.detach() if torch.is_tensor(lr) else lr,
-            "extra": {k: (v.detach() if torch.is_tensor(v) else v) for k, v in extra.items()},
+            "loss": _to_host(loss),
+            "lr": _to_host(lr),
+            "extra": {k: _to_host(v) for k, v in extra.items()},
+            "ready": None,
             "tokens": self._tokens(),
             "elapsed": self._elapsed(),
             "progress": self.progress,
             "index": s.steps - 1,  # the harness's own count: train.py's step numbers are its business
         }
+        if s.device.type == "cuda":
+            s.pending["ready"] = torch.cuda.Event()
+            s.pending["ready"].record()  # the host copies above are done when this fires
         if previous is not None:
             self._emit(previous, last=False)
 
     def _emit(self, rec: dict, last: bool) -> None:
         s = self._s
+        if rec["ready"] is not None:
+            rec["ready"].synchronize()  # waits for that step only, not for the steps queued after it
         loss = _to_float(rec["loss"])
         event = {"step": rec["step"], "loss": loss, "lr": _to_float(rec["lr"]), "tokens": rec["tokens"],
                  "elapsed": round(rec["elapsed"], 4), "progress": round(rec["progress"], 5)}
@@ -486,11 +526,27 @@ class Run:
             mfu = s.flops_per_token * timed_tokens / (s.train_seconds * dev.peak_flops)
         result.update(val_bpb=ev["bpb"], eval_seconds=ev["seconds"], eval_tokens=ev["tokens"],
                       peak_memory_gb=_peak_memory_gb(dev), mfu=mfu,
-                      total_seconds=time.perf_counter() - _T_IMPORT)
+                      total_seconds=time.perf_counter() - _T_IMPORT, **self._timeline())
+        # where the wall time outside the budget went, before the original's summary block
+        print("outside the budget: " + " | ".join(
+            f"{k.removesuffix('_seconds')} {result[k]:.2f}s" for k in
+            ("startup_seconds", "setup_seconds", "warmup_seconds", "eval_seconds", "finish_seconds")), flush=True)
         _print_summary(result)
         _CHANNEL.send("result", result)
         _write_standalone(result)
         return result
+
+
+    def _timeline(self) -> dict:
+        """Where the time outside the budget went (seconds), for the summary and bench/gpu.py."""
+        s = self._s
+        first = s.t_first_call if s.t_first_call is not None else s.t_start
+        clock = s.t_train if s.t_train is not None else first
+        stop = s.t_stop if s.t_stop is not None else clock
+        return {"startup_seconds": s.t_start - _T_IMPORT,         # imports, device, data
+                "setup_seconds": first - s.t_start,               # model, FLOP count, optimizer
+                "warmup_seconds": clock - first,                  # warm-up steps, compile included
+                "finish_seconds": time.perf_counter() - stop}     # causality probe + evaluation
 
 
 def _print_summary(r: dict) -> None:
