@@ -51,10 +51,10 @@ def x_key(budget: Any = None) -> tuple[str, str]:
 
 def smooth(values: Sequence[float], window: int | None = None) -> list[float]:
     """Centred moving average: per-step losses are noisy, and a centred window does not lag
-    behind a falling curve the way an EMA does. The window defaults to ~1/25 of the points.
+    behind a falling curve the way an EMA does. The half-window defaults to ~1/10 of the points.
     """
     n = len(values)
-    k = window if window is not None else max(1, min(25, n // 25))
+    k = window if window is not None else max(1, min(25, n // 10))
     if k <= 1 or n == 0:
         return [float(v) for v in values]
     prefix = [0.0]

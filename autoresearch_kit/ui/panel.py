@@ -256,9 +256,12 @@ class Panel(w.VBox):
 
     # --- ledger views ---------------------------------------------------------------------
 
-    def _records(self) -> list[dict]:
+    def _records(self, curves: bool = True) -> list[dict]:
         led = getattr(self.lab, "ledger", None)
-        return list(led.records()) if led is not None else []
+        if led is None:
+            return []
+        # the table and plot need no curves: skipping them keeps a long lab's refresh fast
+        return list(led.records(curves=curves)) if not curves else list(led.records())
 
     def _record(self, exp_id: str | None) -> dict | None:
         if not exp_id:
@@ -277,7 +280,7 @@ class Panel(w.VBox):
 
     def refresh(self) -> None:
         """Redraw the header, the results table and the progress plot from the ledger."""
-        records = self._records()
+        records = self._records(curves=False)
         best = self._best()
         budget = getattr(self.lab, "budget", "")
         proposer = getattr(getattr(self.lab, "proposer", None), "name", "")
@@ -366,6 +369,7 @@ class Panel(w.VBox):
         finally:
             if streams:
                 proposer.on_token = old
+                self.stream.value = "".join(self._tokens)[-4000:]   # the throttle may have held the tail
                 self.stream.layout.display = "none"
         self.feedback.value = ""      # read once: it went into this proposal's context
         self.proposal = self.shown = p
@@ -399,7 +403,7 @@ class Panel(w.VBox):
         return records[-1].get("id") if records else None
 
     def _has_baseline(self) -> bool:
-        return any(r.get("kind") == "baseline" and r.get("status") == "ok" for r in self._records())
+        return any(r.get("kind") == "baseline" and r.get("status") == "ok" for r in self._records(curves=False))
 
     def _run_baseline(self) -> bool:
         """Run the lab's starting train.py with live curves (the lab would otherwise run it silently)."""
