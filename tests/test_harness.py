@@ -365,3 +365,40 @@ def test_standalone_run_writes_last_result(kit_env, tmp_path):
     assert code == 0, out
     saved = json.loads((Path(os.environ["AUTORESEARCH_CACHE"]) / "runs" / "last_result.json").read_text())
     assert saved["status"] == "ok" and f"val_bpb:          {saved['val_bpb']:.6f}" in out
+
+
+# --- device --------------------------------------------------------------------------------------
+
+def test_detect_cpu_says_why_and_uses_bf16_without_compile(capsys, monkeypatch):
+    from autoresearch_kit import device
+
+    monkeypatch.setattr(device, "_announced", False)
+    d = device.detect("cpu")
+    assert (d.type, d.autocast_dtype, d.compile, d.peak_flops) == ("cpu", torch.bfloat16, False, None)
+    assert d.name and "bf16 autocast" in d.reason
+    assert d.reason in capsys.readouterr().out
+    device.detect("cpu")
+    assert capsys.readouterr().out == ""  # announced once per process
+    fp = device.hardware_fingerprint(d)
+    assert fp["device"] == "cpu" and fp["torch"] == torch.__version__ and fp["cpu_count"] >= 1
+
+
+def test_detect_refuses_an_unavailable_or_unknown_device(monkeypatch):
+    from autoresearch_kit import device
+
+    with pytest.raises(ValueError, match="cuda, mps or cpu"):
+        device.detect("tpu")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("AUTORESEARCH_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            device.detect()
+
+
+def test_peak_flops_by_card_name():
+    from autoresearch_kit.device import peak_flops_for
+
+    assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for("NVIDIA H200") == 989e12
+    assert peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_for("Some Future GPU") is None
