@@ -24,7 +24,7 @@ from autoresearch_kit.propose.base import Proposal, ProposalError
 from autoresearch_kit.ui import Panel
 from autoresearch_kit.ui.curves import LiveCurve, curves_png
 from autoresearch_kit.ui.diff import diff_html, diff_stats, parse_unified
-from autoresearch_kit.ui.render import lab_html, proposal_html, run_result_html
+from autoresearch_kit.ui.render import lab_html, proposal_html, run_result_html, tree_html
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = "2000-tokens"
@@ -125,6 +125,24 @@ def test_curves_png_and_renderings():
     assert "bump A" in html and "why not" in html and "mutate" in html and "+1" in html
 
 
+def test_tree_shows_where_the_lab_branched():
+    recs = [{"id": "0001", "parent_id": None, "kind": "baseline", "status": "ok", "val_bpb": 2.0, "decision": "keep",
+             "description": "baseline"},
+            {"id": "0002", "parent_id": "0001", "kind": "candidate", "status": "ok", "val_bpb": 1.9,
+             "decision": "keep", "description": "wider"},
+            {"id": "0003", "parent_id": "0002", "kind": "candidate", "status": "crash", "val_bpb": None,
+             "decision": "discard", "description": "deeper"},
+            {"id": "0004", "parent_id": "0001", "kind": "candidate", "status": "ok", "val_bpb": 1.95,
+             "decision": "keep", "description": "other branch"},
+            {"id": "0005", "parent_id": "0004", "kind": "noise", "status": "ok", "val_bpb": 1.96, "decision": None,
+             "description": "noise rerun"}]
+    text = re.sub("<[^>]+>", "", tree_html(recs, parent_id="0004").replace("</div>", "\n"))
+    assert [line for line in text.splitlines() if line] == ["└─ 0001 2.0000 keep baseline",
+                                 "   ├─ 0002 1.9000 keep wider",
+                                 "   │  └─ 0003 crash discard deeper",
+                                 "   └─ 0004 1.9500 keep other branch ◀ parent"]
+
+
 def test_live_curve_throttles_redraws_and_draws_the_last_event():
     live = LiveCurve("10s", max_fps=2.0)
     live.reset([("parent", _events(50), "parent")])
@@ -210,6 +228,7 @@ def test_approve_runs_with_live_curves_then_keep_moves_the_parent(lab):
     assert rec["decision"] == "keep" and rec["decided_by"] == "human" and rec["decision_reason"] == "looks good"
     assert lab.parent_id == "0002" and panel.proposal.parent_id == "0002"
     assert "0002" in panel.table.value and bytes(panel.plot.value).startswith(PNG)
+    assert "◀ parent" in panel.tree.value and "0002" in panel.tree.value
 
 
 def test_reject_records_reason_and_the_next_proposal_reads_it(lab):

@@ -43,6 +43,7 @@ from autoresearch_kit.ui.render import (
     proposal_header_html,
     progress_png,
     run_result_html,
+    tree_html,
 )
 
 _FINISHED = ("ok", "crash", "timeout", "diverged", "invalid", "aborted")
@@ -191,9 +192,10 @@ class Panel(w.VBox):
 
         self.table = w.HTML(layout=w.Layout(overflow="auto"))
         self.plot = w.Image(format="png", layout=w.Layout(width="100%", max_width="720px"))
-        self.history_tabs = w.Tab(children=[self.table, self.plot])
-        self.history_tabs.set_title(0, "results")
-        self.history_tabs.set_title(1, "progress")
+        self.tree = w.HTML(layout=w.Layout(overflow="auto"))
+        self.history_tabs = w.Tab(children=[self.table, self.plot, self.tree])
+        for i, title in enumerate(("results", "progress", "tree")):
+            self.history_tabs.set_title(i, title)
         self.children = [self.header, self.message, self.proposal_card, self.live_card, self.outcome_card,
                          self.history_tabs]
 
@@ -300,6 +302,7 @@ class Panel(w.VBox):
         self.table.value = history_table_html(records, best_id=best.get("id") if best else None)
         if records:
             self.plot.value = progress_png(records)
+        self.tree.value = tree_html(records, parent_id=getattr(self.lab, "parent_id", None))
 
     def _restore(self, proposal: Any) -> None:
         """Pick up where the ledger says we are (after a kernel restart too)."""

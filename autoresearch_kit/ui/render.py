@@ -379,3 +379,42 @@ def show(obj: Any, **kwargs: Any) -> Rendered:
     msg = (f"show() renders a Proposal, a RunResult, a ledger record (dict), a Lab or a Ledger; "
            f"got {type(obj).__name__}.")
     raise TypeError(msg)
+
+
+def tree_html(records: Sequence[dict], *, parent_id: str | None = None, include_rejected: bool = False) -> str:
+    """The experiments as a tree (child under parent): where the lab branched, and what came of it.
+
+    Kept experiments are green, the current parent is marked; noise/rerun records (repeats
+    of an experiment) are left out, and rejected proposals unless `include_rejected`.
+    """
+    shown = [r for r in records if r.get("kind") in (None, "baseline", "candidate")
+             and (include_rejected or r.get("status") != "rejected")]
+    ids = {r.get("id") for r in shown}
+    children: dict[Any, list[dict]] = {}
+    for r in shown:
+        parent = r.get("parent_id") if r.get("parent_id") in ids else None
+        children.setdefault(parent, []).append(r)
+    if not shown:
+        return '<div style="color:#6e7781">no experiments yet</div>'
+
+    lines: list[str] = []
+
+    def walk(node_parent: Any, prefix: str) -> None:
+        kids = children.get(node_parent, [])
+        for i, r in enumerate(kids):
+            last = i == len(kids) - 1
+            branch = "└─ " if last else "├─ "
+            decision, status = r.get("decision"), r.get("status")
+            colour = ("#1a7f37" if decision == "keep" else "#cf222e" if status in _FAILED
+                      else "#6e7781" if decision == "discard" or status == "rejected" else "#24292f")
+            label = fmt_bpb(r.get("val_bpb")) if status == "ok" else status
+            here = " ◀ parent" if parent_id is not None and r.get("id") == parent_id else ""
+            lines.append(f'<div style="white-space:pre;color:{colour}">'
+                         f'<span style="color:#8c959f">{_esc(prefix + branch)}</span>'
+                         f'<b>{_esc(r.get("id"))}</b> {_esc(label)} {_esc(decision or "")} '
+                         f'<span style="color:#57606a">{_esc(str(r.get("description", ""))[:70])}</span>'
+                         f'<b>{_esc(here)}</b></div>')
+            walk(r.get("id"), prefix + ("   " if last else "│  "))
+
+    walk(None, "")
+    return f'<div style="font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px">{"".join(lines)}</div>'
