@@ -1,5 +1,10 @@
 """HTML renderings for cell-by-cell use: a Proposal, a RunResult, a Lab's history.
 
+    from autoresearch_kit.ui import show
+    show(proposal, mode="split")    # description, rationale, highlighted diff
+    show(result)                    # a RunResult or ledger record: status, numbers, loss curve
+    show(lab)                       # history table, best so far, progress plot
+
 Each function returns a self-contained HTML string (inline styles, images as base64
 PNG), so the library objects can hook them into `_repr_html_` without importing
 ipywidgets:
