@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ast
 import html
+import inspect
 import math
 import os
 import statistics
@@ -339,8 +340,15 @@ class Lab:
             seen_hashes={r["source_hash"] for r in recs if r["source_hash"]},
             seed=self.seed * 100_003 + len(recs))
 
-    def propose(self, feedback: str = "") -> Proposal:
+    def propose(self, feedback: str = "", *, on_token: Callable[[str], None] | None = None) -> Proposal:
         """Ask the proposer for the next candidate (not run, not recorded).
+
+        Parameters
+        ----------
+        feedback : str
+            Free text the agent reads with this request (added to any pending feedback).
+        on_token : callable, optional
+            Receives the proposer's streamed text (LLM proposers), e.g. to show it typing.
 
         Raises
         ------
@@ -348,7 +356,10 @@ class Lab:
             When the proposer gives up; its `reason` says why.
         """
         ctx = self.context(feedback)
-        proposal = self.proposer.propose(ctx)
+        if on_token is not None and "on_token" in inspect.signature(self.proposer.propose).parameters:
+            proposal = self.proposer.propose(ctx, on_token=on_token)
+        else:
+            proposal = self.proposer.propose(ctx)
         self.feedback = ""
         if proposal.parent_id is None:
             proposal.parent_id = ctx.parent_id
@@ -801,6 +812,12 @@ class Lab:
     def _repr_html_(self) -> str:
         if self.ledger.closed:
             return f"<b>Lab</b> {html.escape(str(self.path))} (closed)"
+        try:
+            from autoresearch_kit.ui.render import lab_html
+
+            return lab_html(self)  # history table + progress plot
+        except ImportError:  # matplotlib missing: the plain table below still says it all
+            pass
         recs = self.ledger.records()
         best = self.best()
         rows = []

@@ -116,6 +116,12 @@ class RunResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def _repr_html_(self) -> str:
+        """In a notebook: status, val_bpb, the numbers that matter and the loss curve."""
+        from autoresearch_kit.ui.render import run_result_html
+
+        return run_result_html(self, title=str(self.extra.get("exp_id", "")))
+
     @classmethod
     def from_dict(cls, d: dict) -> "RunResult":
         known = {f for f in cls.__dataclass_fields__}

@@ -338,20 +338,20 @@ def test_new_panel_after_restart_offers_the_undecided_run(lab, tmp_path):
 
 
 class StreamingProposer(KnobProposer):
-    """Like the LLM proposer: has an `on_token` hook and streams its reply through it."""
+    """Like the LLM proposer: `propose(ctx, on_token=...)` streams its reply through the hook."""
 
     name = "streams"
 
     def __init__(self):
         super().__init__()
-        self.on_token = None
+        self.on_token = None                      # what LLMProposer offers; the panel looks for it
         self.seen_hook = None
 
-    def propose(self, ctx):
-        self.seen_hook = self.on_token
+    def propose(self, ctx, *, on_token=None):
+        self.seen_hook = on_token
         for word in "I will try a larger Muon step size .".split():
-            if self.on_token is not None:
-                self.on_token(word + " ")
+            if on_token is not None:
+                on_token(word + " ")
             time.sleep(0.25)                      # slower than the panel's 5 redraws/s
         return super().propose(ctx)
 
@@ -360,7 +360,6 @@ def test_streamed_proposer_text_is_shown_while_it_thinks(lab):
     lab.proposer = StreamingProposer()
     panel = lab.panel()
     _ready(panel)
-    assert lab.proposer.seen_hook is not None     # the panel hooked itself in for this proposal
-    assert lab.proposer.on_token is None          # and gave the hook back afterwards
+    assert lab.proposer.seen_hook is not None     # the panel passed its hook for this proposal
     assert "I will try a larger Muon" in panel.stream.value
     assert panel.stream.layout.display == "none"  # hidden again once the proposal is shown

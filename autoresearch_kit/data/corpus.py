@@ -184,9 +184,9 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
     def probe():
         try:
-            with socket.create_connection((host, 443), timeout=timeout):
-                ok.append(True)
-        except OSError:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"; never kill the thread
             pass
 
     t = threading.Thread(target=probe, daemon=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import html
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,16 +98,10 @@ class Proposal:
         return asdict(self)
 
     def _repr_html_(self) -> str:
-        plus, minus = self.lines_changed
-        rows = []
-        for line in self.diff.splitlines():
-            color = "#e6ffec" if line.startswith("+") else "#ffebe9" if line.startswith("-") else (
-                "#ddf4ff" if line.startswith("@@") else "transparent")
-            rows.append(f'<div style="background:{color};white-space:pre">{html.escape(line) or " "}</div>')
-        return (f"<div><b>{html.escape(self.description)}</b> "
-                f"<span style='color:#1a7f37'>+{plus}</span> <span style='color:#cf222e'>-{minus}</span> "
-                f"<i>({html.escape(self.proposer)})</i><div>{html.escape(self.rationale)}</div>"
-                f"<div style='font-family:monospace;font-size:12px'>{''.join(rows)}</div></div>")
+        """In a notebook: description, rationale and the highlighted diff."""
+        from autoresearch_kit.ui.render import proposal_html
+
+        return proposal_html(self)
 
 
 @runtime_checkable

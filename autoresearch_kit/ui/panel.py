@@ -366,12 +366,10 @@ class Panel(w.VBox):
         if streams:
             self.stream.value = ""
             self.stream.layout.display = "flex"
-            old, proposer.on_token = proposer.on_token, self._on_token
         try:
-            p = self.lab.propose(feedback=feedback)
+            p = self.lab.propose(feedback=feedback, on_token=self._on_token if streams else None)
         finally:
             if streams:
-                proposer.on_token = old
                 self.stream.value = "".join(self._tokens)[-4000:]   # the throttle may have held the tail
                 self.stream.layout.display = "none"
         self.feedback.value = ""      # read once: it went into this proposal's context
