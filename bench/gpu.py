@@ -4,6 +4,8 @@
     python bench/gpu.py --budgets 60s --cold 10s   # wipe the compile cache, a 10 s cold run, then 60 s warm
     python bench/gpu.py sweep --budget 10s d12:GPU_DEPTH=12 w768:GPU_DEPTH=8,ASPECT_RATIO=96,HEAD_DIM=128
     python bench/gpu.py micro                      # bf16 matmul ceiling; SDPA backends, fwd+bwd
+    python bench/gpu.py profile --budget 3s        # train.py alone under cProfile: where set-up time goes
+    python bench/gpu.py startup                    # fixed costs of a fresh process: torch, CUDA, cuBLAS, cuDNN, dynamo
 
 Every run goes through the real runner (`run_budgeted`): a fresh `python train.py` process
 with the trusted channel, exactly what an experiment pays. Per run it prints tokens/s, step
@@ -277,6 +279,62 @@ def cmd_micro(args) -> None:
         print(f"  head_dim {head_dim:3d} ({H} heads): " + " | ".join(line), flush=True)
 
 
+def cmd_profile(args) -> None:
+    """Run train.py once on its own (no runner) under cProfile; print the heaviest calls."""
+    import pstats
+    import subprocess
+    import tempfile
+    import time
+
+    data_dir, _ = _data(args)
+    prof = Path(tempfile.mkdtemp(prefix="gpu-profile-")) / "train.prof"
+    env = {**os.environ, "AUTORESEARCH_BUDGET": args.budget, "AUTORESEARCH_DATA": str(data_dir)}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), args.train], env=env,
+                         capture_output=True, text=True, cwd=str(prof.parent))
+    wall = time.perf_counter() - t0
+    lines = out.stdout.splitlines()
+    print("\n".join(ln for ln in lines if not ln.startswith("step ")) + out.stderr[-3000:])
+    print(f"wall {wall:.1f}s (under cProfile, which slows Python-heavy parts such as compile)", flush=True)
+    if prof.exists():
+        stats = pstats.Stats(str(prof))
+        stats.sort_stats("cumulative").print_callees(rf"{re.escape(Path(args.train).name)}:1\(<module>\)")
+        stats.sort_stats("cumulative").print_stats(args.top)
+        stats.sort_stats("tottime").print_stats(args.top // 2)
+
+
+_STARTUP_PROBE = r"""
+import time
+t0 = time.perf_counter()
+def mark(what):
+    global t0
+    t = time.perf_counter(); print(f"{what:<44}{t - t0:6.2f} s", flush=True); t0 = t
+import torch; mark("import torch")
+import torch.nn.functional as F
+torch.cuda.init(); torch.cuda.get_device_name(0); mark("CUDA init + device query")
+torch.zeros(1, device="cuda"); torch.cuda.synchronize(); mark("CUDA context (first allocation)")
+a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16); (a @ a).sum().item(); mark("first bf16 matmul (cuBLAS)")
+from torch.nn.attention import SDPBackend, sdpa_kernel
+for i in range(2):
+    q, k, v = (torch.randn(1, 12, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    torch.cuda.synchronize(); mark("cuDNN attention fwd+bwd, " + ("first call" if i == 0 else "second call"))
+from torch.utils.flop_counter import FlopCounterMode; mark("import FlopCounterMode")
+import torch._dynamo; mark("import torch._dynamo")
+import torch._inductor.compile_fx; mark("import torch._inductor.compile_fx")
+f = torch.compile(lambda x: torch.relu(x) * 2); f(a); torch.cuda.synchronize(); mark("first tiny torch.compile call")
+"""
+
+
+def cmd_startup(args) -> None:
+    """Fixed costs every experiment pays in a fresh process, one line each."""
+    import subprocess
+
+    print(_header(), flush=True)
+    subprocess.run([sys.executable, "-c", _STARTUP_PROBE], check=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", help="prepared data directory (default: AUTORESEARCH_DATA or the latest prepared)")
@@ -296,10 +354,15 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--seq-len", type=int, default=2048)
     m.add_argument("--width", type=int, default=768)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a in ("run", "sweep", "micro", "-h", "--help") for a in argv):
+    if not any(a in ("run", "sweep", "micro", "profile", "startup", "-h", "--help") for a in argv):
         argv.insert(0, "run")
+    f = sub.add_parser("profile", parents=[common], help="train.py alone under cProfile")
+    f.add_argument("--budget", default="3s")
+    f.add_argument("--top", type=int, default=50)
+    sub.add_parser("startup", parents=[common], help="fixed start-up costs of a fresh process")
     args = p.parse_args(argv)
-    {"run": cmd_run, "sweep": cmd_sweep, "micro": cmd_micro}[args.cmd](args)
+    {"run": cmd_run, "sweep": cmd_sweep, "micro": cmd_micro, "profile": cmd_profile,
+     "startup": cmd_startup}[args.cmd](args)
 
 
 if __name__ == "__main__":
