@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +14,26 @@ import numpy as np
 import pytest
 
 from autoresearch_kit.data.shards import bytes_encoding, write_prepared
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Knobs of the real train.py set so a run takes seconds on a CPU: one block, width 32,
+# 2 heads. Only the values change, whatever they are in train.py today.
+TINY_KNOBS = {"CPU_DEPTH": "1", "CPU_SEQ_LEN": "32", "CPU_BATCH_SIZE": "4", "ASPECT_RATIO": "32", "HEAD_DIM": "16"}
+
+
+def tiny_train_source() -> str:
+    """The repository's train.py with TINY_KNOBS set (trailing comments kept).
+
+    A plain function, not a fixture: test files and the scripts they start import it
+    (`from conftest import tiny_train_source`; pytest puts tests/ on sys.path).
+    """
+    src = (ROOT / "train.py").read_text()
+    for name, value in TINY_KNOBS.items():
+        src, n = re.subn(rf"^{name} = [^#\n]*?(\s*#|$)", rf"{name} = {value}\1", src, count=1, flags=re.M)
+        assert n == 1, f"train.py no longer sets {name}: update TINY_KNOBS in tests/conftest.py"
+    return src
+
 
 _WORDS = ("the of and to in that he shall unto for his a i lord they be is him not them it with all "
           "thou thy was which my me said but ye their have will thee from as are when this out were "

@@ -10,7 +10,6 @@ defined here, so the tests do not depend on which edits the offline mutator pick
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_source  # shared with test_panel.py; test_cli imports it from here
 
 from autoresearch_kit.lab import Lab, _looks_like_source, format_record
 from autoresearch_kit.ledger import LabLockedError, Ledger
@@ -29,18 +29,6 @@ from autoresearch_kit.runner import RunResult
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = "2000-tokens"
-
-# The real train.py, shrunk so a run takes seconds on a CPU: one block, width 32, 2 heads.
-# Only the values of these knobs change, whatever they are in train.py today.
-_TINY = {"CPU_DEPTH": "1", "CPU_SEQ_LEN": "32", "CPU_BATCH_SIZE": "4", "ASPECT_RATIO": "32", "HEAD_DIM": "16"}
-
-
-def tiny_train_source() -> str:
-    src = (ROOT / "train.py").read_text()
-    for name, value in _TINY.items():
-        src, n = re.subn(rf"^{name} = [^#\n]*?(\s*#|$)", rf"{name} = {value}\1", src, count=1, flags=re.M)
-        assert n == 1, f"train.py no longer sets {name}: update _TINY in tests/test_lab.py"
-    return src
 
 
 class LRProposer:

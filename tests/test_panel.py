@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_source
 
 from autoresearch_kit.lab import Lab
 from autoresearch_kit.propose.base import Proposal, ProposalError
@@ -29,18 +30,6 @@ from autoresearch_kit.ui.render import lab_html, proposal_html, run_result_html,
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = "2000-tokens"
 PNG = b"\x89PNG"
-
-# The real train.py, shrunk so a run takes seconds on a CPU (as in test_lab.py).
-# Knobs of the real train.py set so a run takes seconds on a CPU: one block, width 32.
-_TINY = {"CPU_DEPTH": "1", "CPU_SEQ_LEN": "32", "CPU_BATCH_SIZE": "4", "ASPECT_RATIO": "32", "HEAD_DIM": "16"}
-
-
-def tiny_train_source() -> str:
-    src = (ROOT / "train.py").read_text()
-    for name, value in _TINY.items():
-        src, n = re.subn(rf"^{name} = [^\s#]+", f"{name} = {value}", src, count=1, flags=re.M)
-        assert n == 1, f"train.py no longer sets {name}: update _TINY in tests/test_panel.py"
-    return src
 
 
 class KnobProposer:
