@@ -274,11 +274,11 @@ class Lab:
         """The most recent experiment this Lab ran or recorded (else the ledger's latest)."""
         if self._last_id is not None:
             return self._last_id
-        recs = self.ledger.records()
+        recs = self.ledger.records(curves=False)
         return recs[-1]["id"] if recs else None
 
     def _baseline_record(self) -> dict | None:
-        base = [r for r in self.ledger.records() if r["kind"] == "baseline"]
+        base = [r for r in self.ledger.records(curves=False) if r["kind"] == "baseline"]
         ok = [r for r in base if r["status"] == "ok"]
         return (ok or base or [None])[-1]
 
@@ -286,7 +286,7 @@ class Lab:
         """val_bpb of an experiment and of its noise/confirmation reruns (same source)."""
         rec = self.ledger.get(exp_id)
         vals = [rec["val_bpb"]] if rec["status"] == "ok" and rec["val_bpb"] is not None else []
-        for r in self.ledger.records():
+        for r in self.ledger.records(curves=False):
             if (r["kind"] in ("noise", "rerun") and r["parent_id"] == rec["id"] and r["status"] == "ok"
                     and r["val_bpb"] is not None and r["source_hash"] == rec["source_hash"]):
                 vals.append(r["val_bpb"])
@@ -294,7 +294,7 @@ class Lab:
 
     def _sigma_from_ledger(self) -> float | None:
         """sigma of the most recent measure_noise (its parent's runs), if any."""
-        noise = [r for r in self.ledger.records() if r["kind"] == "noise" and r["status"] == "ok"]
+        noise = [r for r in self.ledger.records(curves=False) if r["kind"] == "noise" and r["status"] == "ok"]
         if not noise:
             return None
         vals = self._scores(noise[-1]["parent_id"])
@@ -309,7 +309,7 @@ class Lab:
         decision and the human's reason; `seen_hashes` holds every train.py ever
         proposed, so none is proposed twice.
         """
-        recs = self.ledger.records()
+        recs = self.ledger.records(curves=False)
         parent_id = self.parent_id
         parent_source = self.workspace.source(parent_id) if parent_id else (self.path / "train.py").read_text()
         history = []
@@ -711,7 +711,7 @@ class Lab:
             msg = f"k must be at least 1 (the number of reruns), got {k}."
             raise ValueError(msg)
         source = self.workspace.source(exp_id)
-        used = {r["seed"] for r in self.ledger.records()
+        used = {r["seed"] for r in self.ledger.records(curves=False)
                 if r["id"] == exp_id or (r["parent_id"] == exp_id and r["kind"] in ("noise", "rerun"))}
         seeds, s = [], self.seed
         while len(seeds) < k:  # the next seeds this experiment has not run with
@@ -818,7 +818,7 @@ class Lab:
             return lab_html(self)  # history table + progress plot
         except ImportError:  # matplotlib missing: the plain table below still says it all
             pass
-        recs = self.ledger.records()
+        recs = self.ledger.records(curves=False)
         best = self.best()
         rows = []
         for r in recs[-15:]:
