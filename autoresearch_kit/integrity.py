@@ -532,6 +532,9 @@ class _Checker(ast.NodeVisitor):
 def check_source(source: str) -> list[str]:
     """Problems that forbid running a candidate train.py; an empty list means fine.
 
+    The same source is checked by its proposer (`propose.edits.validate`) and again by
+    the runner just before it runs; the answer is remembered, so the second check is free.
+
     Parameters
     ----------
     source
@@ -543,12 +546,17 @@ def check_source(source: str) -> list[str]:
         One readable message per problem, in line order, e.g.
         ``"line 12: assigns to harness.metric.evaluate_bpb (train.py may not change ...)"``.
     """
+    return list(_check(source))
+
+
+@functools.lru_cache(maxsize=64)
+def _check(source: str) -> tuple[str, ...]:
     try:
         tree = ast.parse(source, filename="train.py")
     except SyntaxError as e:
-        return [f"line {e.lineno}: train.py does not parse (SyntaxError: {e.msg})"]
+        return (f"line {e.lineno}: train.py does not parse (SyntaxError: {e.msg})",)
     except ValueError as e:  # null bytes
-        return [f"train.py does not parse ({e})"]
+        return (f"train.py does not parse ({e})",)
     names = _collect(tree)
     checker = _Checker(names)
     checker.visit(tree)
@@ -564,9 +572,5 @@ def check_source(source: str) -> list[str]:
     elif not names.run and checker.calls_start:
         checker.problems.append((1 << 30, "train.py calls harness.start() but does not keep the run "
                                     "(`run = harness.start()`) to call run.finish(model)"))
-    seen, out = set(), []
-    for _, msg in sorted(checker.problems, key=lambda p: p[0]):
-        if msg not in seen:
-            seen.add(msg)
-            out.append(msg)
-    return out
+    # in line order, each message once
+    return tuple(dict.fromkeys(msg for _, msg in sorted(checker.problems, key=lambda p: p[0])))

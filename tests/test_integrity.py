@@ -145,3 +145,16 @@ def test_contract_calls_are_required():
 
 def test_syntax_error_is_one_problem_with_its_line():
     assert check_source("x = 1\ndef f(:\n") == ["line 2: train.py does not parse (SyntaxError: invalid syntax)"]
+
+
+def test_a_second_check_of_the_same_source_is_remembered_and_a_fresh_list():
+    from autoresearch_kit import integrity
+
+    src = wrap("sys.modules['x'] = 1  # a second look at the same candidate\n")
+    first = check_source(src)
+    hits = integrity._check.cache_info().hits
+    first.append("changed by the caller")
+    second = check_source(src)
+    assert integrity._check.cache_info().hits == hits + 1       # the runner's check costs nothing
+    assert second == first[:-1] and any("sys.modules" in p for p in second)
+    assert check_source(src + "\n") == second                  # another text is checked on its own

@@ -5,7 +5,7 @@ Every proposal (LLM, offline mutation, replayed patch, human edit) goes through
 
 - the new source compiles (`compile()`), and differs from the parent;
 - it is not a repeat of an experiment already in the ledger (`source_hash`);
-- it passes `autoresearch_kit.integrity.check_source` when that module is installed.
+- it passes `autoresearch_kit.integrity.check_source` (the runner checks again before it runs).
 
 The LLM reply format (see prompts.py) is SEARCH/REPLACE blocks against the parent,
 
@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+from autoresearch_kit import integrity
 from autoresearch_kit.propose.base import (HistoryEntry, Proposal, ProposalContext, ProposalError,
                                            source_hash, unified_diff)
 
@@ -456,17 +456,6 @@ def apply_unified_diff(parent: str, patch: str) -> str:
 
 # --------------------------------------------------------------------- validation
 
-def _integrity_check() -> Callable[[str], list[str]] | None:
-    """autoresearch_kit.integrity.check_source if that module is installed, else None."""
-    try:
-        mod = importlib.import_module("autoresearch_kit.integrity")
-    except ModuleNotFoundError as e:
-        if e.name == "autoresearch_kit.integrity":
-            return None
-        raise
-    return getattr(mod, "check_source", None)
-
-
 def validate(parent: str, source: str, seen_hashes: Iterable[str] = (), *,
              history: Sequence[HistoryEntry] = ()) -> list[str]:
     """Problems with a candidate train.py; an empty list means it is valid.
@@ -506,9 +495,7 @@ def validate(parent: str, source: str, seen_hashes: Iterable[str] = (), *,
                 if past else "")
         problems.append(f"this {TARGET} was already tried{what}; propose a different change")
     if not problems:
-        check = _integrity_check()
-        if check is not None:
-            problems.extend(f"integrity: {p}" for p in check(source))
+        problems.extend(f"integrity: {p}" for p in integrity.check_source(source))
     return problems
 
 
