@@ -346,13 +346,17 @@ class Ledger:
             raise RuntimeError(msg)
         db = self._db()
         with self._mu:
-            db.execute("BEGIN IMMEDIATE")
+            # BEGIN inside the try and COMMIT too: a Ctrl-C right after BEGIN, or a COMMIT that
+            # fails (disk full), must not leave a transaction open (every later write would
+            # fail with "cannot start a transaction within a transaction").
             try:
+                db.execute("BEGIN IMMEDIATE")
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     def _row(self, exp_id: str) -> dict:
         exp_id = self._norm_id(exp_id)

@@ -367,6 +367,40 @@ def test_kill_at_the_two_critical_points_of_a_write(tmp_path, where):
     assert [r["status"] for r in recs] == ["ok", "aborted" if where == "in-transaction" else "ok"]
 
 
+class _CommitFailsOnce:
+    """A connection whose next COMMIT fails, as on a full disk."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn, self.failed = conn, False
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_a_failed_commit_or_interrupt_rolls_back_and_the_ledger_keeps_working(tmp_path):
+    with Ledger(tmp_path / "lab") as led:
+        base = _run(led, None, "baseline", kind="baseline")
+        real = led._conn
+        led._conn = _CommitFailsOnce(real)
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            led.start(base, "h", "", "lost", "human", "60s", HW)
+        led._conn = real
+        assert len(led) == 1 and not real.in_transaction       # rolled back, nothing half-written
+        with pytest.raises(KeyboardInterrupt):                # Ctrl-C inside a write
+            with led._tx() as db:
+                db.execute("UPDATE experiments SET description = 'half' WHERE id = ?", (base,))
+                raise KeyboardInterrupt
+        assert led.get(base)["description"] == "baseline" and not real.in_transaction
+        eid = led.start(base, "h", "", "next", "human", "60s", HW)   # later writes work
+        assert eid == "0002" and _tsv(tmp_path / "lab")[-1].endswith("baseline")
+
+
 # ---- lock -----------------------------------------------------------------------------------
 
 _HOLDER = """
