@@ -13,7 +13,9 @@ What happens, in order:
 2. It is written to `workdir/train.py` and started as `python train.py` in a session
    (process group) of its own, with the budget, seed, device, data and the pinned
    number of validation tokens in its environment, plus a trusted channel
-   (`channel.py`): a pipe and an HMAC key that only the harness holds.
+   (`channel.py`): a pipe and an HMAC key that only the harness holds. On Linux the
+   child is killed when the runner's process dies (PR_SET_PDEATHSIG), so a killed
+   kernel or CLI leaves no training behind.
 3. Two threads read: stdout+stderr go to the log file (capped: head and tail kept)
    and an in-memory tail; signed channel messages go to `on_event` (live curves) and
    the result. The caller's thread only waits, so a notebook kernel stays responsive.
@@ -77,6 +79,24 @@ DEFAULT_GRACE_FRACTION = 0.25
 DEFAULT_HARD_LIMIT_SECONDS = 600.0
 EVENT_DRAIN_SECONDS = 2.0     # on_event may lag the child by this much at the end, no more
 DIVERGED_EXIT_CODE = 3        # harness: exit code after a NaN/inf loss
+
+# Linux: the training child is SIGKILLed when the runner dies (a notebook kernel killed
+# or restarted, `kill -9` of the CLI), instead of training on until its hard limit with
+# nobody reading its pipes. PR_SET_PDEATHSIG is set by this bootstrap, which then execs
+# `python train.py` in the same process (same pid, same fds): preexec_fn would do it
+# without the extra interpreter (~15 ms), but is unsafe in a process with threads (a
+# kernel, the panel). The getppid() check covers a runner that died before prctl ran.
+_PDEATHSIG_BOOT = """\
+import os, sys
+try:
+    import ctypes, signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+except (ImportError, OSError, AttributeError):
+    pass  # no prctl: the runner's hard limit and stray hunt still apply
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)  # the runner is gone already
+os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"""
 
 _OOM_PATTERNS = ("MemoryError", "out of memory", "OutOfMemoryError", "can't allocate memory",
                  "Cannot allocate memory", "std::bad_alloc")
@@ -760,6 +780,13 @@ def _child_env(extra_env: dict[str, str], runner_env: dict[str, str]) -> dict[st
     return child
 
 
+def _child_command() -> list[str]:
+    """`python train.py`, behind the parent-death bootstrap on Linux."""
+    if sys.platform.startswith("linux"):
+        return [sys.executable, "-I", "-S", "-c", _PDEATHSIG_BOOT, str(os.getpid()), "train.py"]
+    return [sys.executable, "train.py"]
+
+
 def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget, data: Path, seed: int,
                device_type: str, eval_tokens: int, limit: float,
                extra_env: dict[str, str], on_event, stop: threading.Event | None) -> RunResult:
@@ -789,7 +816,7 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
     pipe_inodes = {os.fstat(out_r).st_ino, os.fstat(channel.read_fd).st_ino}
     t0 = time.monotonic()
     try:
-        proc = subprocess.Popen([sys.executable, "train.py"], cwd=str(wd), env=_child_env(extra_env, runner_env),
+        proc = subprocess.Popen(_child_command(), cwd=str(wd), env=_child_env(extra_env, runner_env),
                                 stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
                                 start_new_session=True, pass_fds=(channel.write_fd,))
     except OSError as e:

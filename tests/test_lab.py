@@ -220,15 +220,27 @@ lab.step(on_event=on_event)
 """
 
 
-def _kill_run_dir_processes(run_dir: Path) -> None:
-    """Kill what still runs in a run directory (the orphaned training child)."""
+def _run_dir_processes(run_dir: Path) -> list[int]:
+    """Live processes working in a run directory (the training child)."""
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if Path(os.readlink(proc / "cwd")) == run_dir:
-                os.killpg(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+            if Path(os.readlink(proc / "cwd")) == run_dir and \
+                    (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X"):
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def _kill_run_dir_processes(run_dir: Path) -> None:
+    """Kill what still runs in a run directory (only if the test failed to see it die)."""
+    for pid in _run_dir_processes(run_dir):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
             pass
 
 
@@ -246,8 +258,15 @@ def test_resume_after_sigkill_mid_run(lab_dir, tmp_path):
             time.sleep(0.05)
         running = Ledger(lab_dir, readonly=True).records()[-1]
         assert running["status"] == "running"
+        run_dir = (lab_dir / "runs" / "0002").resolve()
+        assert _run_dir_processes(run_dir), "the training child is not running"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        deadline = time.monotonic() + 5      # the child dies with its Lab (Linux: PR_SET_PDEATHSIG)
+        while _run_dir_processes(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if sys.platform.startswith("linux"):
+            assert _run_dir_processes(run_dir) == [], "the training child outlived the killed Lab"
     finally:
         if proc.poll() is None:
             proc.kill()

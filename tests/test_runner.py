@@ -437,6 +437,54 @@ def test_keyboard_interrupt_returns_aborted_and_leaves_nothing(tiny_data, tmp_pa
     assert _run_id_processes(got["run_id"]) == []
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:                                  # not a process, or gone meanwhile
+            continue
+        if fields[1] == str(pid) and fields[0] not in ("Z", "X"):
+            found.append(int(p.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_training_child_dies_with_a_killed_runner(tiny_data, tmp_path):
+    """kill -9 of the process running run_budgeted (a dead kernel): the child goes too."""
+    work = tmp_path / "work"
+    script = tmp_path / "drive.py"
+    script.write_text(textwrap.dedent(f"""
+        from autoresearch_kit import integrity, runner
+        integrity.check_source = lambda source: []
+        runner.run_budgeted({fake(_FOREVER)!r}, "60s", workdir={str(work)!r}, data_dir={str(tiny_data)!r},
+                            device="cpu", hard_limit=120)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (work / "stray.pid").exists():      # the child is training
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the candidate did not start within 30 s"
+            time.sleep(0.05)
+        child = _children(proc.pid)[0]
+        assert "train.py" in Path(f"/proc/{child}/cmdline").read_text()
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the training child outlived its killed runner"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in (child, int((work / "stray.pid").read_text()) if (work / "stray.pid").exists() else None):
+            if pid and _alive(pid):          # leave nothing behind even when the test fails
+                os.kill(pid, signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------- broken setup
 
 
