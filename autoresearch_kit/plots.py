@@ -47,7 +47,9 @@ def load_results(data: Any):
     `label, val_bpb, outcome, description`, one row per run, in run order.
 
     `outcome` is one of keep, discard, pending (ran ok, undecided) or crash (any failed
-    run). Rejected proposals (never run) are dropped: they have no point to plot.
+    run). Rejected proposals (never run) are dropped: they have no point to plot; so are
+    the noise and confirmation reruns of ledger records (kind `noise` / `rerun`), which
+    repeat an experiment rather than try a new one.
 
     Parameters
     ----------
@@ -74,7 +76,9 @@ def load_results(data: Any):
     status = df["status"].astype(str).str.strip().str.lower() if "status" in df else pd.Series("ok", index=df.index)
     decision = (df["decision"].astype(object).where(df["decision"].notna(), "").astype(str).str.lower()
                 if "decision" in df else pd.Series("", index=df.index))
-    df = df[~status.isin(["rejected", "running"])].copy()
+    repeat = (df["kind"].astype(str).isin(["noise", "rerun"]) if "kind" in df
+              else pd.Series(False, index=df.index))
+    df = df[~status.isin(["rejected", "running"]) & ~repeat].copy()
     status, decision = status[df.index], decision[df.index]
 
     def outcome(s: str, d: str) -> str:
@@ -154,10 +158,12 @@ def progress_plot(data: Any, ax=None, *, title: str | None = None, max_label: in
     if len(crash):
         top = ax.get_ylim()[1]
         ax.scatter(crash.index, [top] * len(crash), marker="x", c=_RED, s=40, zorder=5, clip_on=False,
-                   label="failed (crash/timeout/...)")
+                   label="failed or aborted (no score)")
     n_kept = int((df["outcome"] == "keep").sum())
     ax.set_title(title or f"autoresearch progress: {len(df)} experiments, {n_kept} kept")
-    ax.set_xlabel("experiment #")
+    # ledger ids ("0003") read as they are; results.tsv only has commits, so say so
+    by_commit = len(df) and not df["label"].str.fullmatch(r"\d+").all()
+    ax.set_xlabel("experiment (commit)" if by_commit else "experiment")
     ax.set_ylabel("validation bits per byte (lower is better)")
     if len(df):
         ax.set_xlim(-0.5, max(len(df) - 0.5, 1))
