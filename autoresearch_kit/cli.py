@@ -10,8 +10,11 @@
 
 `--lab` defaults to the current directory if it is a lab, else `./lab` (created on the
 first `run`, from ./program.md and ./train.py if present, else the templates).
-Expected problems (no prepared data, a lab open elsewhere, a bad budget) print one
-line and exit with status 2; Ctrl-C records the interrupted run as aborted and exits 130.
+`--proposer` defaults to auto: the LLM when --model/--base-url, AUTORESEARCH_MODEL or
+OPENAI_BASE_URL is set, else the offline mutate proposer. Expected problems (no prepared
+data, a lab open elsewhere, a bad flag or budget, an unreachable endpoint) print one line
+and exit with status 2; Ctrl-C records the interrupted run as aborted, names it, and
+exits 130.
 """
 
 from __future__ import annotations
@@ -47,12 +50,23 @@ def _lab_dir(arg: str | None) -> Path:
     return here if is_lab(here) else here / "lab"
 
 
-def _require_lab(path: Path) -> None:
+def _not_a_file(path: Path, flag: str = "--lab") -> None:
+    """A lab is a directory: a file at that path would otherwise end in a mkdir traceback."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a lab directory: pass a directory ({flag} DIR).")
+
+
+def _require_lab(path: Path, given: str | None = None) -> None:
     from autoresearch_kit.lab import is_lab
 
-    if not is_lab(path):
-        raise UserError(f"{path} is not a lab (no ledger.sqlite): create one with `autoresearch init {path}` "
-                        f"or `autoresearch run --lab {path}`, or pass --lab DIR.")
+    _not_a_file(path)
+    if is_lab(path):
+        return
+    if given is None:  # no --lab: the current directory and ./lab were both tried
+        raise UserError(f"no lab here: neither {Path.cwd()} nor ./lab is a lab. cd into one, pass --lab DIR, "
+                        f"or create one with `autoresearch init DIR`.")
+    raise UserError(f"{path} is not a lab (no ledger.sqlite): create one with `autoresearch init {path}`, "
+                    f"or pass the --lab of an existing one.")
 
 
 def _color(text: str, code: str, enabled: bool) -> str:
@@ -155,6 +169,12 @@ class _Quit(Exception):
     """The user answered q at a prompt."""
 
 
+def _announce(proposal) -> bool:
+    """The approval callback of --yes: say what is about to train (a Ctrl-C then knows what it stops)."""
+    print(f"proposal ({proposal.proposer}): {proposal.description}")
+    return True
+
+
 def _interactive_approve(lab) -> Any:
     """The y/n/e/q approval callback: shows the diff, asks, returns what Lab.step expects."""
 
@@ -180,10 +200,13 @@ def _interactive_approve(lab) -> Any:
                 if description in ("", "q"):
                     description = f"{proposal.description} (edited)"
                 try:
-                    return lab.submit(edited, description, original=proposal)
+                    human = lab.submit(edited, description, original=proposal)
                 except ValueError as e:
                     print(f"error: {e}")
                     continue
+                print(f"your edit ({description}), against the parent:")
+                _print_diff(human.diff)
+                return human
             if answer in ("q", "quit"):
                 raise _Quit
             print("answer y, n, e or q")
@@ -218,6 +241,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from autoresearch_kit.lab import Lab, is_lab, template_path
 
     path = Path(args.dir).expanduser()
+    _not_a_file(path, flag="autoresearch init")
     if is_lab(path):
         raise UserError(f"{path} is already a lab: run `autoresearch run --lab {path}` to continue it.")
     program = args.program or template_path("program.md")
@@ -245,11 +269,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
-    from autoresearch_kit.lab import Lab
-
+def _proposer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {}
-    if args.proposer == "llm":
+    if args.proposer in ("llm", "auto"):
         kw.update({k: v for k, v in (("model", args.model), ("base_url", args.base_url)) if v})
     elif args.proposer == "replay":
         if not args.patches:
@@ -257,9 +279,28 @@ def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
         if not Path(args.patches).is_dir():
             raise UserError(f"--patches {args.patches}: no such directory.")
         kw["patches"] = args.patches
-    return Lab(_lab_dir(args.lab), budget=args.budget, proposer=args.proposer, data_dir=args.data,
+    return kw
+
+
+def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
+    from autoresearch_kit.lab import Lab
+
+    kw = _proposer_kwargs(args)
+    path = _lab_dir(args.lab)
+    _not_a_file(path)
+    return Lab(path, budget=args.budget, proposer=args.proposer, data_dir=args.data,
                seed=args.seed, device=args.device, threshold=args.threshold, proposer_kwargs=kw,
                verbose=verbose)
+
+
+def _proposer_name(args: argparse.Namespace) -> str:
+    """The proposer `auto` stands for, for the banner (without building it: an LLM needs its endpoint)."""
+    from autoresearch_kit.propose import resolve_spec
+
+    try:
+        return resolve_spec(args.proposer, **_proposer_kwargs(args))
+    except ValueError:
+        return args.proposer
 
 
 def _check_data(args: argparse.Namespace) -> None:
@@ -279,7 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _make_lab(args) as lab:
         if lab.recovered:
             print(f"experiment(s) {', '.join(lab.recovered)} were interrupted last time: recorded as aborted")
-        print(f"lab {lab.path}  budget {lab.budget}  proposer {args.proposer}  "
+        print(f"lab {lab.path}  budget {lab.budget}  proposer {_proposer_name(args)}  "
               f"{'autopilot' if args.yes else 'asking before each run'}")
         lab._autopilot = args.yes   # decisions are recorded as the autopilot's under --yes
         try:
@@ -302,8 +343,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 finally:
                     bar.close()
                 print(f"noise: val_bpb {', '.join(f'{v:.6f}' for v in n['values'])}  sigma {n['sigma']:.6f}")
-            approve = None if args.yes else _interactive_approve(lab)
-            failures = 0
+            approve = _announce if args.yes else _interactive_approve(lab)
+            failures, last_reason = 0, None
             done = 0
             while done < args.steps:
                 bar = ProgressBar(f"exp {len(lab.ledger) + 1:04d}")
@@ -318,14 +359,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
                     if not isinstance(e, ProposalError):
                         raise
-                    failures += 1
+                    if e.reason == last_reason:
+                        # the same failure twice (an endpoint that is down, a bad key): asking again won't help
+                        raise UserError(e.reason) from None
+                    failures, last_reason = failures + 1, e.reason
                     print(f"proposer gave up ({failures}/3): {e.reason}")
                     if failures >= 3:
                         raise UserError("the proposer failed 3 times in a row; see the reasons above.") from None
                     continue
                 finally:
                     bar.close()
-                failures = 0
+                failures, last_reason = 0, None
+                if rec["status"] == "rejected" and rec["decision_reason"]:
+                    # the next proposal reads the reason as feedback too: the offline proposer
+                    # steers by it ("try a higher lr"), an LLM sees it beside the history
+                    lab.feedback = rec["decision_reason"]
                 if rec["status"] != "rejected" and rec["decision"] is None:
                     try:
                         rec = _interactive_decide(lab, rec["id"])
@@ -339,7 +387,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         best = lab.best()
         if best:
             print(f"best: {best['id']} val_bpb {best['val_bpb']:.6f}  {best['description']}")
-        _write_report(lab.path, quiet=False)
+        _write_report(lab.path, quiet=False, records=lab.ledger.records(curves=False))
     return 0
 
 
@@ -373,7 +421,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from autoresearch_kit.ledger import Ledger
 
     path = _lab_dir(args.lab)
-    _require_lab(path)
+    _require_lab(path, args.lab)
     led = Ledger(path, readonly=True)  # works while `autoresearch run` holds the lab
     try:
         records = led.records()
@@ -393,24 +441,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(path: Path, out: Path | None = None, *, quiet: bool = True) -> Path | None:
-    from autoresearch_kit.plots import save_progress, summary
+def _write_report(path: Path, out: Path | None = None, *, quiet: bool = True, records: list | None = None
+                  ) -> Path | None:
+    """progress.png from the ledger: points labelled with the ids `status` shows (results.tsv has commits)."""
+    from autoresearch_kit.ledger import Ledger
+    from autoresearch_kit.plots import load_results, save_progress, summary
 
-    tsv = path / "results.tsv"
-    if not tsv.is_file() or len(tsv.read_text().strip().splitlines()) < 2:
+    if records is None:
+        with Ledger(path, readonly=True) as led:   # readonly: works while a run holds the lab
+            records = led.records(curves=False)
+    if load_results(records)["val_bpb"].notna().sum() == 0:
         if not quiet:
             print("no finished experiments yet: no progress.png")
         return None
-    target = save_progress(tsv, out or path / "progress.png")
-    s = summary(tsv)
+    target = save_progress(records, out or path / "progress.png")
+    s = summary(records)
     print(f"wrote {target}: {s['experiments']} experiments, {s['kept']} kept, {s['discarded']} discarded, "
-          f"{s['failed']} failed; baseline {s['baseline']:.6f} -> best {s['best']:.6f}")
+          f"{s['failed']} failed or aborted; baseline {s['baseline']:.6f} -> best {s['best']:.6f}")
     return target
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     path = _lab_dir(args.lab)
-    _require_lab(path)
+    _require_lab(path, args.lab)
     if _write_report(path, Path(args.out) if args.out else None, quiet=False) is None:
         raise UserError(f"lab {path} has no finished experiments yet: `autoresearch run --lab {path}` first.")
     return 0
@@ -427,9 +480,16 @@ def _budget(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value is one line (with where to look), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `autoresearch` (sub-commands init, prepare, run, status, report)."""
-    p = argparse.ArgumentParser(prog="autoresearch",
+    p = _Parser(prog="autoresearch",
                                 description="An agent edits train.py, a fixed budget trains it, "
                                             "val bits-per-byte scores it; you decide.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -457,8 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--budget", type=_budget, default=None,
                    help="training budget per run: 60s, 5min, 50M-tokens, 1e15-flops "
                         "(default: the lab's, else 60 s on CPU/MPS, 300 s on CUDA)")
-    q.add_argument("--proposer", choices=("mutate", "llm", "replay"), default="mutate",
-                   help="who proposes edits: mutate (offline, default), llm (OpenAI-compatible), replay (patches)")
+    q.add_argument("--proposer", choices=("auto", "mutate", "llm", "replay"), default="auto",
+                   help="who proposes edits: mutate (offline), llm (OpenAI-compatible), replay (patches); "
+                        "default auto: llm when --model/--base-url, AUTORESEARCH_MODEL or OPENAI_BASE_URL is "
+                        "set, else mutate (AUTORESEARCH_PROPOSER forces one)")
     q.add_argument("--model", help="model name for --proposer llm")
     q.add_argument("--base-url", help="OpenAI-compatible endpoint for --proposer llm (key: OPENAI_API_KEY)")
     q.add_argument("--patches", help="folder of patch files for --proposer replay")
@@ -482,6 +544,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output path (default: <lab>/progress.png)")
     q.set_defaults(func=cmd_report)
     return p
+
+
+def _locked_text(args: argparse.Namespace, exc: Exception) -> str:
+    """The lab-in-use error in terms of the command line (the library's names lab.close() etc.)."""
+    import json
+
+    path = _lab_dir(getattr(args, "lab", None))
+    try:
+        pid = json.loads((path / ".lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(exc)
+    return (f"lab {path} is in use by process {pid} (another `autoresearch run`, or a notebook's Lab): wait for "
+            f"it to finish, or stop it (a notebook: lab.close()); `autoresearch status` works meanwhile.")
 
 
 def _sigterm_as_interrupt(signum, frame):
@@ -509,10 +584,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("\ninterrupted (a run in progress is recorded as aborted)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # the Lab re-raises with "experiment 0005 interrupted and recorded as aborted" when a run was cut
+        what = str(e) or "a run in progress, if any, is recorded as aborted"
+        print(f"\ninterrupted: {what}; `autoresearch status` shows the ledger", file=sys.stderr)
         return EXIT_INTERRUPT
-    except (UserError, LabLockedError, FileNotFoundError, ProposalError) as e:
+    except LabLockedError as e:
+        print(f"autoresearch: error: {_locked_text(args, e)}", file=sys.stderr)
+        return EXIT_USER
+    except (UserError, FileNotFoundError, ProposalError) as e:
         print(f"autoresearch: error: {e}", file=sys.stderr)
         return EXIT_USER
     except ValueError as e:  # bad values the library rejects with a message (e.g. a budget)

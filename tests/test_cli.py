@@ -157,7 +157,8 @@ def test_lab_in_use_is_exit_2_but_status_still_reads(cli_lab, tmp_path, kit_env,
     d = _copy(cli_lab, tmp_path)
     with Lab(d, verbose=False):
         assert main(["run", "--lab", str(d), "--yes", "--steps", "1", "--budget", BUDGET]) == 2
-        assert "already open" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"is in use by process {os.getpid()}" in err and "autoresearch status" in err
         assert main(["status", "--lab", str(d)]) == 0
         assert "0003" in capsys.readouterr().out
 
@@ -175,6 +176,126 @@ def test_user_errors_are_exit_2(tmp_path, kit_env, capsys):
     with pytest.raises(SystemExit) as e:                      # argparse: a bad budget
         main(["run", "--budget", "5 parsecs"])
     assert e.value.code == 2
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("autoresearch") and "Traceback" not in err, err
+    return err
+
+
+def test_bad_flags_are_one_line(tmp_path, kit_env, capsys):
+    # argparse would print the whole usage block first; a user needs the one line that matters
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--budget", "5parsecs"])
+    assert e.value.code == 2
+    err = _one_line_error(capsys)
+    assert "parsecs" in err and "use s, min, tokens or flops" in err and "autoresearch run --help" in err
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--proposer", "gpt"])
+    assert e.value.code == 2 and "invalid choice: 'gpt'" in _one_line_error(capsys)
+
+
+def test_a_file_is_not_a_lab(tmp_path, kit_env, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a lab")
+    for argv in (["run", "--lab", str(f), "--steps", "1"], ["status", "--lab", str(f)], ["init", str(f)]):
+        assert main(argv) == 2, argv
+        assert f"{f} is a file, not a lab directory" in _one_line_error(capsys)
+    assert f.read_text() == "not a lab"
+
+
+def test_status_outside_a_lab_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["status"]) == 2
+    err = _one_line_error(capsys)
+    assert "no lab here" in err and str(tmp_path) in err and "autoresearch init DIR" in err
+    assert not (tmp_path / "lab").exists()
+
+
+def test_unreachable_llm_endpoint_from_the_environment_stops_at_once(cli_lab, tmp_path, kit_env, monkeypatch,
+                                                                     capsys):
+    import socket
+
+    # a port nothing listens on: bind, read the number, close
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    d = _copy(cli_lab, tmp_path)
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")   # the README's way to pick an LLM
+    monkeypatch.delenv("AUTORESEARCH_PROPOSER", raising=False)
+    rc = main(["run", "--lab", str(d), "--steps", "2", "--budget", BUDGET, "--yes"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "proposer llm" in captured.out                       # auto picked the LLM from the environment
+    # the same "cannot reach" twice ends the session: no third identical attempt
+    assert captured.out.count("proposer gave up") == 1
+    assert "cannot reach the LLM endpoint" in captured.err and "--proposer mutate" in captured.err
+    assert len(Ledger(d, readonly=True).records()) == 3         # nothing new was recorded
+
+
+def test_rejection_reason_steers_the_next_proposal(cli_lab, tmp_path, kit_env, monkeypatch, capsys):
+    from autoresearch_kit import lab as lab_module
+
+    d = _copy(cli_lab, tmp_path)
+    seen = []
+    real_context = lab_module.Lab.context
+
+    def spy(self, feedback=""):
+        ctx = real_context(self, feedback)
+        seen.append(ctx.feedback)
+        return ctx
+
+    monkeypatch.setattr(lab_module.Lab, "context", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("n\ntry a higher MATRIX_LR\nq\n"))
+    assert main(["run", "--lab", str(d), "--steps", "3", "--budget", BUDGET, "--proposer", "mutate"]) == 0
+    # the offline proposer reads hints only from the feedback: the reason must reach it there
+    assert seen[:2] == ["", "try a higher MATRIX_LR"], seen
+
+
+def test_ctrl_c_names_the_aborted_experiment(cli_lab, tmp_path, kit_env):
+    import signal
+    import time
+
+    d = _copy(cli_lab, tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "autoresearch_kit", "run", "--lab", str(d), "--steps", "1",
+                             "--budget", "60s", "--yes", "--proposer", "mutate"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:    # the progress bar's first line: the candidate is training
+        lines.append(line)
+        if line.startswith("exp 0004"):
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out
+    assert "proposal (mutate): " in out                          # --yes says what it is about to train
+    assert "interrupted: experiment 0004 interrupted and recorded as aborted" in out and "Traceback" not in out
+    assert Ledger(d, readonly=True).get("0004")["status"] == "aborted"
+
+
+def test_report_plots_the_ledger_by_experiment_id(tmp_path):
+    from autoresearch_kit.plots import load_results, summary
+
+    records = [
+        {"id": "0001", "kind": "baseline", "status": "ok", "decision": "keep", "val_bpb": 2.0, "description": "b"},
+        {"id": "0002", "kind": "noise", "status": "ok", "decision": None, "val_bpb": 2.01, "description": "b"},
+        {"id": "0003", "kind": "candidate", "status": "ok", "decision": "keep", "val_bpb": 1.9, "description": "x"},
+        {"id": "0004", "kind": "candidate", "status": "rejected", "decision": None, "val_bpb": None,
+         "description": "y"},
+        {"id": "0005", "kind": "candidate", "status": "aborted", "decision": None, "val_bpb": None,
+         "description": "z"},
+    ]
+    df = load_results(records)
+    # the ids `autoresearch status` shows; a noise rerun repeats the baseline and is no new point
+    assert list(df["label"]) == ["0001", "0003", "0005"]
+    assert list(df["outcome"]) == ["keep", "keep", "crash"]
+    s = summary(records)
+    assert (s["experiments"], s["kept"], s["failed"], s["best"]) == (3, 2, 1, 1.9)
 
 
 def test_default_lab_directory(tmp_path, monkeypatch):
