@@ -42,6 +42,7 @@ import os
 import re
 import select
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -275,16 +276,20 @@ class _LogSink:
             self.partial = self.partial[-4 * MAX_LINE_CHARS:]
 
     def close(self) -> None:
-        tail = b"".join(self.tail_chunks)
-        if len(tail) > LOG_TAIL_BYTES:
-            self.dropped += len(tail) - LOG_TAIL_BYTES
-            tail = tail[-LOG_TAIL_BYTES:]
-        if self.dropped:
-            note = (f"\n[autoresearch runner: {self.dropped} bytes of output dropped here; "
-                    f"the log keeps the first {LOG_HEAD_BYTES} and the last {LOG_TAIL_BYTES} bytes]\n")
-            self.file.write(note.encode())
-        self.file.write(tail)
-        self.file.close()
+        """Write the kept tail and close the file. Safe to call again."""
+        if not self.file.closed:
+            try:
+                tail = b"".join(self.tail_chunks)
+                if len(tail) > LOG_TAIL_BYTES:
+                    self.dropped += len(tail) - LOG_TAIL_BYTES
+                    tail = tail[-LOG_TAIL_BYTES:]
+                if self.dropped:
+                    note = (f"\n[autoresearch runner: {self.dropped} bytes of output dropped here; "
+                            f"the log keeps the first {LOG_HEAD_BYTES} and the last {LOG_TAIL_BYTES} bytes]\n")
+                    self.file.write(note.encode())
+                self.file.write(tail)
+            finally:
+                self.file.close()
         if self.partial:
             self.lines.append(_line_text(self.partial))
             self.partial = b""
@@ -780,6 +785,33 @@ def _child_env(extra_env: dict[str, str], runner_env: dict[str, str]) -> dict[st
     return child
 
 
+def _close_fds(fds: list[int]) -> None:
+    """Close and forget each fd (popped first: closing a number twice could close a reused one)."""
+    while fds:
+        fd = fds.pop()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _unstoppable(*steps: Callable[[bool], Any]) -> bool:
+    """Run each step to the end, repeating one that a KeyboardInterrupt cut short.
+
+    Each step gets ``hurry`` (True once the user has pressed Ctrl-C here) and must be
+    safe to run again. Returns whether any KeyboardInterrupt arrived.
+    """
+    interrupted = False
+    for step in steps:
+        while True:
+            try:
+                step(interrupted)
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+    return interrupted
+
+
 def _child_command() -> list[str]:
     """`python train.py`, behind the parent-death bootstrap on Linux."""
     if sys.platform.startswith("linux"):
@@ -790,20 +822,7 @@ def _child_command() -> list[str]:
 def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget, data: Path, seed: int,
                device_type: str, eval_tokens: int, limit: float,
                extra_env: dict[str, str], on_event, stop: threading.Event | None) -> RunResult:
-    import subprocess
-
     run_id = uuid.uuid4().hex
-    channel = ParentChannel()
-    runner_env = {
-        "AUTORESEARCH_BUDGET": str(budget),
-        "AUTORESEARCH_SEED": str(seed),
-        "AUTORESEARCH_DATA": str(data),
-        "AUTORESEARCH_EVAL_TOKENS": str(eval_tokens),
-        "AUTORESEARCH_DEVICE": device_type,  # pinned, so the eval tokens match the device
-        "AUTORESEARCH_RUN_ID": run_id,
-        "PYTHONUNBUFFERED": "1",
-        **channel.open(),
-    }
     # The metric scores min(eval_tokens, val tokens - 1): a small val split is scored whole.
     val_tokens = _val_tokens(data)
     scored = min(eval_tokens, val_tokens - 1) if val_tokens else eval_tokens
@@ -811,78 +830,105 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
     res.eval_tokens = eval_tokens
     res.extra["run_id"] = run_id
 
-    sink = _LogSink(logfile)
-    out_r, out_w = os.pipe()
-    pipe_inodes = {os.fstat(out_r).st_ino, os.fstat(channel.read_fd).st_ino}
-    t0 = time.monotonic()
     try:
-        proc = subprocess.Popen(_child_command(), cwd=str(wd), env=_child_env(extra_env, runner_env),
-                                stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
-                                start_new_session=True, pass_fds=(channel.write_fd,))
+        sink = _LogSink(logfile)
     except OSError as e:
-        os.close(out_r)
-        os.close(out_w)
-        channel.close_child_end()
-        os.close(channel.read_fd)
-        sink.close()
-        msg = f"Cannot start {sys.executable} train.py in {wd}: {e}"
-        raise RuntimeError(msg) from e
-    os.close(out_w)
-    channel.close_child_end()
-    pgid = proc.pid  # start_new_session: the child leads its own session and group
-
-    msgs = _Messages(channel, on_event, t0)
-    done = threading.Event()
-    readers = [threading.Thread(target=_pump, args=(out_r, sink.feed, done), name="autoresearch-log", daemon=True),
-               threading.Thread(target=_pump, args=(channel.read_fd, msgs.feed, done), name="autoresearch-channel",
-                                daemon=True)]
-    for t in readers:
-        t.start()
-
-    timed_out, aborted = False, None
-    deadline = t0 + limit
+        msg = f"Cannot write the log {logfile} ({e}); pass log_path= a writable file."
+        raise PermissionError(msg) from e
+    channel = ParentChannel()
+    fds: list[int] = []  # ours to close, whatever happens
     try:
+        runner_env = {
+            "AUTORESEARCH_BUDGET": str(budget),
+            "AUTORESEARCH_SEED": str(seed),
+            "AUTORESEARCH_DATA": str(data),
+            "AUTORESEARCH_EVAL_TOKENS": str(eval_tokens),
+            "AUTORESEARCH_DEVICE": device_type,  # pinned, so the eval tokens match the device
+            "AUTORESEARCH_RUN_ID": run_id,
+            "PYTHONUNBUFFERED": "1",
+            **channel.open(),
+        }
+        fds.append(channel.read_fd)
+        out_r, out_w = os.pipe()
+        fds.append(out_r)
+        pipe_inodes = {os.fstat(out_r).st_ino, os.fstat(channel.read_fd).st_ino}
+        t0 = time.monotonic()
         try:
-            while True:
-                try:
-                    proc.wait(timeout=0.05)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if stop is not None and stop.is_set():
-                    aborted = "stopped by the user (stop event)"
-                    break
-                if time.monotonic() >= deadline:
-                    timed_out = True
-                    break
-        except KeyboardInterrupt:
-            aborted = "interrupted (KeyboardInterrupt)"
-        if proc.returncode is None:
-            _terminate(proc, pgid)
-    except KeyboardInterrupt:  # a second Ctrl-C while terminating: still leave nothing behind
-        aborted = aborted or "interrupted (KeyboardInterrupt)"
-        _kill_group(pgid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.returncode is None:
-            _kill_group(pgid, signal.SIGKILL)
-            proc.wait()
-        res.wall_seconds = time.monotonic() - t0
-        killed = _cleanup(pgid, run_id, pipe_inodes)
-        done.set()
-        for t in readers:
-            t.join(timeout=5.0)
-        msgs.close(timeout=EVENT_DRAIN_SECONDS)
-        for fd in (out_r, channel.read_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            proc = subprocess.Popen(_child_command(), cwd=str(wd), env=_child_env(extra_env, runner_env),
+                                    stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
+                                    start_new_session=True, pass_fds=(channel.write_fd,))
+        finally:  # the child holds its own copies now (or never started)
+            os.close(out_w)
+            channel.close_child_end()
+    except BaseException as e:
+        _close_fds(fds)
         channel.read_fd = -1
         sink.close()
+        if isinstance(e, OSError):
+            msg = f"Cannot start {sys.executable} train.py in {wd}: {e}"
+            raise RuntimeError(msg) from e
+        raise
+    pgid = proc.pid  # start_new_session: the child leads its own session and group
+
+    timed_out, aborted = False, None
+    msgs: _Messages | None = None
+    done = threading.Event()
+    readers: list[threading.Thread] = []
+    try:
+        msgs = _Messages(channel, on_event, t0)
+        readers += [threading.Thread(target=_pump, args=(out_r, sink.feed, done), name="autoresearch-log",
+                                     daemon=True),
+                    threading.Thread(target=_pump, args=(channel.read_fd, msgs.feed, done),
+                                     name="autoresearch-channel", daemon=True)]
+        for t in readers:
+            t.start()
+        deadline = t0 + limit
+        while True:
+            try:
+                proc.wait(timeout=0.05)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if stop is not None and stop.is_set():
+                aborted = "stopped by the user (stop event)"
+                break
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+    except KeyboardInterrupt:
+        aborted = "interrupted (KeyboardInterrupt)"
+    finally:
+        # Every step runs, even when Ctrl-C is pressed again (and again) meanwhile: each is
+        # safe to repeat, and an interrupted step is repeated, so no process, thread or fd
+        # is left behind. The run then ends as aborted, as for the first Ctrl-C.
+        killed: list[int] = []
+
+        def end_child(hurry: bool) -> None:
+            if proc.returncode is None:
+                if hurry:  # Ctrl-C during the SIGTERM grace: no more waiting
+                    _kill_group(pgid, signal.SIGKILL)
+                    proc.wait()
+                else:
+                    _terminate(proc, pgid)
+            res.wall_seconds = time.monotonic() - t0
+
+        def stop_readers(hurry: bool) -> None:
+            done.set()
+            for t in readers:
+                if t.is_alive():  # (one not started yet when Ctrl-C came cannot be joined)
+                    t.join(timeout=5.0)
+            if msgs is not None:
+                msgs.close(timeout=0 if hurry else EVENT_DRAIN_SECONDS)
+
+        if _unstoppable(end_child, lambda hurry: killed.extend(_cleanup(pgid, run_id, pipe_inodes)), stop_readers,
+                        lambda hurry: _close_fds(fds), lambda hurry: sink.close()):
+            aborted = aborted or "interrupted (KeyboardInterrupt)"
+        channel.read_fd = -1
+    if msgs is None:  # Ctrl-C before the readers existed: nothing was received
+        msgs = _Messages(channel, None, t0)
 
     if killed:
-        res.extra["killed_strays"] = killed
+        res.extra["killed_strays"] = sorted(set(killed))  # (a hunt cut short by Ctrl-C ran twice)
     res.extra.update(exit_code=proc.returncode, channel_rejected=channel.rejected,
                      output_bytes=sink.total, log_dropped_bytes=sink.dropped,
                      timings={k: round(v, 3) for k, v in msgs.times.items()})

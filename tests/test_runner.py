@@ -437,6 +437,47 @@ def test_keyboard_interrupt_returns_aborted_and_leaves_nothing(tiny_data, tmp_pa
     assert _run_id_processes(got["run_id"]) == []
 
 
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_ctrl_c_again_during_cleanup_still_leaves_nothing(unchecked, tmp_path, monkeypatch):
+    """A second Ctrl-C while the run is being cleaned up: aborted, no process/thread/fd left."""
+    real, calls = runner._cleanup, []
+
+    def cleanup_cut_short(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise KeyboardInterrupt        # the user presses Ctrl-C again just then
+        return real(*args)
+
+    monkeypatch.setattr(runner, "_cleanup", cleanup_cut_short)
+    fds, threads = _open_fds(), set(threading.enumerate())
+    res = run(fake("""
+        import subprocess
+        p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+        open("stray.pid", "w").write(str(p.pid))
+        step(0)
+        result(1.25)
+    """), tmp_path, on_event=lambda e: None)
+    assert res.status == "aborted" and "KeyboardInterrupt" in res.reason
+    assert len(calls) == 2                                      # the hunt for strays was done again
+    assert not _alive(int((tmp_path / "work" / "stray.pid").read_text()))
+    deadline = time.monotonic() + 2                             # the dispatcher drops what is queued
+    while not set(threading.enumerate()) <= threads and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert set(threading.enumerate()) <= threads                # readers and dispatcher ended
+    assert _open_fds() == fds                                   # pipes and log closed
+    assert res.log_path and Path(res.log_path).is_file()
+
+
+def test_unwritable_log_path_raises_and_leaks_nothing(unchecked, tmp_path):
+    fds = _open_fds()
+    with pytest.raises(PermissionError, match="writable file"):
+        run_budgeted(fake("result(1.0)\n"), "2s", workdir=tmp_path / "w", log_path=tmp_path, device="cpu")
+    assert _open_fds() == fds
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for p in Path("/proc").iterdir():
