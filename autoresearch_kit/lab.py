@@ -13,7 +13,10 @@ the tip of the kept line), a git workspace (`.git`, every experiment a commit), 
 ledger (`ledger.sqlite` + `results.tsv`) and `runs/<id>/` (train.py and run.log of each
 run). Everything the Lab knows lives there, so a new Lab on the same directory picks up
 exactly where the last one stopped; a run interrupted by a killed process shows as
-`aborted` and nothing else changes. One Lab per directory at a time (a lock).
+`aborted` and nothing else changes. The ledger is the source of truth: it records the
+tip of the kept line (the current parent) before git moves, and opening a lab moves the
+workspace to it if a killed process left them apart. One Lab per directory at a time
+(a lock).
 
 Where a new lab's files come from (`Lab(path, program=..., train=...)`), for each file:
 a path you pass explicitly (it must exist); with the default names, the file already in
@@ -165,6 +168,7 @@ class Lab:
                     program_src = _initial_text("program.md", program, self.path)
                 self.workspace.init(train_src, program_src)
             self.recovered = self.ledger.recover()
+            moved = self._reconcile()
             (self.path / RUNS).mkdir(exist_ok=True)
         except BaseException:
             self.ledger.close()
@@ -188,6 +192,9 @@ class Lab:
         if self.recovered and self.verbose:
             print(f"lab {self.path.name}: experiment(s) {', '.join(self.recovered)} were interrupted and are "
                   f"recorded as aborted")
+        if moved and self.verbose:
+            print(f"lab {self.path.name}: the kept line now ends at {moved}, as the ledger records (the last "
+                  f"session stopped before it moved the workspace)")
 
     # ---- settings -----------------------------------------------------------------------------
 
@@ -267,7 +274,39 @@ class Lab:
     @property
     def parent_id(self) -> str | None:
         """The current parent: the experiment at the tip of the kept line (None before the baseline)."""
-        return self.workspace.head_id()
+        return self.ledger.tip()
+
+    def _follow_tip(self) -> str | None:
+        """Move the workspace's kept line to the ledger's tip when they differ; returns the new tip.
+
+        The ledger is the source of truth: every move of the kept line is recorded there
+        first (in the same transaction as a keep), then made in git. A process killed in
+        between leaves the workspace one step behind, and this catches it up.
+        """
+        tip = self.ledger.tip()
+        if tip is None or tip == self.workspace.head_id():
+            return None
+        self.workspace.keep(tip)
+        return tip
+
+    def _reconcile(self) -> str | None:
+        """On open: make the workspace agree with the ledger after a process died mid-update.
+
+        Returns the experiment the kept line was moved to, if it had to be moved.
+        """
+        if self.ledger.tip() is None:  # a lab from before the ledger recorded the tip: adopt git's
+            head = self.workspace.head_id()
+            if head is not None and head in {r["id"] for r in self.ledger.records(curves=False)}:
+                self.ledger.set_tip(head)
+        moved = self._follow_tip()
+        # experiments whose commit was made but not yet recorded (a run killed mid-way)
+        missing = [r["id"] for r in self.ledger.records(curves=False) if not r["commit"]]
+        if missing:
+            commits = self.workspace.commits()
+            for exp_id in missing:
+                if exp_id in commits:
+                    self.ledger.set_commit(exp_id, commits[exp_id])
+        return moved
 
     @property
     def last_id(self) -> str | None:
@@ -430,6 +469,7 @@ class Lab:
                                    proposal_meta=meta, kind=kind)
         self._last_id = exp_id
         result: RunResult | None = None
+        sha: str | None = None
         try:
             sha = self.workspace.commit_experiment(exp_id, source, parent_id, description)
             workdir = self.path / RUNS / exp_id
@@ -438,7 +478,7 @@ class Lab:
                                          on_event=on_event, stop=stop)
         except BaseException as e:  # a broken setup or a Ctrl-C outside the runner's wait
             why = "interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-            self.ledger.finish(exp_id, RunResult(status="aborted", reason=why, budget=str(budget)))
+            self.ledger.finish(exp_id, RunResult(status="aborted", reason=why, budget=str(budget)), commit=sha)
             raise
         result.extra["exp_id"] = exp_id
         self.ledger.finish(exp_id, result, commit=sha)
@@ -494,8 +534,10 @@ class Lab:
         exp_id = result.extra["exp_id"]
         by = "autopilot" if self._autopilot else "rule"
         if result.ok:
-            self.ledger.decide(exp_id, "keep", "baseline", decided_by=by)
-            self.workspace.keep(exp_id)
+            try:
+                self.ledger.decide(exp_id, "keep", "baseline", decided_by=by, tip=exp_id)
+            finally:
+                self._follow_tip()
         else:
             self.ledger.decide(exp_id, "discard", f"baseline {result.status}: {result.reason}", decided_by=by)
         rec = self.ledger.get(exp_id)
@@ -565,6 +607,9 @@ class Lab:
                decided_by: str = "human") -> dict:
         """Keep or discard a finished experiment; keeping makes it the new parent.
 
+        Discarding the current parent (a candidate kept earlier, e.g. by the rule) moves
+        the kept line back to that candidate's parent.
+
         Parameters
         ----------
         exp_id : str, optional
@@ -586,10 +631,16 @@ class Lab:
             keep, by, reason = v["keep"], ("autopilot" if decided_by == "autopilot" else "rule"), reason or v["reason"]
         else:
             by = decided_by
-        rec = self.ledger.decide(exp_id, "keep" if keep else "discard", reason, decided_by=by,
-                                 within_noise=v["within_noise"])
+        tip = None
         if keep:
-            self.workspace.keep(exp_id)
+            tip = exp_id
+        elif exp_id == self.parent_id:  # discarding the current parent (kept before): back to its parent
+            tip = self.ledger.get(exp_id)["parent_id"]
+        try:
+            rec = self.ledger.decide(exp_id, "keep" if keep else "discard", reason, decided_by=by,
+                                     within_noise=v["within_noise"], tip=tip)
+        finally:  # also after a Ctrl-C: the workspace follows what the ledger recorded
+            self._follow_tip()
         self._say(rec)
         return rec
 
@@ -775,7 +826,8 @@ class Lab:
             msg = (f"Experiment {rec['id']} cannot be continued from: it is a {rec['kind']} with status "
                    f"{rec['status']!r}. Check out an experiment that ran ok (see lab.history()).")
             raise ValueError(msg)
-        self.workspace.checkout(rec["id"])
+        self.ledger.set_tip(rec["id"])
+        self._follow_tip()
         if self.verbose:
             print(f"lab {self.path.name}: continuing from {rec['id']} ({rec['description']})")
         return rec

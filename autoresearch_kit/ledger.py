@@ -29,6 +29,10 @@ analysis notebook treats the first non-crash row as the baseline):
     crash/timeout/diverged/invalid/aborted -> crash (val_bpb 0.000000, memory 0.0)
     running, rejected (never ran)      -> no row   (both are in the database)
 
+The ledger also records the tip of the lab's kept line (`tip()`, the current parent),
+in the same transaction as the keep that moves it; the Lab moves its git workspace
+after, and repairs it from here if a process died in between.
+
 Only one writer per lab: `Ledger(lab)` holds an flock on `<lab>/.lock` until close()
 (or until the process dies, so resuming after kill -9 just works).
 
@@ -335,6 +339,9 @@ class Ledger:
                 if name not in have:
                     sqltype = sqltype.replace(" NOT NULL", "").replace(" PRIMARY KEY", "")
                     db.execute(f"ALTER TABLE experiments ADD COLUMN {_q(name)} {sqltype}")
+            # the lab's current parent (the tip of the kept line), written in the same
+            # transaction as the decision that moves it: the workspace follows it (Lab)
+            db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT)")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -523,11 +530,12 @@ class Ledger:
         return self.get(exp_id)
 
     def decide(self, exp_id: str, decision: str | None, reason: str = "", decided_by: str = "human",
-               within_noise: bool = False) -> dict:
+               within_noise: bool = False, *, tip: str | None = None) -> dict:
         """Record keep / discard (or None to clear the decision) for a finished experiment.
 
         Only ``ok`` runs can be kept. A crashed run may be marked discard (it stays a
-        ``crash`` row in results.tsv).
+        ``crash`` row in results.tsv). ``tip``: an experiment to record as the new tip of
+        the kept line (see `tip()`), in the same transaction as the decision.
 
         Returns
         -------
@@ -555,6 +563,8 @@ class Ledger:
                 "decided_by": decided_by if decision else None, "within_noise": int(bool(within_noise)),
                 "decided_at": _now() if decision else None,
             })
+            if tip is not None:
+                self._set_tip(db, tip)
         self._write_tsv()
         return self.get(exp_id)
 
@@ -589,6 +599,30 @@ class Ledger:
             self._row(exp_id)
             self._update(db, exp_id, {"commit": commit})
         self._write_tsv()
+
+    def tip(self) -> str | None:
+        """The experiment at the tip of the kept line (the lab's current parent), as recorded.
+
+        None before anything was kept. The Lab moves its git workspace to follow it, so a
+        process killed between the two writes is repaired when the lab opens again.
+        """
+        with self._mu:
+            try:
+                row = self._db().execute("SELECT value FROM state WHERE key = 'tip'").fetchone()
+            except sqlite3.OperationalError:  # a read-only look at a ledger from before the table
+                return None
+        return row[0] if row is not None and row[0] else None
+
+    def set_tip(self, exp_id: str) -> None:
+        """Record `exp_id` as the tip of the kept line (e.g. after a checkout)."""
+        with self._tx() as db:
+            self._set_tip(db, exp_id)
+
+    def _set_tip(self, db: sqlite3.Connection, exp_id: str) -> None:
+        exp_id = self._norm_id(exp_id)
+        self._row(exp_id)  # KeyError with the known ids when missing
+        db.execute("INSERT INTO state (key, value) VALUES ('tip', ?) "
+                   "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (exp_id,))
 
     def recover(self) -> list[str]:
         """Mark experiments left ``running`` by a process that died as ``aborted``.

@@ -329,11 +329,14 @@ class Workspace:
 
     def experiments(self) -> list[str]:
         """Ids of every committed experiment, in id order."""
+        return sorted(self.commits(), key=lambda s: (len(s), s))
+
+    def commits(self) -> dict[str, str]:
+        """{experiment id: commit sha} of every committed experiment (one git call)."""
         if not self.git_dir.is_dir():
-            return []
-        out = self._git("for-each-ref", "--format=%(refname)", EXP_PREFIX)
-        ids = [line[len(EXP_PREFIX):] for line in out.splitlines() if line]
-        return sorted(ids, key=lambda s: (len(s), s))
+            return {}
+        out = self._git("for-each-ref", "--format=%(refname) %(objectname)", EXP_PREFIX)
+        return {ref[len(EXP_PREFIX):]: sha for ref, sha in (line.split() for line in out.splitlines() if line)}
 
     def lines(self) -> dict[str, str]:
         """Archived kept lines: {branch name: tip sha}, e.g. {'lines/0007': '3f2a...'}."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from autoresearch_kit.lab import Lab, _looks_like_source, format_record
 from autoresearch_kit.ledger import LabLockedError, Ledger
 from autoresearch_kit.propose.base import Proposal
 from autoresearch_kit.runner import RunResult
+from autoresearch_kit.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = "2000-tokens"
@@ -281,9 +283,61 @@ def test_resume_after_sigkill_mid_run(lab_dir, tmp_path):
         assert lab.parent_id == "0001"
         tsv = (lab_dir / "results.tsv").read_text()
         assert tsv.startswith(tsv_before) and tsv[len(tsv_before):].split("\t")[3] == "crash"
+        # its commit was made before the kill: reopening records it (and its results.tsv row shows it)
+        assert recs[-1]["commit"] == lab.workspace.commit("0002") is not None
+        assert tsv[len(tsv_before):].split("\t")[0] == recs[-1]["commit"][:7]
         # and the lab goes on from where it was: the next proposal edits the same parent
         ctx = lab.context()
         assert ctx.parent_id == "0001" and recs[-1]["source_hash"] in ctx.seen_hashes
+
+
+_KILLED_BETWEEN_WRITES = r"""
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_lab import BUDGET, LRProposer
+from autoresearch_kit.lab import Lab
+from autoresearch_kit.runner import RunResult
+from autoresearch_kit.workspace import Workspace
+lab = Lab({lab!r}, budget=BUDGET, proposer=LRProposer(), verbose=False)
+p = lab.propose()          # an experiment that ran ok (its run is not what this test is about)
+eid = lab.ledger.start(p.parent_id, p.source_hash, p.diff, p.description, p.proposer, BUDGET, {{}})
+sha = lab.workspace.commit_experiment(eid, p.source, p.parent_id, p.description)
+lab.ledger.finish(eid, RunResult(status="ok", val_bpb=0.5, seed=42), commit=sha)
+Workspace.keep = lambda self, exp_id: os.kill(os.getpid(), signal.SIGKILL)  # dies before git moves
+lab.decide(eid, keep=True)
+"""
+
+
+def test_kill_between_keep_in_ledger_and_git_is_repaired_on_open(lab_dir):
+    script = _KILLED_BETWEEN_WRITES.format(tests=str(ROOT / "tests"), lab=str(lab_dir))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    rec = Ledger(lab_dir, readonly=True).get("0002")
+    assert rec["decision"] == "keep"                                  # the ledger has the keep ...
+    assert Workspace(lab_dir).head_id() == "0001"                     # ... git does not, yet
+    with _open(lab_dir, verbose=True) as lab:
+        assert lab.parent_id == "0002" == lab.workspace.head_id()
+        assert (lab_dir / "train.py").read_text() == lab.workspace.source("0002")
+        assert lab.context().parent_id == "0002"                      # the next proposal edits it
+
+
+def test_tip_follows_keeps_discards_and_checkouts_across_sessions(lab_dir):
+    with _open(lab_dir) as lab:
+        parent_src = lab.workspace.source("0001")
+        kept = _committed_run(lab, "0001", parent_src.replace("GRAD_CLIP = 0.0", "GRAD_CLIP = 1.0"), 0.5)
+        lab.decide(kept, keep=True)
+        assert lab.parent_id == kept == lab.workspace.head_id()
+        # a person overrides the keep: the kept line goes back to the candidate's parent
+        rec = lab.decide(kept, keep=False, reason="a fluke")
+        assert rec["decision"] == "discard" and lab.parent_id == "0001" == lab.workspace.head_id()
+        assert (lab_dir / "train.py").read_text() == parent_src and lab.best()["id"] == "0001"
+        lab.checkout(kept)                                            # continue from it anyway
+    with _open(lab_dir) as lab:                                       # ... which the next session knows
+        assert lab.parent_id == kept == lab.workspace.head_id()
+        with sqlite3.connect(lab_dir / "ledger.sqlite") as db:        # a lab from before the ledger had a tip
+            db.execute("DELETE FROM state")
+    with _open(lab_dir) as lab:                                       # adopts the workspace's
+        assert lab.parent_id == kept and lab.ledger.tip() == kept
 
 
 def test_keyboard_interrupt_records_aborted_then_reraises(lab_dir):
@@ -324,6 +378,15 @@ def test_measure_noise_sets_sigma(lab_dir):
         assert len((lab_dir / "results.tsv").read_text().splitlines()) == 2
     with _open(lab_dir) as again:                              # sigma survives a restart
         assert again.sigma == pytest.approx(n["sigma"])
+
+
+def _committed_run(lab: Lab, parent: str, source: str, val: float) -> str:
+    """An experiment recorded and committed as the Lab does, with a made-up score (no run)."""
+    h = Proposal.from_source("", source, "").source_hash
+    eid = lab.ledger.start(parent, h, "", f"made up {val}", "test", BUDGET, {})
+    sha = lab.workspace.commit_experiment(eid, source, parent, f"made up {val}")
+    lab.ledger.finish(eid, RunResult(status="ok", val_bpb=val, seed=42), commit=sha)
+    return eid
 
 
 def _fake_run(led: Ledger, parent, kind, val, seed=42, src="a"):

@@ -367,6 +367,23 @@ def test_kill_at_the_two_critical_points_of_a_write(tmp_path, where):
     assert [r["status"] for r in recs] == ["ok", "aborted" if where == "in-transaction" else "ok"]
 
 
+def test_tip_is_recorded_with_the_decision_and_survives_reopening(tmp_path):
+    with Ledger(tmp_path / "lab") as led:
+        assert led.tip() is None                                  # nothing kept yet
+        base = _run(led, None, "baseline", kind="baseline")
+        led.decide(base, "keep", "baseline", decided_by="rule", tip=base)
+        cand = _run(led, base, "candidate")
+        led.decide(cand, "discard", "worse")                       # no tip given: unchanged
+        assert led.tip() == base
+        with pytest.raises(KeyError, match="No experiment '0009'"):
+            led.set_tip("9")
+        with pytest.raises(ValueError, match="cannot be kept"):   # a refused decision moves nothing
+            led.decide(_run(led, base, "broken", status="crash"), "keep", tip="0003")
+        assert led.tip() == base
+        led.set_tip(cand)
+    assert Ledger(tmp_path / "lab", readonly=True).tip() == cand
+
+
 class _CommitFailsOnce:
     """A connection whose next COMMIT fails, as on a full disk."""
 
