@@ -297,6 +297,39 @@ def test_proposer_error_is_shown_as_its_reason(lab):
     assert "Traceback" not in panel.message.value and not panel.new_button.disabled
 
 
+def test_a_failing_button_says_why_and_does_not_stick(lab):
+    # e.g. a typo in the proposer's name: it fails when the panel first asks for it, in the
+    # click handler itself, where ipywidgets would only log the error and the buttons would
+    # stay in "proposing" (Stop on, New proposal off) for good
+    panel = Panel(lab, propose=False)
+    lab.proposer = "gpt4"
+    panel.new_button.click()
+    _ready(panel, "idle")
+    assert "Unknown proposer 'gpt4'" in panel.errors[-1] and "Traceback" not in panel.message.value
+    assert not panel.new_button.disabled and panel.stop_button.disabled
+    lab.proposer = KnobProposer()                 # fixed: the same panel carries on
+    panel.new_button.click()
+    _ready(panel)
+
+
+def test_stop_during_the_baseline_says_to_approve_again(tmp_path, tiny_data, kit_env, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(tiny_data))
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    with Lab(tmp_path / "fresh", train=tmp_path / "train.py", budget="60s", proposer=KnobProposer(),
+             verbose=False) as fresh:
+        panel = fresh.panel()
+        _ready(panel)
+        panel.approve_button.click()              # no baseline yet: it trains first
+        deadline = time.monotonic() + 60
+        while not (panel.state == "running" and len(panel.live.events) >= 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        panel.stop_button.click()
+        _ready(panel)                             # back to the proposal, not run
+        assert fresh.ledger.records()[-1]["kind"] == "baseline" and fresh.ledger.records()[-1]["status"] == "aborted"
+        assert "Approve again" in panel.message.value and "Fix the lab" not in panel.message.value
+        assert not panel.approve_button.disabled
+
+
 def test_autopilot_runs_n_steps_decided_by_the_rule(lab):
     panel = lab.panel()
     _ready(panel)

@@ -146,11 +146,11 @@ class Panel(w.VBox):
                                         layout=w.Layout(width="auto", min_width="110px"))
         self.autopilot_steps = w.BoundedIntText(value=autopilot_steps, min=1, max=1000, description="steps",
                                                 layout=w.Layout(width="130px"), style={"description_width": "40px"})
-        self.approve_button.on_click(lambda _: self.approve())
-        self.reject_button.on_click(lambda _: self.reject())
-        self.edit_button.on_click(lambda _: self.open_editor())
-        self.stop_button.on_click(lambda _: self.stop())
-        self.new_button.on_click(lambda _: self.new_proposal())
+        self.approve_button.on_click(self._guard(self.approve))
+        self.reject_button.on_click(self._guard(self.reject))
+        self.edit_button.on_click(self._guard(self.open_editor))
+        self.stop_button.on_click(self._guard(self.stop))
+        self.new_button.on_click(self._guard(self.new_proposal))
         self.autopilot.observe(self._on_autopilot, names="value")
 
         self.editor_description = w.Text(placeholder="one line: what your edit changes",
@@ -159,8 +159,8 @@ class Panel(w.VBox):
         self.editor = w.Textarea(layout=w.Layout(width="100%", height="360px"))
         self.editor_run = button("Run my edit", "warning", "play", "Train your edited train.py")
         self.editor_cancel = button("Cancel", "", "", "Back to the proposal")
-        self.editor_run.on_click(lambda _: self.run_edit())
-        self.editor_cancel.on_click(lambda _: self.close_editor())
+        self.editor_run.on_click(self._guard(self.run_edit))
+        self.editor_cancel.on_click(self._guard(self.close_editor))
         self.editor_box = w.VBox([self.editor_description, self.editor,
                                   w.HBox([self.editor_run, self.editor_cancel])],
                                  layout=w.Layout(display="none", width="100%"))
@@ -184,8 +184,8 @@ class Panel(w.VBox):
         self.keep_button = button("Keep", "", "check", "Keep: the kept line moves to this experiment")
         self.discard_button = button("Discard", "", "trash", "Discard: the parent stays; the record is kept")
         self.decision_reason = w.Text(placeholder="note (optional)", layout=w.Layout(width="260px"))
-        self.keep_button.on_click(lambda _: self.decide(True))
-        self.discard_button.on_click(lambda _: self.decide(False))
+        self.keep_button.on_click(self._guard(lambda: self.decide(True)))
+        self.discard_button.on_click(self._guard(lambda: self.decide(False)))
         self.decision_row = w.HBox([self.keep_button, self.discard_button, self.decision_reason],
                                    layout=w.Layout(align_items="center", margin="6px 0"))
         self.outcome_card = _card([self.outcome, self.decision_row], "outcome")
@@ -225,6 +225,26 @@ class Panel(w.VBox):
         if kind == "error":
             self.errors.append(text)
         self.message.value = _message_html(text, kind) if text else ""
+
+    def _guard(self, fn: Callable[[], Any]) -> Callable[[Any], None]:
+        """A button handler that shows its error in the panel: ipywidgets would only log it,
+        leaving the buttons in the state the handler had set (e.g. stuck on "proposing")."""
+
+        def handler(_button: Any = None) -> None:
+            try:
+                fn()
+            except Exception as exc:
+                self._say(_error_text(exc), "error")
+                self._set_state("proposed" if self.proposal is not None else "idle")
+
+        return handler
+
+    def _proposer_name(self) -> str:
+        """The proposer's name, or "" (building it may fail: the error shows when it is asked)."""
+        try:
+            return str(getattr(getattr(self.lab, "proposer", None), "name", "") or "")
+        except Exception:
+            return ""
 
     def _spawn(self, name: str, fn: Callable[[], None]) -> None:
         """Run fn on the worker thread; report any exception in the panel, not as a traceback."""
@@ -285,7 +305,7 @@ class Panel(w.VBox):
         records = self._records(curves=False)
         best = self._best()
         budget = getattr(self.lab, "budget", "")
-        proposer = getattr(getattr(self.lab, "proposer", None), "name", "")
+        proposer = self._proposer_name()
         n_keep = sum(1 for r in records if r.get("decision") == "keep")
         path = getattr(self.lab, "path", "")
         best_txt = (f'best val_bpb <b>{fmt_bpb(best.get("val_bpb"))}</b> '
@@ -297,7 +317,7 @@ class Panel(w.VBox):
             f'<span style="color:#57606a" title="{_html.escape(str(path))}">'
             f'{_html.escape(getattr(path, "name", "") or str(path))}</span>'
             f'<span>{best_txt}</span>'
-            f'<span style="color:#57606a">{len(records)} experiments · {n_keep} kept · budget {budget}'
+            f'<span style="color:#57606a">{len(records)} experiment{"" if len(records) == 1 else "s"} · {n_keep} kept · budget {budget}'
             f'{" · proposer " + _html.escape(proposer) if proposer else ""}</span></div>')
         self.table.value = history_table_html(records, best_id=best.get("id") if best else None)
         if records:
@@ -383,8 +403,7 @@ class Panel(w.VBox):
         self.proposal = self.shown = None
         self._show_proposal()
         self._set_state("proposing")
-        name = getattr(getattr(self.lab, "proposer", None), "name", "the proposer")
-        self._say(f"Asking {name} for a proposal...", "info")
+        self._say(f"Asking {self._proposer_name() or 'the proposer'} for a proposal...", "info")
         self._spawn("propose", self._propose)
 
     # --- run ------------------------------------------------------------------------------
@@ -412,10 +431,16 @@ class Panel(w.VBox):
         self._set_state("running")
         self._say("No baseline yet: training the starting train.py first, to have a parent to compare with.")
         rec = self.lab.baseline(on_event=self.live.add_event, stop=self._stop)
-        self.live.finish(rec.get("status", "?"))
+        status = rec.get("status", "?")
+        self.live.finish(status, f"baseline: val_bpb {fmt_bpb(rec.get('val_bpb'))}" if status == "ok"
+                         else f"baseline {status}: {rec.get('reason', '')}")
         self.refresh()
-        if rec.get("status") != "ok":
-            self._say(f"The baseline did not run ({rec.get('status')}: {rec.get('reason')}). "
+        if status == "aborted" and self._stop.is_set():
+            # the person pressed Stop: nothing to fix, the baseline is simply still missing
+            self._say("Baseline stopped. Approve again to train it: every proposal is compared with it.", "warn")
+            return False
+        if status != "ok":
+            self._say(f"The baseline did not run ({status}: {rec.get('reason')}). "
                       f"Fix the lab's train.py and try again.", "error")
             return False
         return True
