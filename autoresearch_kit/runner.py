@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from autoresearch_kit import config, integrity
+from autoresearch_kit import config, forkserver, integrity
 from autoresearch_kit.channel import MAX_LINE, ParentChannel
 
 log = logging.getLogger(__name__)
@@ -854,9 +854,12 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
         pipe_inodes = {os.fstat(out_r).st_ino, os.fstat(channel.read_fd).st_ino}
         t0 = time.monotonic()
         try:
-            proc = subprocess.Popen(_child_command(), cwd=str(wd), env=_child_env(extra_env, runner_env),
-                                    stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
-                                    start_new_session=True, pass_fds=(channel.write_fd,))
+            child_env = _child_env(extra_env, runner_env)
+            # A child forked from the pre-imported fork server (forkserver.py), else a fresh process.
+            proc = forkserver.spawn(wd, child_env, out_w, channel.write_fd, device_type) or subprocess.Popen(
+                _child_command(), cwd=str(wd), env=child_env, stdin=subprocess.DEVNULL, stdout=out_w,
+                stderr=out_w, start_new_session=True, pass_fds=(channel.write_fd,))
+            res.extra["forkserver"] = isinstance(proc, forkserver.ForkedChild)
         finally:  # the child holds its own copies now (or never started)
             os.close(out_w)
             channel.close_child_end()
