@@ -478,16 +478,29 @@ class Lab:
                                          on_event=on_event, stop=stop)
         except BaseException as e:  # a broken setup or a Ctrl-C outside the runner's wait
             why = "interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-            self.ledger.finish(exp_id, RunResult(status="aborted", reason=why, budget=str(budget)), commit=sha)
+            self._finish(exp_id, RunResult(status="aborted", reason=why, budget=str(budget)), sha)
             raise
         result.extra["exp_id"] = exp_id
-        self.ledger.finish(exp_id, result, commit=sha)
+        self._finish(exp_id, result, sha)
         interrupted = (result.status == "aborted" and not (stop is not None and stop.is_set())
                        and "KeyboardInterrupt" in result.reason)
         if interrupted:
             self._say(self.ledger.get(exp_id))
             raise KeyboardInterrupt(f"experiment {exp_id} interrupted and recorded as aborted")
         return result
+
+    def _finish(self, exp_id: str, result: RunResult, sha: str | None) -> None:
+        """Record a run's result, even when Ctrl-C lands meanwhile (re-raised after).
+
+        An interrupted write is rolled back whole; left so, the finished run would stay
+        ``running`` and be recovered as ``aborted`` next time: its result lost.
+        """
+        try:
+            self.ledger.finish(exp_id, result, commit=sha)
+        except KeyboardInterrupt:
+            if self.ledger.get(exp_id)["status"] == "running":
+                self.ledger.finish(exp_id, result, commit=sha)
+            raise
 
     def run_budgeted(self, proposal: Proposal | str, on_event: Callable[[dict], Any] | None = None,
                      stop: threading.Event | None = None) -> RunResult:
@@ -514,7 +527,7 @@ class Lab:
         """
         if isinstance(proposal, str):
             proposal = self.submit(proposal, "human edit")
-        self._ensure_baseline()
+        self._ensure_baseline(on_event, stop)
         parent = proposal.parent_id or self.parent_id
         meta = {**proposal.metadata, "rationale": proposal.rationale}
         return self._run(proposal.source, parent_id=parent, kind="candidate", description=proposal.description,
@@ -544,8 +557,10 @@ class Lab:
         self._say(rec)
         return rec
 
-    def _ensure_baseline(self) -> None:
-        base = self.baseline()
+    def _ensure_baseline(self, on_event: Callable[[dict], Any] | None = None,
+                         stop: threading.Event | None = None) -> None:
+        """Run the baseline if it has not run ok (once), else raise with what to fix."""
+        base = self.baseline(on_event=on_event, stop=stop)
         if base["status"] != "ok":
             tail = "\n".join(base["log_tail"].splitlines()[-15:])
             msg = (f"The baseline (experiment {base['id']}) did not run: {base['status']}: {base['reason']}\n{tail}\n"
@@ -690,7 +705,7 @@ class Lab:
         dict
             The ledger record of the experiment (or of the rejected proposal).
         """
-        self._ensure_baseline()
+        self._ensure_baseline(on_event, stop)
         proposal = self.propose(feedback)
         if approve is not None:
             what, value = self._answer(proposal, approve(proposal))
@@ -727,12 +742,14 @@ class Lab:
         ------
         KeyboardInterrupt
             Ctrl-C stops the loop after the interrupted run is recorded as aborted.
+        RuntimeError
+            When the baseline did not run ok (it is recorded; the message says what to fix).
         """
         out: list[dict] = []
         failures = 0
         self._autopilot = True
         try:
-            self.baseline(on_event=on_event)
+            self._ensure_baseline(on_event)  # a failed baseline stops the loop here, after one try
             while len(out) < steps:
                 try:
                     rec = self.step(on_event=on_event)

@@ -365,6 +365,37 @@ def test_keyboard_interrupt_records_aborted_then_reraises(lab_dir):
         assert rec["status"] == "aborted" and "stop" in rec["reason"]
 
 
+def test_ctrl_c_while_recording_a_finished_run_keeps_its_result(lab_dir, monkeypatch):
+    from autoresearch_kit import runner
+
+    monkeypatch.setattr(runner, "run_budgeted", lambda *a, **kw: RunResult(status="ok", val_bpb=0.9, seed=42))
+    real, finishes = Ledger._update, []
+
+    def update(self, db, exp_id, values):
+        if "finished_at" in values:
+            finishes.append(exp_id)
+            if len(finishes) == 1:
+                raise KeyboardInterrupt      # Ctrl-C just as the result is written
+        return real(self, db, exp_id, values)
+
+    monkeypatch.setattr(Ledger, "_update", update)
+    with _open(lab_dir) as lab:
+        with pytest.raises(KeyboardInterrupt):
+            lab.step()
+        rec = lab.ledger.records()[-1]
+        assert finishes == [rec["id"], rec["id"]]
+        assert (rec["status"], rec["val_bpb"]) == ("ok", 0.9) and rec["commit"] == lab.workspace.commit(rec["id"])
+
+
+def test_autopilot_with_a_broken_baseline_stops_after_one_try(tmp_path, kit_env):
+    broken = tmp_path / "broken.py"
+    broken.write_text("import os\nprint('no harness here')\n")   # the integrity check refuses it: no run
+    with _open(tmp_path / "lab", train=broken) as lab:
+        with pytest.raises(RuntimeError, match="did not run"):
+            lab.autopilot(steps=2)
+        assert [(r["kind"], r["status"]) for r in lab.ledger.records()] == [("baseline", "invalid")]
+
+
 def test_measure_noise_sets_sigma(lab_dir):
     with _open(lab_dir) as lab:
         n = lab.measure_noise(k=2)
