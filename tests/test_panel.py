@@ -114,6 +114,18 @@ def test_curves_png_and_renderings():
     assert "bump A" in html and "why not" in html and "mutate" in html and "+1" in html
 
 
+def test_show_titles_a_run_by_its_experiment_id_and_reads_as_text():
+    from autoresearch_kit.runner import RunResult
+    from autoresearch_kit.ui import show
+
+    # what lab.run_budgeted returns: the ledger id rides in extra
+    res = RunResult(status="ok", val_bpb=1.2345, budget="5s", curve=_events(5), extra={"exp_id": "0007"})
+    out = show(res)
+    assert "0007" in out._repr_html_() and "1.2345" in out._repr_html_()
+    text = repr(out)                              # a console or nbconvert --to text shows this
+    assert "0007" in text and "1.2345" in text and "<" not in text and "base64" not in text
+
+
 def test_tree_shows_where_the_lab_branched():
     recs = [{"id": "0001", "parent_id": None, "kind": "baseline", "status": "ok", "val_bpb": 2.0, "decision": "keep",
              "description": "baseline"},

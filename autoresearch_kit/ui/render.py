@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import html as _html
 import math
+import re
 from typing import Any, Iterable, Sequence
 
 from autoresearch_kit.ui.diff import diff_html, diff_stats
@@ -356,6 +357,13 @@ class Rendered:
     def _repr_html_(self) -> str:
         return self.html
 
+    def __repr__(self) -> str:
+        # what a text-only front end (a console, nbconvert to text) shows instead of the HTML
+        text = _html.unescape(re.sub(r"<(style|script)[^>]*>.*?</\1>|<[^>]+>", " ", self.html, flags=re.S))
+        text = re.sub(r"data:image/\S+", "", text)
+        text = re.sub(r"[ \t]+", " ", text).strip()
+        return text[:2000] + (" ..." if len(text) > 2000 else "")
+
 
 def show(obj: Any, **kwargs: Any) -> Rendered:
     """Render a kit object for a notebook cell: a Proposal (its diff), a RunResult or ledger
@@ -377,7 +385,9 @@ def show(obj: Any, **kwargs: Any) -> Rendered:
     if isinstance(obj, dict) or (hasattr(obj, "status") and hasattr(obj, "curve")):
         title = kwargs.pop("title", None)
         if title is None:
-            title = f"{_get(obj, 'id') or ''} {_get(obj, 'description', '') or ''}".strip()
+            # a RunResult from lab.run_budgeted carries its ledger id in extra, a record in id
+            exp_id = _get(obj, "id") or (_get(obj, "extra") or {}).get("exp_id") or ""
+            title = f"{exp_id} {_get(obj, 'description', '') or ''}".strip()
         return Rendered(run_result_html(obj, title=title, **kwargs))
     if hasattr(obj, "records") or hasattr(obj, "ledger"):
         return Rendered(lab_html(obj, **kwargs))
