@@ -173,6 +173,59 @@ def test_dropped_connection_is_retried():
     assert len(server.requests) == 2
 
 
+class _OddServer:
+    """An endpoint that answers every chat request with the same raw body (not what fake_openai scripts)."""
+
+    def __init__(self, content_type: str, body: bytes) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.posts = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.posts += 1
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> "_OddServer":
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("content_type, body, stream, reason, tries", [
+    ("text/html", b"<html>proxy login</html>", False, "did not answer like an OpenAI-compatible API", 1),
+    ("text/event-stream", b"data: {not json\n\n", True, "did not answer like an OpenAI-compatible API", 1),
+    ("text/event-stream", b'data: {"error": {"message": "model overloaded"}}\n\n', True,
+     "reported an error (model overloaded)", 2),
+])
+def test_a_reply_that_is_not_openai_shaped_is_a_clear_proposal_error(content_type, body, stream, reason, tries):
+    with _OddServer(content_type, body) as server:
+        p = LLMProposer(base_url=server.url, api_key=KEY, model="m", stream=stream, retry_delay=0.01,
+                        max_retries=1, timeout=2.0)
+        with pytest.raises(ProposalError) as info:      # not a JSONDecodeError / AttributeError traceback
+            p.propose(context())
+    assert reason in info.value.reason and server.url in info.value.reason and KEY not in info.value.reason
+    assert server.posts == tries                           # a server-side error event is retried, junk is not
+
+
 def test_connection_refused_fails_fast_naming_the_offline_proposer():
     url = f"http://127.0.0.1:{free_port()}/v1"
     p = LLMProposer(base_url=url, api_key=KEY, model="m", retry_delay=1.0)

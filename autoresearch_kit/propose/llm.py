@@ -192,6 +192,11 @@ class LLMProposer:
                     last = f"HTTP {e.status_code} ({self._scrub(str(e.message))})"
                 else:
                     raise self._fail(f"{what}: HTTP {e.status_code} from {self.endpoint}: {e.message}") from None
+            except openai.APIError as e:  # an error event in the middle of a stream ("model overloaded")
+                last = f"the endpoint reported an error ({self._scrub(str(e.message))})"
+            except ValueError as e:  # JSON that does not parse, an HTML page: not an OpenAI-compatible server
+                raise self._fail(f"{what}: {self.endpoint} did not answer like an OpenAI-compatible API ({e}); "
+                                 f"check that base_url is the server's /v1 endpoint, or {OFFLINE_HINT}") from None
             self._network_retries += i < self.max_retries
             if i < self.max_retries:
                 if on_token is not None:
@@ -237,6 +242,9 @@ class LLMProposer:
         if not self.stream:
             def call():
                 resp = client.chat.completions.create(**kw)
+                if not hasattr(resp, "choices"):  # the client hands back a body it could not read as is
+                    msg = f"the reply is not a chat completion: {str(resp)[:80]!r}"
+                    raise ValueError(msg)
                 text = resp.choices[0].message.content or "" if resp.choices else ""
                 if on_token is not None and text:
                     on_token(text)
