@@ -123,8 +123,9 @@ class Lab:
         Default: the budget the lab's baseline ran with, else AUTORESEARCH_BUDGET, else
         300 s on CUDA and 60 s on CPU/MPS.
     proposer : str or Proposer
-        "mutate" (offline, the default), "llm", "replay", or any object with `.name`
-        and `.propose(context)`.
+        "auto" (the default: "llm" when AUTORESEARCH_PROPOSER, AUTORESEARCH_MODEL or
+        OPENAI_BASE_URL says so, else "mutate", offline), "mutate", "llm", "replay", or
+        any object with `.name` and `.propose(context)`.
     data_dir : str or Path, optional
         Prepared data (default `config.data_dir()`: AUTORESEARCH_DATA, then the data
         `prepare` wrote last).
@@ -147,7 +148,7 @@ class Lab:
 
     def __init__(self, path: str | os.PathLike, program: str | os.PathLike = "program.md",
                  train: str | os.PathLike = "train.py", budget: "str | Budget | None" = None,
-                 proposer: Any = "mutate", data_dir: str | os.PathLike | None = None, seed: int = 42,
+                 proposer: Any = "auto", data_dir: str | os.PathLike | None = None, seed: int = 42,
                  device: str | None = None, threshold: float = 0.0, *, proposer_kwargs: dict | None = None,
                  verbose: bool = True) -> None:
         self.path = Path(path).expanduser().resolve()

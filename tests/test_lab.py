@@ -489,6 +489,19 @@ def test_new_lab_rules_for_starting_files(tmp_path, kit_env, monkeypatch):
         _open(repo)
 
 
+def test_default_proposer_follows_the_environment_like_the_cli(tmp_path, kit_env, monkeypatch):
+    for k in ("AUTORESEARCH_PROPOSER", "AUTORESEARCH_MODEL", "OPENAI_BASE_URL", "OPENAI_API_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    with Lab(tmp_path / "a", verbose=False) as lab:
+        assert lab.proposer.name == "mutate"                     # offline by default
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")   # README: the endpoint switches it
+    with Lab(tmp_path / "a", verbose=False) as lab:
+        assert lab.proposer.name == "llm"
+    monkeypatch.setenv("AUTORESEARCH_PROPOSER", "mutate")        # ... unless forced
+    with Lab(tmp_path / "a", verbose=False) as lab:
+        assert lab.proposer.name == "mutate"
+
+
 def test_missing_data_is_a_clear_error_and_records_nothing(lab_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("AUTORESEARCH_DATA", str(tmp_path / "nothing"))
     with _open(lab_dir) as lab:
