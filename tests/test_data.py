@@ -274,6 +274,27 @@ def test_local_source_errors(cache, local_files):
     one.write_text(json.dumps({"text": "only one"}) + "\n")
     with pytest.raises(ValueError, match="at least 2"):
         load_corpus(str(one))
+    # an empty file: `datasets` alone says only "An error occurred while generating the dataset"
+    empty = local_files / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.txt is empty"):
+        load_corpus(str(empty))
+
+
+def test_a_folder_with_an_empty_file_reads_the_others(cache, local_files, tmp_path):
+    shutil.copytree(local_files / "folder", tmp_path / "folder")
+    (tmp_path / "folder" / "empty.txt").write_text("")
+    c = load_corpus(str(tmp_path / "folder"))
+    assert len(list(c.train)) + len(list(c.val)) == 120
+
+
+def test_prepare_says_when_the_corpus_gives_fewer_ids_than_asked(cache, tmp_path, capsys):
+    # one short sentence repeated: rustbpe runs out of pairs to merge long before 2000 ids
+    (tmp_path / "small.txt").write_text("\n\n".join(f"the cat sat on the mat {i % 3}" for i in range(40)))
+    d = prepare(str(tmp_path / "small.txt"), vocab_size=2000)
+    n = PreparedData.open(d).vocab_size
+    assert n < 2000
+    assert f"the corpus only supports {n} of the 2000 asked for" in capsys.readouterr().out
 
 
 def test_tokenizer_never_sees_validation_text(cache, tmp_path):

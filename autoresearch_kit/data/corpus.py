@@ -287,6 +287,13 @@ def _local(path: Path, limit: int | None) -> Corpus:
                    "lines), .jsonl/.json (a 'text' field per record), .parquet (a 'text' column), or a folder.")
             raise ValueError(msg)
         usable = [path]
+    # an empty file holds no documents, and `datasets` fails on it with a message that
+    # names nothing ("An error occurred while generating the dataset")
+    usable = [p for p in usable if p.stat().st_size > 0]
+    if not usable:
+        msg = (f"{path} is empty (no documents): --dataset needs text, e.g. a .txt file with documents "
+               "separated by blank lines.")
+        raise ValueError(msg)
     try:
         import datasets
     except ImportError as e:

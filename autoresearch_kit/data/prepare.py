@@ -224,7 +224,11 @@ def prepare(dataset: str = "builtin", vocab_size: int | str | None = None, data_
     _say(progress, f"[2/4] tokenizer: {label}" + ("" if vocab == "bytes" else " (rustbpe, training documents only)"))
     enc, tok_info = make_tokenizer(vocab, corpus.train, max_chars=max_chars)
     bos = enc.encode_single_token(shards.BOS)
-    _say(progress, f"      {enc.n_vocab} ids, <|bos|> = {bos} ({time.time() - t1:.1f}s)")
+    short = ""
+    if vocab != "bytes" and enc.n_vocab < int(vocab):
+        # rustbpe stops when no pair repeats: a small or repetitive corpus gives fewer ids
+        short = f"; the corpus only supports {enc.n_vocab} of the {vocab} asked for (too little varied text)"
+    _say(progress, f"      {enc.n_vocab} ids, <|bos|> = {bos}{short} ({time.time() - t1:.1f}s)")
 
     t2 = time.time()
     threads = threads or os.cpu_count() or 1
