@@ -3,6 +3,7 @@
     python bench/gpu.py                            # the real train.py via run_budgeted: 300 s, then 60 s
     python bench/gpu.py --budgets 60s --cold 10s   # wipe the compile cache, a 10 s cold run, then 60 s warm
     python bench/gpu.py sweep --budget 10s d12:GPU_DEPTH=12 w768:GPU_DEPTH=8,ASPECT_RATIO=96,HEAD_DIM=128
+    python bench/gpu.py sweep --budget 15s off:forkserver=0 on:forkserver=1   # the runner's fork server
     python bench/gpu.py micro                      # bf16 matmul ceiling; SDPA backends, fwd+bwd
     python bench/gpu.py profile --budget 3s        # train.py alone under cProfile: where set-up time goes
     python bench/gpu.py startup                    # fixed costs of a fresh process: torch, CUDA, cuBLAS, cuDNN, dynamo
@@ -17,6 +18,7 @@ time, MFU three ways, peak memory, val_bpb and where the wall time outside the b
     over      training_seconds - budget (the last step ends past the budget)
     finish    causality probe + evaluation of the pinned val tokens (eval = the evaluation alone)
     exit      `result` message -> process gone (interpreter teardown), parent clock
+    fork      whether the child was forked from the runner's fork server (autoresearch_kit/forkserver.py)
     overhead  wall - budget: everything above
 
 MFU: `mfu` is the harness's (FlopCounterMode on one fwd+bwd: 6 x non-embedding params per
@@ -51,7 +53,7 @@ sys.path.insert(0, str(REPO))
 PEAK_H100 = 989.5e12      # H100 SXM dense bf16, as the original autoresearch reports MFU
 MATMUL_CEILING = 800e12   # an 8192^3 bf16 matmul measured ~798 TFLOP/s on this workplace's H100
 
-COLUMNS = [("label", "{}"), ("budget", "{}"), ("status", "{}"), ("val_bpb", "{:.4f}"), ("steps", "{}"),
+COLUMNS = [("label", "{}"), ("budget", "{}"), ("fork", "{}"), ("status", "{}"), ("val_bpb", "{:.4f}"), ("steps", "{}"),
            ("tok_s", "{:,.0f}"), ("step_ms", "{:.1f}"), ("mfu", "{:.1%}"), ("mfu_6N", "{:.1%}"),
            ("mfu_causal", "{:.1%}"), ("ceil", "{:.0%}"), ("peak_gb", "{:.1f}"), ("params_M", "{:.1f}"),
            ("wall", "{:.1f}"), ("overhead", "{:.1f}"), ("ovh_pct", "{:.1%}"), ("startup", "{:.1f}"),
@@ -99,6 +101,7 @@ def run_one(label: str, source: str, budget: str, data_dir: Path, vocab_size: in
                  "params_M": (res.params or 0) / 1e6, "wall": res.wall_seconds,
                  "training_seconds": res.training_seconds, **shape}
     row["overhead"] = res.wall_seconds - seconds
+    row["fork"] = "yes" if res.extra.get("forkserver") else "no"
     row["ovh_pct"] = row["overhead"] / seconds
     timings = res.extra.get("timings", {})
     row["startup"] = timings.get("start")
@@ -215,6 +218,8 @@ def cmd_sweep(args) -> None:
         label, _, assigns = spec.partition(":")
         edits = dict(a.split("=", 1) for a in assigns.split(",") if a)
         source = Path(edits.pop("source")).read_text() if "source" in edits else base
+        if "forkserver" in edits:  # the runner reads it per run: fork server on (1) or off (0)
+            os.environ["AUTORESEARCH_FORKSERVER"] = edits.pop("forkserver")
         row = run_one(label, _with_constants(source, edits), args.budget, data_dir, vocab, warmup, args.device)
         row["config"] = assigns
         rows.append(row)
@@ -361,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--top", type=int, default=50)
     sub.add_parser("startup", parents=[common], help="fixed start-up costs of a fresh process")
     args = p.parse_args(argv)
+    import logging  # the runner's fork server says when it is ready, or why not
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     {"run": cmd_run, "sweep": cmd_sweep, "micro": cmd_micro, "profile": cmd_profile,
      "startup": cmd_startup}[args.cmd](args)
 
