@@ -214,6 +214,28 @@ def _interactive_approve(lab) -> Any:
     return approve
 
 
+def _tok_per_s(rec: dict | None) -> float | None:
+    if not rec or rec.get("status") != "ok" or not rec.get("tokens") or not rec.get("training_seconds"):
+        return None
+    return rec["tokens"] / rec["training_seconds"]
+
+
+def _throughput_note(lab, rec: dict) -> str:
+    """A hint when a seconds-budget run trained much faster or slower than its parent.
+
+    On a wall-clock budget a busy machine (other jobs, thermal throttling) changes how
+    many tokens fit and so val_bpb, whatever the edit did: seen on a shared 2-core VM,
+    where the same train.py ran at 1.2k and 4.2k tok/s minutes apart.
+    """
+    if lab.budget.kind != "seconds" or not rec.get("parent_id"):
+        return ""
+    this, parent = _tok_per_s(rec), _tok_per_s(lab.ledger.get(rec["parent_id"]))
+    if not this or not parent or 1 / 1.5 < this / parent < 1.5:
+        return ""
+    return (f"      note: {this / 1000:.1f}k tok/s vs the parent's {parent / 1000:.1f}k (x{this / parent:.1f}): on a "
+            f"seconds budget the machine's load counts as much as the edit; --budget N-tokens leaves load out")
+
+
 def _interactive_decide(lab, exp_id: str) -> dict:
     """After a run: show the rule's verdict, let the person keep or discard (enter = the rule)."""
     v = lab.verdict(exp_id)
@@ -221,6 +243,9 @@ def _interactive_decide(lab, exp_id: str) -> dict:
     if rec["status"] != "ok":
         return lab.decide(exp_id, keep=None)
     default = "keep" if v["keep"] else "discard"
+    note = _throughput_note(lab, rec)
+    if note:
+        print(note.strip())
     print(f"rule: {default}: {v['reason']}")
     while True:
         answer = _ask(f"decision? [k]eep / [d]iscard (enter = {default}): ").strip().lower()
@@ -381,6 +406,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                         print(f"stopped; experiment {rec['id']} is undecided (decide it in the panel or next run)")
                         break
                 print(format_record(rec))
+                note = _throughput_note(lab, rec) if args.yes else ""   # asked runs showed it before deciding
+                if note:
+                    print(note)
                 done += 1
         finally:
             lab._autopilot = False

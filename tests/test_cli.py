@@ -298,6 +298,24 @@ def test_report_plots_the_ledger_by_experiment_id(tmp_path):
     assert (s["experiments"], s["kept"], s["failed"], s["best"]) == (3, 2, 1, 1.9)
 
 
+def test_throughput_note_on_a_seconds_budget():
+    from types import SimpleNamespace
+
+    from autoresearch_kit.cli import _throughput_note
+    from autoresearch_kit.config import Budget
+
+    parent = {"id": "0001", "status": "ok", "tokens": 30_000, "training_seconds": 15.0}
+    recs = {"0001": parent}
+    lab = SimpleNamespace(budget=Budget.parse("15s"), ledger=SimpleNamespace(get=recs.__getitem__))
+    fast = {"id": "0002", "parent_id": "0001", "status": "ok", "tokens": 90_000, "training_seconds": 15.0}
+    same = {**fast, "tokens": 36_000}
+    note = _throughput_note(lab, fast)
+    assert "6.0k tok/s vs the parent's 2.0k (x3.0)" in note and "--budget N-tokens" in note
+    assert _throughput_note(lab, same) == ""                   # within 1.5x: no note
+    lab.budget = Budget.parse("50k-tokens")
+    assert _throughput_note(lab, fast) == ""                   # a token budget is not affected by load
+
+
 def test_default_lab_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert _lab_dir(None) == tmp_path / "lab"
