@@ -152,6 +152,9 @@ class Lab:
                  device: str | None = None, threshold: float = 0.0, *, proposer_kwargs: dict | None = None,
                  verbose: bool = True) -> None:
         self.path = Path(path).expanduser().resolve()
+        if self.path.exists() and not self.path.is_dir():
+            msg = f"{self.path} is a file; a lab is a directory. Choose a new directory name, e.g. Lab('mylab')."
+            raise ValueError(msg)
         if (self.path / ".git").exists() and not is_lab(self.path) and not Workspace(self.path).initialized:
             msg = (f"{self.path} is a git repository that is not a lab: a lab keeps its own repository. "
                    f"Choose a new directory, e.g. Lab({str(self.path / 'lab')!r}).")
@@ -230,7 +233,7 @@ class Lab:
 
             warnings.warn(f"This lab's baseline ran with budget {base['budget']}, this session uses "
                           f"{Budget.parse(self._budget_arg)}: candidates are compared with parents trained "
-                          f"under another budget. Leave budget= out to keep the lab's.", stacklevel=3)
+                          f"under another budget. Leave the budget unset (no budget= / --budget) to keep the lab's.", stacklevel=3)
 
     @property
     def proposer(self):
@@ -246,7 +249,9 @@ class Lab:
 
     @proposer.setter
     def proposer(self, value: Any) -> None:
-        self._proposer_arg, self._proposer = value, None
+        # a new proposer starts from its own defaults: an LLM's base_url/model must not
+        # follow the lab to `lab.proposer = "mutate"`
+        self._proposer_arg, self._proposer, self._proposer_kwargs = value, None, {}
 
     def _device_type(self) -> str:
         if self.device:
@@ -605,7 +610,8 @@ class Lab:
         runs = f" (mean of {len(cand)} runs)" if len(cand) > 1 else ""
         if gain <= self.threshold:
             out["reason"] = (f"val_bpb {out['val_bpb']:.6f}{runs} does not beat parent {rec['parent_id']} "
-                             f"({out['parent_val_bpb']:.6f}) by more than {self.threshold:g}: gain {gain:+.6f}")
+                             f"({out['parent_val_bpb']:.6f}) by more than {self.threshold:g}: "
+                             + (f"worse by {-gain:.6f}" if gain < 0 else f"better by only {gain:.6f}"))
             return out
         if self.sigma:
             band = 2 * self.sigma / math.sqrt(len(cand))

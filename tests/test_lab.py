@@ -508,3 +508,17 @@ def test_missing_data_is_a_clear_error_and_records_nothing(lab_dir, monkeypatch,
         with pytest.raises(FileNotFoundError, match="autoresearch prepare"):
             lab.step()
         assert len(lab.ledger) == 1
+
+
+def test_a_file_is_not_a_lab(tmp_path, kit_env):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a lab")
+    with pytest.raises(ValueError, match="a lab is a directory"):
+        Lab(f)
+    assert f.read_text() == "not a lab"          # nothing was created or overwritten
+
+
+def test_switching_proposer_by_name_drops_the_old_proposers_settings(lab_dir):
+    with _open(lab_dir, proposer="llm", proposer_kwargs={"base_url": "http://127.0.0.1:9/v1", "model": "m"}) as lab:
+        lab.proposer = "mutate"
+        assert type(lab.proposer).__name__ == "MutateProposer"   # was: TypeError about base_url/model
