@@ -186,3 +186,16 @@ def test_feedback_steers_the_offline_proposer():
           for s in range(30)]
     depth = [c for c in up if c["name"] == "DEPTH"]
     assert len(depth) > 10 and sum(c["direction"] == 1 for c in depth) > 0.6 * len(depth)
+
+
+def test_feedback_that_rules_a_knob_out_turns_the_proposer_away_from_it():
+    def share(feedback: str, pattern: str) -> float:
+        descs = [MutateProposer(seed=s, p_two=0.0).propose(context(feedback=feedback, seed=s)).description
+                 for s in range(60)]
+        return sum(bool(re.search(pattern, d)) for d in descs) / len(descs)
+
+    any_lr = r"^\w*_LR [\d.e-]+ -> "
+    neutral = share("", any_lr)
+    assert share("learning rate changes are done", any_lr) < neutral / 2
+    # a negation in one clause does not cancel what another clause asks for
+    assert share("leave the depth alone, but try a higher learning rate", any_lr) > 2 * neutral

@@ -464,19 +464,28 @@ _SYNONYMS = {"lr": "LR", "learning": "LR", "depth": "DEPTH", "layers": "DEPTH", 
              "seq": "SEQ_LEN", "momentum": "MOMENTUM", "beta": "BETA", "clip": "CLIP", "heads": "HEAD"}
 
 
+# A clause with one of these ("learning-rate changes are done", "don't touch depth")
+# turns its knobs away instead of towards: 5x less likely rather than 5x more.
+_NEGATIONS = {"no", "not", "don't", "dont", "never", "stop", "avoid", "done", "enough", "leave", "without",
+              "skip", "nothing"}
+
+
 def _feedback_hint(feedback: str, sites: list[_Site]) -> dict:
-    """Knobs (by id) and a direction (+1/-1/0) named in the human's free text."""
-    words = re.findall(r"[A-Za-z][A-Za-z0-9_]*", feedback or "")
-    lower = {w.lower() for w in words}
-    direction = (1 if lower & _UP else 0) - (1 if lower & _DOWN else 0)
-    parts = {w.upper() for w in words if len(w) > 2 and w.isupper() or "_" in w}      # MATRIX_LR
-    parts |= {_SYNONYMS[w] for w in lower if w in _SYNONYMS}
-    hit = set()
-    for site in sites:
-        names = " ".join(site.names) + " " + site.key
-        if any(p in names for p in parts):
-            hit.add(id(site))
-    return {"sites": hit, "direction": direction}
+    """Knobs (by id) the human's free text asks about or away from, and a direction (+1/-1/0)."""
+    hit, avoid, direction = set(), set(), 0
+    for clause in re.split(r"[.;,!?\n]|\bbut\b", feedback or ""):
+        words = re.findall(r"[A-Za-z][A-Za-z0-9_']*", clause)
+        lower = {w.lower() for w in words}
+        parts = {w.upper() for w in words if len(w) > 2 and w.isupper() or "_" in w}      # MATRIX_LR
+        parts |= {_SYNONYMS[w] for w in lower if w in _SYNONYMS}
+        named = {id(site) for site in sites
+                 if any(p in " ".join(site.names) + " " + site.key for p in parts)}
+        if lower & _NEGATIONS:
+            avoid |= named
+            continue
+        hit |= named
+        direction = direction or (1 if lower & _UP else 0) - (1 if lower & _DOWN else 0)
+    return {"sites": hit - avoid, "avoid": avoid, "direction": direction}
 
 
 # ------------------------------------------------------------------------ proposer
@@ -547,6 +556,8 @@ class MutateProposer:
             w = sum(ws) / len(ws) if ws else 1.0
             if id(m.site) in hint["sites"]:
                 w *= _FEEDBACK_SITE * (_FEEDBACK_DIR if hint["direction"] and m.direction == hint["direction"] else 1.0)
+            elif id(m.site) in hint["avoid"]:
+                w /= _FEEDBACK_SITE
             return w
 
         def site_weight(s: _Site) -> float:
