@@ -155,11 +155,13 @@ def detect(prefer: str | None = None, *, announce: bool = True) -> Device:
         if kind not in ("cuda", "mps", "cpu"):
             msg = f"Unknown device {want!r}: use cuda, mps or cpu (AUTORESEARCH_DEVICE)."
             raise ValueError(msg)
+        asked = f"device {want!r} was asked for" + ("" if prefer else " (AUTORESEARCH_DEVICE)")
         if kind == "cuda" and not torch.cuda.is_available():
-            msg = "AUTORESEARCH_DEVICE=cuda but torch sees no CUDA GPU; unset it or install a CUDA build of torch."
+            msg = (f"{asked} but torch sees no CUDA GPU: leave the device unset to autodetect, "
+                   "or install a CUDA build of torch.")
             raise ValueError(msg)
         if kind == "mps" and not _mps_available():
-            msg = "AUTORESEARCH_DEVICE=mps but MPS is not available here; unset it to autodetect."
+            msg = f"{asked} but MPS is not available here: leave the device unset to autodetect."
             raise ValueError(msg)
         if kind == "cuda":
             dev = _cuda(int(idx) if idx else 0)

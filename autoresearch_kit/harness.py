@@ -556,8 +556,9 @@ def _print_summary(r: dict) -> None:
     print(f"training_seconds: {r['training_seconds']:.1f}")
     print(f"total_seconds:    {r['total_seconds']:.1f}")
     print(f"peak_memory_gb:   {r['peak_memory_gb']:.2f}")
-    print(f"mfu_percent:      {100 * (r['mfu'] or 0.0):.2f}")
-    print(f"total_tokens_M:   {r['tokens'] / 1e6:.1f}")
+    # MFU needs the device's peak FLOP/s, known for GPUs in device.py's table, not for CPUs
+    print(f"mfu_percent:      {100 * r['mfu']:.2f}" if r["mfu"] is not None else "mfu_percent:      n/a")
+    print(f"total_tokens_M:   {r['tokens'] / 1e6:.2f}")
     print(f"num_steps:        {r['steps']}")
     print(f"num_params_M:     {r['params'] / 1e6:.1f}", flush=True)
 
@@ -604,8 +605,12 @@ def start() -> Run:
         data = PreparedData.open(data_dir)
     except FileNotFoundError as e:
         msg = (f"No prepared data at {data_dir}: run `python prepare.py` first (or set AUTORESEARCH_DATA "
-               f"to a prepared directory). [{e}]")
-        raise FileNotFoundError(msg) from None
+               f"to a prepared directory).")
+        script = sys._getframe(1).f_globals.get("__name__") == "__main__" and "IPython" not in sys.modules
+        if script and not _CHANNEL.connected:  # `python train.py` in a terminal: one line, not a traceback
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        raise FileNotFoundError(msg) from e
     if device.type == "cuda":
         # the compile cache lives under the kit's cache, so reruns of a candidate reuse it
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(config.cache_dir() / "compile"))

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,7 +45,7 @@ def summary(out: str) -> dict[str, float]:
     block = lines[lines.index("---") + 1:]
     found = dict(line.split(":", 1) for line in block if ":" in line)
     assert list(found)[: len(SUMMARY_KEYS)] == SUMMARY_KEYS, block
-    return {k: float(v) for k, v in found.items()}
+    return {k: (None if v.strip() == "n/a" else float(v)) for k, v in found.items()}
 
 
 def test_constants_block_is_literal_and_the_harness_api_is_all_it_uses():
@@ -111,3 +114,12 @@ def test_attention_without_the_causal_mask_is_invalid(kit_env, tmp_path):
     assert code == 4, out
     (result,) = _kinds(msgs, "result")
     assert result["status"] == "invalid" and result["val_bpb"] is None
+
+
+def test_train_py_without_prepared_data_says_what_to_run(tmp_path):
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(tmp_path), "AUTORESEARCH_DEVICE": "cpu"}
+    env.pop("AUTORESEARCH_DATA", None)
+    p = subprocess.run([sys.executable, str(TRAIN)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2
+    assert "python prepare.py" in p.stderr and "Traceback" not in p.stderr
