@@ -76,11 +76,14 @@ _MAX_MESSAGE = 1 << 20
 # What the server imports before forking: what the harness and a typical train.py import,
 # minus autoresearch_kit.harness itself (it takes the channel out of the environment at
 # import, so each child must import it afresh).
+# In this order: when an import leaves a thread behind, the server restarts with the
+# modules before it (see _get_server), so the cheap and essential ones come first.
 PRELOAD = ("numpy", "tiktoken", "torch", "torch.nn", "torch.nn.functional", "torch.nn.attention",
-           "torch.utils.flop_counter", "torch._dynamo", "torch._inductor.compile_fx",
-           "autoresearch_kit.config", "autoresearch_kit.channel", "autoresearch_kit.device",
-           "autoresearch_kit.metric", "autoresearch_kit.data.loader", "autoresearch_kit.data.shards")
-_BOOT = "import sys; from autoresearch_kit.forkserver import _serve; _serve(int(sys.argv[1]), int(sys.argv[2]))"
+           "torch.utils.flop_counter", "autoresearch_kit.config", "autoresearch_kit.channel",
+           "autoresearch_kit.device", "autoresearch_kit.data.shards", "autoresearch_kit.data.loader",
+           "autoresearch_kit.metric", "torch._dynamo", "torch._inductor.compile_fx")
+_BOOT = ("import sys; from autoresearch_kit.forkserver import _serve; "
+         "_serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])")
 
 
 def enabled(device_type: str) -> bool:
@@ -159,10 +162,11 @@ class ForkedChild:
 class _Server:
     """The runner's handle on one server process (its control socket and Popen)."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], preload: tuple[str, ...]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(theirs.fileno()), str(os.getpid())],
+            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(theirs.fileno()), str(os.getpid()),
+                                          ",".join(preload)],
                                          env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True,
                                          pass_fds=(theirs.fileno(),))
@@ -225,6 +229,7 @@ _lock = threading.Lock()
 _server: _Server | None = None
 _server_key: tuple | None = None
 _failed: dict[tuple, str] = {}   # env key -> why the server could not start (not retried)
+_preload: dict[tuple, int] = {}  # env key -> how many of PRELOAD a server may import (thread-free)
 
 
 def _env_key(env: dict[str, str]) -> tuple:
@@ -246,25 +251,32 @@ def _get_server(env: dict[str, str]) -> _Server | None:
     if _server is not None and (_server_key != key or not _server.alive()):
         _server.close()
         _server = None
-    if _server is None:
+    while _server is None:
         if key in _failed:
             return None
-        server = _Server(_server_env(env))
+        server = _Server(_server_env(env), PRELOAD[:_preload.get(key, len(PRELOAD))])
         try:
             problem = server.handshake()
         except BaseException:
             server.close()
             raise
-        if problem is not None:
-            server.close()
-            _failed[key] = problem
-            log.warning("autoresearch fork server unavailable (%s); training children start as "
-                        "`python train.py` (set %s=0 to stop trying)", problem, SWITCH_VAR)
-            return None
-        _server, _server_key = server, key
-        atexit.register(shutdown)
-        log.info("autoresearch fork server pid %d ready (imports %.1f s)", server.proc.pid,
-                 server.info.get("import_seconds", float("nan")))
+        if problem is None:
+            _server, _server_key = server, key
+            atexit.register(shutdown)
+            log.info("autoresearch fork server pid %d ready: %d of %d modules imported in %.1f s",
+                     server.proc.pid, server.info.get("imported", 0), len(PRELOAD),
+                     server.info.get("import_seconds", float("nan")))
+            break
+        server.close()
+        safe = server.info.get("safe_prefix")
+        if isinstance(safe, int) and 0 < safe < _preload.get(key, len(PRELOAD)):
+            # An import left a thread: start again with the modules before it.
+            _preload[key] = safe
+            log.info("autoresearch fork server: %s; retrying with the first %d modules only", problem, safe)
+            continue
+        _failed[key] = problem
+        log.warning("autoresearch fork server unavailable (%s); training children start as "
+                    "`python train.py` (set %s=0 to stop trying)", problem, SWITCH_VAR)
     return _server
 
 
@@ -328,11 +340,23 @@ def shutdown() -> None:
 # --------------------------------------------------------------------------- server side
 
 
+def _thread_names() -> list[str]:
+    names = []
+    for tid in sorted(os.listdir("/proc/self/task")):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            continue
+    return names
+
+
 def _hazard() -> str | None:
     """Why forking now would be unsafe, or None."""
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1 or threading.active_count() != 1:
-        return f"the server has {threads} threads ({threading.active_count()} Python threads)"
+    names = _thread_names()
+    if len(names) != 1 or threading.active_count() != 1:
+        return (f"the server has {len(names)} threads ({threading.active_count()} Python threads; "
+                f"names {', '.join(names)})")
     with open("/proc/self/maps") as f:
         if any("libcuda.so" in line for line in f):
             return "the CUDA driver is loaded in the server (a CUDA context does not survive fork)"
@@ -471,28 +495,40 @@ def _returncode(status: int) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-def _serve(ctrl_fd: int, parent_pid: int) -> None:
+def _probe_fork() -> None:
+    """Fork and reap a child that exits at once: fork handlers (OpenBLAS's) stop their pools."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _serve(ctrl_fd: int, parent_pid: int, preload: str) -> None:
     """The server's main loop (runs in the helper process, never returns)."""
     import importlib
     import traceback
 
     ctrl = socket.socket(fileno=ctrl_fd)
     t0 = time.perf_counter()
+    problem, safe, imported = None, None, 0
     try:
-        for name in PRELOAD:
+        for i, name in enumerate(m for m in preload.split(",") if m):
             importlib.import_module(name)
-        probe = os.fork()  # fork handlers (OpenBLAS's) stop their threads; anything left is a hazard
-        if probe == 0:
-            os._exit(0)
-        os.waitpid(probe, 0)
-        problem = _hazard()
+            if len(os.listdir("/proc/self/task")) > 1:
+                _probe_fork()
+                problem = _hazard()
+                if problem is not None:  # this import left a thread: the modules before it are safe
+                    problem, safe = f"{problem} after importing {name}", i
+                    break
+            imported = i + 1
         _identity_area()  # readable, or the child could not rewrite its identity
         if problem is None and f"{RUN_ID_VAR}={_PLACEHOLDER_ID}".encode() not in open("/proc/self/environ", "rb").read():
             problem = "the run-id placeholder is not in the server's environment"
     except BaseException as e:
         problem = "".join(traceback.format_exception_only(type(e), e)).strip()
-    hello = {"ready": problem is None, "error": problem, "pid": os.getpid(),
-             "import_seconds": round(time.perf_counter() - t0, 3), "threads": len(os.listdir("/proc/self/task"))}
+    hello = {"ready": problem is None, "error": problem, "pid": os.getpid(), "imported": imported,
+             "safe_prefix": safe, "import_seconds": round(time.perf_counter() - t0, 3),
+             "threads": _thread_names()}
     try:
         ctrl.send(json.dumps(hello).encode())
     except OSError:

@@ -14,8 +14,9 @@ momentum) for the 2-D matrices inside the blocks, AdamW for the embedding and lm
 LR schedule from run.progress: warm-up, constant, linear warm-down.
 
 Speed on a GPU (docs/PERFORMANCE.md has the numbers): bf16 autocast, cuDNN attention first,
-one torch.compile'd graph for model + loss, fused AdamW, Muon batched over same-shape
-matrices, and no host sync in the loop (the harness reads the loss one step late).
+regional torch.compile (one graph shared by the blocks, one for head + loss), fused AdamW,
+Muon batched over same-shape matrices, and no host sync in the loop (the harness reads the
+loss one step late).
 """
 
 import math
@@ -147,16 +148,23 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)  # each block starts as the identity
             nn.init.zeros_(block.mlp.c_proj.weight)
 
-    def forward(self, idx):
+    def trunk(self, idx, blocks=None):
+        """Hidden states after the blocks: self.blocks, or compiled stand-ins for them."""
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         x = norm(self.wte(idx))
-        for block in self.blocks:
+        for block in self.blocks if blocks is None else blocks:
             x = block(x, cos, sin)
+        return x
+
+    def head(self, x):
         logits = self.lm_head(norm(x))
         if LOGIT_SOFTCAP > 0:
             logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         return logits
+
+    def forward(self, idx):
+        return self.head(self.trunk(idx))
 
 
 # --- optimizer ----------------------------------------------------------------------------
@@ -236,14 +244,22 @@ for opt in optimizers:
 
 
 
-def train_loss(x, y):
-    logits = model(x)
+def head_loss(x, y):
+    logits = model.head(x)
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
 
-# One compiled graph for model and loss: the soft-cap, the float32 upcast and the
-# cross-entropy fuse, so the (tokens x vocab) logits are not written out in float32.
-train_loss = torch.compile(train_loss) if run.compile else train_loss
+# Regional compilation: the blocks are identical, so one compiled graph serves all DEPTH of
+# them (a fraction of the compile time of the whole model), and head + loss compile as one
+# graph, so the soft-cap, the float32 upcast and the cross-entropy fuse (the tokens x vocab
+# logits are never written out in float32). Only training uses the compiled versions: the
+# harness evaluates the eager model, at other batch shapes, without recompiling.
+blocks = [torch.compile(block) for block in model.blocks] if run.compile else model.blocks
+head_loss = torch.compile(head_loss) if run.compile else head_loss
+
+
+def train_loss(x, y):
+    return head_loss(model.trunk(x, blocks), y)
 print(f"model: depth {DEPTH}, width {WIDTH}, {N_HEAD} heads | batch {BATCH_SIZE} x {SEQ_LEN} tokens"
       f" | compile {run.compile}", flush=True)
 
