@@ -159,6 +159,10 @@ class ForkedChild:
 # --------------------------------------------------------------------------- runner side
 
 
+class _Refused(Exception):
+    """The server answered that forking is unsafe now (threads, CUDA driver)."""
+
+
 class _Server:
     """The runner's handle on one server process (its control socket and Popen)."""
 
@@ -212,8 +216,9 @@ class _Server:
             raise
         if not isinstance(reply, dict) or "pid" not in reply:
             mine.close()
-            why = reply.get("error") if isinstance(reply, dict) else "no reply"
-            raise OSError(f"the fork server did not fork: {why}")
+            if isinstance(reply, dict) and reply.get("error"):
+                raise _Refused(str(reply["error"]))
+            raise OSError("the fork server did not answer")
         return ForkedChild(int(reply["pid"]), mine)
 
     def close(self) -> None:
@@ -240,6 +245,9 @@ def _env_key(env: dict[str, str]) -> tuple:
 def _server_env(env: dict[str, str]) -> dict[str, str]:
     server_env = {k: v for k, v in env.items() if not k.startswith("AUTORESEARCH_")}
     server_env[RUN_ID_VAR] = _PLACEHOLDER_ID
+    # Triton's driver check calls torch.cuda.is_available(), which initialises the CUDA driver
+    # (cuInit: a driver thread, a context that does not survive fork) unless torch asks NVML.
+    server_env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     server_env["PYTHONUNBUFFERED"] = env.get("PYTHONUNBUFFERED", "1")
     return server_env
 
@@ -311,6 +319,11 @@ def spawn(cwd: str | os.PathLike, env: dict[str, str], stdout_fd: int, channel_f
             if server is None:
                 return None
             return server.request(str(cwd), env, stdout_fd, channel_fd)
+        except _Refused as e:  # the server became unsafe to fork from: stop trying in this session
+            _failed[_env_key(env)] = str(e)
+            log.warning("autoresearch fork server refused (%s); training children start as `python train.py`", e)
+            _drop_server()
+            return None
         except OSError as e:
             # A dead or confused server: drop it (the next run starts a fresh one) and fall back.
             log.warning("autoresearch fork server failed (%s); this run starts as `python train.py`", e)
@@ -516,10 +529,10 @@ def _serve(ctrl_fd: int, parent_pid: int, preload: str) -> None:
             importlib.import_module(name)
             if len(os.listdir("/proc/self/task")) > 1:
                 _probe_fork()
-                problem = _hazard()
-                if problem is not None:  # this import left a thread: the modules before it are safe
-                    problem, safe = f"{problem} after importing {name}", i
-                    break
+            problem = _hazard()
+            if problem is not None:  # this import left a thread or the CUDA driver: the ones before are safe
+                problem, safe = f"{problem} after importing {name}", i
+                break
             imported = i + 1
         _identity_area()  # readable, or the child could not rewrite its identity
         if problem is None and f"{RUN_ID_VAR}={_PLACEHOLDER_ID}".encode() not in open("/proc/self/environ", "rb").read():
