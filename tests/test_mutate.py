@@ -172,15 +172,17 @@ def test_asking_again_gives_a_new_idea_reproducibly():
     assert [q.propose(ctx).description for _ in range(3)] == runs
 
 
-def test_feedback_steers_the_offline_proposer():
-    def share(feedback: str, pattern: str) -> float:
-        descs = [MutateProposer(seed=s, p_two=0.0).propose(context(feedback=feedback, seed=s)).description
-                 for s in range(60)]
-        return sum(bool(re.search(pattern, d)) for d in descs) / len(descs)
+def _share(feedback: str, pattern: str) -> float:
+    """Fraction of 60 seeded first proposals whose description matches `pattern`."""
+    descs = [MutateProposer(seed=s, p_two=0.0).propose(context(feedback=feedback, seed=s)).description
+             for s in range(60)]
+    return sum(bool(re.search(pattern, d)) for d in descs) / len(descs)
 
+
+def test_feedback_steers_the_offline_proposer():
     any_lr = r"^\w*_LR [\d.e-]+ -> "
-    neutral = share("", any_lr)
-    steered = share("please try a higher learning rate", any_lr)
+    neutral = _share("", any_lr)
+    steered = _share("please try a higher learning rate", any_lr)
     assert steered > 2 * neutral and steered > 0.4
     up = [MutateProposer(seed=s, p_two=0.0).propose(context(feedback="deeper model?", seed=s)).metadata["changes"][0]
           for s in range(30)]
@@ -189,13 +191,8 @@ def test_feedback_steers_the_offline_proposer():
 
 
 def test_feedback_that_rules_a_knob_out_turns_the_proposer_away_from_it():
-    def share(feedback: str, pattern: str) -> float:
-        descs = [MutateProposer(seed=s, p_two=0.0).propose(context(feedback=feedback, seed=s)).description
-                 for s in range(60)]
-        return sum(bool(re.search(pattern, d)) for d in descs) / len(descs)
-
     any_lr = r"^\w*_LR [\d.e-]+ -> "
-    neutral = share("", any_lr)
-    assert share("learning rate changes are done", any_lr) < neutral / 2
+    neutral = _share("", any_lr)
+    assert _share("learning rate changes are done", any_lr) < neutral / 2
     # a negation in one clause does not cancel what another clause asks for
-    assert share("leave the depth alone, but try a higher learning rate", any_lr) > 2 * neutral
+    assert _share("leave the depth alone, but try a higher learning rate", any_lr) > 2 * neutral
