@@ -83,7 +83,7 @@ PRELOAD = ("numpy", "tiktoken", "torch", "torch.nn", "torch.nn.functional", "tor
            "autoresearch_kit.device", "autoresearch_kit.data.shards", "autoresearch_kit.data.loader",
            "autoresearch_kit.metric", "torch._dynamo", "torch._inductor.compile_fx")
 _BOOT = ("import sys; from autoresearch_kit.forkserver import _serve; "
-         "_serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])")
+         "_serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == 'cuda')")
 
 
 def enabled(device_type: str) -> bool:
@@ -166,11 +166,11 @@ class _Refused(Exception):
 class _Server:
     """The runner's handle on one server process (its control socket and Popen)."""
 
-    def __init__(self, env: dict[str, str], preload: tuple[str, ...]) -> None:
+    def __init__(self, env: dict[str, str], preload: tuple[str, ...], device_type: str) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(theirs.fileno()), str(os.getpid()),
-                                          ",".join(preload)],
+                                          ",".join(preload), device_type],
                                          env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True,
                                          pass_fds=(theirs.fileno(),))
@@ -252,17 +252,17 @@ def _server_env(env: dict[str, str]) -> dict[str, str]:
     return server_env
 
 
-def _get_server(env: dict[str, str]) -> _Server | None:
+def _get_server(env: dict[str, str], device_type: str) -> _Server | None:
     """The running server for this environment, started (and waited for) if need be."""
     global _server, _server_key
-    key = _env_key(env)
+    key = _env_key(env) + (("device", device_type),)
     if _server is not None and (_server_key != key or not _server.alive()):
         _server.close()
         _server = None
     while _server is None:
         if key in _failed:
             return None
-        server = _Server(_server_env(env), PRELOAD[:_preload.get(key, len(PRELOAD))])
+        server = _Server(_server_env(env), PRELOAD[:_preload.get(key, len(PRELOAD))], device_type)
         try:
             problem = server.handshake()
         except BaseException:
@@ -315,12 +315,12 @@ def spawn(cwd: str | os.PathLike, env: dict[str, str], stdout_fd: int, channel_f
         return None
     with _lock:
         try:
-            server = _get_server(env)
+            server = _get_server(env, device_type)
             if server is None:
                 return None
             return server.request(str(cwd), env, stdout_fd, channel_fd)
         except _Refused as e:  # the server became unsafe to fork from: stop trying in this session
-            _failed[_env_key(env)] = str(e)
+            _failed[_env_key(env) + (("device", device_type),)] = str(e)
             log.warning("autoresearch fork server refused (%s); training children start as `python train.py`", e)
             _drop_server()
             return None
@@ -370,10 +370,42 @@ def _hazard() -> str | None:
     if len(names) != 1 or threading.active_count() != 1:
         return (f"the server has {len(names)} threads ({threading.active_count()} Python threads; "
                 f"names {', '.join(names)})")
-    with open("/proc/self/maps") as f:
-        if any("libcuda.so" in line for line in f):
-            return "the CUDA driver is loaded in the server (a CUDA context does not survive fork)"
+    # libcuda.so is mapped by `import torch` on a CUDA build, which is harmless (DataLoader
+    # workers fork such processes daily); cuInit is not: it opens /dev/nvidiactl.
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/dev/nvidia"):
+            return "the CUDA driver was initialised in the server (a CUDA context does not survive fork)"
     return None
+
+
+def _cuda_probe() -> str | None:
+    """Fork a child that initialises CUDA and runs one kernel: None if it worked, else why not."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.zeros(1, device="cuda").add_(1)
+                torch.cuda.synchronize()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120.0
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return None if _returncode(status) == 0 else f"a forked child could not use CUDA (exit {_returncode(status)})"
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "a forked child hung initialising CUDA"
+        time.sleep(0.02)
 
 
 def _identity_area() -> tuple[int, int, int, int]:
@@ -516,7 +548,7 @@ def _probe_fork() -> None:
     os.waitpid(pid, 0)
 
 
-def _serve(ctrl_fd: int, parent_pid: int, preload: str) -> None:
+def _serve(ctrl_fd: int, parent_pid: int, preload: str, cuda: bool = False) -> None:
     """The server's main loop (runs in the helper process, never returns)."""
     import importlib
     import traceback
@@ -535,6 +567,8 @@ def _serve(ctrl_fd: int, parent_pid: int, preload: str) -> None:
                 break
             imported = i + 1
         _identity_area()  # readable, or the child could not rewrite its identity
+        if problem is None and cuda:  # the proof that matters: a forked child can use the GPU
+            problem = _cuda_probe() or _hazard()
         if problem is None and f"{RUN_ID_VAR}={_PLACEHOLDER_ID}".encode() not in open("/proc/self/environ", "rb").read():
             problem = "the run-id placeholder is not in the server's environment"
     except BaseException as e:
