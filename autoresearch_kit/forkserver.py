@@ -28,9 +28,13 @@ fork without exec, or setsid and close their fds, still carry the marker in
 
 Safety. fork() in a process with threads is hazardous (a lock held by another thread
 stays locked in the child), so the server refuses to fork (the runner falls back to a
-subprocess) unless it has exactly one thread, and unless the CUDA driver was never
-loaded in it (a CUDA context does not survive fork). numpy's OpenBLAS pool is stopped by
-its own fork handler; a probe fork at start-up checks that nothing else is left. The
+subprocess) unless it has exactly one thread and the CUDA driver was never initialised
+in it (no open /dev/nvidia*: a CUDA context does not survive fork; libcuda.so merely mapped,
+as after `import torch` on a CUDA build, is fine). numpy's OpenBLAS pool is stopped by its
+own fork handler; after each import a probe fork checks that nothing else is left, and an
+import that leaves a thread (on the H100 box, inductor's starts a CUDA driver thread) is
+dropped: the server restarts with the modules before it. For CUDA runs a forked probe child
+must initialise CUDA and run a kernel before the server says it is ready. The
 server exits when the runner's end of its control socket closes (the runner exited or
 was killed, whatever thread started it) and its children die with it (PR_SET_PDEATHSIG);
 it also kills a child whose runner-side handle was closed. Linux only.
