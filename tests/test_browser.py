@@ -10,14 +10,13 @@ keep/discard buttons; then check the lab's ledger on disk gained the experiment.
 A screenshot of the panel is saved under test-output/ (and, with
 AUTORESEARCH_UPDATE_SCREENSHOT=1, copied to docs/img/panel.png for the README).
 
-Needs /usr/bin/chromium (Debian's; CI installs it). Never runs `playwright install`.
+Needs /usr/bin/chromium (Debian's; CI installs it). Never downloads Playwright's own browser build.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -27,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_source
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -137,16 +137,9 @@ def open_notebook(page, server: JupyterLab, name: str, timeout_s: float = 90.0) 
         state="attached", timeout=timeout_s * 1000)
 
 
-# Knobs of the real train.py set so a run takes seconds on a CPU: one block, width 32.
-_TINY = {"CPU_DEPTH": "1", "CPU_SEQ_LEN": "32", "CPU_BATCH_SIZE": "4", "ASPECT_RATIO": "32", "HEAD_DIM": "16"}
-
-
 def _tiny_train(path: Path) -> Path:
-    src = (ROOT / "train.py").read_text()
-    for name, value in _TINY.items():
-        src, n = re.subn(rf"^{name} = [^\s#]+", f"{name} = {value}", src, count=1, flags=re.M)
-        assert n == 1, f"train.py no longer sets {name}: update _TINY in tests/test_browser.py"
-    path.write_text(src)
+    """The real train.py with one narrow block (conftest's knobs): every code path, seconds per run."""
+    path.write_text(tiny_train_source())
     return path
 
 

@@ -16,23 +16,16 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_source
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 BUDGET = "2000-tokens"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
-# Knobs of the real train.py set so a run takes seconds on a CPU: one block, width 32.
-_TINY = {"CPU_DEPTH": "1", "CPU_SEQ_LEN": "32", "CPU_BATCH_SIZE": "4", "ASPECT_RATIO": "32", "HEAD_DIM": "16"}
-
-
 def write_tiny_train(path: Path) -> Path:
-    """The real train.py with one narrow block: every knob and code path, seconds per run."""
-    src = (ROOT / "train.py").read_text()
-    for name, value in _TINY.items():
-        src, n = re.subn(rf"^{name} = [^\s#]+", f"{name} = {value}", src, count=1, flags=re.M)
-        assert n == 1, f"train.py no longer sets {name}: update _TINY in tests/test_notebooks.py"
-    path.write_text(src)
+    """The real train.py with one narrow block (conftest's knobs): every code path, seconds per run."""
+    path.write_text(tiny_train_source())
     return path
 
 
