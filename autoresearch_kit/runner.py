@@ -478,6 +478,13 @@ def _strays(run_id: str, pgid: int, pipe_inodes: set[int]) -> list[int]:
     return found
 
 
+def _kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _kill_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -870,6 +877,12 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
         if isinstance(e, OSError):
             msg = f"Cannot start {sys.executable} train.py in {wd}: {e}"
             raise RuntimeError(msg) from e
+        if isinstance(e, KeyboardInterrupt):
+            # Ctrl-C while the child was being started (a fork server can take seconds to
+            # come up): whatever did start carries our run id; end it, and the run is aborted.
+            _unstoppable(lambda _again: [_kill_pid(pid) for pid in _strays(run_id, -1, set())])
+            res.status, res.reason = "aborted", "interrupted (KeyboardInterrupt) while the run was starting"
+            return res
         raise
     pgid = proc.pid  # start_new_session: the child leads its own session and group
 

@@ -596,3 +596,20 @@ def test_real_harness_reports_changed_eval_tokens(kit_env, tmp_path):
     res = run(src, tmp_path, budget=E2E_BUDGET, hard_limit=120)
     assert res.status == "invalid" and res.val_bpb is None
     assert "eval_tokens was 64, but the runner set 4096" in res.reason
+
+
+def test_ctrl_c_while_the_child_is_starting_aborts_and_leaves_nothing(tiny_data, tmp_path, monkeypatch):
+    """A Ctrl-C during start-up (the fork server can take seconds) is an aborted run, not a traceback,
+    and a child that did start by then is ended."""
+    started = []
+
+    def slow_spawn(cwd, env, stdout_fd, channel_fd, device_type):
+        # as if the server had forked the child, then the user pressed Ctrl-C
+        started.append(subprocess.Popen(["sleep", "60"], env=env, start_new_session=True))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.forkserver, "spawn", slow_spawn)
+    monkeypatch.setattr(integrity, "check_source", lambda source: [])
+    res = run_budgeted(fake(_FOREVER), "60s", workdir=tmp_path / "w", data_dir=tiny_data, device="cpu")
+    assert res.status == "aborted" and "starting" in res.reason
+    assert started[0].wait(timeout=5) == -signal.SIGKILL
