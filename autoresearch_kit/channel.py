@@ -83,6 +83,7 @@ class ParentChannel:
     write_fd: int = -1
     last_seq: int = 0
     rejected: int = 0
+    _buf: bytes = b""  # an incomplete line, until its newline arrives
 
     def open(self) -> dict[str, str]:
         """Create the pipe; returns the environment entries for the child."""
@@ -116,20 +117,16 @@ class ParentChannel:
         self.last_seq = msg["seq"]
         return msg
 
+    def feed(self, chunk: bytes) -> list[dict]:
+        """Add bytes read from the pipe; return the genuine messages they completed."""
+        *complete, self._buf = (self._buf + chunk).split(b"\n")
+        if len(self._buf) > MAX_LINE:  # no line of ours is this long: drop it, count it
+            self._buf, self.rejected = b"", self.rejected + 1
+        return [msg for msg in map(self.verify, complete) if msg is not None]
+
     def lines(self):
         """Yield verified messages until EOF (blocking; run it in a thread)."""
         with os.fdopen(self.read_fd, "rb", buffering=0) as f:
-            buf = b""
-            while True:
-                chunk = f.read(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                *complete, buf = buf.split(b"\n")
-                for raw in complete:
-                    msg = self.verify(raw)
-                    if msg is not None:
-                        yield msg
-                if len(buf) > MAX_LINE:
-                    buf, self.rejected = b"", self.rejected + 1
+            while chunk := f.read(65536):
+                yield from self.feed(chunk)
         self.read_fd = -1

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autoresearch_kit import config, forkserver, integrity
-from autoresearch_kit.channel import MAX_LINE, ParentChannel
+from autoresearch_kit.channel import ParentChannel
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,6 @@ class _Messages:
 
     def __init__(self, channel: ParentChannel, on_event: Callable[[dict], Any] | None, t0: float) -> None:
         self.channel, self.on_event, self.t0 = channel, on_event, t0
-        self.buf = b""
         self.start: dict | None = None
         self.status: dict | None = None
         self.result: dict | None = None
@@ -351,14 +350,8 @@ class _Messages:
             self.dispatcher.start()
 
     def feed(self, chunk: bytes) -> None:
-        self.buf += chunk
-        *complete, self.buf = self.buf.split(b"\n")
-        for raw in complete:
-            msg = self.channel.verify(raw)
-            if msg is not None:
-                self._handle(msg)
-        if len(self.buf) > MAX_LINE:
-            self.buf, self.channel.rejected = b"", self.channel.rejected + 1
+        for msg in self.channel.feed(chunk):
+            self._handle(msg)
 
     def _handle(self, msg: dict) -> None:
         kind, data = msg.get("kind"), msg.get("data")
