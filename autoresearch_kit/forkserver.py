@@ -386,6 +386,63 @@ def _hazard() -> str | None:
     return None
 
 
+def _pin_cuda_facts() -> Any:
+    """Answer torch.cuda.is_available() and device_count() without the driver while preloading.
+
+    Inductor asks at import time (`torch._inductor.runtime.benchmarking`), and either way of
+    answering leaves a thread in the server: cuInit starts a driver thread, NVML one of its
+    own. A forked child asks instead (it exits; its threads go with it), and the server's
+    torch.cuda answers with that count until the returned function restores the originals
+    after the preload: modules imported meanwhile keep the answer a fresh process would get.
+    """
+    import torch
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.write(w, str(int(torch.cuda.device_count())).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        count = int(os.read(r, 64) or b"0")
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    cuda = torch.cuda
+    saved = cuda.is_available, cuda.device_count
+    cuda.is_available = lambda: count > 0
+    cuda.device_count = lambda: count
+
+    def restore() -> None:
+        cuda.is_available, cuda.device_count = saved
+
+    return restore
+
+
+def _preload_cudnn() -> None:
+    """Load cuDNN's engine libraries now, so that no child loads them at its first attention.
+
+    torch links libcudnn.so, which dlopens its sub-libraries (hundreds of MB) at the first
+    cuDNN call; loaded here (no driver call: it opens no /dev/nvidia*), each forked child
+    finds them mapped. Only files beside the libcudnn.so torch loaded.
+    """
+    import ctypes
+    import glob
+
+    with open("/proc/self/maps") as f:
+        fields = [line.split(None, 5) for line in f]
+    paths = {x[5].strip() for x in fields if len(x) == 6 and "/libcudnn.so" in x[5]}
+    for path in sorted(paths):
+        for lib in sorted(glob.glob(os.path.join(os.path.dirname(path), "libcudnn_*.so*"))):
+            try:
+                ctypes.CDLL(lib)
+            except OSError as e:  # a library it cannot load now it would not load later either
+                log.debug("fork server: %s not preloaded (%s)", lib, e)
+
+
 def _cuda_probe() -> str | None:
     """Fork a child that initialises CUDA and runs one kernel: None if it worked, else why not."""
     pid = os.fork()
@@ -560,9 +617,13 @@ def _serve(ctrl_fd: int, parent_pid: int, preload: str, cuda: bool = False) -> N
     ctrl = socket.socket(fileno=ctrl_fd)
     t0 = time.perf_counter()
     problem, safe, imported = None, None, 0
+    unpin = None
     try:
         for i, name in enumerate(m for m in preload.split(",") if m):
             importlib.import_module(name)
+            if cuda and unpin is None and "torch" in sys.modules:
+                unpin = _pin_cuda_facts()
+                _preload_cudnn()
             if len(os.listdir("/proc/self/task")) > 1:
                 _probe_fork()
             problem = _hazard()
@@ -577,6 +638,9 @@ def _serve(ctrl_fd: int, parent_pid: int, preload: str, cuda: bool = False) -> N
             problem = "the run-id placeholder is not in the server's environment"
     except BaseException as e:
         problem = "".join(traceback.format_exception_only(type(e), e)).strip()
+    finally:
+        if unpin is not None:
+            unpin()
     hello = {"ready": problem is None, "error": problem, "pid": os.getpid(), "imported": imported,
              "safe_prefix": safe, "import_seconds": round(time.perf_counter() - t0, 3),
              "threads": _thread_names()}

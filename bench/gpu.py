@@ -308,14 +308,46 @@ def cmd_profile(args) -> None:
         stats.sort_stats("tottime").print_stats(args.top // 2)
 
 
+_THREADS_PROBE = r"""
+import os, sys, traceback
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as the fork server imports
+import numpy, torch
+if "--pin" in sys.argv:  # as the fork server does: torch.cuda answers from a forked child
+    from autoresearch_kit.forkserver import _pin_cuda_facts
+    _pin_cuda_facts()
+    print("torch.cuda.is_available/device_count pinned", flush=True)
+def threads():
+    return len(os.listdir("/proc/self/task"))
+base = threads()
+def probe(frame, event, arg):
+    global base
+    if event in ("return", "c_return") and threads() > base:
+        base = threads()
+        what = getattr(arg, "__qualname__", repr(arg)) if event == "c_return" else frame.f_code.co_name
+        print(f"a thread appeared ({base} now) after {event} {what}; stack:", flush=True)
+        traceback.print_stack(frame, limit=12)
+for name in (a for a in sys.argv[1:] if not a.startswith("--")):
+    print(f"import {name}: {threads()} threads before", flush=True)
+    sys.setprofile(probe)
+    __import__(name)
+    sys.setprofile(None)
+    print(f"import {name}: {threads()} threads after", flush=True)
+"""
+
 _STARTUP_PROBE = r"""
 import time
 t0 = time.perf_counter()
 def mark(what):
     global t0
     t = time.perf_counter(); print(f"{what:<44}{t - t0:6.2f} s", flush=True); t0 = t
+import os, sys
 import torch; mark("import torch")
 import torch.nn.functional as F
+if "--dlopen" in sys.argv:  # what the fork server loads before forking (autoresearch_kit/forkserver.py)
+    from autoresearch_kit.forkserver import _preload_cudnn
+    _preload_cudnn()
+    n = sum(1 for line in open("/proc/self/maps") if "libcudnn_" in line)
+    mark(f"preload cuDNN libraries ({n} mappings, {len(os.listdir('/proc/self/task'))} threads)")
 torch.cuda.init(); torch.cuda.get_device_name(0); mark("CUDA init + device query")
 torch.zeros(1, device="cuda"); torch.cuda.synchronize(); mark("CUDA context (first allocation)")
 a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16); (a @ a).sum().item(); mark("first bf16 matmul (cuBLAS)")
@@ -337,7 +369,13 @@ def cmd_startup(args) -> None:
     import subprocess
 
     print(_header(), flush=True)
-    subprocess.run([sys.executable, "-c", _STARTUP_PROBE], check=False)
+    if args.threads:
+        subprocess.run([sys.executable, "-c", _THREADS_PROBE, *args.threads, *(["--pin"] if args.pin else [])],
+                       check=False)
+        return
+    for extra in ([], [], ["--dlopen"]):  # the second run: the page cache is warm, like the third
+        print("-- fresh process" + (", cuDNN preloaded as the fork server does" if extra else ""), flush=True)
+        subprocess.run([sys.executable, "-c", _STARTUP_PROBE, *extra], check=False)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -364,7 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     f = sub.add_parser("profile", parents=[common], help="train.py alone under cProfile")
     f.add_argument("--budget", default="3s")
     f.add_argument("--top", type=int, default=50)
-    sub.add_parser("startup", parents=[common], help="fixed start-up costs of a fresh process")
+    st = sub.add_parser("startup", parents=[common], help="fixed start-up costs of a fresh process")
+    st.add_argument("--threads", nargs="+", metavar="MODULE",
+                    help="instead: import these and show the call after which a new thread exists")
+    st.add_argument("--pin", action="store_true", help="with --threads: pin torch.cuda's answers as the fork server does")
     args = p.parse_args(argv)
     import logging  # the runner's fork server says when it is ready, or why not
 

@@ -231,3 +231,25 @@ def test_no_server_or_child_outlives_its_runner(kit_env, tmp_path, how):
         for pid in (server, child):
             if pid and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_pinned_cuda_answers_match_torch_and_are_restored():
+    """While preloading, torch.cuda answers from a forked child (inductor asks at import, and
+    asking in the server leaves a driver or NVML thread): the same answers, originals back after."""
+    code = textwrap.dedent('''
+        import os, torch
+        from autoresearch_kit import forkserver
+        real = (torch.cuda.is_available(), torch.cuda.device_count())
+        originals = (torch.cuda.is_available, torch.cuda.device_count)
+        restore = forkserver._pin_cuda_facts()
+        pinned = (torch.cuda.is_available(), torch.cuda.device_count())
+        assert torch.cuda.is_available is not originals[0]
+        restore()
+        assert (torch.cuda.is_available, torch.cuda.device_count) == originals
+        forkserver._preload_cudnn()  # no cuDNN on a CPU build: nothing to load, no error
+        print(real == pinned, forkserver._hazard())
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "None"]
