@@ -32,8 +32,10 @@ subprocess) unless it has exactly one thread and the CUDA driver was never initi
 in it (no open /dev/nvidia*: a CUDA context does not survive fork; libcuda.so merely mapped,
 as after `import torch` on a CUDA build, is fine). numpy's OpenBLAS pool is stopped by its
 own fork handler; after each import a probe fork checks that nothing else is left, and an
-import that leaves a thread (on the H100 box, inductor's starts a CUDA driver thread) is
-dropped: the server restarts with the modules before it. For CUDA runs a forked probe child
+import that leaves a thread is dropped: the server restarts with the modules before it.
+(Inductor asks torch.cuda.is_available() at import, which starts an NVML or driver thread;
+for CUDA servers a forked child answers instead while the server preloads: see
+_pin_cuda_facts.) For CUDA runs a forked probe child
 must initialise CUDA and run a kernel before the server says it is ready. The
 server exits when the runner's end of its control socket closes (the runner exited or
 was killed, whatever thread started it) and its children die with it (PR_SET_PDEATHSIG);
@@ -422,27 +424,6 @@ def _pin_cuda_facts() -> Any:
     return restore
 
 
-def _preload_cudnn() -> None:
-    """Load cuDNN's engine libraries now, so that no child loads them at its first attention.
-
-    torch links libcudnn.so, which dlopens its sub-libraries (hundreds of MB) at the first
-    cuDNN call; loaded here (no driver call: it opens no /dev/nvidia*), each forked child
-    finds them mapped. Only files beside the libcudnn.so torch loaded.
-    """
-    import ctypes
-    import glob
-
-    with open("/proc/self/maps") as f:
-        fields = [line.split(None, 5) for line in f]
-    paths = {x[5].strip() for x in fields if len(x) == 6 and "/libcudnn.so" in x[5]}
-    for path in sorted(paths):
-        for lib in sorted(glob.glob(os.path.join(os.path.dirname(path), "libcudnn_*.so*"))):
-            try:
-                ctypes.CDLL(lib)
-            except OSError as e:  # a library it cannot load now it would not load later either
-                log.debug("fork server: %s not preloaded (%s)", lib, e)
-
-
 def _cuda_probe() -> str | None:
     """Fork a child that initialises CUDA and runs one kernel: None if it worked, else why not."""
     pid = os.fork()
@@ -623,7 +604,6 @@ def _serve(ctrl_fd: int, parent_pid: int, preload: str, cuda: bool = False) -> N
             importlib.import_module(name)
             if cuda and unpin is None and "torch" in sys.modules:
                 unpin = _pin_cuda_facts()
-                _preload_cudnn()
             if len(os.listdir("/proc/self/task")) > 1:
                 _probe_fork()
             problem = _hazard()

@@ -343,11 +343,6 @@ def mark(what):
 import os, sys
 import torch; mark("import torch")
 import torch.nn.functional as F
-if "--dlopen" in sys.argv:  # what the fork server loads before forking (autoresearch_kit/forkserver.py)
-    from autoresearch_kit.forkserver import _preload_cudnn
-    _preload_cudnn()
-    n = sum(1 for line in open("/proc/self/maps") if "libcudnn_" in line)
-    mark(f"preload cuDNN libraries ({n} mappings, {len(os.listdir('/proc/self/task'))} threads)")
 torch.cuda.init(); torch.cuda.get_device_name(0); mark("CUDA init + device query")
 torch.zeros(1, device="cuda"); torch.cuda.synchronize(); mark("CUDA context (first allocation)")
 a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16); (a @ a).sum().item(); mark("first bf16 matmul (cuBLAS)")
@@ -373,9 +368,9 @@ def cmd_startup(args) -> None:
         subprocess.run([sys.executable, "-c", _THREADS_PROBE, *args.threads, *(["--pin"] if args.pin else [])],
                        check=False)
         return
-    for extra in ([], [], ["--dlopen"]):  # the second run: the page cache is warm, like the third
-        print("-- fresh process" + (", cuDNN preloaded as the fork server does" if extra else ""), flush=True)
-        subprocess.run([sys.executable, "-c", _STARTUP_PROBE, *extra], check=False)
+    for i in range(2):  # the first process may read the libraries from disk, the second from the page cache
+        print(f"-- fresh process {i + 1}", flush=True)
+        subprocess.run([sys.executable, "-c", _STARTUP_PROBE], check=False)
 
 
 def main(argv: list[str] | None = None) -> None:
