@@ -106,7 +106,7 @@ def enabled(device_type: str) -> bool:
         return True
     if value:
         log.warning("%s=%r is not 0 or 1; using the default (on for CUDA only)", SWITCH_VAR, value)
-    return device_type == "cuda"
+    return device_type.split(":")[0] == "cuda"
 
 
 class ForkedChild:
@@ -294,6 +294,29 @@ def _get_server(env: dict[str, str], device_type: str) -> _Server | None:
     return _server
 
 
+def prestart(env: dict[str, str], device_type: str) -> threading.Thread | None:
+    """Start the server for `env` in a background thread, so the first run need not wait for it.
+
+    `env` is a child environment as the runner builds it (`runner._child_env`); the run id
+    may be missing. Returns the thread (None when the server is off for `device_type`); a
+    run that starts meanwhile waits for the same server instead of starting another.
+    """
+    device_type = device_type.split(":")[0]
+    if not enabled(device_type):
+        return None
+
+    def start() -> None:
+        with _lock:
+            try:
+                _get_server(env, device_type)
+            except Exception as e:  # the first run will try again, and fall back
+                log.warning("autoresearch fork server could not be started ahead (%s)", e)
+
+    thread = threading.Thread(target=start, name="autoresearch-forkserver-prestart", daemon=True)
+    thread.start()
+    return thread
+
+
 def spawn(cwd: str | os.PathLike, env: dict[str, str], stdout_fd: int, channel_fd: int,
           device_type: str) -> ForkedChild | None:
     """Fork a training child from the server, or None when the runner should use a subprocess.
@@ -317,6 +340,7 @@ def spawn(cwd: str | os.PathLike, env: dict[str, str], stdout_fd: int, channel_f
     ForkedChild or None
         None when the server is off, unavailable or failed; nothing was started then.
     """
+    device_type = device_type.split(":")[0]
     if not enabled(device_type) or len(env.get(RUN_ID_VAR, "")) != len(_PLACEHOLDER_ID):
         return None
     with _lock:
@@ -746,4 +770,4 @@ def _serve(ctrl_fd: int, parent_pid: int, preload: str, cuda: bool = False) -> N
             kill(pid)
 
 
-__all__ = ["ForkedChild", "PRELOAD", "SWITCH_VAR", "enabled", "server_pid", "shutdown", "spawn"]
+__all__ = ["ForkedChild", "PRELOAD", "SWITCH_VAR", "enabled", "prestart", "server_pid", "shutdown", "spawn"]

@@ -54,7 +54,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from autoresearch_kit import config
+from autoresearch_kit import config, runner
 from autoresearch_kit.ledger import CRASH_LIKE, Ledger, LabLockedError  # noqa: F401 (re-exported)
 from autoresearch_kit.propose.base import (HistoryEntry, Proposal, ProposalContext, ProposalError,
                                            source_hash)
@@ -192,6 +192,9 @@ class Lab:
         self._proposer_kwargs = dict(proposer_kwargs or {})
         self._proposer = None
         self.sigma: float | None = self._sigma_from_ledger()
+        # On a CUDA machine the runner's fork server imports torch (~11 s) while the first
+        # proposal is written, instead of inside the first run (None where it is off).
+        self._prestart = runner.prestart(self.device)
         self._warn_budget_change()
         if self.recovered and self.verbose:
             print(f"lab {self.path.name}: experiment(s) {', '.join(self.recovered)} were interrupted and are "

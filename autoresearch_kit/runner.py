@@ -675,6 +675,49 @@ def _classify(res: RunResult, *, returncode: int | None, timed_out: bool, aborte
 # --------------------------------------------------------------------------- public
 
 
+def prestart(device: str | None = None, env: dict[str, Any] | None = None) -> threading.Thread | None:
+    """Start the fork server now, in the background, so the first run does not wait for it.
+
+    On a CUDA machine every run forks from a server that has imported torch, dynamo and
+    inductor (autoresearch_kit/forkserver.py); starting it takes ~11 s on the H100 box, paid
+    by the first run of a session unless something starts it ahead. A Lab does at creation,
+    so the server imports while the first proposal is written.
+
+    Parameters
+    ----------
+    device
+        As for run_budgeted: "cuda", "cpu", ... or None to detect (in the background).
+    env
+        As for run_budgeted's ``env`` (the server restarts for runs with other variables).
+
+    Returns
+    -------
+    threading.Thread or None
+        The background thread (join it to wait), or None where the fork server is off
+        (CPU and MPS unless AUTORESEARCH_FORKSERVER=1; AUTORESEARCH_FORKSERVER=0).
+    """
+    extra_env = {str(k): str(v) for k, v in (env or {}).items()}
+    device = device or config.env("DEVICE") or None
+    switch = os.environ.get(forkserver.SWITCH_VAR, "").strip().lower()
+    if (device is not None and not forkserver.enabled(device)) or switch in ("0", "false", "no", "off"):
+        return None
+
+    def start() -> None:
+        if device is None:
+            from autoresearch_kit.device import detect
+
+            device_type = detect(announce=False).type
+        else:
+            device_type = device
+        inner = forkserver.prestart(_child_env(extra_env, _FIXED_CHILD_ENV), device_type)
+        if inner is not None:
+            inner.join()
+
+    thread = threading.Thread(target=start, name="autoresearch-prestart", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = None, *,
                  workdir: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
                  seed: int | None = None, device: str | None = None,
@@ -772,6 +815,9 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
                       eval_tokens=eval_tokens, limit=limit, extra_env=extra_env, on_event=on_event, stop=stop)
 
 
+_FIXED_CHILD_ENV = {"PYTHONUNBUFFERED": "1"}  # what every run sets beyond AUTORESEARCH_* (see prestart)
+
+
 def _child_env(extra_env: dict[str, str], runner_env: dict[str, str]) -> dict[str, str]:
     child = dict(os.environ)
     for key in ("AUTORESEARCH_CHANNEL_FD", "AUTORESEARCH_CHANNEL_KEY"):
@@ -845,7 +891,7 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
             "AUTORESEARCH_EVAL_TOKENS": str(eval_tokens),
             "AUTORESEARCH_DEVICE": device_type,  # pinned, so the eval tokens match the device
             "AUTORESEARCH_RUN_ID": run_id,
-            "PYTHONUNBUFFERED": "1",
+            **_FIXED_CHILD_ENV,
             **channel.open(),
         }
         fds.append(channel.read_fd)

@@ -252,3 +252,41 @@ def test_pinned_cuda_answers_match_torch_and_are_restored():
                          env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "None"]
+
+
+def test_prestarted_server_serves_the_first_run(forked, tmp_path):
+    from autoresearch_kit import runner
+
+    thread = runner.prestart("cpu")
+    assert thread is not None
+    thread.join(120)
+    pid = forkserver.server_pid()
+    assert pid is not None, "prestart did not leave a running server"
+    res = run(fake("result(1.0)"), tmp_path)
+    assert res.status == "ok" and res.extra["forkserver"] is True
+    assert forkserver.server_pid() == pid, "the first run started another server instead of using the prestarted one"
+
+
+def test_prestart_is_off_where_the_fork_server_is(kit_env, monkeypatch):
+    from autoresearch_kit import runner
+
+    monkeypatch.delenv(forkserver.SWITCH_VAR, raising=False)
+    assert runner.prestart("cpu") is None and runner.prestart("mps") is None   # off by default off CUDA
+    monkeypatch.setenv(forkserver.SWITCH_VAR, "0")
+    assert runner.prestart("cuda:0") is None and runner.prestart() is None
+    assert forkserver.server_pid() is None
+
+
+def test_a_new_lab_starts_the_server_ahead_of_its_first_run(forked, tmp_path):
+    from autoresearch_kit.lab import Lab
+    from conftest import tiny_train_source
+
+    train = tmp_path / "train.py"
+    train.write_text(tiny_train_source())
+    lab = Lab(tmp_path / "lab", train=train, program="program.md", device="cpu", verbose=False)
+    try:
+        assert lab._prestart is not None
+        lab._prestart.join(120)
+        assert forkserver.server_pid() is not None
+    finally:
+        lab.close()
