@@ -192,9 +192,8 @@ class Lab:
         self._proposer_kwargs = dict(proposer_kwargs or {})
         self._proposer = None
         self.sigma: float | None = self._sigma_from_ledger()
-        # On a CUDA machine the runner's fork server imports torch (~11 s) while the first
-        # proposal is written, instead of inside the first run (None where it is off).
-        self._prestart = runner.prestart(self.device)
+        self._prestart: threading.Thread | None = None   # runner.prestart's thread, see _start_ahead
+        self._started_ahead = False
         self._warn_budget_change()
         if self.recovered and self.verbose:
             print(f"lab {self.path.name}: experiment(s) {', '.join(self.recovered)} were interrupted and are "
@@ -403,6 +402,7 @@ class Lab:
         ProposalError
             When the proposer gives up; its `reason` says why.
         """
+        self._start_ahead()
         ctx = self.context(feedback)
         if on_token is not None and "on_token" in inspect.signature(self.proposer.propose).parameters:
             proposal = self.proposer.propose(ctx, on_token=on_token)
@@ -863,7 +863,19 @@ class Lab:
         """The ipywidgets panel for this lab (JupyterLab)."""
         from autoresearch_kit.ui import panel as _panel
 
+        self._start_ahead()
         return _panel.Panel(self, **kwargs)
+
+    def _start_ahead(self) -> None:
+        """Start the runner's fork server in the background, once (runner.prestart).
+
+        Called where a run is coming but something slow comes first (a proposal, a person
+        reading the panel): on a CUDA machine the server's imports (~11 s) happen then,
+        instead of inside the next experiment. Nothing where the fork server is off.
+        """
+        if not self._started_ahead:
+            self._started_ahead = True
+            self._prestart = runner.prestart(self.device)
 
     # ---- housekeeping -------------------------------------------------------------------------
 

@@ -680,8 +680,8 @@ def prestart(device: str | None = None, env: dict[str, Any] | None = None) -> th
 
     On a CUDA machine every run forks from a server that has imported torch, dynamo and
     inductor (autoresearch_kit/forkserver.py); starting it takes ~11 s on the H100 box, paid
-    by the first run of a session unless something starts it ahead. A Lab does at creation,
-    so the server imports while the first proposal is written.
+    by the first run of a session unless something starts it ahead. A Lab does at its first
+    propose() or panel(), so the server imports while a proposal is written or read.
 
     Parameters
     ----------

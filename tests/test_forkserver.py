@@ -277,7 +277,7 @@ def test_prestart_is_off_where_the_fork_server_is(kit_env, monkeypatch):
     assert forkserver.server_pid() is None
 
 
-def test_a_new_lab_starts_the_server_ahead_of_its_first_run(forked, tmp_path):
+def test_a_lab_starts_the_server_while_the_first_proposal_is_written(forked, tmp_path):
     from autoresearch_kit.lab import Lab
     from conftest import tiny_train_source
 
@@ -285,8 +285,13 @@ def test_a_new_lab_starts_the_server_ahead_of_its_first_run(forked, tmp_path):
     train.write_text(tiny_train_source())
     lab = Lab(tmp_path / "lab", train=train, program="program.md", device="cpu", verbose=False)
     try:
+        assert lab._prestart is None          # creating a lab (`autoresearch status`) starts nothing
+        lab.propose()
         assert lab._prestart is not None
         lab._prestart.join(120)
-        assert forkserver.server_pid() is not None
+        pid = forkserver.server_pid()
+        assert pid is not None
+        lab.propose()                         # once per lab
+        assert forkserver.server_pid() == pid
     finally:
         lab.close()
