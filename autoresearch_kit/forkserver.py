@@ -68,7 +68,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ def _hazard() -> str | None:
     return None
 
 
-def _pin_cuda_facts() -> Any:
+def _pin_cuda_facts() -> Callable[[], None]:
     """Answer torch.cuda.is_available() and device_count() without the driver while preloading.
 
     Inductor asks at import time (`torch._inductor.runtime.benchmarking`), and either way of

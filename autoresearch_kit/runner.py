@@ -698,8 +698,7 @@ def prestart(device: str | None = None, env: dict[str, Any] | None = None) -> th
     """
     extra_env = {str(k): str(v) for k, v in (env or {}).items()}
     device = device or config.env("DEVICE") or None
-    switch = os.environ.get(forkserver.SWITCH_VAR, "").strip().lower()
-    if (device is not None and not forkserver.enabled(device)) or switch in ("0", "false", "no", "off"):
+    if not forkserver.enabled(device or "cuda"):  # off for this device, or (no device yet) for all
         return None
 
     def start() -> None:
