@@ -180,14 +180,21 @@ def _report(label: str, row: dict) -> None:
         print(row.get("log_tail", ""), flush=True)
 
 
-def cmd_run(args) -> None:
+def _begin(args) -> tuple[Path, int, int, str, str]:
+    """What run and sweep both start with: data, vocab, warm-up steps, train.py, the printed header."""
     from autoresearch_kit import config
 
     data_dir, vocab = _data(args)
     warmup = int(config.env("WARMUP_STEPS") or config.DEFAULT_WARMUP_STEPS)
-    source = Path(args.train).read_text()
     header = _header()
     print(header, flush=True)
+    return data_dir, vocab, warmup, Path(args.train).read_text(), header
+
+
+def cmd_run(args) -> None:
+    from autoresearch_kit import config
+
+    data_dir, vocab, warmup, source, header = _begin(args)
     rows = []
     budgets = list(args.budgets)
     if args.cold:
@@ -215,13 +222,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from autoresearch_kit import config
-
-    data_dir, vocab = _data(args)
-    warmup = int(config.env("WARMUP_STEPS") or config.DEFAULT_WARMUP_STEPS)
-    base = Path(args.train).read_text()
-    header = _header()
-    print(header, flush=True)
+    data_dir, vocab, warmup, base, header = _begin(args)
     rows = []
     for spec in args.configs:
         label, _, assigns = spec.partition(":")
