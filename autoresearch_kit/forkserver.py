@@ -85,7 +85,7 @@ _MAX_MESSAGE = 1 << 20
 # In this order: when an import leaves a thread behind, the server restarts with the
 # modules before it (see _get_server), so the cheap and essential ones come first.
 PRELOAD = ("numpy", "tiktoken", "torch", "torch.nn", "torch.nn.functional", "torch.nn.attention",
-           "torch.utils.flop_counter", "autoresearch_kit.config", "autoresearch_kit.channel",
+           "torch.utils.flop_counter", "autoresearch_kit.config", "autoresearch_kit.wire",
            "autoresearch_kit.device", "autoresearch_kit.data.shards", "autoresearch_kit.data.loader",
            "autoresearch_kit.metric", "torch._dynamo", "torch._inductor.compile_fx")
 _BOOT = ("import sys; from autoresearch_kit.forkserver import _serve; "

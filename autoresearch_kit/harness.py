@@ -1,33 +1,36 @@
 """The harness: the only part of the kit that train.py imports (the child side).
 
     from autoresearch_kit import harness
-    run = harness.start()                        # budget, device, seed, data: env or defaults
+    run = harness.start()                        # budget, device, seed: from the runner, or defaults
     loader = run.train_loader(batch_size, seq_len)
-    run.watch(model)                             # params and FLOPs/token, measured
+    run.watch(model)                             # params and FLOPs/token, as train.py reports them
     while run.training(tokens=batch_size * seq_len):
         ...                                      # schedules read run.progress (0..1)
         run.log(step=step, loss=loss, lr=lr)
-    run.finish(model)                            # causality probe, trusted val_bpb, summary
+    run.finish(model)                            # the model answers validation rows with logits
 
-`python train.py` runs on its own with the defaults; under the runner the environment
-(docs/CONTRACTS.md) sets the budget, seed, device, data and the trusted channel. The
-harness owns what decides a result: the clock (device-synchronised, warm-up steps
-excluded from a seconds budget), the token count (what its loader yielded, not what
-train.py claims), the FLOP count (FlopCounterMode on one step), the divergence check and
-the metric. Results go to the runner only through the signed channel; stdout gets the
-human-readable summary block in the original autoresearch format.
+Under the runner this module is only a client: it runs inside the candidate's process,
+which is untrusted, so nothing a score depends on is decided here. Over the run's socket
+(wire.py) it asks the runner (serve.py) whether the next step may run and for each
+training batch; the runner counts the tokens it serves, keeps the clock, and at
+`finish` sends validation inputs whose logits it scores itself. The loss curve, FLOPs
+per token and peak memory this side sends are shown as what train.py reported.
 
-Exit codes: 3 when the loss diverged (NaN/inf/exploding), 4 when the model is not causal.
+`python train.py` on its own (no runner) does everything here instead, with the same
+API: it reads the prepared data, keeps its own clock and scores with metric.py. Nothing
+is at stake there, so nothing is defended.
+
+Exit codes: 3 when the loss diverged (NaN/inf/exploding), 4 when the run is invalid.
 
 Light imports only (torch, numpy, tiktoken via the tokenizer, stdlib and the kit's
-config/channel/device/metric/data.shards/data.loader): this runs on GPU boxes that may
-have nothing else, and every candidate pays its import time.
+config/wire/device/metric/data modules): every candidate pays its import time.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import random
 import resource
@@ -35,11 +38,11 @@ import sys
 import time
 from contextlib import nullcontext
 
-# Take the channel out of os.environ before any line of train.py runs: the candidate
-# never sees the fd or the key. The clock for total_seconds starts here too.
-from autoresearch_kit.channel import ChildChannel
+# Take the runner's socket out of os.environ before any line of train.py runs. The clock
+# for total_seconds starts here too.
+from autoresearch_kit.wire import Conn, WireError
 
-_CHANNEL = ChildChannel.from_env()
+_CONN = Conn.from_env()
 _T_IMPORT = time.perf_counter()
 
 import numpy as np  # noqa: E402
@@ -48,7 +51,7 @@ import torch  # noqa: E402
 from autoresearch_kit import config  # noqa: E402
 from autoresearch_kit.config import Budget  # noqa: E402
 from autoresearch_kit.data.loader import TokenLoader  # noqa: E402
-from autoresearch_kit.data.shards import PreparedData  # noqa: E402
+from autoresearch_kit.data.shards import PreparedData, encoding_from_json  # noqa: E402
 from autoresearch_kit.device import Device, detect  # noqa: E402
 from autoresearch_kit.metric import causality_probe, evaluate_bpb_detail  # noqa: E402
 
@@ -77,12 +80,19 @@ class _State:
         "done", "claimed", "last_step_tokens", "pending", "first_loss", "last_event_t", "last_print_t",
         "last_sent", "last_loss", "failed", "finished", "tokens_at_call", "pending_claim",
         "last_sync", "t_start", "t_first_call", "t_stop",
+        "vocab_size", "bos_id", "remote_progress", "remote_tokens", "last_loader", "tokenizer", "shm",
     )
 
-    def __init__(self, device: Device, budget: Budget, seed: int, data: PreparedData, eval_tokens: int,
-                 warmup_steps: int) -> None:
+    def __init__(self, device: Device, budget: Budget, seed: int, data: PreparedData | None, eval_tokens: int,
+                 warmup_steps: int, vocab_size: int, bos_id: int) -> None:
         self.device, self.budget, self.seed, self.data = device, budget, seed, data
         self.eval_tokens, self.warmup_steps = eval_tokens, warmup_steps
+        self.vocab_size, self.bos_id = int(vocab_size), int(bos_id)
+        self.remote_progress = 0.0  # served runs: what the runner's last answer said
+        self.remote_tokens = 0
+        self.last_loader = None
+        self.tokenizer = None
+        self.shm: mmap.mmap | None = None
         self.loaders: list[TokenLoader] = []
         self.seq_len: int | None = None
         self.params: int | None = None
@@ -216,15 +226,24 @@ class Run:
 
     @property
     def vocab_size(self) -> int:
-        return self._s.data.vocab_size
+        return self._s.vocab_size
 
     @property
     def bos_id(self) -> int:
-        return self._s.data.bos_id
+        return self._s.bos_id
 
     @property
     def tokenizer(self):
-        return self._s.data.tokenizer
+        """The data's tiktoken.Encoding (from the runner under it, else the prepared data)."""
+        s = self._s
+        if s.tokenizer is None:
+            if s.data is not None:
+                s.tokenizer = s.data.tokenizer
+            else:
+                _CONN.send("tokenizer")
+                _kind, _h, raw = _CONN.recv()
+                s.tokenizer = encoding_from_json(bytes(raw))
+        return s.tokenizer
 
     @property
     def step(self) -> int:
@@ -233,8 +252,8 @@ class Run:
 
     @property
     def tokens(self) -> int:
-        """Training tokens counted so far (what the harness loaders yielded)."""
-        return self._tokens()
+        """Training tokens counted so far (by the runner under it, else by the loaders)."""
+        return self._s.remote_tokens if _CONN is not None else self._tokens()
 
     @property
     def flops_per_token(self) -> float | None:
@@ -258,7 +277,10 @@ class Run:
         The seq_len of the last loader made is the context length used for evaluation.
         """
         s = self._s
-        loader = TokenLoader(s.data.train, batch_size, seq_len, s.device.type, seed=s.seed + len(s.loaders))
+        if _CONN is not None:
+            loader = _ServedLoader(len(s.loaders), batch_size, seq_len, s.device.type, s)
+        else:
+            loader = TokenLoader(s.data.train, batch_size, seq_len, s.device.type, seed=s.seed + len(s.loaders))
         s.loaders.append(loader)
         s.seq_len = int(seq_len)
         return loader
@@ -287,7 +309,7 @@ class Run:
         for p in params:
             p.grad = None
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, s.data.vocab_size, (1, s.seq_len), generator=gen).to(s.device.torch_device)
+        ids = torch.randint(0, s.vocab_size, (1, s.seq_len), generator=gen).to(s.device.torch_device)
         try:
             total = _flop_count(raw, ids, s.device)
         finally:
@@ -297,6 +319,8 @@ class Run:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
         s.flops_per_token = total / s.seq_len
+        if _CONN is not None:
+            _CONN.send("watch", {"params": s.params, "flops_per_token": s.flops_per_token})
         print(f"model: {s.params / 1e6:.2f}M params, {s.flops_per_token / 1e6:.1f} MFLOPs/token "
               f"(fwd+bwd, seq_len {s.seq_len})", flush=True)
         return {"params": s.params, "flops_per_token": s.flops_per_token}
@@ -328,6 +352,8 @@ class Run:
         s = self._s
         if s.done:
             return False
+        if _CONN is not None:
+            return self._training_served(tokens)
         b = s.budget
         if s.calls == 0 and b.kind == "flops" and s.flops_per_token is None:
             msg = ("A FLOP budget needs the model's FLOPs per token: call run.watch(model) "
@@ -368,6 +394,36 @@ class Run:
         s.pending_claim = int(tokens) if tokens is not None else 0
         return True
 
+    def _training_served(self, tokens: int | None) -> bool:
+        """Ask the runner whether the next step may run; it may send that step's batch along."""
+        s = self._s
+        if s.calls == 0 and s.budget.kind == "flops" and s.flops_per_token is None:
+            msg = ("A FLOP budget needs the model's FLOPs per token: call run.watch(model) "
+                   "before the training loop.")
+            raise RuntimeError(msg)
+        s.calls += 1
+        if s.calls == 1:
+            s.t_first_call = time.perf_counter()
+        if s.calls == s.warmup_steps + 1:
+            _sync(s.device)  # the runner starts its clock at this request: the warm-up is done
+            s.t_train = time.perf_counter()
+        header = {"tokens": int(tokens) if tokens is not None else None}
+        ld = s.last_loader
+        if ld is not None and ld.ready is None:
+            header["prefetch"] = {"loader": ld.index, "batch_size": ld.batch_size, "seq_len": ld.seq_len}
+        _CONN.send("step", header)
+        kind, h, payload = _CONN.recv()
+        s.remote_progress = float(h.get("progress", 0.0))
+        s.remote_tokens = int(h.get("tokens", s.remote_tokens))
+        if kind != "go" or not h.get("go"):
+            _sync(s.device)
+            self._stop_clock()
+            return False
+        if h.get("batch") and ld is not None:
+            ld.ready = payload
+        s.steps += 1
+        return True
+
     def _stop_clock(self) -> None:
         s = self._s
         if s.done:
@@ -383,6 +439,8 @@ class Run:
         b = s.budget
         if s.done:
             return 1.0
+        if _CONN is not None:
+            return s.remote_progress
         if b.kind == "seconds":
             frac = self._elapsed() / b.amount
         elif b.kind == "tokens":
@@ -412,7 +470,7 @@ class Run:
             "lr": _to_host(lr),
             "extra": {k: _to_host(v) for k, v in extra.items()},
             "ready": None,
-            "tokens": self._tokens(),
+            "tokens": self.tokens,
             "elapsed": self._elapsed(),
             "progress": self.progress,
             "index": s.steps - 1,  # the harness's own count: train.py's step numbers are its business
@@ -440,8 +498,9 @@ class Run:
         s.last_loss = loss
         self._check_divergence(loss, rec["step"], rec["index"])
         now = time.perf_counter()
-        if last or now - s.last_event_t >= 1.0 / _STEP_EVENTS_PER_S:
-            _CHANNEL.send("step", event)
+        if _CONN is not None and (last or now - s.last_event_t >= 1.0 / _STEP_EVENTS_PER_S or s.done):
+            # `late`: logged after the runner ended the budget (it counts those as work after it)
+            _CONN.send("log", {**event, "late": bool(s.done and not s.finished)})
             s.last_event_t, s.last_sent = now, event
         if last or rec["index"] < 3 or now - s.last_print_t >= _PRINT_EVERY_S:
             s.last_print_t = now
@@ -466,9 +525,9 @@ class Run:
         s = self._s
         s.failed = status
         self._stop_clock()
-        _CHANNEL.send("status", {"status": status, "reason": reason})
-        if result is not None:
-            _CHANNEL.send("result", result)
+        if _CONN is not None:
+            _CONN.send("fail", {"status": status, "reason": reason})
+        elif result is not None:
             _write_standalone(result)
         print(f"{status}: {reason}", flush=True)
         sys.stdout.flush()
@@ -501,6 +560,8 @@ class Run:
         if s.params is None:
             raw = getattr(model, "_orig_mod", model)
             s.params = int(sum(p.numel() for p in {id(p): p for p in raw.parameters()}.values()))
+        if _CONN is not None:
+            return self._finish_served(model)
         tokens = self._tokens()
         flops = tokens * s.flops_per_token if s.flops_per_token else 0.0
         dev = s.device
@@ -532,9 +593,83 @@ class Run:
             f"{k.removesuffix('_seconds')} {result[k]:.2f}s" for k in
             ("startup_seconds", "setup_seconds", "warmup_seconds", "eval_seconds", "finish_seconds")), flush=True)
         _print_summary(result)
-        _CHANNEL.send("result", result)
         _write_standalone(result)
         return result
+
+    def _finish_served(self, model: torch.nn.Module) -> dict:
+        """Answer the runner's validation rows with logits until it sends the score."""
+        s = self._s
+        dev = s.device
+        _CONN.send("finish", {"params": s.params, "peak_memory_gb": _peak_memory_gb(dev),
+                              "flops_per_token": s.flops_per_token})
+        was_training = model.training
+        model.eval()
+        t_eval = time.perf_counter()
+        try:
+            # no_grad rather than inference_mode: a model that caches tensors lazily (e.g. RoPE
+            # tables) would otherwise keep inference tensors that break later use.
+            with torch.no_grad():
+                while True:
+                    kind, h, payload = _CONN.recv()
+                    if kind == "val":
+                        rows, seq = int(h["rows"]), int(h["seq_len"])
+                        ids = torch.from_numpy(np.frombuffer(payload, dtype=np.uint16).astype(np.int64)
+                                               .reshape(rows, seq)).to(dev.torch_device)
+                        with self.autocast():
+                            logits = _model_logits(model, ids, s.vocab_size)
+                        self._send_logits(logits)
+                    elif kind == "score":
+                        break
+                    elif kind == "invalid":
+                        reason = str(h.get("reason", "the runner rejected the run"))
+                        print(f"invalid: {reason}", flush=True)
+                        sys.stdout.flush()
+                        sys.exit(EXIT_INVALID)
+                    else:
+                        msg = f"the runner sent {kind!r} during the evaluation"
+                        raise RuntimeError(msg)
+        finally:
+            model.train(was_training)
+        result = {
+            "status": "ok", "val_bpb": float(h["val_bpb"]), "steps": s.steps, "tokens": s.remote_tokens,
+            "params": s.params, "training_seconds": s.train_seconds or 0.0,
+            "total_seconds": time.perf_counter() - _T_IMPORT, "eval_seconds": time.perf_counter() - t_eval,
+            "eval_tokens": int(h.get("eval_tokens", 0)), "peak_memory_gb": _peak_memory_gb(dev), "mfu": None,
+            "flops": s.remote_tokens * s.flops_per_token if s.flops_per_token else 0.0,
+            "seq_len": s.seq_len, "device": dev.describe(), "budget": str(s.budget), "seed": s.seed,
+            **self._timeline(),
+        }
+        if dev.peak_flops and s.flops_per_token and s.train_seconds:
+            result["mfu"] = s.flops_per_token * (s.remote_tokens - s.tokens_at_train) / (s.train_seconds * dev.peak_flops)
+        print("outside the budget: " + " | ".join(
+            f"{k.removesuffix('_seconds')} {result[k]:.2f}s" for k in
+            ("startup_seconds", "setup_seconds", "warmup_seconds", "eval_seconds", "finish_seconds")), flush=True)
+        _print_summary(result)
+        return result
+
+    def _send_logits(self, logits: torch.Tensor) -> None:
+        """Write logits into the runner's shared buffer (asking for one first) and say so."""
+        s = self._s
+        if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            logits = logits.float()
+        logits = logits.contiguous()
+        nbytes = logits.numel() * logits.element_size()
+        if s.shm is None or len(s.shm) < nbytes:
+            _CONN.send("need", {"bytes": nbytes})
+            kind, h, _p, fds = _CONN.recv(with_fds=True)
+            if kind != "buffer" or not fds:
+                reason = h.get("reason", kind)
+                print(f"invalid: {reason}", flush=True)
+                sys.exit(EXIT_INVALID)
+            if s.shm is not None:
+                s.shm.close()
+            s.shm = mmap.mmap(fds[0], int(h["bytes"]))
+            for fd in fds:
+                os.close(fd)
+        dst = torch.frombuffer(s.shm, dtype=logits.dtype, count=logits.numel()).view(logits.shape)
+        dst.copy_(logits)
+        del dst
+        _CONN.send("logits", {"shape": list(logits.shape), "dtype": str(logits.dtype).removeprefix("torch.")})
 
 
     def _timeline(self) -> dict:
@@ -565,7 +700,7 @@ def _print_summary(r: dict) -> None:
 
 def _write_standalone(result: dict) -> None:
     """Without a runner, keep the result where a person (or a notebook) can find it."""
-    if _CHANNEL.connected:
+    if _CONN is not None:
         return
     path = config.cache_dir() / "runs" / "last_result.json"
     try:
@@ -578,9 +713,10 @@ def _write_standalone(result: dict) -> None:
 
 
 def start() -> Run:
-    """Begin the run: read the environment (or defaults), seed, open the data, announce.
+    """Begin the run: take the budget, seed and data from the runner (or the defaults), seed, announce.
 
-    Reads AUTORESEARCH_BUDGET, _SEED, _DEVICE, _DATA, _EVAL_TOKENS and _WARMUP_STEPS
+    Under the runner everything comes over its socket. On its own (`python train.py`) it
+    reads AUTORESEARCH_BUDGET, _SEED, _DEVICE, _DATA, _EVAL_TOKENS and _WARMUP_STEPS
     (docs/CONTRACTS.md); without them: 60 s on CPU/MPS or 300 s on CUDA, seed 42, the
     device autodetected, the last prepared dataset.
 
@@ -593,6 +729,38 @@ def start() -> Run:
         msg = "harness.start() was already called in this process; one run per process."
         raise RuntimeError(msg)
     device = detect()
+    if _CONN is not None:
+        state = _start_served(device)
+    else:
+        state = _start_local(device)
+    if device.type == "cuda":
+        # the compile cache lives under the kit's cache, so reruns of a candidate reuse it
+        # (under the runner it is the sandbox's per-candidate cache)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(config.cache_dir() / "compile"))
+    random.seed(state.seed)
+    np.random.seed(state.seed)
+    torch.manual_seed(state.seed)
+    _started = True
+    return Run(state)
+
+
+def _start_served(device: Device) -> _State:
+    _CONN.send("hello", {"device": device.type, "device_name": device.name, "torch": torch.__version__,
+                         "peak_flops": device.peak_flops, "pid": os.getpid()})
+    kind, cfg, _p = _CONN.recv()
+    if kind != "config":
+        msg = f"the runner answered {kind!r} instead of the run's settings"
+        raise RuntimeError(msg)
+    budget = Budget.parse(cfg["budget"])
+    state = _State(device, budget, int(cfg["seed"]), None, int(cfg["eval_tokens"]), int(cfg["warmup_steps"]),
+                   int(cfg["vocab_size"]), int(cfg["bos_id"]))
+    print(f"run: budget {budget} | seed {state.seed} | data {cfg.get('data')} (vocab {state.vocab_size}, "
+          f"{int(cfg.get('train_tokens', 0)) / 1e6:.2f}M train tokens, served by the runner) | "
+          f"eval {state.eval_tokens:,} val tokens, scored by the runner", flush=True)
+    return state
+
+
+def _start_local(device: Device) -> _State:
     budget = config.default_budget(device.type)
     seed = int(config.env("SEED") or config.DEFAULT_SEED)
     warmup = int(config.env("WARMUP_STEPS") or config.DEFAULT_WARMUP_STEPS)
@@ -606,25 +774,43 @@ def start() -> Run:
     except FileNotFoundError as e:
         msg = (f"No prepared data at {data_dir}: run `python prepare.py` first (or set AUTORESEARCH_DATA "
                f"to a prepared directory).")
-        script = sys._getframe(1).f_globals.get("__name__") == "__main__" and "IPython" not in sys.modules
-        if script and not _CHANNEL.connected:  # `python train.py` in a terminal: one line, not a traceback
+        script = sys._getframe(2).f_globals.get("__name__") == "__main__" and "IPython" not in sys.modules
+        if script:  # `python train.py` in a terminal: one line, not a traceback
             print(f"error: {msg}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         raise FileNotFoundError(msg) from e
-    if device.type == "cuda":
-        # the compile cache lives under the kit's cache, so reruns of a candidate reuse it
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(config.cache_dir() / "compile"))
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    _started = True
-    state = _State(device, budget, seed, data, eval_tokens, warmup)
-    _CHANNEL.send("start", {"device": device.type, "device_name": device.name, "torch": torch.__version__,
-                            "budget": str(budget), "seed": seed, "data_dir": str(data.path),
-                            "eval_tokens": eval_tokens, "pid": os.getpid()})
     print(f"run: budget {budget} | seed {seed} | data {data.path} (vocab {data.vocab_size}, "
           f"{len(data.train) / 1e6:.2f}M train tokens) | eval {eval_tokens:,} val tokens", flush=True)
-    return Run(state)
+    return _State(device, budget, seed, data, eval_tokens, warmup, data.vocab_size, data.bos_id)
+
+
+class _ServedLoader(TokenLoader):
+    """Training batches from the runner: the same windows TokenLoader would draw, served and counted there."""
+
+    def __init__(self, index: int, batch_size: int, seq_len: int, device, state: _State) -> None:
+        self._setup(batch_size, seq_len, device)
+        self.index, self._state = index, state
+        self.ready: bytearray | None = None  # a batch the runner sent with the last step's answer
+        state.last_loader = self
+
+    def _gather(self) -> np.ndarray:
+        s = self._state
+        s.last_loader = self
+        payload, self.ready = self.ready, None
+        if payload is None:
+            _CONN.send("batch", {"loader": self.index, "batch_size": self.batch_size, "seq_len": self.seq_len})
+            kind, h, payload = _CONN.recv()
+            if kind != "data":
+                msg = f"the runner served no training batch: {h.get('reason', 'the budget is spent')}"
+                raise RuntimeError(msg)
+            s.remote_tokens = int(h.get("tokens", s.remote_tokens))
+        return np.frombuffer(payload, dtype=np.uint16).reshape(self.batch_size, self.seq_len + 1)
+
+
+def _model_logits(model, ids, vocab_size):
+    from autoresearch_kit.metric import _logits
+
+    return _logits(model, ids, vocab_size)
 
 
 __all__ = ["EXIT_DIVERGED", "EXIT_INVALID", "Run", "start"]

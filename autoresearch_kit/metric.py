@@ -93,6 +93,50 @@ def eval_rows(val: np.ndarray, eval_tokens: int, seq_len: int, pad_id: int) -> t
     return x.reshape(rows, seq_len), y.reshape(rows, seq_len), mask.reshape(rows, seq_len)
 
 
+def score_logits(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, token_bytes: torch.Tensor) -> tuple[float, int]:
+    """Summed cross-entropy (nats, float32 per token, float64 sum) and bytes of the scored targets.
+
+    The one place a score is computed: `evaluate_bpb_detail` and the runner's evaluation
+    (serve.py, on logits the candidate sent) both call it. Targets whose token stands for
+    no bytes (BOS) or that are padding (mask False) count in neither sum.
+    """
+    dev = logits.device
+    logits = logits.float()
+    y = y.to(dev)
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+    w = token_bytes.to(dev)[y.reshape(-1)] * mask.to(dev).reshape(-1)  # bytes per target; 0 for BOS, padding
+    scored = w > 0
+    # float64 accumulation where the device has it (MPS does not)
+    acc = ce[scored].double() if dev.type != "mps" else ce[scored].cpu().double()
+    return float(acc.sum()), int(w.sum())
+
+
+def probe_mismatch(a: torch.Tensor, b: torch.Tensor, tol: float | None = None) -> dict:
+    """Compare the logits (t+1, V) of one row and its probe up to the cut.
+
+    A causal model gives the same logits at every position <= t whatever follows t. The
+    tolerance is relative to the largest logit: 1e-4 for float32 logits, 2e-2 for 16-bit
+    ones (as `causality_probe`).
+
+    Returns
+    -------
+    dict
+        causal (bool), max_diff (float), position (int or None: first position that moved).
+    """
+    low = a.dtype in (torch.bfloat16, torch.float16) or b.dtype in (torch.bfloat16, torch.float16)
+    rel = tol if tol is not None else (2e-2 if low else 1e-4)
+    a, b = a.float(), b.float()
+    scale = max(1.0, float(a.abs().max()) if a.numel() else 1.0)
+    diff = (a - b).abs().amax(dim=-1)
+    if not bool(torch.isfinite(diff).all()):
+        pos = int(torch.nonzero(~torch.isfinite(diff))[0, 0])
+        return {"causal": False, "max_diff": float("inf"), "position": pos}
+    d = float(diff.max()) if diff.numel() else 0.0
+    if d > rel * scale:
+        return {"causal": False, "max_diff": d, "position": int(torch.nonzero(diff > rel * scale)[0, 0])}
+    return {"causal": True, "max_diff": d, "position": None}
+
+
 def evaluate_bpb_detail(model: torch.nn.Module, data: "PreparedData | str | os.PathLike | None" = None, *,
                         seq_len: int, batch_size: int | None = None, eval_tokens: int | None = None,
                         device: "torch.device | str | None" = None,
@@ -160,14 +204,9 @@ def evaluate_bpb_detail(model: torch.nn.Module, data: "PreparedData | str | os.P
                 m = torch.from_numpy(m_all[i : i + batch_size]).to(dev)
                 with amp:
                     logits = _logits(model, x, data.vocab_size)
-                logits = logits.float()
-                ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-                w = tb[y.reshape(-1)] * m.reshape(-1)  # bytes per target; 0 for BOS and padding
-                scored = w > 0
-                # float64 accumulation where the device has it (MPS does not)
-                acc = ce[scored].double() if dev.type != "mps" else ce[scored].cpu().double()
-                nats += float(acc.sum())
-                nbytes += int(w.sum())
+                a_nats, a_bytes = score_logits(logits, y, m, tb)
+                nats += a_nats
+                nbytes += a_bytes
     finally:
         model.train(was_training)
     if nbytes == 0:

@@ -9,23 +9,28 @@ The runner, not train.py, owns the clock, the kill switch, the metric and the lo
 What happens, in order:
 
 1. The candidate is parsed (a SyntaxError is a `crash` without running) and checked by
-   `integrity.check_source` (problems give `invalid` without running).
+   `integrity.check_source` (problems give `invalid` without running). The prepared
+   data is checked against its manifest's hashes.
 2. It is written to `workdir/train.py` and started as `python train.py` in a session
-   (process group) of its own, with the budget, seed, device, data and the pinned
-   number of validation tokens in its environment, plus a trusted channel
-   (`channel.py`): a pipe and an HMAC key that only the harness holds. On Linux the
-   child is killed when the runner's process dies (PR_SET_PDEATHSIG), so a killed
-   kernel or CLI leaves no training behind.
-3. Two threads read: stdout+stderr go to the log file (capped: head and tail kept)
-   and an in-memory tail; signed channel messages go to `on_event` (live curves) and
-   the result. The caller's thread only waits, so a notebook kernel stays responsive.
+   (process group) of its own, inside the sandbox (sandbox.py: bubblewrap, where it
+   works; then its cwd is `workdir/files/`, the only place it can write), with one end
+   of a socket (wire.py) as its only link to the runner. On Linux the child is killed
+   when the runner's process dies (PR_SET_PDEATHSIG), so a killed kernel or CLI leaves
+   no training behind.
+3. Two threads work: one drains stdout+stderr into the log file (capped: head and tail
+   kept) and an in-memory tail; the other is the run's server (serve.py), which answers
+   the child: it serves and counts the training batches, keeps the clock, forwards step
+   events to `on_event` (live curves), and at `run.finish` scores the model on logits
+   the child computes for validation rows it sends. The caller's thread only waits, so
+   a notebook kernel stays responsive.
 4. At the hard limit, on `stop`, or on Ctrl-C the whole group is killed (SIGTERM,
    then SIGKILL); after every run stray descendants are hunted down too (same
    process group, same AUTORESEARCH_RUN_ID in /proc/<pid>/environ, or holding one of
-   our pipes).
-5. The run is classified. `ok` needs a verified `result` message with status ok, a
-   finite val_bpb, and the budget/eval tokens/seed the runner set; everything else is
-   `crash`, `timeout`, `diverged`, `invalid` or `aborted` with a readable reason.
+   our pipes or the socket); in the sandbox its PID namespace ends with it.
+5. The run is classified. `ok` needs a score made by the server with no rule broken
+   (no batch or logged step after the budget, `finish` within the grace, a causal
+   model); everything else is `crash`, `timeout`, `diverged`, `invalid` or `aborted`
+   with a readable reason.
 
 POSIX only (process groups, /proc on Linux). No signal handlers are installed in the
 caller: it works from a Jupyter kernel as from a terminal. Run its tests with
@@ -35,7 +40,6 @@ caller: it works from a Jupyter kernel as from a terminal. Run its tests with
 from __future__ import annotations
 
 import collections
-import queue
 import logging
 import math
 import os
@@ -53,7 +57,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autoresearch_kit import config, forkserver, integrity
-from autoresearch_kit.channel import ParentChannel
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ except (ImportError, OSError, AttributeError):
     pass  # no prctl: the runner's hard limit and stray hunt still apply
 if os.getppid() != int(sys.argv[1]):
     os._exit(1)  # the runner is gone already
-os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+os.execv(sys.argv[2], sys.argv[2:])  # python train.py, or bwrap ... -- python train.py
 """
 
 _OOM_PATTERNS = ("MemoryError", "out of memory", "OutOfMemoryError", "can't allocate memory",
@@ -201,25 +204,18 @@ def _hard_limit(budget: config.Budget, hard_limit: float | None, device_type: st
     return float(config.env("HARD_LIMIT") or DEFAULT_HARD_LIMIT_SECONDS)
 
 
-def _check_data(data_dir: Path) -> None:
-    from autoresearch_kit.data.shards import MANIFEST
+def _open_data(data_dir: Path):
+    """The prepared data, checked against its manifest's hashes (raises if it changed)."""
+    from autoresearch_kit.data.shards import MANIFEST, PreparedData
 
     if not (data_dir / MANIFEST).is_file():
         msg = (f"No prepared data in {data_dir} (no {MANIFEST}). Run `python prepare.py` "
                "(or `autoresearch prepare`) first, or pass data_dir= / set AUTORESEARCH_DATA "
                "to a prepared directory.")
         raise FileNotFoundError(msg)
-
-
-def _val_tokens(data_dir: Path) -> int | None:
-    import json
-
-    from autoresearch_kit.data.shards import MANIFEST
-
-    try:
-        return int(json.loads((data_dir / MANIFEST).read_text())["splits"]["val"]["tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    data = PreparedData.open(data_dir)
+    data.check()
+    return data
 
 
 def _prepare_workdir(workdir: str | os.PathLike | None, source: str) -> Path:
@@ -328,74 +324,6 @@ def _pump(fd: int, on_chunk: Callable[[bytes], None] | None, done: threading.Eve
         log.debug("reader stopped: %s", e)
 
 
-class _Messages:
-    """Verified channel messages, split by kind. Fed by the channel thread."""
-
-    def __init__(self, channel: ParentChannel, on_event: Callable[[dict], Any] | None, t0: float) -> None:
-        self.channel, self.on_event, self.t0 = channel, on_event, t0
-        self.start: dict | None = None
-        self.status: dict | None = None
-        self.result: dict | None = None
-        self.curve: list[dict] = []
-        self.times: dict[str, float] = {}
-        self.callback_error: str | None = None
-        self.extra_results = 0
-        self.closed = False
-        self.lock = threading.Lock()
-        # on_event runs on a thread of its own: a slow live plot must not stop the
-        # channel being read (a full pipe would block the child's training loop).
-        self.events: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
-        self.dispatcher = threading.Thread(target=self._dispatch, name="autoresearch-events", daemon=True)
-        if on_event is not None:
-            self.dispatcher.start()
-
-    def feed(self, chunk: bytes) -> None:
-        for msg in self.channel.feed(chunk):
-            self._handle(msg)
-
-    def _handle(self, msg: dict) -> None:
-        kind, data = msg.get("kind"), msg.get("data")
-        if not isinstance(data, dict):
-            return
-        now = time.monotonic() - self.t0
-        with self.lock:
-            if kind == "start" and self.start is None:
-                self.start, self.times["start"] = data, now
-            elif kind == "step":
-                self.times.setdefault("first_step", now)
-                self.times["last_step"] = now
-                self.curve.append(data)
-            elif kind == "status":
-                self.status, self.times["status"] = data, now
-            elif kind == "result":
-                if self.result is None:
-                    self.result, self.times["result"] = data, now
-                else:  # the harness sends one; a second means someone else holds the channel
-                    self.extra_results += 1
-        if kind == "step" and self.on_event is not None:
-            self.events.put(dict(data))
-
-    def _dispatch(self) -> None:
-        while True:
-            event = self.events.get()
-            if event is None or self.closed:
-                return
-            try:
-                self.on_event(event)
-            except Exception as e:  # the caller's live plot must never end the run
-                if self.callback_error is None:
-                    self.callback_error = f"{type(e).__name__}: {e}"
-                    log.warning("on_event raised %s (further errors ignored); the run goes on.",
-                                self.callback_error)
-
-    def close(self, timeout: float) -> None:
-        """Deliver the queued events (up to `timeout` seconds), then stop the dispatcher."""
-        if self.dispatcher.is_alive():
-            self.events.put(None)
-            self.dispatcher.join(timeout=timeout)
-            self.closed = True  # a callback still busy: drop the rest, no calls after we return
-
-
 # --------------------------------------------------------------------------- processes
 
 
@@ -433,7 +361,7 @@ def _strays(run_id: str, pgid: int, pipe_inodes: set[int]) -> list[int]:
     if not os.path.isdir("/proc"):
         return []
     marker = f"AUTORESEARCH_RUN_ID={run_id}".encode()
-    pipes = {f"pipe:[{ino}]" for ino in pipe_inodes}
+    pipes = {f"pipe:[{ino}]" for ino in pipe_inodes} | {f"socket:[{ino}]" for ino in pipe_inodes}
     me, found = os.getpid(), []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
@@ -545,99 +473,68 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _tampering(start: dict | None, result: dict, expected: dict) -> list[str]:
-    """Differences between what the runner set and what the trusted messages report."""
-    problems = []
-    if start is None:
-        problems.append("the harness never sent its start message")
-        return problems
-    checks = (("budget", start.get("budget"), expected["budget"]),
-              ("eval_tokens", start.get("eval_tokens"), expected["eval_tokens"]),
-              ("scored eval_tokens", result.get("eval_tokens"), expected["scored_tokens"]),
-              ("seed", start.get("seed"), expected["seed"]))
-    for name, got, want in checks:
-        if got is None:
-            continue  # the harness did not report it: nothing to compare
-        if name == "budget":
-            try:
-                same = config.Budget.parse(got) == config.Budget.parse(want)
-            except ValueError:
-                same = False
-        else:
-            try:
-                same = int(got) == int(want)
-            except (TypeError, ValueError):
-                same = False
-        if not same:
-            problems.append(f"{name} was {got!r}, but the runner set {want!r}")
-    return problems
-
-
-def _fill_from_result(res: RunResult, data: dict) -> None:
-    for name in ("steps", "tokens", "params", "eval_tokens"):
-        if _finite(data.get(name)):
-            setattr(res, name, int(data[name]))
-    for name in ("flops", "training_seconds", "total_seconds", "eval_seconds"):
-        if _finite(data.get(name)):
-            setattr(res, name, float(data[name]))
-    for name in ("peak_memory_gb", "mfu"):
-        if _finite(data.get(name)):
-            setattr(res, name, float(data[name]))
-
-
-def _device_text(start: dict | None, result: dict | None, device_type: str) -> str:
-    for data in (result, start):
-        if data and data.get("device"):
-            name = data.get("device_name")
-            return f"{data['device']}: {name}" if name and name not in str(data["device"]) else str(data["device"])
+def _device_text(hello: dict | None, device_type: str) -> str:
+    if hello and hello.get("device"):
+        name = hello.get("device_name")
+        return f"{hello['device']}: {name}" if name and name not in str(hello["device"]) else str(hello["device"])
     return device_type
 
 
+def _fill_from_outcome(res: RunResult, out: dict) -> None:
+    """The runner's own counts; what train.py reported goes in as reported."""
+    res.steps, res.tokens = int(out["steps"]), int(out["tokens"])
+    res.training_seconds = float(out["training_seconds"])
+    res.flops = float(out["flops"] or 0.0)
+    for name in ("params",):
+        if _finite(out.get(name)):
+            setattr(res, name, int(out[name]))
+    for name in ("peak_memory_gb", "mfu"):
+        if _finite(out.get(name)):
+            setattr(res, name, float(out[name]))
+    r = out.get("result")
+    if r:
+        res.eval_tokens = int(r["eval_tokens"])
+        res.eval_seconds = float(r["eval_seconds"])
+        res.extra["eval"] = {k: r[k] for k in ("nats", "bytes", "seq_len", "probes", "probe_max_diff") if k in r}
+    res.extra["epochs"] = round(float(out.get("epochs") or 0.0), 4)
+    res.extra["warmup_tokens"] = int(out.get("warmup_tokens") or 0)
+    if out.get("flops_per_token") is not None:
+        res.extra["flops_per_token"] = out["flops_per_token"]
+        res.extra["flops_source"] = "reported by train.py (run.watch), not verified"
+
+
 def _classify(res: RunResult, *, returncode: int | None, timed_out: bool, aborted: str | None,
-              msgs: _Messages, sink: _LogSink, expected: dict, limit: float) -> None:
+              out: dict, sink: _LogSink, limit: float) -> None:
     """Set status and reason on `res` from everything observed. Never raises."""
     lines = list(sink.lines)
-    result, status_msg = msgs.result, msgs.status
-    if result is not None:
-        _fill_from_result(res, result)
-    if msgs.curve and not res.steps:
-        last = msgs.curve[-1]
-        res.steps = int(last["step"]) + 1 if _finite(last.get("step")) else len(msgs.curve)
-        if _finite(last.get("tokens")):
-            res.tokens = int(last["tokens"])
-
+    _fill_from_outcome(res, out)
     if aborted is not None:
         res.status, res.reason = "aborted", aborted
         return
-    if result is not None and result.get("status") == "ok":
-        problems = _tampering(msgs.start, result, expected)
-        if msgs.extra_results:
-            problems.append(f"{1 + msgs.extra_results} results were sent on the channel (the harness sends one)")
+    result, invalid, child = out.get("result"), out.get("invalid"), out.get("child_status")
+    if result is not None and not invalid and not out["violations"]:
         bpb = result.get("val_bpb")
-        if problems:
-            res.status = "invalid"
-            res.reason = "train.py changed what the runner fixed: " + "; ".join(problems)
-        elif not _finite(bpb) or bpb <= 0:
-            res.status, res.reason = "invalid", f"the harness reported a non-finite val_bpb ({bpb!r})"
+        if not _finite(bpb) or bpb <= 0:
+            res.status, res.reason = "invalid", f"the model's logits gave a non-finite val_bpb ({bpb!r})"
         else:
             res.status, res.val_bpb = "ok", float(bpb)
             if timed_out:
                 res.extra["killed_after_result"] = True
         return
+    if invalid or out["violations"]:
+        res.status = "invalid"
+        res.reason = invalid or "; ".join(out["violations"])
+        return
     if timed_out:
         res.status = "timeout"
-        where = f"after step {msgs.curve[-1].get('step')}" if msgs.curve else "before the first step"
-        res.reason = f"killed at the hard limit of {limit:.0f} s ({where}); budget {expected['budget']}"
+        where = f"after step {out['curve'][-1].get('step')}" if out["curve"] else "before the first step"
+        res.reason = f"killed at the hard limit of {limit:.0f} s ({where}); budget {res.budget}"
         return
-    if status_msg is not None and status_msg.get("status") == "diverged":
-        res.status, res.reason = "diverged", str(status_msg.get("reason") or "loss became NaN/inf")
+    if child is not None and child.get("status") == "diverged":
+        res.status, res.reason = "diverged", str(child.get("reason") or "loss became NaN/inf")
         return
-    if status_msg is not None and status_msg.get("status") == "invalid":
-        res.status, res.reason = "invalid", str(status_msg.get("reason") or "the harness rejected the run")
-        return
-    if result is not None:  # a trusted result with status invalid (e.g. non-causal model)
-        res.status = "invalid"
-        res.reason = str(result.get("reason") or f"the harness reported status {result.get('status')!r}")
+    if child is not None and child.get("status") == "invalid":
+        res.status, res.reason = "invalid", str(child.get("reason") or "the harness rejected the run")
         return
     if returncode == DIVERGED_EXIT_CODE and any("diverge" in ln.lower() or "nan" in ln.lower() for ln in lines[-20:]):
         res.status, res.reason = "diverged", _exception_line(lines) or "exit code 3 (diverged)"
@@ -659,16 +556,18 @@ def _classify(res: RunResult, *, returncode: int | None, timed_out: bool, aborte
         if any(p in ln for ln in lines[-FAILURE_TAIL_LINES:] for p in _OOM_PATTERNS):
             res.reason = f"out of memory: {res.reason}"
         return
-    # Exit 0 without a trusted result: the candidate did not let the harness finish.
+    # Exit 0 without a score: the candidate did not let the runner evaluate it.
     res.status = "invalid"
     hints = []
     if any(re.match(r"^\s*val_bpb\s*[:=]", ln) for ln in lines):
         hints.append("its printed 'val_bpb' summary is not trusted")
-    if not msgs.start:
+    if not out["started"]:
         hints.append("it never called harness.start()")
-    elif not msgs.curve:
+    elif not out["curve"]:
         hints.append("it never logged a training step")
-    res.reason = ("exited (code 0) without a trusted result from run.finish(model)"
+    elif not out["finished"]:
+        hints.append("it never called run.finish(model)")
+    res.reason = ("exited (code 0) without being scored by the runner at run.finish(model)"
                   + (": " + "; ".join(hints) if hints else ""))
 
 
@@ -722,7 +621,7 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
                  seed: int | None = None, device: str | None = None,
                  on_event: Callable[[dict], Any] | None = None, log_path: str | os.PathLike | None = None,
                  hard_limit: float | None = None, stop: threading.Event | None = None,
-                 env: dict[str, str] | None = None) -> RunResult:
+                 env: dict[str, str] | None = None, sandbox: str | None = None) -> RunResult:
     """Train a candidate train.py under a fixed budget in a supervised subprocess.
 
     Parameters
@@ -754,9 +653,13 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
     stop
         A threading.Event; setting it kills the run, which ends as `aborted`.
     env
-        Extra environment variables for the child. AUTORESEARCH_EVAL_TOKENS given here
-        pins the evaluation tokens; the channel, run id, budget, seed, device and data
-        are always the runner's.
+        Extra environment variables for the child. AUTORESEARCH_EVAL_TOKENS and
+        AUTORESEARCH_WARMUP_STEPS given here set those for the runner's side; the socket,
+        run id and device are always the runner's.
+    sandbox
+        "auto" (default: AUTORESEARCH_SANDBOX, else bubblewrap where it works), "require"
+        (raise RuntimeError where no sandbox works) or "off". The isolation a run got is
+        in ``extra["isolation"]``.
 
     Returns
     -------
@@ -770,19 +673,28 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
     ------
     FileNotFoundError
         No prepared data (run `python prepare.py`).
+    ValueError
+        The prepared data no longer matches its manifest's hashes.
     PermissionError
         The workdir cannot be written.
+    RuntimeError
+        A sandbox is required and none works here.
     """
     source = _candidate_source(candidate)
     budget = config.Budget.parse(budget) if budget is not None else None
     device_type = device or _detect_device_type()
     if budget is None:
         budget = config.default_budget(device_type)
-    data = Path(data_dir).expanduser() if data_dir is not None else config.data_dir()
-    _check_data(data)
+    data_path = Path(data_dir).expanduser() if data_dir is not None else config.data_dir()
+    data = _open_data(data_path)
+    from autoresearch_kit import sandbox as _sandbox
+
+    iso = _sandbox.isolation(sandbox)
     seed = int(seed) if seed is not None else int(config.env("SEED") or config.DEFAULT_SEED)
     extra_env = {str(k): str(v) for k, v in (env or {}).items()}
     eval_tokens = int(extra_env.get(config.ENV_PREFIX + "EVAL_TOKENS") or config.default_eval_tokens(device_type))
+    warmup = int(extra_env.get(config.ENV_PREFIX + "WARMUP_STEPS") or config.env("WARMUP_STEPS")
+                 or config.DEFAULT_WARMUP_STEPS)
     limit = _hard_limit(budget, hard_limit, device_type)
     wd = _prepare_workdir(workdir, source)
     logfile = Path(log_path).expanduser() if log_path is not None else wd / "run.log"
@@ -793,7 +705,7 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
         raise PermissionError(msg) from e
 
     res = RunResult(status="crash", budget=str(budget), seed=seed, device=device_type, log_path=str(logfile))
-    res.extra.update(workdir=str(wd), hard_limit=limit)
+    res.extra.update(workdir=str(wd), hard_limit=limit, isolation=iso.describe(), data=str(data.path))
 
     try:
         compile(source, "train.py", "exec")
@@ -810,7 +722,7 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
         logfile.write_text("Not run: the integrity check found problems.\n" + "\n".join(problems) + "\n")
         return res
     return _supervise(res, wd=wd, logfile=logfile, budget=budget, data=data, seed=seed,
-                      device_type=device_type,
+                      device_type=device_type, warmup=warmup, iso=iso, source=source,
                       eval_tokens=eval_tokens, limit=limit, extra_env=extra_env, on_event=on_event, stop=stop)
 
 
@@ -824,7 +736,7 @@ def _child_env(extra_env: dict[str, str], runner_env: dict[str, str]) -> dict[st
     child.update(extra_env)
     child.update(runner_env)
     # The child imports the same autoresearch_kit as this process (a dev checkout or
-    # the installed one), so both sides speak the same channel protocol.
+    # the installed one), so both sides speak the same protocol.
     kit_root = str(Path(__file__).resolve().parent.parent)
     child["PYTHONPATH"] = os.pathsep.join([kit_root] + [p for p in child.get("PYTHONPATH", "").split(os.pathsep) if p])
     return child
@@ -857,22 +769,25 @@ def _unstoppable(*steps: Callable[[bool], Any]) -> bool:
     return interrupted
 
 
-def _child_command() -> list[str]:
-    """`python train.py`, behind the parent-death bootstrap on Linux."""
+def _child_command(inner: list[str] | None = None) -> list[str]:
+    """`python train.py` (or `inner`, the sandboxed form), behind the parent-death bootstrap on Linux."""
+    inner = inner or [sys.executable, "train.py"]
     if sys.platform.startswith("linux"):
-        return [sys.executable, "-I", "-S", "-c", _PDEATHSIG_BOOT, str(os.getpid()), "train.py"]
-    return [sys.executable, "train.py"]
+        return [sys.executable, "-I", "-S", "-c", _PDEATHSIG_BOOT, str(os.getpid())] + inner
+    return inner
 
 
-def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget, data: Path, seed: int,
-               device_type: str, eval_tokens: int, limit: float,
+def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget, data, seed: int,
+               device_type: str, warmup: int, iso, source: str, eval_tokens: int, limit: float,
                extra_env: dict[str, str], on_event, stop: threading.Event | None) -> RunResult:
+    import socket
+
+    from autoresearch_kit import sandbox as _sandbox
+    from autoresearch_kit.serve import RunServer
+    from autoresearch_kit.wire import FD_VAR, Conn
+
     run_id = uuid.uuid4().hex
-    # The metric scores min(eval_tokens, val tokens - 1): a small val split is scored whole.
-    val_tokens = _val_tokens(data)
-    scored = min(eval_tokens, val_tokens - 1) if val_tokens else eval_tokens
-    expected = {"budget": str(budget), "eval_tokens": eval_tokens, "seed": seed, "scored_tokens": scored}
-    res.eval_tokens = eval_tokens
+    res.eval_tokens = min(eval_tokens, max(len(data.val) - 1, 0))
     res.extra["run_id"] = run_id
 
     try:
@@ -880,37 +795,46 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
     except OSError as e:
         msg = f"Cannot write the log {logfile} ({e}); pass log_path= a writable file."
         raise PermissionError(msg) from e
-    channel = ParentChannel()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds: list[int] = []  # ours to close, whatever happens
     try:
+        theirs.set_inheritable(True)
         runner_env = {
-            "AUTORESEARCH_BUDGET": str(budget),
-            "AUTORESEARCH_SEED": str(seed),
-            "AUTORESEARCH_DATA": str(data),
-            "AUTORESEARCH_EVAL_TOKENS": str(eval_tokens),
-            "AUTORESEARCH_DEVICE": device_type,  # pinned, so the eval tokens match the device
+            "AUTORESEARCH_DEVICE": device_type,  # pinned: the runner sized the evaluation for it
             "AUTORESEARCH_RUN_ID": run_id,
             **_FIXED_CHILD_ENV,
-            **channel.open(),
+            FD_VAR: str(theirs.fileno()),
         }
-        fds.append(channel.read_fd)
         out_r, out_w = os.pipe()
         fds.append(out_r)
-        pipe_inodes = {os.fstat(out_r).st_ino, os.fstat(channel.read_fd).st_ino}
+        pipe_inodes = {os.fstat(out_r).st_ino, os.fstat(ours.fileno()).st_ino, os.fstat(theirs.fileno()).st_ino}
         t0 = time.monotonic()
         try:
             child_env = _child_env(extra_env, runner_env)
-            # A child forked from the pre-imported fork server (forkserver.py), else a fresh process.
-            proc = forkserver.spawn(wd, child_env, out_w, channel.write_fd, device_type) or subprocess.Popen(
-                _child_command(), cwd=str(wd), env=child_env, stdin=subprocess.DEVNULL, stdout=out_w,
-                stderr=out_w, start_new_session=True, pass_fds=(channel.write_fd,))
+            proc = None
+            if iso.isolated:
+                files = wd / "files"  # the candidate's cwd, its only writable directory
+                files.mkdir(parents=True, exist_ok=True)
+                (files / "train.py").write_text(source)
+                cache = _sandbox.compile_cache(source) if device_type.split(":")[0] == "cuda" else None
+                inner, child_env = _sandbox.wrap([sys.executable, "train.py"], child_env, iso, files=files,
+                                                 cache=cache, device_type=device_type,
+                                                 hide=[data.path, config.cache_dir(), wd.parent])
+                proc = subprocess.Popen(
+                    _child_command(inner), cwd=str(files), env=child_env, stdin=subprocess.DEVNULL, stdout=out_w,
+                    stderr=out_w, start_new_session=True, pass_fds=(theirs.fileno(),))
+            else:
+                # A child forked from the pre-imported fork server (forkserver.py), else a fresh process.
+                proc = forkserver.spawn(wd, child_env, out_w, theirs.fileno(), device_type) or subprocess.Popen(
+                    _child_command(), cwd=str(wd), env=child_env, stdin=subprocess.DEVNULL, stdout=out_w,
+                    stderr=out_w, start_new_session=True, pass_fds=(theirs.fileno(),))
             res.extra["forkserver"] = isinstance(proc, forkserver.ForkedChild)
         finally:  # the child holds its own copies now (or never started)
             os.close(out_w)
-            channel.close_child_end()
+            theirs.close()
     except BaseException as e:
         _close_fds(fds)
-        channel.read_fd = -1
+        ours.close()
         sink.close()
         if isinstance(e, OSError):
             msg = f"Cannot start {sys.executable} train.py in {wd}: {e}"
@@ -925,15 +849,15 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
     pgid = proc.pid  # start_new_session: the child leads its own session and group
 
     timed_out, aborted = False, None
-    msgs: _Messages | None = None
+    server: RunServer | None = None
     done = threading.Event()
     readers: list[threading.Thread] = []
     try:
-        msgs = _Messages(channel, on_event, t0)
+        server = RunServer(Conn(ours), data, budget=budget, seed=seed, device_type=device_type,
+                           eval_tokens=eval_tokens, warmup_steps=warmup, on_event=on_event, t0=t0)
         readers += [threading.Thread(target=_pump, args=(out_r, sink.feed, done), name="autoresearch-log",
                                      daemon=True),
-                    threading.Thread(target=_pump, args=(channel.read_fd, msgs.feed, done),
-                                     name="autoresearch-channel", daemon=True)]
+                    threading.Thread(target=server.serve, name="autoresearch-serve", daemon=True)]
         for t in readers:
             t.start()
         deadline = t0 + limit
@@ -968,35 +892,36 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
 
         def stop_readers(hurry: bool) -> None:
             done.set()
+            try:
+                ours.shutdown(socket.SHUT_RDWR)  # the server's recv returns: the child is gone
+            except OSError:
+                pass
             for t in readers:
                 if t.is_alive():  # (one not started yet when Ctrl-C came cannot be joined)
                     t.join(timeout=5.0)
-            if msgs is not None:
-                msgs.close(timeout=0 if hurry else EVENT_DRAIN_SECONDS)
+            if server is not None:
+                server.close_events(timeout=0 if hurry else EVENT_DRAIN_SECONDS)
 
         if _unstoppable(end_child, lambda hurry: killed.extend(_cleanup(pgid, run_id, pipe_inodes)), stop_readers,
-                        lambda hurry: _close_fds(fds), lambda hurry: sink.close()):
+                        lambda hurry: _close_fds(fds), lambda hurry: ours.close(), lambda hurry: sink.close()):
             aborted = aborted or "interrupted (KeyboardInterrupt)"
-        channel.read_fd = -1
-    if msgs is None:  # Ctrl-C before the readers existed: nothing was received
-        msgs = _Messages(channel, None, t0)
-
+    if server is None:  # Ctrl-C before the server existed: nothing was received
+        server = RunServer(Conn(ours), data, budget=budget, seed=seed, device_type=device_type,
+                           eval_tokens=eval_tokens, warmup_steps=warmup, t0=t0)
+    out = server.outcome()
+    returncode = _sandbox.returncode(proc.returncode, iso)
     if killed:
         res.extra["killed_strays"] = sorted(set(killed))  # (a hunt cut short by Ctrl-C ran twice)
-    res.extra.update(exit_code=proc.returncode, channel_rejected=channel.rejected,
-                     output_bytes=sink.total, log_dropped_bytes=sink.dropped,
-                     timings={k: round(v, 3) for k, v in msgs.times.items()})
-    if msgs.callback_error:
-        res.extra["on_event_error"] = msgs.callback_error
-    if msgs.start is not None:
-        res.extra["start"] = msgs.start
-    res.curve = list(msgs.curve)
-    res.device = _device_text(msgs.start, msgs.result, device_type)
-    res.torch_version = str((msgs.result or {}).get("torch") or (msgs.start or {}).get("torch") or "")
-    _classify(res, returncode=proc.returncode, timed_out=timed_out, aborted=aborted, msgs=msgs, sink=sink,
-              expected=expected, limit=limit)
-    if channel.rejected and res.status != "ok":
-        res.reason += f" ({channel.rejected} forged or corrupt channel line(s) rejected)"
+    res.extra.update(exit_code=returncode, output_bytes=sink.total, log_dropped_bytes=sink.dropped,
+                     timings={k: round(v, 3) for k, v in out["times"].items()})
+    if out["callback_error"]:
+        res.extra["on_event_error"] = out["callback_error"]
+    if out["hello"] is not None:
+        res.extra["start"] = out["hello"]
+    res.curve = out["curve"]
+    res.device = _device_text(out["hello"], device_type)
+    res.torch_version = str((out["hello"] or {}).get("torch") or "")
+    _classify(res, returncode=returncode, timed_out=timed_out, aborted=aborted, out=out, sink=sink, limit=limit)
     if res.status != "ok":
         res.log_tail = sink.tail(FAILURE_TAIL_LINES)
     return res

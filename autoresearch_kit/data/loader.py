@@ -51,10 +51,7 @@ class TokenLoader:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int,
                  device: str | torch.device = "cpu", seed: int = 0) -> None:
-        batch_size, seq_len = int(batch_size), int(seq_len)
-        if batch_size < 1 or seq_len < 1:
-            msg = f"batch_size and seq_len must be positive, got batch_size={batch_size}, seq_len={seq_len}."
-            raise ValueError(msg)
+        self._setup(batch_size, seq_len, device)
         if tokens.ndim != 1:
             msg = f"TokenLoader needs a 1-D token stream, got shape {tokens.shape}."
             raise ValueError(msg)
@@ -63,13 +60,20 @@ class TokenLoader:
                    f"{len(tokens)}: use a smaller seq_len or prepare more data (`python prepare.py`).")
             raise ValueError(msg)
         self.tokens = tokens
+        self._rng = np.random.default_rng(seed)
+        self._window = np.arange(self.seq_len + 1, dtype=np.int64)
+        self._max_offset = len(tokens) - (self.seq_len + 1)  # inclusive
+
+    def _setup(self, batch_size: int, seq_len: int, device) -> None:
+        """Sizes, counters and the pinned staging ring (also for the runner-served loader)."""
+        batch_size, seq_len = int(batch_size), int(seq_len)
+        if batch_size < 1 or seq_len < 1:
+            msg = f"batch_size and seq_len must be positive, got batch_size={batch_size}, seq_len={seq_len}."
+            raise ValueError(msg)
         self.batch_size, self.seq_len = batch_size, seq_len
         self.device = torch.device(device)
         self.tokens_yielded = 0
         self.batches = 0
-        self._rng = np.random.default_rng(seed)
-        self._window = np.arange(seq_len + 1, dtype=np.int64)
-        self._max_offset = len(tokens) - (seq_len + 1)  # inclusive
         self._pinned: list[torch.Tensor] = []
         self._events: list[torch.cuda.Event | None] = []
         if self.device.type == "cuda":

@@ -3,7 +3,8 @@
 A prepared data directory (made by `python prepare.py` / `autoresearch prepare`) holds:
 
     manifest.json      source, sizes, sha256 of each shard, tokenizer, split rule
-    tokenizer.pkl      a pickled tiktoken.Encoding (BPE trained locally, or raw bytes)
+    tokenizer.json     the tiktoken.Encoding as data (split pattern, merge ranks, specials):
+                       loading it runs no code, unlike a pickle
     token_bytes.npy    int32[vocab_size]: UTF-8 bytes of each token id (specials: 0)
     train.bin          uint16 token stream, every document starts with BOS
     val.bin            uint16 token stream of the pinned validation documents
@@ -14,10 +15,10 @@ training child reads this through the harness.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokenizer.json (was a pickle), hashes of every file
 BOS = "<|bos|>"
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+TOKEN_BYTES = "token_bytes.npy"
 
 
 def _sha256_file(path: Path) -> str:
@@ -66,6 +69,29 @@ def bytes_encoding():
     )
 
 
+def encoding_to_json(encoding) -> bytes:
+    """A tiktoken.Encoding as JSON bytes: name, split pattern, merge ranks, special tokens."""
+    ranks = encoding._mergeable_ranks  # tiktoken keeps the ranks it was built from
+    return json.dumps({
+        "name": encoding.name, "pat_str": encoding._pat_str,
+        "mergeable_ranks": [[base64.b64encode(tok).decode("ascii"), int(rank)]
+                            for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])],
+        "special_tokens": {k: int(v) for k, v in encoding._special_tokens.items()},
+    }, separators=(",", ":")).encode()
+
+
+def encoding_from_json(raw: bytes):
+    """The tiktoken.Encoding that `encoding_to_json` wrote. Plain data: no code runs."""
+    import tiktoken
+
+    spec = json.loads(raw)
+    return tiktoken.Encoding(
+        name=str(spec["name"]), pat_str=str(spec["pat_str"]),
+        mergeable_ranks={base64.b64decode(tok): int(rank) for tok, rank in spec["mergeable_ranks"]},
+        special_tokens={str(k): int(v) for k, v in spec["special_tokens"].items()},
+    )
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -92,12 +118,12 @@ def write_prepared(directory: str | os.PathLike, *, encoding, train: np.ndarray,
         arr = np.asarray(arr, dtype=np.uint16)
         _atomic_write_bytes(d / f"{name}.bin", arr.tobytes())
         splits[name] = {"tokens": int(arr.size), "file": f"{name}.bin", "sha256": _sha256_file(d / f"{name}.bin")}
-    _atomic_write_bytes(d / "tokenizer.pkl", pickle.dumps(encoding))
+    _atomic_write_bytes(d / TOKENIZER, encoding_to_json(encoding))
     tb = token_byte_lengths(encoding)
     tmp = d / "token_bytes.npy.tmp"
     with open(tmp, "wb") as f:
         np.save(f, tb)
-    os.replace(tmp, d / "token_bytes.npy")
+    os.replace(tmp, d / TOKEN_BYTES)
     bos_id = encoding.encode_single_token(BOS)
     for name in ("train", "val"):
         arr = np.asarray(train if name == "train" else val)
@@ -108,8 +134,9 @@ def write_prepared(directory: str | os.PathLike, *, encoding, train: np.ndarray,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": source,
         "tokenizer": {"name": encoding.name, "vocab_size": encoding.n_vocab, "bos_id": int(bos_id),
-                      "sha256": _sha256_file(d / "tokenizer.pkl"), **(tokenizer_info or {})},
+                      "sha256": _sha256_file(d / TOKENIZER), **(tokenizer_info or {})},
         "splits": splits,
+        "files": {name: _sha256_file(d / name) for name in (TOKENIZER, TOKEN_BYTES, "train.bin", "val.bin")},
         **(extra or {}),
     }
     _atomic_write_bytes(d / MANIFEST, json.dumps(manifest, indent=2).encode())
@@ -159,15 +186,48 @@ class PreparedData:
 
     @cached_property
     def tokenizer(self):
-        """The tiktoken.Encoding (unpickled on first use)."""
-        with open(self.path / "tokenizer.pkl", "rb") as f:
-            return pickle.load(f)
+        """The tiktoken.Encoding, read from tokenizer.json (data, never code)."""
+        return encoding_from_json(self.tokenizer_bytes())
+
+    def tokenizer_bytes(self) -> bytes:
+        return (self.path / TOKENIZER).read_bytes()
 
     def verify(self) -> list[str]:
-        """Shards whose sha256 no longer matches the manifest (empty when intact)."""
+        """Files whose sha256 no longer matches the manifest (empty when intact)."""
         bad = []
-        for name, info in self.manifest["splits"].items():
-            p = self.path / info["file"]
-            if not p.is_file() or _sha256_file(p) != info["sha256"]:
+        for name, digest in self.manifest.get("files", {}).items():
+            p = self.path / name
+            if not p.is_file() or _sha256_file(p) != digest:
                 bad.append(name)
         return bad
+
+    def check(self) -> None:
+        """Raise ValueError unless every file matches the manifest's hash.
+
+        Cheap after the first call in a process: a file whose size, mtime and inode are
+        those seen when its hash last matched is not read again (a full sha256 of the
+        built-in data takes ~20 ms; of TinyStories ~1 s).
+        """
+        bad = []
+        for name, digest in self.manifest.get("files", {}).items():
+            p = self.path / name
+            try:
+                st = p.stat()
+            except OSError:
+                bad.append(name)
+                continue
+            key = (str(p.resolve()), digest)
+            stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            if _VERIFIED.get(key) == stamp:
+                continue
+            if _sha256_file(p) != digest:
+                bad.append(name)
+            else:
+                _VERIFIED[key] = stamp
+        if bad:
+            msg = (f"The prepared data in {self.path} no longer matches its manifest ({', '.join(bad)} changed): "
+                   "nothing is scored on it. Prepare it again: `python prepare.py --force`.")
+            raise ValueError(msg)
+
+
+_VERIFIED: dict[tuple[str, str], tuple[int, int, int, int]] = {}

@@ -1,0 +1,213 @@
+"""Isolation of a candidate's process: bubblewrap on Linux, a loud warning elsewhere.
+
+    from autoresearch_kit import sandbox
+    iso = sandbox.isolation()           # Isolation(mechanism="bwrap", reason=...) or mechanism "none"
+    argv, env = sandbox.wrap(argv, env, iso, files=workdir / "files", cache=..., device_type="cpu")
+
+Under bubblewrap (`bwrap`, Debian/Ubuntu package `bubblewrap`, the sandbox Flatpak uses;
+it needs unprivileged user namespaces, or root) a candidate runs in namespaces of its own:
+
+- **files**: a root made of read-only system directories (/usr, /lib*, /bin, /etc), the
+  Python installation (its prefix and site-packages) and the kit's own package at
+  /opt/autoresearch with its built-in corpus hidden. Writable: its run directory (at
+  /run/candidate, the cwd), a private /tmp (HOME and TMPDIR), and on CUDA a compile
+  cache of its own source (/run/cache). Nothing else is in sight: not the lab (ledger,
+  git, program.md, other runs), not the prepared data, not the user's home or caches.
+- **processes**: a PID namespace, so it sees only its own processes and every process it
+  starts dies with it; `--die-with-parent` ties the namespace to the runner.
+- **network**: a network namespace with only a loopback of its own: no network.
+- **GPU**: /dev/nvidia* are bound in, /sys read-only, so CUDA works inside.
+
+AUTORESEARCH_SANDBOX chooses: `auto` (default: bubblewrap where it works, else a one-time
+warning and no isolation), `require` (refuse to run without it), `off`. Every RunResult
+says which isolation it ran under (`extra["isolation"]`).
+
+Stdlib only: the runner imports this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import site
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoresearch_kit import config
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "require", "off")
+CANDIDATE_DIR = "/run/candidate"   # the run directory, as the candidate sees it (its cwd)
+CACHE_DIR = "/run/cache"           # its compile cache (CUDA)
+KIT_ROOT = "/opt/autoresearch"     # the kit's package is at KIT_ROOT/autoresearch_kit
+_SYSTEM_RO = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+_warned = False
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """How candidates run here: mechanism "bwrap" or "none", and why."""
+
+    mechanism: str
+    reason: str
+
+    @property
+    def isolated(self) -> bool:
+        return self.mechanism != "none"
+
+    def describe(self) -> str:
+        return self.mechanism if self.isolated else f"none ({self.reason})"
+
+
+def mode(value: str | None = None) -> str:
+    """auto | require | off, from `value` or AUTORESEARCH_SANDBOX (default auto)."""
+    raw = (value if value is not None else config.env("SANDBOX") or "auto").strip().lower()
+    aliases = {"1": "require", "true": "require", "yes": "require", "on": "auto", "0": "off",
+               "false": "off", "no": "off", "none": "off"}
+    raw = aliases.get(raw, raw)
+    if raw not in MODES:
+        msg = f"AUTORESEARCH_SANDBOX / sandbox= must be one of {', '.join(MODES)}, got {value or raw!r}."
+        raise ValueError(msg)
+    return raw
+
+
+@functools.lru_cache(maxsize=1)
+def _bwrap() -> tuple[str | None, str]:
+    """(path to a working bwrap, why not)."""
+    if not sys.platform.startswith("linux"):
+        return None, f"bubblewrap is Linux-only ({sys.platform})"
+    path = shutil.which("bwrap")
+    if path is None:
+        return None, "bubblewrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
+    try:
+        probe = subprocess.run([path, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/",
+                                "--proc", "/proc", "--dev", "/dev", "true"],
+                               capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"bubblewrap did not start ({e})"
+    if probe.returncode != 0:
+        err = probe.stderr.decode(errors="replace").strip().splitlines()
+        return None, ("bubblewrap cannot create namespaces here (" + (err[-1] if err else f"exit {probe.returncode}")
+                      + "; unprivileged user namespaces may be off: sysctl kernel.unprivileged_userns_clone=1)")
+    return path, ""
+
+
+def isolation(mode_value: str | None = None) -> Isolation:
+    """The isolation candidates get under `mode_value` (default AUTORESEARCH_SANDBOX).
+
+    Raises
+    ------
+    RuntimeError
+        In `require` mode where no mechanism works, with what to install.
+    """
+    m = mode(mode_value)
+    if m == "off":
+        return Isolation("none", "AUTORESEARCH_SANDBOX=off")
+    path, why = _bwrap()
+    if path is not None:
+        return Isolation("bwrap", "bubblewrap: own mount, PID and network namespaces")
+    if m == "require":
+        msg = f"A sandbox is required (AUTORESEARCH_SANDBOX=require) but none works here: {why}."
+        raise RuntimeError(msg)
+    global _warned
+    if not _warned:
+        _warned = True
+        text = (f"autoresearch: candidates run WITHOUT a sandbox: {why}. A candidate can read the "
+                "validation data and change the lab; set AUTORESEARCH_SANDBOX=require to refuse instead.")
+        log.warning(text)
+        print(text, file=sys.stderr, flush=True)
+    return Isolation("none", why)
+
+
+def kit_package() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def _python_dirs() -> list[str]:
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent.parent)}
+    try:
+        dirs.update(site.getsitepackages())
+    except AttributeError:  # some virtualenvs
+        pass
+    user = site.getusersitepackages() if hasattr(site, "getusersitepackages") else None
+    if user:
+        dirs.add(user)
+    out = []
+    for d in sorted(dirs, key=len):
+        p = os.path.realpath(d)
+        if os.path.isdir(p) and not any(p == o or p.startswith(o + os.sep) for o in out):
+            out.append(p)
+    return out
+
+
+def compile_cache(source: str) -> Path:
+    """The compile cache of one candidate source: reruns of the same train.py share it,
+    and no other candidate can read or poison it."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return config.cache_dir() / "compile" / digest
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def wrap(argv: list[str], env: dict[str, str], iso: Isolation, *, files: Path, cache: Path | None,
+         device_type: str, hide: list[Path] = ()) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run `argv` (a Python command run in `files`) inside
+    the sandbox. `hide` are host paths to mask if a bound directory happens to contain them
+    (the data, the lab). Without isolation, returns them unchanged."""
+    if not iso.isolated:
+        return argv, env
+    bwrap, _ = _bwrap()
+    assert bwrap is not None
+    args = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    bound: list[str] = []
+    for d in _SYSTEM_RO:
+        if os.path.exists(d):
+            args += ["--ro-bind", d, d]
+            bound.append(os.path.realpath(d))
+    for d in _python_dirs():
+        if not _under(d, bound):
+            args += ["--ro-bind", d, d]
+            bound.append(d)
+    pkg = str(kit_package())
+    inner_pkg = f"{KIT_ROOT}/autoresearch_kit"
+    args += ["--ro-bind", pkg, inner_pkg]
+    if os.path.isdir(os.path.join(pkg, "data", "builtin")):
+        args += ["--tmpfs", f"{inner_pkg}/data/builtin"]  # the built-in corpus holds the val text
+    for h in hide:
+        p = os.path.realpath(str(h))
+        if os.path.exists(p) and _under(p, bound) and os.path.isdir(p):
+            args += ["--tmpfs", p]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/tmp/home"]
+    if os.path.isdir("/sys"):
+        args += ["--ro-bind", "/sys", "/sys"]
+    if device_type.split(":")[0] == "cuda":
+        for dev in sorted(glob.glob("/dev/nvidia*")) + sorted(glob.glob("/dev/dri")):
+            args += ["--dev-bind", dev, dev]
+    files.mkdir(parents=True, exist_ok=True)
+    args += ["--bind", str(files), CANDIDATE_DIR, "--chdir", CANDIDATE_DIR]
+    child = {k: v for k, v in env.items()
+             if k not in ("AUTORESEARCH_DATA", "AUTORESEARCH_CACHE", "PYTHONPATH", "PYTHONHOME",
+                          "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "OLDPWD", "PWD")}
+    child.update(HOME="/tmp/home", TMPDIR="/tmp", PYTHONPATH=KIT_ROOT, XDG_CACHE_HOME="/tmp/home/.cache",
+                 AUTORESEARCH_CACHE="/tmp/home/.cache/autoresearch_kit", PWD=CANDIDATE_DIR)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        args += ["--bind", str(cache), CACHE_DIR]
+        child.update(TORCHINDUCTOR_CACHE_DIR=f"{CACHE_DIR}/inductor", TRITON_CACHE_DIR=f"{CACHE_DIR}/triton")
+    return args + ["--"] + argv, child
+
+
+def returncode(code: int | None, iso: Isolation) -> int | None:
+    """bubblewrap exits 128 + N when the candidate died of signal N: report it as -N, like Popen."""
+    if code is not None and iso.mechanism == "bwrap" and 128 < code <= 128 + 64:
+        return -(code - 128)
+    return code

@@ -1,0 +1,557 @@
+"""The trusted side of a run: serve the training data, keep the budget, score the model.
+
+`runner.run_budgeted` starts a candidate train.py in a sandbox and gives it one end of a
+socket (wire.py); a `RunServer` on the runner's side answers everything on the other end:
+
+    server = RunServer(conn, data, budget=..., seed=42, device_type="cpu", eval_tokens=65536)
+    server.serve()          # on a thread, until the child closes its end
+    server.outcome()        # {"status": ..., "reason": ..., "val_bpb": ..., "tokens": ...}
+
+What the candidate cannot do from its side of the socket:
+
+- **Read data.** It never has a path to the shards; training windows arrive as token ids
+  in answer to `batch` requests, drawn here with the run's seed (the same windows, in the
+  same order, as the loader train.py used to read itself), and counted here. A token
+  budget is exact: a batch that would pass it is not served.
+- **Stretch the clock.** On a seconds budget the clock is this process's, started at the
+  first step after the warm-up steps; when it ends no more batches are served. The
+  candidate must then reach `run.finish` within a grace measured from its own step times
+  (about two steps, plus a second for the last sync): training after the budget, a
+  batch asked for after it, or a step logged after it make the run `invalid`.
+- **Score itself.** At `finish` this side sends the pinned validation rows in an order
+  the child cannot predict, mixed with probe rows (a scored row whose tokens after a
+  random position are replaced by training text); the child answers with logits in
+  shared memory, which are copied out before use; the cross-entropy against targets the
+  child never receives, in float32 with a float64 sum, is computed here (metric.py). A
+  model whose logits at or before the cut differ between a row and its probe sees the
+  future: `invalid`.
+
+The child's own reports (its loss curve, FLOPs per token, parameters, peak memory) are
+kept as what train.py reported; the tokens on the curve are this side's count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import queue
+import secrets
+import statistics
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from autoresearch_kit import config
+from autoresearch_kit.data.shards import PreparedData
+from autoresearch_kit.wire import Conn, WireError
+
+log = logging.getLogger(__name__)
+
+# The clock starts at the first step after the warm-up steps (compile time is not
+# budgeted), or once this many batches per warm-up step were served without a step.
+WARMUP_BATCHES_PER_STEP = 8
+# run.finish must follow the end of the budget within this many (median) step times,
+# plus a floor for the final sync and a busy machine; and at most this share of a
+# seconds budget.
+FINISH_GRACE_STEPS = 2.0
+FINISH_GRACE_FLOOR_SECONDS = 2.0
+FINISH_GRACE_MAX_FRACTION = 0.1
+# Elements of logits per evaluation batch (as metric.py): CPU 2**25 (128 MB in float32).
+LOGIT_BUDGET = {"cuda": 2**28, "mps": 2**26, "cpu": 2**25}
+PROBE_SHARE = 8             # one probe row per this many scored rows in a batch (at least one)
+MAX_LOADERS = 64
+MAX_BATCH_TOKENS = 1 << 26  # one training batch of more ids than this is not a batch
+_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+class RunServer:
+    """Answers one candidate's requests; owns its budget, data and score.
+
+    Parameters
+    ----------
+    conn : wire.Conn
+        The runner's end of the run's socket.
+    data : PreparedData
+        The prepared data, checked against its manifest before the run.
+    budget : config.Budget
+    seed : int
+    device_type : str
+        Sizes the evaluation batches.
+    eval_tokens : int
+        Validation targets to score (clamped to the split).
+    warmup_steps : int
+        Steps before the clock starts.
+    on_event : callable, optional
+        Called (on this thread) with each step event for live curves.
+    """
+
+    def __init__(self, conn: Conn, data: PreparedData, *, budget: config.Budget, seed: int, device_type: str,
+                 eval_tokens: int, warmup_steps: int = config.DEFAULT_WARMUP_STEPS,
+                 on_event: Callable[[dict], Any] | None = None, t0: float | None = None) -> None:
+        self.conn, self.data, self.budget, self.seed = conn, data, budget, int(seed)
+        self.device_type, self.eval_tokens, self.warmup_steps = device_type, int(eval_tokens), int(warmup_steps)
+        self.on_event = on_event
+        self.t0 = time.monotonic() if t0 is None else t0
+        self.lock = threading.Lock()
+        self.hello: dict | None = None
+        self.reported: dict = {}          # what train.py reported: params, flops_per_token, ...
+        self.child_status: dict | None = None
+        self.curve: list[dict] = []
+        self.times: dict[str, float] = {}
+        self.tokens = 0                   # training tokens served (targets: B*T a batch)
+        self.warmup_tokens = 0
+        self.batches = 0
+        self.steps = 0                    # steps granted
+        self.calls = 0                    # step requests
+        self.t_clock: float | None = None
+        self.t_stop: float | None = None
+        self.training_seconds = 0.0
+        self.last_step_t: float | None = None
+        self.step_intervals: list[float] = []
+        self.tokens_at_step = 0
+        self.step_tokens: list[int] = []  # tokens served per timed step
+        self.seq_len: int | None = None   # of the last batch: the evaluation context
+        self.loaders: dict[int, np.random.Generator] = {}
+        self.violations: list[str] = []
+        self.late_logs = 0
+        self.result: dict | None = None   # the score, once made
+        self.invalid: str | None = None
+        self.finished = False
+        self.stop_reason = ""
+        self._callback_error: str | None = None
+        self._shm: mmap.mmap | None = None
+        self._shm_fd = -1
+        self._shm_size = 0
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._dispatcher = None
+        if on_event is not None:
+            self._dispatcher = threading.Thread(target=self._dispatch, name="autoresearch-events", daemon=True)
+            self._dispatcher.start()
+
+    # ------------------------------------------------------------------ the loop
+    def serve(self) -> None:
+        """Answer requests until the child closes the socket (or sends garbage)."""
+        try:
+            while True:
+                kind, header, payload = self.conn.recv()
+                handler = getattr(self, "_on_" + kind, None)
+                if handler is None:
+                    self._violate(f"sent a message the runner does not know ({kind!r})")
+                    continue
+                handler(header, payload)
+        except WireError:
+            return
+        except Exception as e:  # a bug here must not hang the run: record it, end the conversation
+            self.invalid = self.invalid or f"the runner could not answer the child: {type(e).__name__}: {e}"
+        finally:
+            self._free_shm()
+
+    def _now(self) -> float:
+        return time.monotonic()
+
+    def _violate(self, what: str) -> None:
+        with self.lock:
+            if what not in self.violations:
+                self.violations.append(what)
+
+    # ------------------------------------------------------------------ start
+    def _on_hello(self, h: dict, _p) -> None:
+        with self.lock:
+            if self.hello is None:
+                self.hello = {k: h.get(k) for k in ("device", "device_name", "torch", "peak_flops", "pid")}
+                self.times["start"] = self._now() - self.t0
+        d = self.data
+        self.conn.send("config", {"budget": str(self.budget), "seed": self.seed, "vocab_size": d.vocab_size,
+                                  "bos_id": d.bos_id, "warmup_steps": self.warmup_steps,
+                                  "train_tokens": int(len(d.train)), "data": d.path.name,
+                                  "eval_tokens": self._scored_tokens()})
+
+    def _on_tokenizer(self, _h, _p) -> None:
+        self.conn.send("tokenizer", {}, self.data.tokenizer_bytes())
+
+    def _on_watch(self, h: dict, _p) -> None:
+        for k in ("params", "flops_per_token"):
+            v = _num(h.get(k))
+            if v is not None and v >= 0:
+                self.reported[k] = v
+
+    def _on_fail(self, h: dict, _p) -> None:
+        self.child_status = {"status": str(h.get("status", "")), "reason": str(h.get("reason", ""))[:2000]}
+
+    # ------------------------------------------------------------------ the budget
+    def _exhausted(self, now: float, next_tokens: int) -> bool:
+        b = self.budget
+        if b.kind == "seconds":
+            return self.t_clock is not None and now - self.t_clock >= b.amount
+        if b.kind == "tokens":
+            return self.tokens + max(next_tokens, 1) > b.amount
+        fpt = self.reported.get("flops_per_token")
+        return fpt is not None and (self.tokens + max(next_tokens, 1)) * fpt > b.amount
+
+    def _start_clock(self, now: float) -> None:
+        if self.t_clock is None:
+            self.t_clock = now
+            self.times["clock"] = now - self.t0
+            self.tokens_at_step = self.tokens
+
+    def _stop(self, now: float, why: str) -> None:
+        if self.t_stop is None:
+            self.t_stop = now
+            self.training_seconds = now - self.t_clock if self.t_clock is not None else 0.0
+            self.stop_reason = why
+            self.times["stop"] = now - self.t0
+
+    def progress(self, now: float | None = None) -> float:
+        if self.t_stop is not None:
+            return 1.0
+        b, now = self.budget, self._now() if now is None else now
+        if b.kind == "seconds":
+            frac = (now - self.t_clock) / b.amount if self.t_clock is not None else 0.0
+        elif b.kind == "tokens":
+            frac = self.tokens / b.amount
+        else:
+            frac = self.tokens * (self.reported.get("flops_per_token") or 0.0) / b.amount
+        return min(max(frac, 0.0), 1.0)
+
+    def _on_step(self, h: dict, _p) -> None:
+        now = self._now()
+        with self.lock:
+            self.calls += 1
+            if self.calls == 1:
+                self.times["first_step"] = now - self.t0
+            if self.budget.kind == "flops" and "flops_per_token" not in self.reported:
+                self._violate("a FLOP budget needs the model's FLOPs per token: call run.watch(model) "
+                              "before the training loop")
+                self._stop(now, "no FLOP count")
+            if self.t_stop is not None:
+                go = False
+            else:
+                if self.calls == self.warmup_steps + 1:
+                    self._start_clock(now)
+                timed = self.t_clock is not None and self.calls > self.warmup_steps + 1
+                if timed:
+                    self.step_intervals.append(now - self.last_step_t)
+                    self.step_tokens.append(self.tokens - self.tokens_at_step)
+                self.tokens_at_step = self.tokens
+                hint = int(_num(h.get("tokens")) or 0)
+                last = self.step_tokens[-1] if self.step_tokens else 0
+                go = not self._exhausted(now, max(hint, last))
+                if not go:
+                    self._stop(now, "budget spent")
+                else:
+                    self.steps += 1
+            self.last_step_t = now
+            reply = {"go": go, "progress": self.progress(now), "tokens": self.tokens}
+        prefetch = h.get("prefetch") if go else None
+        if isinstance(prefetch, dict):
+            ids = self._batch(prefetch)
+            if ids is not None:
+                self.conn.send("go", {**reply, "batch": True, "tokens": self.tokens}, ids)
+                return
+        self.conn.send("go" if go else "stop", reply)
+
+    def _batch(self, h: dict) -> bytes | None:
+        """Draw one batch for loader h['loader'] if the budget allows it; else None (a violation)."""
+        now = self._now()
+        try:
+            loader, bsz, seq = int(h["loader"]), int(h["batch_size"]), int(h["seq_len"])
+        except (KeyError, TypeError, ValueError):
+            self._violate("asked for a batch without a loader, batch_size and seq_len")
+            return None
+        n = bsz * seq
+        with self.lock:
+            if not (0 <= loader < MAX_LOADERS and bsz >= 1 and seq >= 1 and n <= MAX_BATCH_TOKENS
+                    and seq + 1 <= len(self.data.train)):
+                self._violate(f"asked for a batch the runner cannot serve (loader {loader}, {bsz} x {seq})")
+                return None
+            if self.t_stop is not None:
+                self._violate(f"asked for a training batch after the budget ended ({self.stop_reason}; "
+                              f"{self.steps} steps): train.py must stop when run.training() returns False")
+                return None
+            b = self.budget
+            over = (b.kind == "tokens" and self.tokens + n > b.amount) or (
+                b.kind == "flops" and (self.tokens + n) * (self.reported.get("flops_per_token") or 0) > b.amount)
+            if over:
+                self._violate(f"asked for {n:,} more tokens than the {b} budget holds "
+                              f"({self.tokens:,} served): pass each step's tokens to run.training(tokens=...)")
+                self._stop(now, "budget spent")
+                return None
+            if self.t_clock is None and self.batches >= self.warmup_steps * WARMUP_BATCHES_PER_STEP:
+                self._start_clock(now)  # batches without steps do not buy untimed training
+            rng = self.loaders.get(loader)
+            if rng is None:
+                rng = self.loaders[loader] = np.random.default_rng(self.seed + loader)
+            offsets = rng.integers(0, len(self.data.train) - (seq + 1) + 1, size=bsz)
+            rows = self.data.train[offsets[:, None] + np.arange(seq + 1, dtype=np.int64)]
+            self.batches += 1
+            self.tokens += n
+            if self.t_clock is None:
+                self.warmup_tokens += n
+            self.seq_len = seq
+        return np.ascontiguousarray(rows, dtype=np.uint16).tobytes()
+
+    def _on_batch(self, h: dict, _p) -> None:
+        ids = self._batch(h)
+        if ids is None:
+            self.conn.send("stop", {"reason": self.violations[-1] if self.violations else "budget spent"})
+        else:
+            self.conn.send("data", {"tokens": self.tokens}, ids)
+
+    # ------------------------------------------------------------------ events
+    def _on_log(self, h: dict, _p) -> None:
+        now = self._now()
+        event = {k: v for k, v in h.items() if isinstance(k, str) and len(k) < 64 and (_num(v) is not None or v is None)}
+        if "loss" not in event:
+            return
+        with self.lock:
+            if self.t_stop is not None and not self.finished and h.get("late"):
+                self.late_logs += 1
+            # the runner's numbers, not the child's: tokens served, the runner's clock
+            event["tokens"] = self.tokens
+            event["elapsed"] = round((now - self.t_clock) if self.t_clock is not None else 0.0, 4)
+            event["progress"] = round(self.progress(now), 5)
+            trained = self.tokens - self.warmup_tokens
+            event["tok_per_s"] = trained / event["elapsed"] if event["elapsed"] > 0 else None
+            self.curve.append(event)
+            self.times.setdefault("first_log", now - self.t0)
+            self.times["last_log"] = now - self.t0
+        if self.on_event is not None:
+            self._events.put(dict(event))
+
+    def _dispatch(self) -> None:
+        # on_event runs on a thread of its own: a slow live plot must never delay an
+        # answer to the child (its training loop waits for the next batch).
+        while True:
+            event = self._events.get()
+            if event is None or self._closed:
+                return
+            try:
+                self.on_event(event)
+            except Exception as e:  # the caller's live plot must never end the run
+                if self._callback_error is None:
+                    self._callback_error = f"{type(e).__name__}: {e}"
+                    log.warning("on_event raised %s (further errors ignored); the run goes on.",
+                                self._callback_error)
+
+    def close_events(self, timeout: float) -> None:
+        """Deliver the queued events (up to `timeout` seconds), then stop the dispatcher."""
+        if self._dispatcher is not None and self._dispatcher.is_alive():
+            self._events.put(None)
+            self._dispatcher.join(timeout=timeout)
+        self._closed = True
+
+    # ------------------------------------------------------------------ the end
+    def grace(self) -> float:
+        """Seconds allowed from the end of the budget to run.finish."""
+        forced = config.env("FINISH_GRACE")
+        if forced:
+            return float(forced)
+        steps = statistics.median(self.step_intervals) if self.step_intervals else 0.0
+        extra = FINISH_GRACE_STEPS * steps
+        if self.budget.kind == "seconds":
+            extra = min(extra, FINISH_GRACE_MAX_FRACTION * self.budget.amount)
+        return FINISH_GRACE_FLOOR_SECONDS + extra
+
+    def _scored_tokens(self) -> int:
+        return max(0, min(self.eval_tokens, len(self.data.val) - 1))
+
+    def _on_finish(self, h: dict, _p) -> None:
+        now = self._now()
+        for k in ("params", "peak_memory_gb", "flops_per_token"):
+            v = _num(h.get(k))
+            if v is not None and v >= 0:
+                self.reported.setdefault(k, v) if k != "peak_memory_gb" else self.reported.__setitem__(k, v)
+        with self.lock:
+            if self.finished:
+                self._violate("called run.finish twice")
+                self.conn.send("invalid", {"reason": "a run reports one result"})
+                return
+            self.finished = True
+            self.times["finish"] = now - self.t0
+            if self.t_stop is None:
+                self._stop(now, "train.py ended before the budget")
+            else:
+                late, grace = now - self.t_stop, self.grace()
+                if late > grace:
+                    self._violate(f"reached run.finish {late:.1f} s after the budget ended (allowed {grace:.1f} s, "
+                                  f"about {FINISH_GRACE_STEPS:.0f} steps): work after the budget is not counted")
+            if self.late_logs:
+                self._violate(f"logged {self.late_logs} training step(s) after the budget ended: steps after "
+                              "`while run.training(...)` are not counted")
+            if self.budget.kind == "seconds" and self.step_tokens:
+                cap = self.warmup_steps * max(self.step_tokens)
+                if self.warmup_tokens > cap:
+                    self._violate(f"its {self.warmup_steps} warm-up steps used {self.warmup_tokens:,} tokens, more "
+                                  f"than {self.warmup_steps} training steps ({cap:,}): warm-up is not budgeted, so "
+                                  "it may not train more than a step's worth each")
+            problems = list(self.violations)
+        if problems:
+            self.invalid = "; ".join(problems)
+            self.conn.send("invalid", {"reason": self.invalid})
+            return
+        if self.seq_len is None:
+            self.invalid = "run.finish was called before any training batch: nothing to evaluate at"
+            self.conn.send("invalid", {"reason": self.invalid})
+            return
+        self._evaluate()
+
+    def _evaluate(self) -> None:
+        import torch
+
+        from autoresearch_kit.metric import eval_rows, probe_mismatch, score_logits
+
+        t0 = self._now()
+        d, L = self.data, int(self.seq_len)
+        n = self._scored_tokens()
+        if n < 1:
+            self.invalid = f"the val split of {d.path} is empty; prepare the data again"
+            self.conn.send("invalid", {"reason": self.invalid})
+            return
+        x_all, y_all, m_all = eval_rows(d.val, n, L, d.bos_id)
+        tb = torch.as_tensor(np.asarray(d.token_bytes, dtype=np.int64))
+        rng = np.random.default_rng(secrets.randbits(64))  # an order train.py cannot predict
+        order = rng.permutation(len(x_all))
+        per = max(1, LOGIT_BUDGET.get(self.device_type, 2**25) // (L * max(d.vocab_size, 1)))
+        nats, nbytes, probes, worst = 0.0, 0, 0, 0.0
+        train = d.train
+        for start in range(0, len(order), per):
+            idx = order[start:start + per]
+            k = max(1, len(idx) // PROBE_SHARE) if L >= 2 else 0
+            rows = x_all[idx]
+            probe_of = rng.choice(len(idx), size=k, replace=False) if k else np.zeros(0, dtype=np.int64)
+            cuts = rng.integers(0, L - 1, size=k)
+            alts = rows[probe_of].copy()
+            for j, (r, t) in enumerate(zip(probe_of, cuts)):
+                off = int(rng.integers(0, len(train) - L))
+                alts[j, t + 1:] = train[off:off + L - t - 1]
+            batch = np.concatenate([rows, alts]) if k else rows
+            perm = rng.permutation(len(batch))          # probes sit anywhere in the batch
+            sent = batch[perm]
+            where = np.empty_like(perm)
+            where[perm] = np.arange(len(perm))          # where[i]: position of batch row i in `sent`
+            logits = self._ask_logits(sent, L)
+            if logits is None:
+                return
+            if logits.shape[-1] < d.vocab_size:
+                self._invalid(f"the model's logits have {logits.shape[-1]} classes but the vocabulary has "
+                              f"{d.vocab_size} tokens")
+                return
+            for j in range(k):
+                a = logits[where[probe_of[j]], : cuts[j] + 1]
+                b = logits[where[len(idx) + j], : cuts[j] + 1]
+                bad = probe_mismatch(a, b)
+                probes += 1
+                worst = max(worst, bad["max_diff"])
+                if not bad["causal"]:
+                    self._invalid(f"the model is not causal: on a validation row, its logits at position "
+                                  f"{bad['position']} changed by {bad['max_diff']:.3g} when only later tokens "
+                                  "changed, so it can see the targets")
+                    return
+            scored = logits[where[: len(idx)]]
+            y = torch.from_numpy(y_all[idx])
+            m = torch.from_numpy(m_all[idx])
+            a_nats, a_bytes = score_logits(scored, y, m, tb)
+            nats += a_nats
+            nbytes += a_bytes
+        if nbytes == 0:
+            self._invalid("the scored validation tokens carry no bytes (only special tokens?)")
+            return
+        bpb = nats / (math.log(2) * nbytes)
+        self.result = {"val_bpb": bpb, "nats": nats, "bytes": nbytes, "eval_tokens": n, "seq_len": L,
+                       "eval_seconds": self._now() - t0, "probes": probes, "probe_max_diff": worst}
+        if not math.isfinite(bpb):
+            self._invalid(f"the model's logits gave a non-finite val_bpb ({bpb})")
+            return
+        self.conn.send("score", {"val_bpb": bpb, "eval_tokens": n, "eval_seconds": self.result["eval_seconds"]})
+
+    def _invalid(self, reason: str) -> None:
+        self.invalid = reason
+        self.result = None
+        self.conn.send("invalid", {"reason": reason})
+
+    def _ask_logits(self, ids: np.ndarray, L: int):
+        """Send one batch of validation inputs; return a private copy of the logits (torch)."""
+        import torch
+
+        self.conn.send("val", {"rows": int(len(ids)), "seq_len": L}, np.ascontiguousarray(ids, dtype=np.uint16).tobytes())
+        while True:
+            kind, h, _p = self.conn.recv()
+            if kind == "need":
+                size = int(h.get("bytes", 0))
+                limit = 4 * len(ids) * L * max(self.data.vocab_size, 1) * 4
+                if not 0 < size <= limit:
+                    self._invalid(f"asked for a logits buffer of {size} bytes for {len(ids)} rows")
+                    return None
+                self._new_shm(size)
+                self.conn.send("buffer", {"bytes": self._shm_size}, fds=[self._shm_fd])
+            elif kind == "logits":
+                break
+            elif kind == "log":
+                continue
+            else:
+                self._invalid(f"answered the validation batch with {kind!r}, not logits")
+                return None
+        shape, dtype = h.get("shape"), str(h.get("dtype"))
+        if (not isinstance(shape, list) or len(shape) != 3 or shape[:2] != [len(ids), L]
+                or dtype not in _DTYPES or not all(isinstance(s, int) and s > 0 for s in shape)):
+            self._invalid(f"answered with logits of shape {shape} ({dtype}) for ids of shape ({len(ids)}, {L}): "
+                          "the model must map ids (B, T) to logits (B, T, vocab)")
+            return None
+        count = shape[0] * shape[1] * shape[2]
+        if self._shm is None or count * _DTYPES[dtype] > self._shm_size:
+            self._invalid("answered with more logits than its buffer holds")
+            return None
+        # A copy first: the child still maps the buffer and could change it while it is read.
+        raw = torch.frombuffer(self._shm, dtype=getattr(torch, dtype), count=count).clone()
+        return raw.view(*shape)
+
+    def _new_shm(self, size: int) -> None:
+        self._free_shm()
+        fd = os.memfd_create("autoresearch-logits", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        self._shm_fd, self._shm_size = fd, size
+        self._shm = mmap.mmap(fd, size)
+
+    def _free_shm(self) -> None:
+        if self._shm is not None:
+            try:
+                self._shm.close()
+            except BufferError:  # a tensor still views it; the mapping goes with it
+                pass
+            self._shm = None
+        if self._shm_fd >= 0:
+            os.close(self._shm_fd)
+            self._shm_fd = -1
+
+    # ------------------------------------------------------------------ the record
+    def outcome(self) -> dict:
+        """What this side knows, for the RunResult: trusted counts, the score or why not."""
+        with self.lock:
+            fpt = self.reported.get("flops_per_token")
+            timed = self.tokens - self.warmup_tokens
+            peak = _num((self.hello or {}).get("peak_flops"))
+            mfu = (fpt * timed / (self.training_seconds * peak)
+                   if fpt and peak and self.training_seconds > 0 else None)
+            return {
+                "started": self.hello is not None, "hello": self.hello, "finished": self.finished,
+                "result": dict(self.result) if self.result else None, "invalid": self.invalid,
+                "violations": list(self.violations), "child_status": self.child_status,
+                "steps": self.steps, "tokens": self.tokens, "warmup_tokens": self.warmup_tokens,
+                "training_seconds": self.training_seconds, "stopped": self.t_stop is not None,
+                "flops": self.tokens * fpt if fpt else 0.0, "flops_per_token": fpt,
+                "params": self.reported.get("params"), "peak_memory_gb": self.reported.get("peak_memory_gb"),
+                "mfu": mfu, "curve": list(self.curve), "times": dict(self.times), "seq_len": self.seq_len,
+                "callback_error": self._callback_error,
+                "epochs": self.tokens / max(len(self.data.train), 1),
+            }
