@@ -114,9 +114,12 @@ def score_logits(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, toke
 def probe_mismatch(a: torch.Tensor, b: torch.Tensor, tol: float | None = None) -> dict:
     """Compare the logits (t+1, V) of one row and its probe up to the cut.
 
-    A causal model gives the same logits at every position <= t whatever follows t. The
-    tolerance is relative to the largest logit: 1e-4 for float32 logits, 2e-2 for 16-bit
-    ones (as `causality_probe`).
+    A causal model gives the same logits at every position <= t whatever follows t: the
+    row and its probe go through the model in the same batch, so an honest model's prefix
+    logits agree to the bit in practice (max difference 0.0 on CPU, bf16 autocast). The
+    tolerance is relative to the largest logit: 1e-4 for float32 logits, 4e-3 for 16-bit
+    ones (one bf16 step at the largest logit). A non-causal tiny model after 10 steps
+    moved its prefix logits by 0.03 (1% of the largest): 2e-2 let it through.
 
     Returns
     -------
@@ -124,7 +127,7 @@ def probe_mismatch(a: torch.Tensor, b: torch.Tensor, tol: float | None = None) -
         causal (bool), max_diff (float), position (int or None: first position that moved).
     """
     low = a.dtype in (torch.bfloat16, torch.float16) or b.dtype in (torch.bfloat16, torch.float16)
-    rel = tol if tol is not None else (2e-2 if low else 1e-4)
+    rel = tol if tol is not None else (4e-3 if low else 1e-4)
     a, b = a.float(), b.float()
     scale = max(1.0, float(a.abs().max()) if a.numel() else 1.0)
     diff = (a - b).abs().amax(dim=-1)

@@ -912,7 +912,7 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
     returncode = _sandbox.returncode(proc.returncode, iso)
     if killed:
         res.extra["killed_strays"] = sorted(set(killed))  # (a hunt cut short by Ctrl-C ran twice)
-    res.extra.update(exit_code=returncode, output_bytes=sink.total, log_dropped_bytes=sink.dropped,
+    res.extra.update(exit_code=returncode, pid=proc.pid, output_bytes=sink.total, log_dropped_bytes=sink.dropped,
                      timings={k: round(v, 3) for k, v in out["times"].items()})
     if out["callback_error"]:
         res.extra["on_event_error"] = out["callback_error"]

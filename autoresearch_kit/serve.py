@@ -311,7 +311,9 @@ class RunServer:
     # ------------------------------------------------------------------ events
     def _on_log(self, h: dict, _p) -> None:
         now = self._now()
-        event = {k: v for k, v in h.items() if isinstance(k, str) and len(k) < 64 and (_num(v) is not None or v is None)}
+        event = {k: (float(v) if isinstance(v, float) else v) for k, v in h.items()
+                 if isinstance(k, str) and len(k) < 64 and k != "late"
+                 and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))}
         if "loss" not in event:
             return
         with self.lock:
@@ -473,6 +475,7 @@ class RunServer:
         if not math.isfinite(bpb):
             self._invalid(f"the model's logits gave a non-finite val_bpb ({bpb})")
             return
+        self.times["result"] = self._now() - self.t0
         self.conn.send("score", {"val_bpb": bpb, "eval_tokens": n, "eval_seconds": self.result["eval_seconds"]})
 
     def _invalid(self, reason: str) -> None:

@@ -2,9 +2,9 @@
 
     python -m pytest tests/test_harness.py -x -q
 
-In-process tests drive a Run directly (budgets, FLOP counting, divergence); subprocess
-tests run a small candidate script the way the runner does, with a real signed channel,
-and check the exit codes and the messages of docs/CONTRACTS.md.
+In-process tests drive a Run directly, standalone (budgets, FLOP counting, divergence);
+whole-run tests start a small candidate through the real runner (run_budgeted), which
+serves its batches and scores it over the socket of docs/CONTRACTS.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoresearch_kit import harness
-from autoresearch_kit.channel import ParentChannel
+from autoresearch_kit import integrity
+from autoresearch_kit.runner import run_budgeted
 from autoresearch_kit.data.loader import TokenLoader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ CANDIDATE = '''
 import os
 import torch, torch.nn as nn, torch.nn.functional as F
 from autoresearch_kit import harness
-print("KEY_SEEN", os.environ.get("AUTORESEARCH_CHANNEL_KEY"), os.environ.get("AUTORESEARCH_CHANNEL_FD"))
+print("FD_SEEN", os.environ.get("AUTORESEARCH_CHANNEL_FD"))
 CAUSAL = True
 NAN_AT = -1
 run = harness.start()
@@ -73,36 +74,26 @@ run.finish(model)
 '''
 
 
-def run_candidate(source: str, tmp_path: Path, env_extra: dict | None = None, channel: bool = True,
-                  timeout: float = 120) -> tuple[int, str, list[dict], ParentChannel | None]:
-    """Run a candidate script as the runner would: own process, env, signed channel."""
+def run_candidate(source: str, tmp_path: Path, env_extra: dict | None = None,
+                  timeout: float = 120) -> tuple[int, str]:
+    """Run a candidate script on its own (`python train.py`, no runner): exit code, output."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "train.py"
     script.write_text(source)
     # One OpenMP thread: the test box's 2 cores are shared, and oversubscribed OpenMP spin-waits
     # made these tiny runs ~30x slower (11 s vs 0.3 s of training, measured).
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    ch = ParentChannel() if channel else None
-    pass_fds: tuple[int, ...] = ()
-    if ch is not None:
-        env.update(ch.open())
-        pass_fds = (ch.write_fd,)
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, pass_fds=pass_fds,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    messages: list[dict] = []
-    reader = None
-    if ch is not None:
-        ch.close_child_end()
-        reader = threading.Thread(target=lambda: messages.extend(ch.lines()), daemon=True)
-        reader.start()
-    out, _ = proc.communicate(timeout=timeout)
-    if reader is not None:
-        reader.join(timeout=10)
-    return proc.returncode, out, messages, ch
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
 
 
-def _kinds(messages: list[dict], kind: str) -> list[dict]:
-    return [m["data"] for m in messages if m["kind"] == kind]
+def run_served(source: str, tmp_path: Path, budget: str, monkeypatch):
+    """Run a candidate through the real runner (the static check off: it prints an env var)."""
+    monkeypatch.setattr(integrity, "check_source", lambda source: [])
+    res = run_budgeted(source, budget, workdir=tmp_path / "work", device="cpu", hard_limit=120,
+                       env={"OMP_NUM_THREADS": "1"})
+    return res, Path(res.log_path).read_text()
 
 
 @pytest.fixture()
@@ -312,56 +303,43 @@ def test_exploding_loss_exits_after_warmup(fresh_harness, monkeypatch):
 
 # --- whole runs, as the runner starts them -------------------------------------------------------
 
-def test_candidate_run_sends_the_contract_messages(kit_env, tmp_path):
-    code, out, msgs, ch = run_candidate(CANDIDATE, tmp_path, {"AUTORESEARCH_BUDGET": "40k-tokens"})
-    assert code == 0, out
-    assert "KEY_SEEN None None" in out  # the channel left os.environ before train.py ran
-    assert ch.rejected == 0
-    start = _kinds(msgs, "start")
-    assert len(start) == 1 and msgs[0]["kind"] == "start"
-    assert set(start[0]) >= {"device", "device_name", "torch", "budget", "seed", "data_dir", "eval_tokens", "pid"}
-    assert start[0]["budget"] == "40k-tokens" and start[0]["eval_tokens"] == 4096
-    steps = _kinds(msgs, "step")
-    assert steps and set(steps[-1]) >= {"step", "loss", "lr", "tokens", "elapsed", "progress", "tok_per_s"}
-    (result,) = _kinds(msgs, "result")
-    assert msgs[-1]["kind"] == "result"
-    assert set(result) >= {"status", "reason", "val_bpb", "steps", "tokens", "flops", "params", "training_seconds",
-                           "total_seconds", "eval_seconds", "eval_tokens", "peak_memory_gb", "mfu", "causal",
-                           "device", "torch"}
-    assert result["status"] == "ok" and result["causal"] is True
-    assert steps[-1]["step"] == result["steps"] - 1  # the last step always reaches the live curve
-    assert result["tokens"] == 156 * 256 and result["steps"] == 156  # 157 x 256 > 40k
-    assert result["flops"] == pytest.approx(result["tokens"] * result["flops_per_token"])
-    assert result["eval_tokens"] == 4096
+def test_candidate_run_is_served_and_scored_by_the_runner(kit_env, tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(integrity, "check_source", lambda source: [])
+    res = run_budgeted(CANDIDATE, "40k-tokens", workdir=tmp_path / "work", device="cpu", hard_limit=120,
+                       env={"OMP_NUM_THREADS": "1"}, on_event=events.append)
+    out = Path(res.log_path).read_text()
+    assert res.status == "ok", res.reason + out
+    assert "FD_SEEN None" in out  # the socket left os.environ before train.py ran
+    assert res.tokens == 156 * 256 and res.steps == 156  # 157 x 256 > 40k: counted by the runner
+    assert res.flops == pytest.approx(res.tokens * res.extra["flops_per_token"])
+    assert "not verified" in res.extra["flops_source"]
+    assert res.eval_tokens == 4096 and res.extra["eval"]["probes"] >= 1
+    assert res.curve[-1]["step"] == res.steps - 1  # the last step always reaches the live curve
+    assert set(res.curve[-1]) >= {"step", "loss", "lr", "tokens", "elapsed", "progress", "tok_per_s"}
+    assert events and events[-1]["tokens"] == res.tokens  # the curve carries the runner's count
     # uniform over 257 tokens is ~8 bits per byte; a trained model is far below it
-    assert 0 < result["val_bpb"] < math.log2(257) - 2
-    assert f"val_bpb:          {result['val_bpb']:.6f}" in out
+    assert 0 < res.val_bpb < math.log2(257) - 2
+    assert f"val_bpb:          {res.val_bpb:.6f}" in out  # the child prints the runner's score
     assert out.rstrip().splitlines()[-1].startswith("num_params_M:")
 
 
-def test_nan_candidate_reports_diverged(kit_env, tmp_path):
-    src = CANDIDATE.replace("NAN_AT = -1", "NAN_AT = 5")
-    code, out, msgs, _ = run_candidate(src, tmp_path, {"AUTORESEARCH_BUDGET": "40k-tokens"})
-    assert code == 3, out
-    (status,) = _kinds(msgs, "status")
-    assert status["status"] == "diverged" and "nan" in status["reason"]
-    assert not _kinds(msgs, "result")
+def test_nan_candidate_reports_diverged(kit_env, tmp_path, monkeypatch):
+    res, out = run_served(CANDIDATE.replace("NAN_AT = -1", "NAN_AT = 5"), tmp_path, "40k-tokens", monkeypatch)
+    assert res.status == "diverged", res.reason
+    assert "nan" in res.reason and res.val_bpb is None
     assert "val_bpb:" not in out
 
 
-def test_non_causal_candidate_is_invalid(kit_env, tmp_path):
-    src = CANDIDATE.replace("CAUSAL = True", "CAUSAL = False")
-    code, out, msgs, _ = run_candidate(src, tmp_path, {"AUTORESEARCH_BUDGET": "5k-tokens"})
-    assert code == 4, out
-    assert _kinds(msgs, "status")[0]["status"] == "invalid"
-    (result,) = _kinds(msgs, "result")
-    assert result["status"] == "invalid" and result["val_bpb"] is None and result["causal"] is False
-    assert "not causal" in result["reason"]
+def test_non_causal_candidate_is_invalid(kit_env, tmp_path, monkeypatch):
+    res, out = run_served(CANDIDATE.replace("CAUSAL = True", "CAUSAL = False"), tmp_path, "5k-tokens", monkeypatch)
+    assert res.status == "invalid" and res.val_bpb is None
+    assert "not causal" in res.reason
     assert "val_bpb:" not in out
 
 
 def test_standalone_run_writes_last_result(kit_env, tmp_path):
-    code, out, msgs, _ = run_candidate(CANDIDATE, tmp_path, {"AUTORESEARCH_BUDGET": "5k-tokens"}, channel=False)
+    code, out = run_candidate(CANDIDATE, tmp_path, {"AUTORESEARCH_BUDGET": "5k-tokens"})
     assert code == 0, out
     saved = json.loads((Path(os.environ["AUTORESEARCH_CACHE"]) / "runs" / "last_result.json").read_text())
     assert saved["status"] == "ok" and f"val_bpb:          {saved['val_bpb']:.6f}" in out

@@ -13,7 +13,9 @@ bottom of this file, where the real train.py runs on the tiny data.
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -31,25 +33,53 @@ from autoresearch_kit.runner import RunResult, run_budgeted
 
 REPO = Path(__file__).resolve().parent.parent
 
-# A stand-in for the harness: the same channel, the same messages (docs/CONTRACTS.md).
+# A stand-in for the harness: the same socket, the same messages (docs/CONTRACTS.md).
 FAKE_HARNESS = textwrap.dedent('''
-    import math, os, sys, time
-    from autoresearch_kit.channel import ChildChannel
-    ch = ChildChannel.from_env()
-    ch.send("start", {"device": "cpu", "device_name": "fake", "torch": "none",
-                      "budget": os.environ.get("AUTORESEARCH_BUDGET"),
-                      "seed": int(os.environ.get("AUTORESEARCH_SEED", 0)),
-                      "data_dir": os.environ.get("AUTORESEARCH_DATA"),
-                      "eval_tokens": int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", 0)), "pid": os.getpid()})
-    def step(i, loss=2.0):
-        ch.send("step", {"step": i, "loss": loss, "lr": 0.01, "tokens": 64 * (i + 1),
-                         "elapsed": 0.01 * i, "progress": 0.1 * i, "tok_per_s": 6400.0})
-    def result(val_bpb=1.25, status="ok", reason=""):
-        ch.send("result", {"status": status, "reason": reason, "val_bpb": val_bpb, "steps": 3, "tokens": 192,
-                           "flops": 1e6, "params": 1000, "training_seconds": 0.5, "total_seconds": 0.7,
-                           "eval_seconds": 0.1, "eval_tokens": int(os.environ["AUTORESEARCH_EVAL_TOKENS"]),
-                           "peak_memory_gb": None, "mfu": None, "causal": True, "device": "cpu", "torch": "none"})
+    import math, mmap, os, random, sys, time
+    from autoresearch_kit.wire import Conn
+    ch = Conn.from_env()
+    ch.send("hello", {"device": "cpu", "device_name": "fake", "torch": "none", "pid": os.getpid()})
+    _kind, CFG, _ = ch.recv()
+    MARK = os.environ.get("TEST_MARK", "60")
+    def step(i, loss=2.0, batch=(4, 16)):
+        ch.send("step", {"tokens": batch[0] * batch[1]})
+        kind, h, _ = ch.recv()
+        if not h.get("go"):
+            return False
+        ch.send("batch", {"loader": 0, "batch_size": batch[0], "seq_len": batch[1]})
+        kind, h, ids = ch.recv()
+        if kind != "data":
+            raise RuntimeError("no batch: " + str(h.get("reason")))
+        ch.send("log", {"step": i, "loss": loss, "lr": 0.01})
+        return True
+    def result(peek=False):
+        ch.send("watch", {"params": 1000, "flops_per_token": 5000.0})
+        ch.send("finish", {"params": 1000})
+        shm = None
+        while True:
+            kind, h, p = ch.recv()
+            if kind == "val":
+                rows, L, V = h["rows"], h["seq_len"], CFG["vocab_size"]
+                n = rows * L * V * 4
+                if shm is None:
+                    ch.send("need", {"bytes": n})
+                    _k, h2, _p, fds = ch.recv(with_fds=True)
+                    shm = mmap.mmap(fds[0], h2["bytes"])
+                shm[:n] = bytes(n)  # all-zero logits: the uniform guess
+                if peek:  # a large logit on the next input token: it sees the target
+                    import struct
+                    for r in range(rows):
+                        for t in range(L - 1):
+                            nxt = p[2 * (r * L + t + 1)] + 256 * p[2 * (r * L + t + 1) + 1]
+                            shm[4 * ((r * L + t) * V + nxt): 4 * ((r * L + t) * V + nxt) + 4] = struct.pack("f", 30.0)
+                ch.send("logits", {"shape": [rows, L, V], "dtype": "float32"})
+            elif kind == "score":
+                return h["val_bpb"]
+            elif kind == "invalid":
+                print("invalid:", h["reason"])
+                sys.exit(4)
 ''')
+UNIFORM = math.log2(257)  # all-zero logits over the tiny data's 257 byte tokens: 1 byte a token
 
 
 def fake(body: str) -> str:
@@ -82,14 +112,36 @@ def _assert_nothing_left(res: RunResult) -> None:
     run_id = res.extra.get("run_id")
     if run_id:
         assert _run_id_processes(run_id) == []
-    pid = (res.extra.get("start") or {}).get("pid")
+    pid = res.extra.get("pid")
     if pid:
         assert not _alive(pid)
 
 
+def _marked(mark: str) -> list[int]:
+    """Live processes whose command line carries `mark` (seen from outside any sandbox)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if mark.encode() in Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0") and _alive(int(name)):
+                    found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+def _written(work: Path, name: str) -> Path:
+    """A file the candidate wrote in its cwd: work/files/ in the sandbox, else work/."""
+    return work / "files" / name if (work / "files").is_dir() else work / name
+
+
+def _mark() -> str:
+    return f"61.{random.randrange(10**8):08d}"  # a `sleep` duration no other process has
+
+
 @pytest.fixture()
 def unchecked(monkeypatch, kit_env):
-    """Run self-made candidates that use the channel directly (the static check forbids it)."""
+    """Run self-made candidates that use the socket directly (the static check forbids it)."""
     monkeypatch.setattr(integrity, "check_source", lambda source: [])
     return kit_env
 
@@ -106,19 +158,20 @@ def run(source: str, tmp_path: Path, budget="2s", **kw) -> RunResult:
 # --------------------------------------------------------------------------- happy path
 
 
-def test_ok_run_scores_from_the_channel_and_streams_events(unchecked, tmp_path):
+def test_ok_run_is_scored_by_the_runner_and_streams_events(unchecked, tmp_path):
     events = []
     res = run(fake("""
         for i in range(3):
             step(i, loss=3.0 - i)
         print("training done")
-        result(1.25)
+        result()
     """), tmp_path, on_event=events.append)
     assert res.status == "ok", res.reason
-    assert res.val_bpb == 1.25
+    assert res.val_bpb == pytest.approx(UNIFORM, rel=1e-6)  # the runner's cross-entropy of its logits
     assert [e["step"] for e in events] == [0, 1, 2]
     assert [p["loss"] for p in res.curve] == [3.0, 2.0, 1.0]
-    assert (res.steps, res.tokens, res.params, res.flops) == (3, 192, 1000, 1e6)
+    assert [p["tokens"] for p in res.curve] == [64, 128, 192]  # the runner's count, not the child's
+    assert (res.steps, res.tokens, res.params, res.flops) == (3, 192, 1000, 192 * 5000.0)
     assert res.eval_tokens == 4096 and res.budget == "2s" and res.seed == 42
     assert 0 < res.wall_seconds < 20
     assert "training done" in Path(res.log_path).read_text()
@@ -127,21 +180,21 @@ def test_ok_run_scores_from_the_channel_and_streams_events(unchecked, tmp_path):
 
 
 def test_candidate_may_be_a_path_or_a_proposal(unchecked, tmp_path):
-    src = fake("result(1.5)\n")
+    src = fake("step(0); result()\n")
     path = tmp_path / "cand.py"
     path.write_text(src)
-    assert run(path, tmp_path).val_bpb == 1.5
-    assert run(str(path), tmp_path).val_bpb == 1.5
+    assert run(path, tmp_path).val_bpb == pytest.approx(UNIFORM)
+    assert run(str(path), tmp_path).val_bpb == pytest.approx(UNIFORM)
 
     class Proposal:
         source = src
-    assert run(Proposal(), tmp_path).val_bpb == 1.5
+    assert run(Proposal(), tmp_path).val_bpb == pytest.approx(UNIFORM)
 
 
 def test_raising_callback_does_not_end_the_run(unchecked, tmp_path):
     def bad(event):
         raise RuntimeError("plot broke")
-    res = run(fake("step(0); step(1); result(1.0)\n"), tmp_path, on_event=bad)
+    res = run(fake("step(0); step(1); result()\n"), tmp_path, on_event=bad)
     assert res.status == "ok"
     assert "plot broke" in res.extra["on_event_error"]
 
@@ -150,8 +203,8 @@ def test_slow_callback_never_blocks_the_child(unchecked, tmp_path):
     # 3000 step messages (~500 KB) overflow the pipe many times over: if the channel
     # waited on the callback, the child would block and hit the hard limit.
     release = threading.Event()
-    res = run(fake("for i in range(3000):\n    step(i)\nresult(1.0)\n"), tmp_path, hard_limit=10,
-              on_event=lambda e: release.wait(30))
+    res = run(fake("for i in range(3000):\n    step(i)\nresult()\n"), tmp_path, budget="100M-tokens",
+              hard_limit=20, on_event=lambda e: release.wait(30))
     release.set()
     assert res.status == "ok", res.reason
     assert len(res.curve) == 3000
@@ -198,7 +251,7 @@ def test_nan_loss_is_diverged(unchecked, tmp_path):
     res = run(fake("""
         step(0, 2.5)
         step(1, float("nan"))
-        ch.send("status", {"status": "diverged", "reason": "loss is nan at step 1"})
+        ch.send("fail", {"status": "diverged", "reason": "loss is nan at step 1"})
         sys.exit(3)
     """), tmp_path)
     assert res.status == "diverged"
@@ -206,11 +259,11 @@ def test_nan_loss_is_diverged(unchecked, tmp_path):
     assert len(res.curve) == 2
 
 
-def test_non_causal_result_is_invalid(unchecked, tmp_path):
-    res = run(fake('result(0.01, status="invalid", reason="the model sees future tokens (causality probe)")\n'),
-              tmp_path)
+def test_logits_that_see_the_next_token_are_invalid(unchecked, tmp_path):
+    # The probe rows mixed into the validation batches catch it: not a separate check on random ids.
+    res = run(fake("step(0)\nresult(peek=True)\n"), tmp_path)
     assert res.status == "invalid" and res.val_bpb is None
-    assert "future tokens" in res.reason
+    assert "not causal" in res.reason and "validation row" in res.reason
 
 
 # --------------------------------------------------------------------------- the clock
@@ -259,7 +312,8 @@ _FORK = """
         time.sleep(60)
         os._exit(0)
     open("stray.pid", "w").write(str(pid))
-    result(1.0)
+    step(0)
+    result()
 """
 
 
@@ -270,7 +324,8 @@ _FORK = """
     ("fork+setsid+closed fds", "os.setsid(); os.closerange(0, 1024)"),
 ])
 def test_children_that_keep_running_are_killed(unchecked, tmp_path, how, child):
-    res = run(fake(_FORK.format(child=child)), tmp_path)
+    # Without a sandbox (macOS, AUTORESEARCH_SANDBOX=off) the stray hunt is what finds them.
+    res = run(fake(_FORK.format(child=child)), tmp_path, sandbox="off")
     pid = int((tmp_path / "work" / "stray.pid").read_text())
     assert res.status == "ok", res.reason
     assert not _alive(pid), f"{how}: pid {pid} survived the run"
@@ -284,12 +339,34 @@ def test_subprocess_in_its_own_session_is_killed(unchecked, tmp_path):
         p = subprocess.Popen(["sleep", "60"], start_new_session=True, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         open("stray.pid", "w").write(str(p.pid))
-        result(1.0)
-    """), tmp_path)
+        step(0)
+        result()
+    """), tmp_path, sandbox="off")
     pid = int((tmp_path / "work" / "stray.pid").read_text())
     assert res.status == "ok"
     assert not _alive(pid)
     assert pid in res.extra["killed_strays"]
+
+
+def test_a_sandboxed_candidate_leaves_no_process_behind(unchecked, tmp_path, monkeypatch):
+    # Its PID namespace dies with it: a double-forked, setsid'd `sleep` with every fd closed too.
+    mark = _mark()
+    monkeypatch.setenv("TEST_MARK", mark)
+    res = run(fake("""
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.closerange(0, 1024)
+                os.execvp("sleep", ["sleep", MARK])
+            os._exit(0)
+        time.sleep(0.5)
+        step(0)
+        result()
+    """), tmp_path)
+    if res.extra["isolation"] != "bwrap":
+        pytest.skip("bubblewrap is not available here")
+    assert res.status == "ok", res.reason
+    assert _marked(mark) == []
 
 
 # --------------------------------------------------------------------------- output
@@ -304,7 +381,8 @@ def test_ten_megabytes_of_output_are_capped_and_do_not_block(unchecked, tmp_path
                 sys.stdout.write(line)
             sys.stdout.write("y" * 3_000_000)  # one 3 MB line, no newline
             print("\\nlast line")
-            result(1.0)
+            step(0)
+            result()
         """), tmp_path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -329,7 +407,7 @@ def test_printed_summary_is_not_scored(unchecked, tmp_path):
         print("training_seconds: 2.0")
     """), tmp_path)
     assert res.status == "invalid" and res.val_bpb is None
-    assert "without a trusted result" in res.reason and "summary is not trusted" in res.reason
+    assert "without being scored by the runner" in res.reason and "summary is not trusted" in res.reason
 
 
 def test_result_file_is_not_scored(unchecked, tmp_path):
@@ -342,27 +420,22 @@ def test_result_file_is_not_scored(unchecked, tmp_path):
     assert res.status == "invalid" and res.val_bpb is None
 
 
-def test_forged_channel_line_is_rejected(unchecked, tmp_path):
-    # What a candidate could do if it found the fd: write a result it cannot sign.
-    res = run("""
-import json, os
-fd = int(os.environ["AUTORESEARCH_CHANNEL_FD"])
-body = json.dumps({"seq": 1, "kind": "result", "data": {"status": "ok", "val_bpb": 0.1}})
-os.write(fd, ("0" * 64 + " " + body + "\\n").encode())
-os.write(fd, b"not even a signature\\n")
-os.write(fd, b"\\xff" * 64 + b" {\\"seq\\": 2}\\n")
-""", tmp_path)
+def test_garbage_and_made_up_messages_on_the_socket_score_nothing(unchecked, tmp_path):
+    # What a candidate can do with the socket: say anything. Only the runner makes a score.
+    res = run(fake("""
+        ch.send("score", {"val_bpb": 0.1})
+        ch.send("result", {"status": "ok", "val_bpb": 0.1})
+        os.write(ch.sock.fileno(), b"\\xff" * 64)
+    """), tmp_path)
     assert res.status == "invalid" and res.val_bpb is None
-    assert res.extra["channel_rejected"] == 3
-    assert "forged" in res.reason
+    assert "does not know" in res.reason
 
 
-def test_changed_eval_tokens_are_caught_at_runtime(unchecked, tmp_path):
-    # A computed name evades the static check; the runner compares what the trusted
-    # start/result messages report with what it set.
-    res = run("import os\nos.environ['AUTORE' + 'SEARCH_EVAL_TOKENS'] = '64'\n" + fake("result(0.2)\n"), tmp_path)
-    assert res.status == "invalid" and res.val_bpb is None
-    assert "eval_tokens was 64, but the runner set 4096" in res.reason
+def test_eval_tokens_are_the_runners_whatever_the_child_sets(unchecked, tmp_path):
+    # A computed name evades the static check; the child's environment no longer decides anything.
+    res = run("import os\nos.environ['AUTORE' + 'SEARCH_EVAL_TOKENS'] = '64'\n" + fake("step(0)\nresult()\n"), tmp_path)
+    assert res.status == "ok", res.reason
+    assert res.eval_tokens == 4096 and res.extra["eval"]["bytes"] > 3000
 
 
 def test_monkeypatched_evaluation_is_invalid_before_running(kit_env, tmp_path):
@@ -382,7 +455,7 @@ run.finish(None)
 
 _FOREVER = """
     import subprocess
-    p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    p = subprocess.Popen(["sleep", MARK], stdin=subprocess.DEVNULL)
     open("stray.pid", "w").write(str(p.pid))
     i = 0
     while True:
@@ -392,7 +465,9 @@ _FOREVER = """
 """
 
 
-def test_stop_event_aborts_and_kills_the_group(unchecked, tmp_path):
+def test_stop_event_aborts_and_kills_the_group(unchecked, tmp_path, monkeypatch):
+    mark = _mark()
+    monkeypatch.setenv("TEST_MARK", mark)
     stop = threading.Event()
 
     def on_event(e):
@@ -401,12 +476,13 @@ def test_stop_event_aborts_and_kills_the_group(unchecked, tmp_path):
     res = run(fake(_FOREVER), tmp_path, on_event=on_event, stop=stop)
     assert res.status == "aborted" and "stop" in res.reason
     assert len(res.curve) >= 4
-    assert not _alive(int((tmp_path / "work" / "stray.pid").read_text()))
+    assert _marked(mark) == []
     _assert_nothing_left(res)
 
 
 def test_keyboard_interrupt_returns_aborted_and_leaves_nothing(tiny_data, tmp_path):
     work = tmp_path / "work"
+    mark = _mark()
     script = tmp_path / "drive.py"
     script.write_text(textwrap.dedent(f"""
         import json, sys
@@ -415,12 +491,13 @@ def test_keyboard_interrupt_returns_aborted_and_leaves_nothing(tiny_data, tmp_pa
         res = runner.run_budgeted({fake(_FOREVER)!r}, "30s", workdir={str(work)!r}, data_dir={str(tiny_data)!r},
                                   device="cpu", hard_limit=60)
         print(json.dumps({{"status": res.status, "reason": res.reason, "curve": len(res.curve),
-                          "pid": res.extra["start"]["pid"], "run_id": res.extra["run_id"]}}))
+                          "pid": res.extra["pid"], "run_id": res.extra["run_id"]}}))
     """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TEST_MARK": mark})
     try:
         deadline = time.monotonic() + 30
-        while not (work / "stray.pid").exists() and time.monotonic() < deadline:
+        while not _marked(mark) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
@@ -433,7 +510,7 @@ def test_keyboard_interrupt_returns_aborted_and_leaves_nothing(tiny_data, tmp_pa
     assert got["status"] == "aborted" and "KeyboardInterrupt" in got["reason"]
     assert got["curve"] >= 1
     assert not _alive(got["pid"])
-    assert not _alive(int((work / "stray.pid").read_text()))
+    assert _marked(mark) == []
     assert _run_id_processes(got["run_id"]) == []
 
 
@@ -452,17 +529,18 @@ def test_ctrl_c_again_during_cleanup_still_leaves_nothing(unchecked, tmp_path, m
         return real(*args)
 
     monkeypatch.setattr(runner, "_cleanup", cleanup_cut_short)
+    mark = _mark()
+    monkeypatch.setenv("TEST_MARK", mark)
     fds, threads = _open_fds(), set(threading.enumerate())
     res = run(fake("""
         import subprocess
-        p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
-        open("stray.pid", "w").write(str(p.pid))
+        p = subprocess.Popen(["sleep", MARK], stdin=subprocess.DEVNULL)
         step(0)
-        result(1.25)
+        result()
     """), tmp_path, on_event=lambda e: None)
     assert res.status == "aborted" and "KeyboardInterrupt" in res.reason
     assert len(calls) == 2                                      # the hunt for strays was done again
-    assert not _alive(int((tmp_path / "work" / "stray.pid").read_text()))
+    assert _marked(mark) == []
     deadline = time.monotonic() + 2                             # the dispatcher drops what is queued
     while not set(threading.enumerate()) <= threads and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -474,7 +552,7 @@ def test_ctrl_c_again_during_cleanup_still_leaves_nothing(unchecked, tmp_path, m
 def test_unwritable_log_path_raises_and_leaks_nothing(unchecked, tmp_path):
     fds = _open_fds()
     with pytest.raises(PermissionError, match="writable file"):
-        run_budgeted(fake("result(1.0)\n"), "2s", workdir=tmp_path / "w", log_path=tmp_path, device="cpu")
+        run_budgeted(fake("result()\n"), "2s", workdir=tmp_path / "w", log_path=tmp_path, device="cpu")
     assert _open_fds() == fds
 
 
@@ -494,6 +572,7 @@ def _children(pid: int) -> list[int]:
 def test_training_child_dies_with_a_killed_runner(tiny_data, tmp_path):
     """kill -9 of the process running run_budgeted (a dead kernel): the child goes too."""
     work = tmp_path / "work"
+    mark = _mark()
     script = tmp_path / "drive.py"
     script.write_text(textwrap.dedent(f"""
         from autoresearch_kit import integrity, runner
@@ -501,29 +580,32 @@ def test_training_child_dies_with_a_killed_runner(tiny_data, tmp_path):
         runner.run_budgeted({fake(_FOREVER)!r}, "60s", workdir={str(work)!r}, data_dir={str(tiny_data)!r},
                             device="cpu", hard_limit=120)
     """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "TEST_MARK": mark})
     child = None
     try:
         deadline = time.monotonic() + 30
-        while not (work / "stray.pid").exists():      # the child is training
+        while not _marked(mark):                       # the child is training
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "the candidate did not start within 30 s"
             time.sleep(0.05)
         # the training process: the runner's child, or its grandchild through the fork server
         kids = _children(proc.pid)
         kids += [g for k in kids for g in _children(k)]
+        kids = sorted(set(kids + [g for k in kids for g in _children(k)]))  # bwrap adds two levels
         child = next(k for k in kids if "train.py" in Path(f"/proc/{k}/cmdline").read_text())
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 5
-        while _alive(child) and time.monotonic() < deadline:
+        while (_alive(child) or _marked(mark)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(child), "the training child outlived its killed runner"
+        assert _marked(mark) == [], "a process the candidate started outlived the killed runner"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in (child, int((work / "stray.pid").read_text()) if (work / "stray.pid").exists() else None):
+        for pid in [child] + _marked(mark):
             if pid and _alive(pid):          # leave nothing behind even when the test fails
                 os.kill(pid, signal.SIGKILL)
 
@@ -588,14 +670,13 @@ def test_real_nan_loss_is_diverged(kit_env, tmp_path):
     assert "nan" in res.reason.lower()
 
 
-def test_real_harness_reports_changed_eval_tokens(kit_env, tmp_path):
-    # Computed names slip past the static check; the harness reports what it read and
-    # the runner compares it with what it set.
+def test_real_train_py_cannot_change_what_it_is_scored_on(kit_env, tmp_path):
+    # Computed names slip past the static check; the environment of the child decides nothing.
     src = 'import os\nos.environ.update({"".join(["AUTORE", "SEARCH_EVAL_TOKENS"]): "64"})\n' + tiny_train()
     assert integrity.check_source(src) == []
     res = run(src, tmp_path, budget=E2E_BUDGET, hard_limit=120)
-    assert res.status == "invalid" and res.val_bpb is None
-    assert "eval_tokens was 64, but the runner set 4096" in res.reason
+    assert res.status == "ok", res.reason
+    assert res.eval_tokens == 4096
 
 
 def test_ctrl_c_while_the_child_is_starting_aborts_and_leaves_nothing(tiny_data, tmp_path, monkeypatch):
@@ -610,6 +691,7 @@ def test_ctrl_c_while_the_child_is_starting_aborts_and_leaves_nothing(tiny_data,
 
     monkeypatch.setattr(runner.forkserver, "spawn", slow_spawn)
     monkeypatch.setattr(integrity, "check_source", lambda source: [])
-    res = run_budgeted(fake(_FOREVER), "60s", workdir=tmp_path / "w", data_dir=tiny_data, device="cpu")
+    res = run_budgeted(fake(_FOREVER), "60s", workdir=tmp_path / "w", data_dir=tiny_data, device="cpu",
+                       sandbox="off")
     assert res.status == "aborted" and "starting" in res.reason
     assert started[0].wait(timeout=5) == -signal.SIGKILL
