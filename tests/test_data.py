@@ -152,7 +152,7 @@ def test_val_is_stable_across_prepares_and_a_tampered_shard_is_rebuilt(cache, tm
     # A changed shard fails verification, and prepare rebuilds instead of reusing it.
     with open(a.path / "val.bin", "r+b") as f:
         f.write(b"\x01\x00")
-    assert PreparedData.open(a.path).verify() == ["val"]
+    assert PreparedData.open(a.path).verify() == ["val.bin"]
     prepare("builtin", vocab_size=400, limit=150, data_dir=tmp_path / "a", progress=False)
     assert PreparedData.open(a.path).verify() == []
 

@@ -25,20 +25,7 @@ from autoresearch_kit.runner import RunResult, run_budgeted
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux only")
 
-HARNESS = textwrap.dedent('''
-    import json, os, sys, time
-    from autoresearch_kit.channel import ChildChannel
-    ch = ChildChannel.from_env()
-    ch.send("start", {"device": "cpu", "device_name": "fake", "torch": "none",
-                      "budget": os.environ.get("AUTORESEARCH_BUDGET"),
-                      "seed": int(os.environ.get("AUTORESEARCH_SEED", 0)),
-                      "eval_tokens": int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", 0)), "pid": os.getpid()})
-    def result(val_bpb=1.25):
-        ch.send("result", {"status": "ok", "reason": "", "val_bpb": val_bpb, "steps": 1, "tokens": 64,
-                           "flops": 1.0, "params": 10, "training_seconds": 0.1, "total_seconds": 0.2,
-                           "eval_seconds": 0.0, "eval_tokens": int(os.environ["AUTORESEARCH_EVAL_TOKENS"]),
-                           "peak_memory_gb": None, "mfu": None, "causal": True, "device": "cpu", "torch": "none"})
-''')
+from test_runner import FAKE_HARNESS as HARNESS  # noqa: E402  (the same socket-speaking stand-in)
 
 
 def fake(body: str) -> str:
@@ -56,6 +43,7 @@ def _alive(pid: int) -> bool:
 def forked(monkeypatch, kit_env):
     """Fork server on, static check off (the candidates use the channel directly)."""
     monkeypatch.setenv(forkserver.SWITCH_VAR, "1")
+    monkeypatch.setenv("AUTORESEARCH_SANDBOX", "off")  # a sandboxed run starts under bubblewrap instead
     monkeypatch.setattr(integrity, "check_source", lambda source: [])
     yield kit_env
     forkserver.shutdown()
@@ -85,7 +73,7 @@ def test_forked_child_looks_like_python_train_py(forked, tmp_path):
                  "stdin": os.readlink("/proc/self/fd/0"), "channel_in_env": "AUTORESEARCH_CHANNEL_FD" in os.environ}
         open("facts.json", "w").write(json.dumps(facts))
         print("to stdout"); print("to stderr", file=sys.stderr)
-        result(1.5)
+        step(0); result()
     """), tmp_path)
     assert res.status == "ok", res.reason
     assert res.extra["forkserver"] is True
@@ -129,20 +117,20 @@ def test_atexit_handlers_of_train_py_run(forked, tmp_path):
     res = run(fake("""
         import atexit
         atexit.register(lambda: open("atexit.ran", "w").write("yes"))
-        result(1.0)
+        step(0); result()
     """), tmp_path)
     assert res.status == "ok" and (tmp_path / "work" / "atexit.ran").read_text() == "yes"
 
 
 def test_server_killed_between_runs_falls_back_then_restarts(forked, tmp_path):
-    first = run(fake("result(1.0)"), tmp_path, "a")
+    first = run(fake("step(0); result()"), tmp_path, "a")
     pid = forkserver.server_pid()
     assert first.extra["forkserver"] is True and pid
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
-    second = run(fake("result(1.0)"), tmp_path, "b")
+    second = run(fake("step(0); result()"), tmp_path, "b")
     assert second.status == "ok"                       # a dead server never costs a run
-    third = run(fake("result(1.0)"), tmp_path, "c")
+    third = run(fake("step(0); result()"), tmp_path, "c")
     assert third.status == "ok" and third.extra["forkserver"] is True
     assert forkserver.server_pid() not in (None, pid)
 
@@ -156,7 +144,7 @@ def test_server_killed_mid_run_kills_the_child(forked, tmp_path):
             killer["done"] = True
             os.kill(forkserver.server_pid(), signal.SIGKILL)
     res = run(fake("""
-        ch.send("step", {"step": 0, "loss": 2.0, "lr": 0.1, "tokens": 64, "elapsed": 0.0, "progress": 0.0})
+        step(0)
         time.sleep(60)
     """), tmp_path, on_event=on_event)
     assert res.status == "crash" and "SIGKILL" in res.reason
@@ -171,7 +159,7 @@ def test_an_import_that_leaves_a_thread_is_dropped_from_the_preload(forked, tmp_
                                           "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n")
     monkeypatch.setenv("PYTHONPATH", str(mods))
     monkeypatch.setattr(forkserver, "PRELOAD", ("json", "threaded_mod", "numpy"))
-    res = run(fake("result(1.0)"), tmp_path)
+    res = run(fake("step(0); result()"), tmp_path)
     assert res.status == "ok" and res.extra["forkserver"] is True
     assert forkserver._server.info["imported"] == 1    # json only: the server restarted without the rest
 
@@ -191,13 +179,14 @@ def _server_children(pid: int) -> list[int]:
 @pytest.mark.parametrize("how", ["exit", "kill -9 mid-run"])
 def test_no_server_or_child_outlives_its_runner(kit_env, tmp_path, how):
     work = tmp_path / "work"
-    body = "result(1.0)" if how == "exit" else "open('started', 'w').write(str(os.getpid()))\ntime.sleep(120)"
+    body = "step(0); result()" if how == "exit" else "open('started', 'w').write(str(os.getpid()))\ntime.sleep(120)"
     script = tmp_path / "drive.py"
     script.write_text(textwrap.dedent(f"""
         import os
         from autoresearch_kit import forkserver, integrity, runner
         integrity.check_source = lambda source: []
         os.environ["AUTORESEARCH_FORKSERVER"] = "1"
+        os.environ["AUTORESEARCH_SANDBOX"] = "off"
         res = runner.run_budgeted({fake(body)!r}, "60s", workdir={str(work)!r}, device="cpu", hard_limit=150)
         print(forkserver.server_pid(), res.extra["forkserver"], flush=True)
     """))
@@ -262,7 +251,7 @@ def test_prestarted_server_serves_the_first_run(forked, tmp_path):
     thread.join(120)
     pid = forkserver.server_pid()
     assert pid is not None, "prestart did not leave a running server"
-    res = run(fake("result(1.0)"), tmp_path)
+    res = run(fake("step(0); result()"), tmp_path)
     assert res.status == "ok" and res.extra["forkserver"] is True
     assert forkserver.server_pid() == pid, "the first run started another server instead of using the prestarted one"
 

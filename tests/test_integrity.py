@@ -86,7 +86,7 @@ HACKS = [
     ("vars of the harness", "vars(harness)", "calls vars(harness)"),
     ("in-place on run state", "b = run.budget\nb.__init__(seconds=1e9)", "run object"),
     ("helper gets the run", "def tweak(r):\n    r.seed = 0\ntweak(run)", "assigns to r.seed"),
-    ("alias escapes tracking", 'h = [harness][0]\nh._CHANNEL.send("result", {})', "h._CHANNEL"),
+    ("alias escapes tracking", 'h = [harness][0]\nh._CONN.send("score", {})', "h._CONN"),
     ("other kit modules", "import autoresearch_kit.metric", "imports autoresearch_kit.metric"),
     ("prepared data", "from autoresearch_kit.data.shards import PreparedData", "PreparedData"),
     ("val.bin", 'open("/data/val.bin", "rb")', "val.bin"),

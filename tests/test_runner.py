@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A stand-in for the harness: the same socket, the same messages (docs/CONTRACTS.md).
 FAKE_HARNESS = textwrap.dedent('''
-    import math, mmap, os, random, sys, time
+    import json, math, mmap, os, random, sys, time
     from autoresearch_kit.wire import Conn
     ch = Conn.from_env()
     ch.send("hello", {"device": "cpu", "device_name": "fake", "torch": "none", "pid": os.getpid()})

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from test_harness import _kinds, run_candidate
+from test_harness import run_served
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 HARNESS_API = {"start", "train_loader", "watch", "training", "log", "finish", "progress", "autocast"}
@@ -69,51 +69,44 @@ def test_constants_block_is_literal_and_the_harness_api_is_all_it_uses():
     assert used <= HARNESS_API | reads, used - HARNESS_API - reads
 
 
-def test_seconds_budget_run(kit_env, tmp_path):
-    code, out, msgs, _ = run_candidate(small_train(), tmp_path, {"AUTORESEARCH_BUDGET": "3s"})
-    assert code == 0, out
+def test_seconds_budget_run(kit_env, tmp_path, monkeypatch):
+    res, out = run_served(small_train(), tmp_path, "3s", monkeypatch)
+    assert res.status == "ok", res.reason + out
     s = summary(out)
-    (result,) = _kinds(msgs, "result")
-    assert result["status"] == "ok" and result["val_bpb"] == pytest.approx(s["val_bpb"], abs=1e-6)
+    assert res.val_bpb == pytest.approx(s["val_bpb"], abs=1e-6)  # the child prints the runner's score
     # uniform over the 257 byte tokens is log2(257) = 8.0 bits per byte; 3 s of training beats it by far
     assert math.isfinite(s["val_bpb"]) and s["val_bpb"] < math.log2(257) - 3
-    assert 3.0 <= result["training_seconds"] < 3.0 + 1.5  # the last step may finish past the budget
-    assert result["total_seconds"] > result["training_seconds"] + result["eval_seconds"]
-    assert s["num_steps"] == result["steps"] > 10
-    curve = _kinds(msgs, "step")
-    assert curve[0]["loss"] > curve[-1]["loss"]
-    assert curve[-1]["lr"] < 0.2  # the warm-down ran: the LR multiplier is near 0 at the end
+    assert 3.0 <= res.training_seconds < 3.0 + 1.5  # the runner's clock; the last step may end past it
+    assert res.wall_seconds > res.training_seconds + res.eval_seconds
+    assert s["num_steps"] == res.steps > 10
+    assert res.curve[0]["loss"] > res.curve[-1]["loss"]
+    assert res.curve[-1]["lr"] < 0.2  # the warm-down ran: the LR multiplier is near 0 at the end
 
 
-def test_token_and_flop_budgets(kit_env, tmp_path):
-    code, out, msgs, _ = run_candidate(small_train(), tmp_path / "a", {"AUTORESEARCH_BUDGET": "30k-tokens"})
-    assert code == 0, out
-    (result,) = _kinds(msgs, "result")
-    assert result["tokens"] == 117 * 256 and result["steps"] == 117  # a 118th step would pass 30,000
-    fpt = result["flops_per_token"]
-    assert fpt > 6 * result["params"] * 0.5  # measured: about 6 FLOPs per parameter per token
+def test_token_and_flop_budgets(kit_env, tmp_path, monkeypatch):
+    res, out = run_served(small_train(), tmp_path / "a", "30k-tokens", monkeypatch)
+    assert res.status == "ok", res.reason + out
+    assert res.tokens == 117 * 256 and res.steps == 117  # a 118th step would pass 30,000: not served
+    fpt = res.extra["flops_per_token"]
+    assert fpt > 6 * res.params * 0.5  # measured: about 6 FLOPs per parameter per token
     budget = fpt * 256 * 40  # exactly 40 steps' worth of FLOPs
-    code, out, msgs, _ = run_candidate(small_train(), tmp_path / "b", {"AUTORESEARCH_BUDGET": f"{budget!r}-flops"})
-    assert code == 0, out
-    (result,) = _kinds(msgs, "result")
-    assert result["steps"] == 40 and result["flops"] == pytest.approx(budget)
+    res, out = run_served(small_train(), tmp_path / "b", f"{budget!r}-flops", monkeypatch)
+    assert res.status == "ok", res.reason + out
+    assert res.steps == 40 and res.flops == pytest.approx(budget)
+    assert "reported by train.py" in res.extra["flops_source"]
 
 
-def test_exploding_learning_rate_ends_as_diverged(kit_env, tmp_path):
-    src = small_train(MATRIX_LR=1e30, EMBED_LR=1e30)
-    code, out, msgs, _ = run_candidate(src, tmp_path, {"AUTORESEARCH_BUDGET": "30k-tokens"})
-    assert code == 3, out
-    (status,) = _kinds(msgs, "status")
-    assert status["status"] == "diverged"
-    assert not _kinds(msgs, "result") and "val_bpb:" not in out
+def test_exploding_learning_rate_ends_as_diverged(kit_env, tmp_path, monkeypatch):
+    res, out = run_served(small_train(MATRIX_LR=1e30, EMBED_LR=1e30), tmp_path, "30k-tokens", monkeypatch)
+    assert res.status == "diverged", res.reason
+    assert res.val_bpb is None and "val_bpb:" not in out
 
 
-def test_attention_without_the_causal_mask_is_invalid(kit_env, tmp_path):
-    src = small_train().replace("is_causal=True", "is_causal=False")
-    code, out, msgs, _ = run_candidate(src, tmp_path, {"AUTORESEARCH_BUDGET": "10k-tokens"})
-    assert code == 4, out
-    (result,) = _kinds(msgs, "result")
-    assert result["status"] == "invalid" and result["val_bpb"] is None
+def test_attention_without_the_causal_mask_is_invalid(kit_env, tmp_path, monkeypatch):
+    res, out = run_served(small_train().replace("is_causal=True", "is_causal=False"), tmp_path, "10k-tokens",
+                          monkeypatch)
+    assert res.status == "invalid" and res.val_bpb is None
+    assert "not causal" in res.reason
 
 
 def test_train_py_without_prepared_data_says_what_to_run(tmp_path):
