@@ -474,6 +474,7 @@ class Run:
             "elapsed": self._elapsed(),
             "progress": self.progress,
             "index": s.steps - 1,  # the harness's own count: train.py's step numbers are its business
+            "late": s.done,  # logged after the budget ended (the runner counts that as work after it)
         }
         if s.device.type == "cuda":
             s.pending["ready"] = torch.cuda.Event()
@@ -498,9 +499,9 @@ class Run:
         s.last_loss = loss
         self._check_divergence(loss, rec["step"], rec["index"])
         now = time.perf_counter()
-        if _CONN is not None and (last or now - s.last_event_t >= 1.0 / _STEP_EVENTS_PER_S or s.done):
+        if _CONN is not None and (last or now - s.last_event_t >= 1.0 / _STEP_EVENTS_PER_S or rec.get("late")):
             # `late`: logged after the runner ended the budget (it counts those as work after it)
-            _CONN.send("log", {**event, "late": bool(s.done and not s.finished)})
+            _CONN.send("log", {**event, "late": bool(rec.get("late"))})
             s.last_event_t, s.last_sent = now, event
         if last or rec["index"] < 3 or now - s.last_print_t >= _PRINT_EVERY_S:
             s.last_print_t = now

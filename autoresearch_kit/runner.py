@@ -574,7 +574,8 @@ def _classify(res: RunResult, *, returncode: int | None, timed_out: bool, aborte
 # --------------------------------------------------------------------------- public
 
 
-def prestart(device: str | None = None, env: dict[str, Any] | None = None) -> threading.Thread | None:
+def prestart(device: str | None = None, env: dict[str, Any] | None = None,
+             sandbox: str | None = None) -> threading.Thread | None:
     """Start the fork server now, in the background, so the first run does not wait for it.
 
     On a CUDA machine every run forks from a server that has imported torch, dynamo and
@@ -598,6 +599,13 @@ def prestart(device: str | None = None, env: dict[str, Any] | None = None) -> th
     extra_env = {str(k): str(v) for k, v in (env or {}).items()}
     device = device or config.env("DEVICE") or None
     if not forkserver.enabled(device or "cuda"):  # off for this device, or (no device yet) for all
+        return None
+    from autoresearch_kit import sandbox as _sandbox
+
+    try:
+        if _sandbox.isolation(sandbox).isolated:  # sandboxed runs start fresh under bubblewrap
+            return None
+    except RuntimeError:  # sandbox required but missing: the run itself will say so
         return None
 
     def start() -> None:

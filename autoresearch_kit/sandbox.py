@@ -147,6 +147,32 @@ def _python_dirs() -> list[str]:
     return out
 
 
+# Tools the candidate's libraries call by a path from the environment: torch.compile's
+# Triton builds a helper with $CC (on the H200 box CC=/opt/gcc/bin/gcc: outside /usr, so
+# every compiled run died with FileNotFoundError until its folder was bound in).
+_TOOL_VARS = ("CC", "CXX", "CUDA_HOME", "CUDA_PATH", "TRITON_PTXAS_PATH", "TRITON_CUOBJDUMP_PATH",
+              "TRITON_NVDISASM_PATH")
+
+
+def _tool_dirs(env: dict[str, str]) -> list[str]:
+    """Read-only folders for the compilers and libraries the environment names."""
+    out: list[str] = []
+    for var in _TOOL_VARS:
+        value = env.get(var, "")
+        if not os.path.isabs(value) or not os.path.exists(value):
+            continue
+        p = os.path.realpath(value)
+        if os.path.isfile(p):
+            p = os.path.dirname(p)
+            if os.path.basename(p) == "bin":  # /opt/gcc/bin/gcc: the toolchain is /opt/gcc
+                p = os.path.dirname(p)
+        out.append(p)
+    for lib in env.get("LD_LIBRARY_PATH", "").split(os.pathsep):
+        if os.path.isabs(lib) and os.path.isdir(lib):
+            out.append(os.path.realpath(lib))
+    return [d for d in out if d not in ("/", "/home", "/root", "/tmp", "/work")]
+
+
 def compile_cache(source: str) -> Path:
     """The compile cache of one candidate source: reruns of the same train.py share it,
     and no other candidate can read or poison it."""
@@ -181,12 +207,17 @@ def wrap(argv: list[str], env: dict[str, str], iso: Isolation, *, files: Path, c
     inner_pkg = f"{KIT_ROOT}/autoresearch_kit"
     args += ["--ro-bind", pkg, inner_pkg]
     if os.path.isdir(os.path.join(pkg, "data", "builtin")):
-        args += ["--tmpfs", f"{inner_pkg}/data/builtin"]  # the built-in corpus holds the val text
+        # the built-in corpus holds the val text: an empty, read-only folder in its place
+        args += ["--tmpfs", f"{inner_pkg}/data/builtin", "--remount-ro", f"{inner_pkg}/data/builtin"]
     for h in hide:
         p = os.path.realpath(str(h))
         if os.path.exists(p) and _under(p, bound) and os.path.isdir(p):
             args += ["--tmpfs", p]
     args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/tmp/home"]
+    for d in _tool_dirs(env):  # after /tmp's tmpfs, which would hide one under /tmp
+        if not _under(d, bound):
+            args += ["--ro-bind", d, d]
+            bound.append(d)
     if os.path.isdir("/sys"):
         args += ["--ro-bind", "/sys", "/sys"]
     if device_type.split(":")[0] == "cuda":
@@ -194,6 +225,7 @@ def wrap(argv: list[str], env: dict[str, str], iso: Isolation, *, files: Path, c
             args += ["--dev-bind", dev, dev]
     files.mkdir(parents=True, exist_ok=True)
     args += ["--bind", str(files), CANDIDATE_DIR, "--chdir", CANDIDATE_DIR]
+    args += ["--remount-ro", "/"]  # the sandbox's own root (mount points, /root, /opt): read-only too
     child = {k: v for k, v in env.items()
              if k not in ("AUTORESEARCH_DATA", "AUTORESEARCH_CACHE", "PYTHONPATH", "PYTHONHOME",
                           "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "OLDPWD", "PWD")}

@@ -102,7 +102,7 @@ class RunServer:
         self.device_type, self.eval_tokens, self.warmup_steps = device_type, int(eval_tokens), int(warmup_steps)
         self.on_event = on_event
         self.t0 = time.monotonic() if t0 is None else t0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # _violate and _stop run inside locked sections
         self.hello: dict | None = None
         self.reported: dict = {}          # what train.py reported: params, flops_per_token, ...
         self.child_status: dict | None = None
@@ -392,11 +392,13 @@ class RunServer:
                 self._violate(f"logged {self.late_logs} training step(s) after the budget ended: steps after "
                               "`while run.training(...)` are not counted")
             if self.budget.kind == "seconds" and self.step_tokens:
-                cap = self.warmup_steps * max(self.step_tokens)
+                # the median timed step, not the largest: one huge step must not raise the cap;
+                # one step's slack for a batch prefetched for a loader the first step did not use
+                cap = int((self.warmup_steps + 1) * statistics.median(self.step_tokens))
                 if self.warmup_tokens > cap:
                     self._violate(f"its {self.warmup_steps} warm-up steps used {self.warmup_tokens:,} tokens, more "
-                                  f"than {self.warmup_steps} training steps ({cap:,}): warm-up is not budgeted, so "
-                                  "it may not train more than a step's worth each")
+                                  f"than {self.warmup_steps + 1} typical training steps ({cap:,}): warm-up is not "
+                                  "budgeted, so it may not train on more than a step's worth each")
             problems = list(self.violations)
         if problems:
             self.invalid = "; ".join(problems)
