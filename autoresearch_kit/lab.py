@@ -85,6 +85,9 @@ def template_path(name: str) -> Path:
 class DiskFullError(OSError):
     """The disk filled up while a finished run was being recorded; its result is kept for the next open."""
 
+    def __str__(self) -> str:  # one line that starts with "disk full", without OSError's "[Errno 28]"
+        return str(self.strerror)
+
 
 def is_lab(path: str | os.PathLike) -> bool:
     """Whether `path` is a lab directory (it has a ledger, or the results.tsv of one that lost it)."""
