@@ -89,6 +89,10 @@ class DiskFullError(OSError):
         return str(self.strerror)
 
 
+class GitLostError(RuntimeError):
+    """The lab's git repository is missing (or lacks experiments the ledger recorded)."""
+
+
 def is_lab(path: str | os.PathLike) -> bool:
     """Whether `path` is a lab directory (it has a ledger, or the results.tsv of one that lost it)."""
     p = Path(path).expanduser()
@@ -107,6 +111,35 @@ def _initial_text(name: str, given: str | os.PathLike, lab_dir: Path) -> str:
         if candidate.is_file():
             return read_text(candidate)
     return read_text(template_path(name))
+
+
+def timeout_phase(run: "dict | RunResult") -> str | None:
+    """Where a timed-out run was when the hard limit killed it, from its curve.
+
+    ``setup`` (no training step yet: start-up, imports, compile, warm-up), ``training``
+    (the budget was not spent) or ``evaluation`` (the budget was spent: scoring did not
+    finish). None when the run did not time out. Only ``training`` is train.py's doing
+    for certain; the other two are outside the training window, the machine's.
+    """
+    get = run.get if isinstance(run, dict) else lambda k, d=None: getattr(run, k, d)
+    if get("status") != "timeout":
+        return None
+    curve = get("curve") or []
+    if not curve:
+        return "setup"
+    progress = curve[-1].get("progress") if isinstance(curve[-1], dict) else None
+    return "evaluation" if isinstance(progress, (int, float)) and progress >= 0.999 else "training"
+
+
+_PHASE_NOTE = {
+    "setup": ("outside the training window, before the first training step (start-up, compile, warm-up): "
+              "the machine was too slow or busy, unless train.py does slow work before it trains"),
+    "evaluation": ("outside the training window: the budget was spent and the evaluation did not finish "
+                   "in time: the machine was too slow or busy, not a fault of train.py"),
+}
+
+
+_PHASE_NOTE_MARK = "outside the training window"
 
 
 def _ledger_lost(path: Path) -> str | None:
@@ -212,7 +245,7 @@ class Lab:
             self.workspace = Workspace(self.path)
             gone = _git_lost(self.ledger, self.workspace)
             if gone:
-                raise RuntimeError(gone)
+                raise GitLostError(gone)
             if not self.workspace.initialized:
                 if not new:  # a ledger (with nothing committed yet) without its repository: start one
                     train_src = _initial_text("train.py", train, self.path)
@@ -703,14 +736,19 @@ class Lab:
             sha = self.workspace.commit_experiment(exp_id, source, parent_id, description)
             workdir = self.path / RUNS / exp_id
             self._reserve_pending(exp_id)
+            limit = self._sized_hard_limit()
+            kw = {"hard_limit": limit} if limit is not None else {}
             result = runner.run_budgeted(source, budget, workdir=workdir, data_dir=self.data_dir,
                                          seed=self.seed if seed is None else seed, device=self.device,
-                                         on_event=on_event, stop=stop)
+                                         on_event=on_event, stop=stop, **kw)
         except BaseException as e:  # a broken setup or a Ctrl-C outside the runner's wait
             why = "interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
             self._finish(exp_id, RunResult(status="aborted", reason=why, budget=str(budget)), sha)
             raise
         result.extra["exp_id"] = exp_id
+        phase = timeout_phase(result)
+        if phase in _PHASE_NOTE:   # say whose fault it was, for the person and the proposer alike
+            result.reason = f"{result.reason}; {_PHASE_NOTE[phase]}" if result.reason else _PHASE_NOTE[phase]
         self._finish(exp_id, result, sha)
         interrupted = (result.status == "aborted" and not (stop is not None and stop.is_set())
                        and "KeyboardInterrupt" in result.reason)
@@ -758,6 +796,31 @@ class Lab:
         msg = (f"disk full: the result of experiment {exp_id} ({score}) could not be written to the ledger; "
                f"{where}. Free some space in {self.path}.")
         raise DiskFullError(errno.ENOSPC, msg)
+
+    def _sized_hard_limit(self) -> float | None:
+        """A hard limit sized from this lab's measured runs, when the runner's default is too short.
+
+        1.5 x the slowest of the last ok runs under this budget (whole wall time: start-up,
+        training, evaluation), and twice the limit a run outgrew outside its training
+        window (a machine too slow for the default). None: the runner's default stands
+        (also whenever AUTORESEARCH_HARD_LIMIT or AUTORESEARCH_GRACE is set by hand).
+        """
+        default_of = getattr(runner, "_hard_limit", None)
+        if default_of is None or config.env("HARD_LIMIT") or config.env("GRACE"):
+            return None
+        budget = str(self.budget)
+        recs = [r for r in self.ledger.records(curves=False) if r["budget"] == budget][-10:]
+        needed = 0.0
+        for r in recs:
+            if r["status"] == "ok" and r["wall_seconds"]:
+                needed = max(needed, 1.5 * r["wall_seconds"])
+            elif r["status"] == "timeout" and _PHASE_NOTE_MARK in (r["reason"] or ""):
+                needed = max(needed, 2.0 * float((r["extra"] or {}).get("hard_limit") or 0.0))
+        try:
+            default = float(default_of(self.budget, None, self._device_type()))
+        except Exception:  # noqa: BLE001 - a runner that changed its helper: keep its default
+            return None
+        return round(needed) if needed > default else None
 
     def run_budgeted(self, proposal: Proposal | str, on_event: Callable[[dict], Any] | None = None,
                      stop: threading.Event | None = None) -> RunResult:

@@ -277,7 +277,10 @@ class Ledger:
         self._conn: sqlite3.Connection | None = None
         self._copy_dir = None              # readonly on a lab we cannot write: a private copy
         if readonly:
-            if not self.db_path.exists():
+            if not self.db_path.exists() or self.db_path.stat().st_size == 0:
+                if _tsv_rows(self.tsv_path):
+                    raise LedgerLostError(lost_message(self.lab_dir, "missing" if not self.db_path.exists()
+                                                       else "an empty file"))
                 msg = f"No ledger at {self.db_path}: open the lab once with Ledger({str(self.lab_dir)!r}) or Lab(...) to create it."
                 raise FileNotFoundError(msg)
             self._open_readonly()
