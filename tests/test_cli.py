@@ -496,3 +496,28 @@ def test_a_timeout_outside_the_training_window_is_the_machines(tmp_path):
     mid = rec([{"step": 3, "progress": 0.4}])
     assert timeout_phase(mid) == "training" and _timeout_note(FakeLab(mid), mid) == ""
     assert timeout_phase(RunResult(status="ok", val_bpb=1.0)) is None
+
+
+def test_progress_labels_never_overlap_the_legend(tmp_path):
+    from autoresearch_kit.plots import progress_plot
+
+    recs, best = [], 1.0
+    for i in range(1, 13):   # every experiment kept and improving: the last label sits top right
+        best -= 0.01
+        recs.append({"id": f"{i:04d}", "kind": "baseline" if i == 1 else "candidate", "status": "ok",
+                     "decision": "keep", "val_bpb": best if i < 12 else best + 0.05,
+                     "description": f"a long description of experiment {i} that is cut"})
+    recs.append({"id": "0013", "kind": "candidate", "status": "aborted", "decision": None, "val_bpb": None,
+                 "description": "stopped"})
+    recs.append({"id": "0014", "kind": "candidate", "status": "ok", "decision": "discard", "val_bpb": 0.99,
+                 "description": "worse"})
+    fig = progress_plot(recs)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = fig.legends[0].get_window_extent(r)
+    labels = [t.get_window_extent(r) for t in ax.texts]
+    assert len(labels) == 12
+    assert not [b for b in labels if b.overlaps(legend)]
+    ticks = [t.get_window_extent(r) for t in ax.get_xticklabels()] + [ax.xaxis.label.get_window_extent(r)]
+    assert not [b for b in ticks if b.overlaps(legend)]      # nor the axis below it
