@@ -6,15 +6,18 @@
     autoresearch run --lab mylab                  # asks y/n/e/q for each proposal
     autoresearch status --lab mylab               # the ledger as a table
     autoresearch report --lab mylab               # writes mylab/progress.png
+    autoresearch decide --lab mylab [ID] [--keep | --discard | --rule]   # an undecided experiment
+    autoresearch recover --lab mylab              # rebuild a lost ledger.sqlite from results.tsv + git
     python -m autoresearch_kit ...                # the same
 
 `--lab` defaults to the current directory if it is a lab, else `./lab` (created on the
 first `run`, from ./program.md and ./train.py if present, else the templates).
 `--proposer` defaults to auto: the LLM when --model/--base-url, AUTORESEARCH_MODEL or
 OPENAI_BASE_URL is set, else the offline mutate proposer. Expected problems (no prepared
-data, a lab open elsewhere, a bad flag or budget, an unreachable endpoint) print one line
-and exit with status 2; Ctrl-C records the interrupted run as aborted, names it, and
-exits 130.
+data, a lab open elsewhere, a bad flag or budget, an unreachable endpoint, a lost ledger or
+.git, a full disk, a hand edit that cannot run) print one line and exit with status 2;
+Ctrl-C records the interrupted run as aborted, names it, and exits 130. `run` first asks
+about experiments that ran and were never decided.
 """
 
 from __future__ import annotations
