@@ -96,7 +96,11 @@ class GitLostError(RuntimeError):
 def is_lab(path: str | os.PathLike) -> bool:
     """Whether `path` is a lab directory (it has a ledger, or the results.tsv of one that lost it)."""
     p = Path(path).expanduser()
-    return (p / DB_NAME).is_file() or ((p / TSV_NAME).is_file() and (p / ".git").is_dir())
+    if (p / DB_NAME).is_file():
+        return True
+    # a lab that lost its ledger is still one (so `autoresearch run` there says so, instead
+    # of starting a new lab in ./lab): its results.tsv or its experiments' refs remain
+    return (p / ".git").is_dir() and ((p / TSV_NAME).is_file() or (p / ".git" / "refs" / "experiments").is_dir())
 
 
 def _initial_text(name: str, given: str | os.PathLike, lab_dir: Path) -> str:
@@ -275,6 +279,11 @@ class Lab:
         self.sigma: float | None = self._sigma_from_ledger()
         self._prestart: threading.Thread | None = None   # runner.prestart's thread, see _start_ahead
         self._started_ahead = False
+        # one run at a time per lab, whatever calls it (two panels, a panel and a cell): a
+        # second call is refused; `running` and `watch_run` let a new view attach to it
+        self._run_mu = threading.Lock()
+        self.running: dict | None = None
+        self._watchers: list[Callable[[dict], Any]] = []
         self._warn_budget_change()
         if self.pending_recorded and self.verbose:
             print(f"lab {self.path.name}: recorded the result(s) of {', '.join(self.pending_recorded)}, kept on disk "
@@ -719,9 +728,42 @@ class Lab:
 
     # ---- running ------------------------------------------------------------------------------
 
-    def _run(self, source: str, *, parent_id: str | None, kind: str, description: str, proposer: str,
-             diff: str = "", meta: dict | None = None, seed: int | None = None,
-             on_event: Callable[[dict], Any] | None = None, stop: threading.Event | None = None) -> RunResult:
+    def watch_run(self, fn: Callable[[dict], Any]) -> Callable[[], None]:
+        """Also send every step event of the lab's runs to ``fn`` (e.g. a second panel attaching to
+        the run in progress: `running["events"]` holds what it missed). Returns a function that
+        stops it."""
+        self._watchers.append(fn)
+        return lambda: self._watchers.remove(fn) if fn in self._watchers else None
+
+    def _run(self, source: str, **kw) -> RunResult:
+        """Record, commit, run and record again, one run per lab at a time (RuntimeError for a second)."""
+        if not self._run_mu.acquire(blocking=False):
+            now = self.running or {}
+            msg = (f"experiment {now.get('exp_id', '?')} ({now.get('description', '')}) is running in this lab: one "
+                   f"run at a time. Wait for it (lab.running shows it) or stop it, then run again.")
+            raise RuntimeError(msg)
+        try:
+            return self._run_one(source, **kw)
+        finally:
+            self.running = None
+            self._run_mu.release()
+
+    def _fan_out(self, on_event: Callable[[dict], Any] | None) -> Callable[[dict], Any]:
+        def emit(event: dict) -> None:
+            if self.running is not None and len(self.running["events"]) < 100_000:
+                self.running["events"].append(event)
+            for fn in [on_event, *self._watchers]:
+                if fn is not None:
+                    try:
+                        fn(event)
+                    except Exception:  # noqa: BLE001 - a broken view must not end the run's reporting
+                        if fn is on_event:
+                            raise
+        return emit
+
+    def _run_one(self, source: str, *, parent_id: str | None, kind: str, description: str, proposer: str,
+                 diff: str = "", meta: dict | None = None, seed: int | None = None,
+                 on_event: Callable[[dict], Any] | None = None, stop: threading.Event | None = None) -> RunResult:
         """Record, commit, run and record again. Raises KeyboardInterrupt after recording one."""
         from autoresearch_kit import runner
 
@@ -730,6 +772,11 @@ class Lab:
         exp_id = self.ledger.start(parent_id, source_hash(source), diff, description, proposer, budget, hardware,
                                    proposal_meta=meta, kind=kind)
         self._last_id = exp_id
+        import time
+
+        self.running = {"exp_id": exp_id, "description": description, "kind": kind, "started": time.time(),
+                        "events": []}
+        on_event = self._fan_out(on_event)
         result: RunResult | None = None
         sha: str | None = None
         try:

@@ -734,3 +734,34 @@ def test_disk_full_on_a_real_small_filesystem(lab_dir, monkeypatch, tmp_path):
         assert "\tundecided\t" in (lab_dir / "results.tsv").read_text().splitlines()[-1]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_one_run_at_a_time_per_lab_and_a_second_view_can_attach(lab_dir, monkeypatch):
+    from autoresearch_kit import runner
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_run(*a, on_event=None, **kw):
+        on_event({"step": 0, "loss": 5.0, "progress": 0.1})
+        started.set()
+        release.wait(30)
+        on_event({"step": 1, "loss": 4.0, "progress": 1.0})
+        return RunResult(status="ok", val_bpb=0.5, seed=42)
+
+    monkeypatch.setattr(runner, "run_budgeted", slow_run)
+    with _open(lab_dir) as lab:
+        first = lab.propose()
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("r", lab.run_budgeted(first)))
+        t.start()
+        assert started.wait(30)
+        assert lab.running["exp_id"] == "0002" and lab.running["events"][0]["step"] == 0   # what a late view missed
+        seen = []
+        stop_watching = lab.watch_run(seen.append)
+        with pytest.raises(RuntimeError, match="experiment 0002 .* is running in this lab: one run at a time"):
+            lab.run_budgeted(lab.submit(_edit(first.source), "a second one"))
+        release.set()
+        t.join(30)
+        stop_watching()
+        assert out["r"].val_bpb == 0.5 and [e["step"] for e in seen] == [1] and lab.running is None
+        assert [r["id"] for r in lab.ledger.records()] == ["0001", "0002"]    # the refused run left no record
