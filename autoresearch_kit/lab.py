@@ -128,11 +128,27 @@ def timeout_phase(run: "dict | RunResult") -> str | None:
     get = run.get if isinstance(run, dict) else lambda k, d=None: getattr(run, k, d)
     if get("status") != "timeout":
         return None
-    curve = get("curve") or []
+    curve = [e for e in (get("curve") or []) if isinstance(e, dict)]
     if not curve:
         return "setup"
-    progress = curve[-1].get("progress") if isinstance(curve[-1], dict) else None
-    return "evaluation" if isinstance(progress, (int, float)) and progress >= 0.999 else "training"
+
+    def num(e, k):
+        v = e.get(k)
+        return float(v) if isinstance(v, (int, float)) else None
+
+    p = num(curve[-1], "progress")
+    if p is None:
+        return "training"
+    if p >= 0.999:
+        return "evaluation"
+    # The last step event is logged before the step that crossed the budget was refused,
+    # so its progress is short of 1 by about one step: project one more step (twice, for slack)
+    # from the last two events (they are at most 10/s, and the last step always comes).
+    if len(curve) >= 2:
+        p0, s0, s1 = num(curve[-2], "progress"), num(curve[-2], "step"), num(curve[-1], "step")
+        if None not in (p0, s0, s1) and s1 > s0 and p > p0 and p + 2 * (p - p0) / (s1 - s0) >= 0.999:
+            return "evaluation"
+    return "training"
 
 
 _PHASE_NOTE = {

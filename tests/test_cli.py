@@ -495,6 +495,10 @@ def test_a_timeout_outside_the_training_window_is_the_machines(tmp_path):
         FakeLab(rec([])), rec([]))
     mid = rec([{"step": 3, "progress": 0.4}])
     assert timeout_phase(mid) == "training" and _timeout_note(FakeLab(mid), mid) == ""
+    # the last step is logged before the budget check refuses the next one: progress is one step short of 1
+    last_step = rec([{"step": 30, "progress": 0.91}, {"step": 33, "progress": 0.97}])
+    assert timeout_phase(last_step) == "evaluation"
+    assert timeout_phase(rec([{"step": 30, "progress": 0.5}, {"step": 33, "progress": 0.56}])) == "training"
     assert timeout_phase(RunResult(status="ok", val_bpb=1.0)) is None
 
 

@@ -765,3 +765,39 @@ def test_one_run_at_a_time_per_lab_and_a_second_view_can_attach(lab_dir, monkeyp
         stop_watching()
         assert out["r"].val_bpb == 0.5 and [e["step"] for e in seen] == [1] and lab.running is None
         assert [r["id"] for r in lab.ledger.records()] == ["0001", "0002"]    # the refused run left no record
+
+
+def test_timeout_phase_reads_a_real_training_curve(lab_dir):
+    from autoresearch_kit.lab import timeout_phase
+
+    with _open(lab_dir) as lab:
+        base = lab.ledger.get("0001")          # a real run: the harness's own step events
+    assert len(base["curve"]) >= 4
+    # had the hard limit struck after this run's last step, it was past its budget: the machine's
+    assert timeout_phase({**base, "status": "timeout"}) == "evaluation"
+    half = base["curve"][: len(base["curve"]) // 2]
+    assert timeout_phase({**base, "status": "timeout", "curve": half}) == "training"
+    assert timeout_phase({**base, "status": "timeout", "curve": []}) == "setup"
+
+
+def test_a_machine_timeout_is_named_and_sizes_the_next_hard_limit(lab_dir, monkeypatch):
+    from autoresearch_kit import runner
+
+    monkeypatch.delenv("AUTORESEARCH_HARD_LIMIT", raising=False)
+    monkeypatch.delenv("AUTORESEARCH_GRACE", raising=False)
+    limits = []
+
+    def timed_out(*a, hard_limit=None, **kw):
+        limits.append(hard_limit)
+        return RunResult(status="timeout", reason="killed at the hard limit of 400 s (after step 15)",
+                         curve=[{"step": 14, "progress": 0.94}, {"step": 15, "progress": 1.0}],
+                         extra={"hard_limit": 400.0})
+
+    monkeypatch.setattr(runner, "run_budgeted", timed_out)
+    with _open(lab_dir) as lab:
+        assert lab._sized_hard_limit() is None            # the baseline's few seconds fit the default
+        rec = lab.step()
+        assert "the machine was too slow or busy, not a fault of train.py" in rec["reason"]
+        assert lab._sized_hard_limit() == 800              # twice the limit it outgrew
+        lab.step()
+    assert limits == [None, 800]
