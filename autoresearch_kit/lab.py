@@ -751,6 +751,14 @@ class Lab:
         self._watchers.append(fn)
         return lambda: self._watchers.remove(fn) if fn in self._watchers else None
 
+    def stop_run(self) -> bool:
+        """End the lab's run in progress as ``aborted`` (whoever started it); False if none is running."""
+        now = self.running
+        if now is None:
+            return False
+        now["stop"].set()
+        return True
+
     def _run(self, source: str, **kw) -> RunResult:
         """Record, commit, run and record again, one run per lab at a time (RuntimeError for a second)."""
         if not self._run_mu.acquire(blocking=False):
@@ -790,8 +798,9 @@ class Lab:
         self._last_id = exp_id
         import time
 
+        stop = stop if stop is not None else threading.Event()   # so stop_run() can end any run
         self.running = {"exp_id": exp_id, "description": description, "kind": kind, "started": time.time(),
-                        "events": []}
+                        "events": [], "stop": stop}
         on_event = self._fan_out(on_event)
         result: RunResult | None = None
         sha: str | None = None

@@ -397,3 +397,60 @@ def test_streamed_proposer_text_is_shown_while_it_thinks(lab):
     assert lab.proposer.seen_hook is not None     # the panel passed its hook for this proposal
     assert "I will try a larger Muon" in panel.stream.value
     assert panel.stream.layout.display == "none"  # hidden again once the proposal is shown
+
+
+def test_a_second_panel_attaches_to_the_run_in_progress_and_cannot_start_another(lab, monkeypatch):
+    from autoresearch_kit import runner
+    from autoresearch_kit.runner import RunResult
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_run(*a, on_event=None, stop=None, **kw):
+        on_event({"step": 0, "loss": 5.0, "progress": 0.2, "tokens": 400, "elapsed": 0.1})
+        started.set()
+        while not release.is_set() and not stop.is_set():
+            time.sleep(0.05)
+        on_event({"step": 1, "loss": 4.0, "progress": 1.0, "tokens": 2000, "elapsed": 0.2})
+        return RunResult(status="ok", val_bpb=2.5, seed=42, curve=[])
+
+    monkeypatch.setattr(runner, "run_budgeted", slow_run)
+    first = lab.panel()
+    _ready(first)
+    first.approve_button.click()
+    assert started.wait(30)
+    second = lab.panel()                      # the browser tab reloaded, the cell ran again
+    assert second.state == "running" and second.approve_button.disabled
+    assert "already training" in second.message.value and [e["step"] for e in second.live.events] == [0]
+    # nothing else trains beside it, from a cell either
+    with pytest.raises(RuntimeError, match="one run at a time"):
+        lab.run_budgeted(lab.propose())
+    release.set()
+    _ready(first, "ran")
+    _ready(second, "ran")
+    assert second.exp_id == first.exp_id == "0002" and [e["step"] for e in second.live.events] == [0, 1]
+    second.keep_button.click()               # decided from the new panel
+    _ready(second)
+    assert lab.ledger.get("0002")["decision"] == "keep"
+    assert [r["id"] for r in lab.ledger.records()] == ["0001", "0002"]
+
+
+def test_stop_from_the_attached_panel_ends_the_run(lab, monkeypatch):
+    from autoresearch_kit import runner
+    from autoresearch_kit.runner import RunResult
+
+    started = threading.Event()
+
+    def slow_run(*a, on_event=None, stop=None, **kw):
+        started.set()
+        assert stop.wait(30)
+        return RunResult(status="aborted", reason="stopped (stop event)", seed=42)
+
+    monkeypatch.setattr(runner, "run_budgeted", slow_run)
+    first = lab.panel()
+    _ready(first)
+    first.approve_button.click()
+    assert started.wait(30)
+    second = lab.panel()
+    second.stop_button.click()
+    _ready(second, "ran")
+    assert lab.ledger.get("0002")["status"] == "aborted"
