@@ -454,3 +454,26 @@ def test_stop_from_the_attached_panel_ends_the_run(lab, monkeypatch):
     second.stop_button.click()
     _ready(second, "ran")
     assert lab.ledger.get("0002")["status"] == "aborted"
+
+
+def test_approve_with_the_editor_open_runs_what_the_editor_shows(lab, monkeypatch):
+    from autoresearch_kit import runner
+    from autoresearch_kit.runner import RunResult
+
+    ran = []
+    monkeypatch.setattr(runner, "run_budgeted",
+                        lambda src, *a, **kw: ran.append(src) or RunResult(status="ok", val_bpb=2.5, seed=42))
+    panel = lab.panel()
+    _ready(panel)
+    panel.edit_button.click()
+    panel.editor.value = panel.editor.value.replace("WEIGHT_DECAY = 0.0", "WEIGHT_DECAY = 0.05")
+    panel.approve_button.click()             # not the original proposal: the edit on screen
+    _ready(panel, "ran")
+    assert "WEIGHT_DECAY = 0.05" in ran[-1] and panel.editor_box.layout.display == "none"
+    assert lab.ledger.records()[-1]["proposer"] == "human"
+    panel.discard_button.click()
+    _ready(panel)
+    panel.edit_button.click()                # editor open, nothing changed: the proposal runs as it is
+    panel.approve_button.click()
+    _ready(panel, "ran")
+    assert lab.ledger.records()[-1]["proposer"] == "knobs" and panel.editor_box.layout.display == "none"

@@ -538,6 +538,11 @@ class Panel(w.VBox):
         if self.proposal is None or self.state != "proposed":
             self._say("Nothing to approve yet.", "warn")
             return
+        if self.editor_box.layout.display == "flex":   # the editor is open: run what it shows
+            if self.editor.value != self.proposal.source:
+                self.run_edit()
+                return
+            self.close_editor()
         p = self.proposal
         self._spawn("run", lambda: self._run(p))
 
