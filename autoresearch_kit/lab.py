@@ -737,6 +737,10 @@ class Lab:
         except KeyError:  # parent never committed (no baseline yet): the diff in the ledger suffices
             pass
         self._sync_train_file()   # a rejected hand edit: lab/train.py goes back to the kept version
+        if reason:
+            # the next proposal reads the reason as feedback too (whoever rejected: panel, CLI, cell):
+            # the offline proposer steers by feedback ("try a higher lr"), an LLM also sees it in the history
+            self.feedback = " ".join(t for t in (self.feedback, reason) if t)
         self._last_id = exp_id
         rec = self.ledger.get(exp_id)
         self._say(rec)

@@ -245,6 +245,7 @@ def test_reject_records_reason_and_the_next_proposal_reads_it(lab):
     assert rej["status"] == "rejected" and rej["decision_reason"] == "learning rate changes are done; try the model"
     ctx = lab.proposer.contexts[-1]               # the context of the proposal now shown
     assert any(h.reason == rej["decision_reason"] and h.status == "rejected" for h in ctx.history)
+    assert rej["decision_reason"] in ctx.feedback   # as feedback too: the offline proposer reads only that
     assert panel.proposal.description != rej["description"]
 
 
