@@ -228,6 +228,9 @@ def test_approve_runs_with_live_curves_then_keep_moves_the_parent(lab):
     rec = lab.ledger.get("0002")
     assert rec["decision"] == "keep" and rec["decided_by"] == "human" and rec["decision_reason"] == "looks good"
     assert lab.parent_id == "0002" and panel.proposal.parent_id == "0002"
+    # the decided run's curve and outcome stay visible, labelled as the previous experiment
+    assert "previous experiment 0002 (kept)" in panel.outcome.value
+    assert panel.live.title == "previous: 0002 (kept)" and "previous experiment 0002" in panel.live.status.value
     assert "0002" in panel.table.value and bytes(panel.plot.value).startswith(PNG)
     assert "◀ parent" in panel.tree.value and "0002" in panel.tree.value
 

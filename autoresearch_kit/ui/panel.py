@@ -677,6 +677,17 @@ class Panel(w.VBox):
         self.keep_button.description = "Keep (rule)" if keep else "Keep"
         self.discard_button.description = "Discard (rule)" if keep is False else "Discard"
 
+    def _mark_past(self, exp_id: str, what: str) -> None:
+        """Label the curve and outcome of a decided experiment as the previous one: the next
+        proposal appears above them and must not read as theirs."""
+        note = f"previous experiment {exp_id} ({what})"
+        self.outcome.value = (f'<div class="ark-past" style="font-size:12px;font-weight:600;'
+                              f'color:var(--jp-ui-font-color2, #57606a);margin-bottom:4px">{_html.escape(note)}: '
+                              f'the next one shows here when it has run</div>' + self.outcome.value)
+        self.live.title = f"previous: {exp_id} ({what})"
+        self.live.draw()
+        self.live.status.value = f'<span style="font-size:12px;color:var(--jp-ui-font-color2, #57606a)">{_html.escape(note)}</span>'
+
     def decide(self, keep: bool, reason: str | None = None) -> None:
         """Record the human's keep/discard for the experiment shown, then ask for the next proposal."""
         if self.exp_id is None or self.state != "ran":
@@ -689,6 +700,7 @@ class Panel(w.VBox):
             rec = self.lab.decide(exp_id, keep=keep, reason=reason, decided_by="human")
             self.decision_reason.value = ""
             self._show_outcome(rec if isinstance(rec, dict) and rec.get("id") else self._record(exp_id) or {})
+            self._mark_past(exp_id, "kept" if keep else "discarded")
             self.refresh()
             self._set_state("decided")
             if self.auto_propose:
