@@ -85,7 +85,10 @@ def test_diff_html_shows_changes_escaped_and_highlighted(mode):
     assert "+2" in out and "&minus;1" in out
     assert "<b>not html</b>" not in out           # source text is escaped, never rendered
     assert "0.03" in out and "0.02" in out and "WEIGHT_DECAY" in out
-    assert "#e6ffec" in out and "#ffebe9" in out  # added / removed backgrounds
+    assert "rgba(46,160,67,0.15)" in out and "rgba(248,81,73,0.15)" in out  # added / removed tints
+    # dark theme: no opaque light background under the theme's (white) text; code takes the theme's colour
+    assert not re.search(r"background:#[0-9a-fA-F]{6}", out)
+    assert "color:var(--jp-content-font-color1" in out
     assert "color:" in out                        # pygments inline colours
     # side by side pairs the removed line with the first added one on the same row
     row = next(r for r in out.split("<tr>") if "0.02" in r)
@@ -481,3 +484,11 @@ def test_approve_with_the_editor_open_runs_what_the_editor_shows(lab, monkeypatc
     panel.approve_button.click()
     _ready(panel, "ran")
     assert lab.ledger.records()[-1]["proposer"] == "knobs" and panel.editor_box.layout.display == "none"
+
+
+def test_kept_rows_use_a_tint_with_the_themes_text_colour():
+    from autoresearch_kit.ui.render import history_table_html
+
+    out = history_table_html([{"id": "0001", "kind": "baseline", "status": "ok", "decision": "keep", "val_bpb": 1.0,
+                               "description": "baseline"}])
+    assert "rgba(46,160,67,0.18)" in out and "var(--jp-content-font-color1" in out and "#dafbe1" not in out
