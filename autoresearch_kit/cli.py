@@ -95,22 +95,94 @@ def _print_diff(diff: str, out=None) -> None:
 
 
 class ProgressBar:
-    """A one-line progress bar for a run, driven by the runner's step events.
+    """A one-line progress bar for a run, driven by the runner's step events and a clock.
 
-    On a terminal it redraws in place (stderr); otherwise it prints a line at each
-    quarter of the budget so logs stay short.
+    It says the phase as well as the budget's share: ``starting`` (no step yet: the
+    process, imports, data), ``warm-up`` (steps before the clock starts: compile), ``training``
+    (with the time so far and an estimate of what is left) and ``evaluating`` (the budget is
+    spent, scoring runs: no steps come then). On a terminal it redraws in place (stderr),
+    once a second between steps too; otherwise it prints a line at each quarter of the
+    budget and one when a phase without steps begins, so logs stay short.
     """
 
-    def __init__(self, label: str, stream=None, width: int = 28) -> None:
+    def __init__(self, label: str, stream=None, width: int = 28, clock=time.monotonic) -> None:
         self.label, self.width = label, width
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+        self.clock = clock
         self._last_quarter = -1
         self._last_draw = 0.0
         self._mu = threading.Lock()
         self._drawn = False
+        self._t0: float | None = None
+        self._events: list[tuple[float, dict]] = []   # (arrival, event): the last two are enough
+        self._said: str | None = None
+        self._ticker: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def start(self) -> None:
+        """The run begins now (after the proposal was approved): start the clock and the ticker."""
+        with self._mu:
+            if self._t0 is not None:
+                return
+            self._t0 = self.clock()
+        self.tick()
+        if self.tty:
+            self._ticker = threading.Thread(target=self._tick_loop, name="autoresearch-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick_loop(self) -> None:
+        while not self._closed.wait(1.0):
+            self.tick()
+
+    def phase(self) -> tuple[str, str]:
+        """(phase, detail): starting / warm-up / training / evaluating, with times."""
+        now = self.clock()
+        t0 = self._t0 if self._t0 is not None else now
+        if not self._events:
+            return "starting", f"{now - t0:.0f}s"
+        at, last = self._events[-1]
+        p = float(last.get("progress") or 0.0)
+        if p <= 0.0:
+            return "warm-up", f"{now - t0:.0f}s (compiling, steps not counted)"
+        done = p >= 0.999
+        if not done and len(self._events) >= 2:
+            prev = self._events[-2][1]
+            steps = (last.get("step") or 0) - (prev.get("step") or 0)
+            dp = p - float(prev.get("progress") or 0.0)
+            done = steps > 0 and dp > 0 and p + 2 * dp / steps >= 0.999
+        if done and now - at > 1.0:
+            return "evaluating", f"{now - t0:.0f}s, scoring for {now - at:.0f}s"
+        elapsed = last.get("elapsed")
+        left = ""
+        if isinstance(elapsed, (int, float)) and 0 < p < 1:
+            left = f", ~{elapsed / p * (1 - p):.0f}s of training left"
+        return "training", f"{now - t0:.0f}s{left}"
+
+    def tick(self) -> None:
+        """Redraw from the clock (no event needed): the phases without steps show their time."""
+        with self._mu:
+            if self._t0 is None or self._closed.is_set():
+                return
+            name, detail = self.phase()
+            if self.tty:
+                self._draw_line(f"{name} {detail}")
+            elif name in ("starting", "evaluating") and self._said != name:
+                self._said = name
+                self.stream.write(f"{self.label} {name}...\n")
+                self.stream.flush()
+
+    def _draw_line(self, info: str) -> None:
+        p = min(max(float((self._events[-1][1] if self._events else {}).get("progress") or 0.0), 0.0), 1.0)
+        filled = int(round(p * self.width))
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r{self.label} [{bar}] {p * 100:3.0f}%  {info}\033[K")
+        self.stream.flush()
+        self._drawn = True
 
     def __call__(self, event: dict) -> None:
+        if self._t0 is None:   # nobody called start(): the clock starts with the first step
+            self._t0 = self.clock()
         p = min(max(float(event.get("progress") or 0.0), 0.0), 1.0)
         loss = event.get("loss")
         tps = event.get("tok_per_s")
@@ -120,24 +192,25 @@ class ProgressBar:
         if isinstance(tps, (int, float)) and tps:
             info += f"  {tps / 1000:.1f}k tok/s"
         with self._mu:
+            self._events = [*self._events[-1:], (self.clock(), dict(event))]
             if self.tty:
                 now = time.monotonic()
                 if now - self._last_draw < 0.1 and p < 1.0:  # ~10 redraws/s is plenty
                     return
                 self._last_draw = now
-                filled = int(round(p * self.width))
-                bar = "#" * filled + "." * (self.width - filled)
-                self.stream.write(f"\r{self.label} [{bar}] {p * 100:3.0f}%  {info}\033[K")
-                self._drawn = True
+                name, detail = self.phase()
+                self._draw_line(f"{info}  {name} {detail}")
             else:
                 quarter = int(p * 4)
                 if quarter <= self._last_quarter:
                     return
                 self._last_quarter = quarter
+                self._said = "training"
                 self.stream.write(f"{self.label} {p * 100:3.0f}%  {info}\n")
             self.stream.flush()
 
     def close(self) -> None:
+        self._closed.set()
         with self._mu:
             if self.tty and self._drawn:
                 self.stream.write("\n")
@@ -265,6 +338,18 @@ def _timeout_note(lab, rec: dict) -> str:
     return ""
 
 
+def _starting(approve, bar: "ProgressBar"):
+    """The approval callback, starting the progress clock when the answer is to run something."""
+
+    def wrapped(proposal):
+        answer = approve(proposal)
+        if answer is True or hasattr(answer, "source"):
+            bar.start()
+        return answer
+
+    return wrapped
+
+
 def _interactive_decide(lab, exp_id: str) -> dict:
     """After a run: show the rule's verdict, let the person keep or discard (enter = the rule)."""
     v = lab.verdict(exp_id)
@@ -383,6 +468,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             base = lab._baseline_record()
             if base is None or base["status"] != "ok":
                 bar = ProgressBar("baseline")
+                bar.start()
                 try:
                     rec = lab.baseline(on_event=bar)
                 finally:
@@ -397,6 +483,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                     f"Fix {lab.path / 'train.py'} and run again.")
             if args.noise:
                 bar = ProgressBar("noise")
+                bar.start()
                 try:
                     n = lab.measure_noise(args.noise, on_event=bar)
                 finally:
@@ -410,7 +497,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             while done < args.steps:
                 bar = ProgressBar(f"exp {len(lab.ledger) + 1:04d}")
                 try:
-                    rec = lab.step(approve=approve, on_event=bar, feedback=args.feedback if done == 0 else "",
+                    rec = lab.step(approve=_starting(approve, bar), on_event=bar, feedback=args.feedback if done == 0 else "",
                                    decide=args.yes)
                 except _Quit:
                     print("stopped")

@@ -525,3 +525,25 @@ def test_progress_labels_never_overlap_the_legend(tmp_path):
     assert not [b for b in labels if b.overlaps(legend)]
     ticks = [t.get_window_extent(r) for t in ax.get_xticklabels()] + [ax.xaxis.label.get_window_extent(r)]
     assert not [b for b in ticks if b.overlaps(legend)]      # nor the axis below it
+
+
+def test_progress_bar_says_the_phase_the_time_and_what_is_left():
+    now = [100.0]
+    out = io.StringIO()
+    bar = ProgressBar("exp 0002", stream=out, clock=lambda: now[0])
+    bar.start()
+    now[0] = 112.0
+    assert bar.phase() == ("starting", "12s")                 # no step yet: the process is starting
+    bar.tick()
+    bar({"step": 0, "loss": 5.0, "progress": 0.0, "elapsed": 0.0})
+    assert bar.phase()[0] == "warm-up"
+    bar({"step": 10, "loss": 3.0, "progress": 0.25, "elapsed": 5.0})
+    now[0] = 120.0
+    assert bar.phase() == ("training", "20s, ~15s of training left")
+    bar({"step": 38, "loss": 2.0, "progress": 0.97, "elapsed": 19.4})   # the last step: one short of 1
+    now[0] = 150.0
+    assert bar.phase() == ("evaluating", "50s, scoring for 30s")
+    bar.tick()
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "exp 0002 starting..." and lines[-1] == "exp 0002 evaluating..."
