@@ -94,6 +94,9 @@ def _print_diff(diff: str, out=None) -> None:
     out.flush()
 
 
+_QUIET_S = 3.0   # a phase without steps (starting, evaluating) is logged once it lasted this long
+
+
 class ProgressBar:
     """A one-line progress bar for a run, driven by the runner's step events and a clock.
 
@@ -127,9 +130,8 @@ class ProgressBar:
                 return
             self._t0 = self.clock()
         self.tick()
-        if self.tty:
-            self._ticker = threading.Thread(target=self._tick_loop, name="autoresearch-progress", daemon=True)
-            self._ticker.start()
+        self._ticker = threading.Thread(target=self._tick_loop, name="autoresearch-progress", daemon=True)
+        self._ticker.start()
 
     def _tick_loop(self) -> None:
         while not self._closed.wait(1.0):
@@ -167,10 +169,16 @@ class ProgressBar:
             name, detail = self.phase()
             if self.tty:
                 self._draw_line(f"{name} {detail}")
-            elif name in ("starting", "evaluating") and self._said != name:
+            elif name in ("starting", "evaluating") and self._said != name and self._quiet_for() >= _QUIET_S:
+                # a log gets one line per phase without steps, once it has lasted a few seconds
                 self._said = name
-                self.stream.write(f"{self.label} {name}...\n")
+                self.stream.write(f"{self.label} {name} ({detail})...\n")
                 self.stream.flush()
+
+    def _quiet_for(self) -> float:
+        """Seconds since the last step event (or the start)."""
+        last = self._events[-1][0] if self._events else self._t0
+        return self.clock() - last if last is not None else 0.0
 
     def _draw_line(self, info: str) -> None:
         p = min(max(float((self._events[-1][1] if self._events else {}).get("progress") or 0.0), 0.0), 1.0)

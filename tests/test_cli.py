@@ -546,4 +546,4 @@ def test_progress_bar_says_the_phase_the_time_and_what_is_left():
     bar.tick()
     bar.close()
     lines = out.getvalue().splitlines()
-    assert lines[0] == "exp 0002 starting..." and lines[-1] == "exp 0002 evaluating..."
+    assert lines[0] == "exp 0002 starting (12s)..." and lines[-1] == "exp 0002 evaluating (50s, scoring for 30s)..."

@@ -155,7 +155,8 @@ def test_reject_reason_and_feedback_reach_next_context(lab_dir):
         ctx = lab.context(feedback="try the warm-down instead")
         last = ctx.history[-1]
         assert (last.exp_id, last.status, last.reason) == (rec["id"], "rejected", "learning rate changes are boring")
-        assert ctx.feedback == "try the warm-down instead"
+        # the reason is feedback too (the offline proposer reads only feedback), with the step's own
+        assert ctx.feedback == "learning rate changes are boring try the warm-down instead"
         assert rec["source_hash"] in ctx.seen_hashes                 # never proposed twice
         assert ctx.parent_id == "0001" and ctx.parent_val_bpb == pytest.approx(lab.best()["val_bpb"])
 
