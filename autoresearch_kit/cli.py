@@ -6,20 +6,24 @@
     autoresearch run --lab mylab                  # asks y/n/e/q for each proposal
     autoresearch status --lab mylab               # the ledger as a table
     autoresearch report --lab mylab               # writes mylab/progress.png
+    autoresearch decide --lab mylab [ID] [--keep | --discard | --rule]   # an undecided experiment
+    autoresearch recover --lab mylab              # rebuild a lost ledger.sqlite from results.tsv + git
     python -m autoresearch_kit ...                # the same
 
 `--lab` defaults to the current directory if it is a lab, else `./lab` (created on the
 first `run`, from ./program.md and ./train.py if present, else the templates).
 `--proposer` defaults to auto: the LLM when --model/--base-url, AUTORESEARCH_MODEL or
 OPENAI_BASE_URL is set, else the offline mutate proposer. Expected problems (no prepared
-data, a lab open elsewhere, a bad flag or budget, an unreachable endpoint) print one line
-and exit with status 2; Ctrl-C records the interrupted run as aborted, names it, and
-exits 130.
+data, a lab open elsewhere, a bad flag or budget, an unreachable endpoint, a lost ledger or
+.git, a full disk, a hand edit that cannot run) print one line and exit with status 2;
+Ctrl-C records the interrupted run as aborted, names it, and exits 130. `run` first asks
+about experiments that ran and were never decided.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import shutil
@@ -90,23 +94,103 @@ def _print_diff(diff: str, out=None) -> None:
     out.flush()
 
 
-class ProgressBar:
-    """A one-line progress bar for a run, driven by the runner's step events.
+_QUIET_S = 3.0   # a phase without steps (starting, evaluating) is logged once it lasted this long
 
-    On a terminal it redraws in place (stderr); otherwise it prints a line at each
-    quarter of the budget so logs stay short.
+
+class ProgressBar:
+    """A one-line progress bar for a run, driven by the runner's step events and a clock.
+
+    It says the phase as well as the budget's share: ``starting`` (no step yet: the
+    process, imports, data), ``warm-up`` (steps before the clock starts: compile), ``training``
+    (with the time so far and an estimate of what is left) and ``evaluating`` (the budget is
+    spent, scoring runs: no steps come then). On a terminal it redraws in place (stderr),
+    once a second between steps too; otherwise it prints a line at each quarter of the
+    budget and one when a phase without steps begins, so logs stay short.
     """
 
-    def __init__(self, label: str, stream=None, width: int = 28) -> None:
+    def __init__(self, label: str, stream=None, width: int = 28, clock=time.monotonic) -> None:
         self.label, self.width = label, width
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+        self.clock = clock
         self._last_quarter = -1
         self._last_draw = 0.0
         self._mu = threading.Lock()
         self._drawn = False
+        self._t0: float | None = None
+        self._events: list[tuple[float, dict]] = []   # (arrival, event): the last two are enough
+        self._said: str | None = None
+        self._ticker: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def start(self) -> None:
+        """The run begins now (after the proposal was approved): start the clock and the ticker."""
+        with self._mu:
+            if self._t0 is not None:
+                return
+            self._t0 = self.clock()
+        self.tick()
+        self._ticker = threading.Thread(target=self._tick_loop, name="autoresearch-progress", daemon=True)
+        self._ticker.start()
+
+    def _tick_loop(self) -> None:
+        while not self._closed.wait(1.0):
+            self.tick()
+
+    def phase(self) -> tuple[str, str]:
+        """(phase, detail): starting / warm-up / training / evaluating, with times."""
+        now = self.clock()
+        t0 = self._t0 if self._t0 is not None else now
+        if not self._events:
+            return "starting", f"{now - t0:.0f}s"
+        at, last = self._events[-1]
+        p = float(last.get("progress") or 0.0)
+        if p <= 0.0:
+            return "warm-up", f"{now - t0:.0f}s (compiling, steps not counted)"
+        done = p >= 0.999
+        if not done and len(self._events) >= 2:
+            prev = self._events[-2][1]
+            steps = (last.get("step") or 0) - (prev.get("step") or 0)
+            dp = p - float(prev.get("progress") or 0.0)
+            done = steps > 0 and dp > 0 and p + 2 * dp / steps >= 0.999
+        if done and now - at > 1.0:
+            return "evaluating", f"{now - t0:.0f}s, scoring for {now - at:.0f}s"
+        elapsed = last.get("elapsed")
+        left = ""
+        if isinstance(elapsed, (int, float)) and 0 < p < 1:
+            left = f", ~{elapsed / p * (1 - p):.0f}s of training left"
+        return "training", f"{now - t0:.0f}s{left}"
+
+    def tick(self) -> None:
+        """Redraw from the clock (no event needed): the phases without steps show their time."""
+        with self._mu:
+            if self._t0 is None or self._closed.is_set():
+                return
+            name, detail = self.phase()
+            if self.tty:
+                self._draw_line(f"{name} {detail}")
+            elif name in ("starting", "evaluating") and self._said != name and self._quiet_for() >= _QUIET_S:
+                # a log gets one line per phase without steps, once it has lasted a few seconds
+                self._said = name
+                self.stream.write(f"{self.label} {name} ({detail})...\n")
+                self.stream.flush()
+
+    def _quiet_for(self) -> float:
+        """Seconds since the last step event (or the start)."""
+        last = self._events[-1][0] if self._events else self._t0
+        return self.clock() - last if last is not None else 0.0
+
+    def _draw_line(self, info: str) -> None:
+        p = min(max(float((self._events[-1][1] if self._events else {}).get("progress") or 0.0), 0.0), 1.0)
+        filled = int(round(p * self.width))
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r{self.label} [{bar}] {p * 100:3.0f}%  {info}\033[K")
+        self.stream.flush()
+        self._drawn = True
 
     def __call__(self, event: dict) -> None:
+        if self._t0 is None:   # nobody called start(): the clock starts with the first step
+            self._t0 = self.clock()
         p = min(max(float(event.get("progress") or 0.0), 0.0), 1.0)
         loss = event.get("loss")
         tps = event.get("tok_per_s")
@@ -116,24 +200,25 @@ class ProgressBar:
         if isinstance(tps, (int, float)) and tps:
             info += f"  {tps / 1000:.1f}k tok/s"
         with self._mu:
+            self._events = [*self._events[-1:], (self.clock(), dict(event))]
             if self.tty:
                 now = time.monotonic()
                 if now - self._last_draw < 0.1 and p < 1.0:  # ~10 redraws/s is plenty
                     return
                 self._last_draw = now
-                filled = int(round(p * self.width))
-                bar = "#" * filled + "." * (self.width - filled)
-                self.stream.write(f"\r{self.label} [{bar}] {p * 100:3.0f}%  {info}\033[K")
-                self._drawn = True
+                name, detail = self.phase()
+                self._draw_line(f"{info}  {name} {detail}")
             else:
                 quarter = int(p * 4)
                 if quarter <= self._last_quarter:
                     return
                 self._last_quarter = quarter
+                self._said = "training"
                 self.stream.write(f"{self.label} {p * 100:3.0f}%  {info}\n")
             self.stream.flush()
 
     def close(self) -> None:
+        self._closed.set()
         with self._mu:
             if self.tty and self._drawn:
                 self.stream.write("\n")
@@ -192,7 +277,11 @@ def _interactive_approve(lab) -> Any:
                 reason = _ask("reason (shown to the proposer next step; enter to skip): ").strip()
                 return reason if reason not in ("", "q") else False
             if answer in ("e", "edit"):
-                edited = _edit_source(proposal.source)
+                try:
+                    edited = _edit_source(proposal.source)
+                except UserError as e:   # an editor that failed (or :cq in vim): ask again, the session goes on
+                    print(f"error: {e}")
+                    continue
                 if edited == proposal.source:
                     print("no change made; running the proposal as is")
                     return True
@@ -234,6 +323,39 @@ def _throughput_note(lab, rec: dict) -> str:
         return ""
     return (f"      note: {this / 1000:.1f}k tok/s vs the parent's {parent / 1000:.1f}k (x{this / parent:.1f}): on a "
             f"seconds budget the machine's load counts as much as the edit; --budget N-tokens leaves load out")
+
+
+def _timeout_note(lab, rec: dict) -> str:
+    """For a timed-out run: whether the hard limit struck outside the training window (the machine's)."""
+    from autoresearch_kit.lab import timeout_phase
+
+    if rec.get("status") != "timeout":
+        return ""
+    full = lab.ledger.get(rec["id"])   # with its curve
+    phase = timeout_phase(full)
+    limit = (full.get("extra") or {}).get("hard_limit")
+    lim = f" of {float(limit):.0f} s" if limit else ""
+    if phase == "evaluation":
+        return (f"the run spent its budget, then its evaluation did not finish before the hard limit{lim}: this "
+                f"machine is busy or slow, train.py is not at fault. Run again (the next limit is sized from what "
+                f"this lab measured), or set AUTORESEARCH_HARD_LIMIT=SECONDS / a smaller AUTORESEARCH_EVAL_TOKENS.")
+    if phase == "setup":
+        return (f"the run was killed at the hard limit{lim} before its first training step (start-up, compile, "
+                f"warm-up): this machine is busy or slow (unless train.py does slow work before training). Run "
+                f"again, or set AUTORESEARCH_HARD_LIMIT=SECONDS.")
+    return ""
+
+
+def _starting(approve, bar: "ProgressBar"):
+    """The approval callback, starting the progress clock when the answer is to run something."""
+
+    def wrapped(proposal):
+        answer = approve(proposal)
+        if answer is True or hasattr(answer, "source"):
+            bar.start()
+        return answer
+
+    return wrapped
 
 
 def _interactive_decide(lab, exp_id: str) -> dict:
@@ -341,6 +463,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.steps < 0:
         raise UserError(f"--steps must be 0 or more, got {args.steps}.")
+    if args.noise < 0:   # checked before anything trains (it used to fail after the baseline)
+        raise UserError(f"--noise must be 0 (no noise runs) or more reruns of the parent, got {args.noise}.")
     _check_data(args)
     with _make_lab(args) as lab:
         if lab.recovered:
@@ -352,29 +476,36 @@ def cmd_run(args: argparse.Namespace) -> int:
             base = lab._baseline_record()
             if base is None or base["status"] != "ok":
                 bar = ProgressBar("baseline")
+                bar.start()
                 try:
                     rec = lab.baseline(on_event=bar)
                 finally:
                     bar.close()
                 print(format_record(rec))
                 if rec["status"] != "ok":
+                    machine = _timeout_note(lab, rec)
+                    if machine:
+                        raise UserError(f"the baseline timed out: {machine}")
                     tail = "\n".join((rec["log_tail"] or "").splitlines()[-15:])
                     raise UserError(f"the baseline did not run ({rec['status']}: {rec['reason']}).\n{tail}\n"
                                     f"Fix {lab.path / 'train.py'} and run again.")
             if args.noise:
                 bar = ProgressBar("noise")
+                bar.start()
                 try:
                     n = lab.measure_noise(args.noise, on_event=bar)
                 finally:
                     bar.close()
                 print(f"noise: val_bpb {', '.join(f'{v:.6f}' for v in n['values'])}  sigma {n['sigma']:.6f}")
+            if not _settle_undecided(lab, args.yes):
+                return 0
             approve = _announce if args.yes else _interactive_approve(lab)
             failures, last_reason = 0, None
             done = 0
             while done < args.steps:
                 bar = ProgressBar(f"exp {len(lab.ledger) + 1:04d}")
                 try:
-                    rec = lab.step(approve=approve, on_event=bar, feedback=args.feedback if done == 0 else "",
+                    rec = lab.step(approve=_starting(approve, bar), on_event=bar, feedback=args.feedback if done == 0 else "",
                                    decide=args.yes)
                 except _Quit:
                     print("stopped")
@@ -403,9 +534,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                     try:
                         rec = _interactive_decide(lab, rec["id"])
                     except _Quit:
-                        print(f"stopped; experiment {rec['id']} is undecided (decide it in the panel or next run)")
+                        print(f"stopped; experiment {rec['id']} is undecided: `autoresearch decide` (or the next "
+                              f"`autoresearch run`, or the panel) asks again")
                         break
+                    except KeyboardInterrupt:
+                        raise KeyboardInterrupt(f"experiment {rec['id']} ran and is undecided; `autoresearch decide` "
+                                                f"(or the next run) asks again") from None
                 print(format_record(rec))
+                machine = _timeout_note(lab, rec)
+                if machine:
+                    print(f"      note: {machine}")
                 note = _throughput_note(lab, rec) if args.yes else ""   # asked runs showed it before deciding
                 if note:
                     print(note)
@@ -416,6 +554,99 @@ def cmd_run(args: argparse.Namespace) -> int:
         if best:
             print(f"best: {best['id']} val_bpb {best['val_bpb']:.6f}  {best['description']}")
         _write_report(lab.path, quiet=False, records=lab.ledger.records(curves=False))
+    return 0
+
+
+def _settle_undecided(lab, autopilot: bool) -> bool:
+    """Experiments that ran but were never decided (Ctrl-C or q at the prompt): ask now.
+
+    Under --yes the rule decides them (as the autopilot). Returns False when the person
+    quit at a prompt.
+    """
+    for rec in lab.undecided():
+        print(f"experiment {rec['id']} ran (val_bpb {rec['val_bpb']:.6f}: {rec['description']}) and was not decided")
+        try:
+            if autopilot:
+                lab.decide(rec["id"], keep=None, decided_by="autopilot")
+            else:
+                _interactive_decide(lab, rec["id"])
+        except _Quit:
+            print(f"stopped; experiment {rec['id']} is still undecided")
+            return False
+        except ValueError as e:   # e.g. a hand edit of train.py that keeping it would overwrite
+            print(f"left undecided: {e}")
+            continue
+        print(format_record_of(lab, rec["id"]))
+    return True
+
+
+def format_record_of(lab, exp_id: str) -> str:
+    from autoresearch_kit.lab import format_record
+
+    return format_record(lab.ledger.get(exp_id))
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    """`autoresearch decide [ID] [--keep | --discard | --rule] [--reason R]`."""
+    from autoresearch_kit.lab import Lab
+
+    path = _lab_dir(args.lab)
+    _require_lab(path, args.lab)
+    with Lab(path, verbose=False) as lab:
+        if args.id is None:
+            if args.keep or args.discard:
+                raise UserError("--keep / --discard need the experiment: `autoresearch decide ID --keep`.")
+            todo = lab.undecided()
+            if not todo:
+                print(f"lab {path}: no experiment is waiting for a decision")
+                return 0
+            if args.rule:
+                for rec in todo:
+                    print(format_record_of(lab, lab.decide(rec["id"], keep=None)["id"]))
+                return 0
+            _settle_undecided(lab, autopilot=False)
+            return 0
+        try:
+            rec = lab.ledger.get(args.id)
+        except KeyError as e:
+            raise UserError(str(e).strip("\"'")) from None
+        if rec["status"] != "ok" or rec["kind"] != "candidate":
+            raise UserError(f"experiment {rec['id']} is a {rec['kind']} with status {rec['status']}: only a "
+                            f"candidate that ran ok is kept or discarded.")
+        if args.keep or args.discard:
+            out = lab.decide(rec["id"], keep=bool(args.keep), reason=args.reason, decided_by="human")
+        elif args.rule:
+            out = lab.decide(rec["id"], keep=None)
+        else:
+            try:
+                out = _interactive_decide(lab, rec["id"])
+            except _Quit:
+                print(f"experiment {rec['id']} is still undecided")
+                return 0
+        print(format_record_of(lab, out["id"]))
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """`autoresearch recover`: rebuild a lost or damaged ledger.sqlite from results.tsv and git."""
+    from autoresearch_kit.lab import recover_ledger
+    from autoresearch_kit.ledger import DB_NAME, Ledger, LedgerLostError
+
+    path = _lab_dir(args.lab)
+    _require_lab(path, args.lab)
+    if (path / DB_NAME).is_file() and (path / DB_NAME).stat().st_size > 0:
+        try:
+            Ledger(path).close()
+        except LedgerLostError:
+            pass
+        else:
+            raise UserError(f"the ledger of {path} is fine: nothing to recover (`autoresearch status` shows it).")
+    out = recover_ledger(path)
+    aside = f"; the damaged file is kept as {out['moved_aside']}" if out["moved_aside"] else ""
+    print(f"rebuilt the ledger of {path}: {out['experiments']} experiments ({out['from_git']} from git, "
+          f"{out['tsv_only']} from results.tsv only), kept line at {out['tip'] or 'init'}{aside}. Curves, log tails, "
+          f"budgets and reasons are not in results.tsv and were not recovered; results.tsv before: "
+          f"results.tsv.before-recover")
     return 0
 
 
@@ -482,7 +713,13 @@ def _write_report(path: Path, out: Path | None = None, *, quiet: bool = True, re
         if not quiet:
             print("no finished experiments yet: no progress.png")
         return None
-    target = save_progress(records, out or path / "progress.png")
+    try:
+        target = save_progress(records, out or path / "progress.png")
+    except OSError as e:   # a read-only lab (or a full disk): say where instead of a traceback
+        if getattr(e, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise UserError(f"cannot write {out or path / 'progress.png'} ({e.strerror}): pass --out PATH "
+                            f"somewhere writable.") from None
+        raise
     s = summary(records)
     print(f"wrote {target}: {s['experiments']} experiments, {s['kept']} kept, {s['discarded']} discarded, "
           f"{s['failed']} failed or aborted; baseline {s['baseline']:.6f} -> best {s['best']:.6f}")
@@ -563,6 +800,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", help="prepared data directory (default: the last one prepared)")
     q.set_defaults(func=cmd_run)
 
+    q = sub.add_parser("decide", help="keep or discard an experiment that ran and was not decided")
+    q.add_argument("id", nargs="?", help="the experiment (default: ask about each undecided one)")
+    q.add_argument("--lab", help=lab_help)
+    how = q.add_mutually_exclusive_group()
+    how.add_argument("--keep", action="store_true", help="keep it (it becomes the parent)")
+    how.add_argument("--discard", action="store_true", help="discard it")
+    how.add_argument("--rule", action="store_true", help="apply the rule (keep if it beats its parent)")
+    q.add_argument("--reason", default="", help="why (recorded; the proposer reads it)")
+    q.set_defaults(func=cmd_decide)
+
+    q = sub.add_parser("recover", help="rebuild a lost or damaged ledger.sqlite from results.tsv and git")
+    q.add_argument("--lab", help=lab_help)
+    q.set_defaults(func=cmd_recover)
+
     q = sub.add_parser("status", help="show the lab's experiments as a table")
     q.add_argument("--lab", help=lab_help)
     q.set_defaults(func=cmd_status)
@@ -587,6 +838,22 @@ def _locked_text(args: argparse.Namespace, exc: Exception) -> str:
             f"it to finish, or stop it (a notebook: lab.close()); `autoresearch status` works meanwhile.")
 
 
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """`--budget -3s` as `--budget=-3s`: argparse reads a value that starts with '-' as an option
+    ("expected one argument"); glued, the budget parser says what is wrong with it."""
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("--budget", "--noise", "--steps", "--threshold") and i + 1 < len(argv) \
+                and argv[i + 1][:1] == "-" and argv[i + 1][1:2].isdigit():
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def _sigterm_as_interrupt(signum, frame):
     # `kill PID` (or a scheduler's stop) should end a run like Ctrl-C: the training process
     # group is killed and the run recorded as aborted, instead of leaving an orphan behind
@@ -602,10 +869,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import warnings
 
-    from autoresearch_kit.ledger import LabLockedError
+    import sqlite3
+
+    from autoresearch_kit.lab import GitLostError
+    from autoresearch_kit.ledger import LabLockedError, LedgerLostError, is_disk_full
     from autoresearch_kit.propose.base import ProposalError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     in_main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if in_main_thread else None
     try:
@@ -619,6 +889,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPT
     except LabLockedError as e:
         print(f"autoresearch: error: {_locked_text(args, e)}", file=sys.stderr)
+        return EXIT_USER
+    except (LedgerLostError, GitLostError) as e:
+        print(f"autoresearch: error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except (OSError, sqlite3.OperationalError) as e:
+        if not is_disk_full(e) or os.environ.get("AUTORESEARCH_DEBUG"):
+            raise
+        text = str(e) if str(e).startswith("disk full") else f"disk full ({e}): free some space and run again"
+        print(f"autoresearch: error: {text}", file=sys.stderr)
         return EXIT_USER
     except (UserError, FileNotFoundError, ProposalError) as e:
         print(f"autoresearch: error: {e}", file=sys.stderr)

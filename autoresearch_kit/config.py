@@ -40,6 +40,12 @@ DEFAULT_VOCAB_SIZE = 4096
 # few seconds for a small model; the GPU default is larger for a lower-noise metric.
 DEFAULT_EVAL_TOKENS = {"cuda": 2**21, "mps": 2**17, "cpu": 2**16}
 
+# The most one experiment may spend: about 11.6 days whatever the kind (1e6 s; 1e12 tokens
+# at 1M tok/s; 1e21 FLOPs at an H100's ~1e15 FLOP/s). Beyond that a typo, not a budget.
+MAX_BUDGET = {"seconds": 1e6, "tokens": 1e12, "flops": 1e21}
+MAX_BUDGET_NOTE = {"seconds": "11.6 days", "tokens": "11.6 days at 1M tokens/s",
+                   "flops": "11.6 days of an H100 at its bf16 peak"}
+
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12, "p": 1e15}
 _KINDS = ("seconds", "tokens", "flops")
 
@@ -72,8 +78,13 @@ class Budget:
                 f"(got {given or 'none'}); e.g. Budget(seconds=60) or Budget.parse('50M-tokens')."
             )
             raise ValueError(msg)
-        if self.amount <= 0:
-            msg = f"A budget must be positive, got {self.amount} {self.kind}."
+        if not self.amount > 0:
+            msg = f"A budget must be positive, got {self.amount:g} {self.kind}."
+            raise ValueError(msg)
+        if self.amount > MAX_BUDGET[self.kind]:
+            msg = (f"A budget of {self.amount:g} {self.kind} is beyond what one experiment can spend (at most "
+                   f"{MAX_BUDGET[self.kind]:g} {self.kind}, {MAX_BUDGET_NOTE[self.kind]}); every run would hit the "
+                   f"hard limit. Use e.g. '300s', '50M-tokens' or '1e15-flops'.")
             raise ValueError(msg)
 
     @property
@@ -92,6 +103,9 @@ class Budget:
         if isinstance(text, (int, float)):
             return cls(seconds=float(text))
         s = str(text).strip().lower().replace("_", "")
+        if re.fullmatch(r"-\s*[0-9.].*", s):
+            msg = f"A budget must be positive, got {text!r}: use e.g. '60s', '50M-tokens' or '1e15-flops'."
+            raise ValueError(msg)
         m = re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)\s*-?\s*([a-z]*)\s*-?\s*([a-z]*)", s)
         if not m:
             msg = f"Cannot read budget {text!r}: use e.g. '60s', '5min', '50M-tokens' or '1e15-flops'."

@@ -44,6 +44,7 @@ Run the tests with `python -m pytest tests/test_lab.py -q`.
 from __future__ import annotations
 
 import ast
+import errno
 import html
 import inspect
 import math
@@ -55,11 +56,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from autoresearch_kit import config, runner
-from autoresearch_kit.ledger import CRASH_LIKE, Ledger, LabLockedError  # noqa: F401 (re-exported)
+from autoresearch_kit.ledger import (CRASH_LIKE, DB_NAME, TSV_NAME, LabLockedError,  # noqa: F401 (re-exported)
+                                     Ledger, LedgerLostError, is_disk_full, lost_message)
 from autoresearch_kit.propose.base import (HistoryEntry, Proposal, ProposalContext, ProposalError,
                                            source_hash)
 from autoresearch_kit.runner import RunResult
-from autoresearch_kit.workspace import Workspace
+from autoresearch_kit.workspace import Workspace, read_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,6 +69,9 @@ if TYPE_CHECKING:
     from autoresearch_kit.config import Budget
 
 RUNS = "runs"
+PENDING = "result.pending.json"   # runs/<id>/: a finished result the ledger could not take (disk full)
+_PENDING_RESERVE = 1 << 20        # bytes reserved for it when the run starts, overwritten in place
+HAND_EDIT = "hand edit of train.py"
 # statuses whose log tail is worth showing the proposer (aborted = the user stopped it)
 _FAILED_RUNS = ("crash", "timeout", "diverged", "invalid")
 _PROPOSAL_KINDS = ("baseline", "candidate")   # noise/rerun records repeat an experiment
@@ -77,9 +82,25 @@ def template_path(name: str) -> Path:
     return Path(str(resources.files("autoresearch_kit") / "templates" / name))
 
 
+class DiskFullError(OSError):
+    """The disk filled up while a finished run was being recorded; its result is kept for the next open."""
+
+    def __str__(self) -> str:  # one line that starts with "disk full", without OSError's "[Errno 28]"
+        return str(self.strerror)
+
+
+class GitLostError(RuntimeError):
+    """The lab's git repository is missing (or lacks experiments the ledger recorded)."""
+
+
 def is_lab(path: str | os.PathLike) -> bool:
-    """Whether `path` is a lab directory (it has a ledger)."""
-    return (Path(path).expanduser() / "ledger.sqlite").is_file()
+    """Whether `path` is a lab directory (it has a ledger, or the results.tsv of one that lost it)."""
+    p = Path(path).expanduser()
+    if (p / DB_NAME).is_file():
+        return True
+    # a lab that lost its ledger is still one (so `autoresearch run` there says so, instead
+    # of starting a new lab in ./lab): its results.tsv or its experiments' refs remain
+    return (p / ".git").is_dir() and ((p / TSV_NAME).is_file() or (p / ".git" / "refs" / "experiments").is_dir())
 
 
 def _initial_text(name: str, given: str | os.PathLike, lab_dir: Path) -> str:
@@ -87,13 +108,84 @@ def _initial_text(name: str, given: str | os.PathLike, lab_dir: Path) -> str:
     path = Path(given).expanduser()
     if str(given) != name:  # an explicit path: it must exist
         if path.is_file():
-            return path.read_text(encoding="utf-8")
+            return read_text(path)
         msg = f"{given} not found: pass the path of an existing {name} (or leave it out to start from the template)."
         raise FileNotFoundError(msg)
     for candidate in (lab_dir / name, path):  # the lab directory's own file, then the current directory's
         if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")
-    return template_path(name).read_text(encoding="utf-8")
+            return read_text(candidate)
+    return read_text(template_path(name))
+
+
+def timeout_phase(run: "dict | RunResult") -> str | None:
+    """Where a timed-out run was when the hard limit killed it, from its curve.
+
+    ``setup`` (no training step yet: start-up, imports, compile, warm-up), ``training``
+    (the budget was not spent) or ``evaluation`` (the budget was spent: scoring did not
+    finish). None when the run did not time out. Only ``training`` is train.py's doing
+    for certain; the other two are outside the training window, the machine's.
+    """
+    get = run.get if isinstance(run, dict) else lambda k, d=None: getattr(run, k, d)
+    if get("status") != "timeout":
+        return None
+    curve = [e for e in (get("curve") or []) if isinstance(e, dict)]
+    if not curve:
+        return "setup"
+
+    def num(e, k):
+        v = e.get(k)
+        return float(v) if isinstance(v, (int, float)) else None
+
+    p = num(curve[-1], "progress")
+    if p is None:
+        return "training"
+    if p >= 0.999:
+        return "evaluation"
+    # The last step event is logged before the step that crossed the budget was refused,
+    # so its progress is short of 1 by about one step: project one more step (twice, for slack)
+    # from the last two events (they are at most 10/s, and the last step always comes).
+    if len(curve) >= 2:
+        p0, s0, s1 = num(curve[-2], "progress"), num(curve[-2], "step"), num(curve[-1], "step")
+        if None not in (p0, s0, s1) and s1 > s0 and p > p0 and p + 2 * (p - p0) / (s1 - s0) >= 0.999:
+            return "evaluation"
+    return "training"
+
+
+_PHASE_NOTE = {
+    "setup": ("outside the training window, before the first training step (start-up, compile, warm-up): "
+              "the machine was too slow or busy, unless train.py does slow work before it trains"),
+    "evaluation": ("outside the training window: the budget was spent and the evaluation did not finish "
+                   "in time: the machine was too slow or busy, not a fault of train.py"),
+}
+
+
+_PHASE_NOTE_MARK = "outside the training window"
+
+
+def _ledger_lost(path: Path) -> str | None:
+    """What is wrong when the lab's ledger is missing or empty while git still has its experiments."""
+    db = path / DB_NAME
+    if db.is_file() and db.stat().st_size > 0:
+        return None
+    if not (path / ".git").is_dir() or not Workspace(path).experiments():
+        return None
+    return "missing" if not db.exists() else "an empty file"
+
+
+def _git_lost(ledger: Ledger, ws: Workspace) -> str | None:
+    """A message when the ledger has committed experiments that the workspace does not have (.git deleted)."""
+    recs = [r for r in ledger.records(curves=False) if r["commit"]]
+    if not recs:
+        return None
+    have = ws.commits() if ws.initialized else {}
+    lost = [r["id"] for r in recs if r["id"] not in have]
+    if not lost:
+        return None
+    return (f"The lab {ws.lab_dir} has lost its git repository ({ws.git_dir}"
+            f"{' is missing' if not ws.git_dir.is_dir() else ' lacks ' + str(len(lost)) + ' experiments'}): "
+            f"the ledger records {len(recs)} committed experiments ({lost[0]} .. {lost[-1]} missing), whose "
+            f"train.py lived there. Nothing was changed. Restore .git from a backup; each run's train.py is also "
+            f"in {ws.lab_dir / RUNS}/<id>/train.py and its diff in the ledger.")
 
 
 def _looks_like_source(text: str) -> bool:
@@ -159,18 +251,27 @@ class Lab:
             msg = (f"{self.path} is a git repository that is not a lab: a lab keeps its own repository. "
                    f"Choose a new directory, e.g. Lab({str(self.path / 'lab')!r}).")
             raise ValueError(msg)
+        lost = _ledger_lost(self.path)
+        if lost:   # never start a new ledger beside git's experiments (it would reuse their ids)
+            raise LedgerLostError(lost_message(self.path, lost))
         new = not is_lab(self.path)
         if new:  # read the starting files before creating anything, so a bad path leaves no half lab
             train_src = _initial_text("train.py", train, self.path)
             program_src = _initial_text("program.md", program, self.path)
         self.ledger = Ledger(self.path)   # takes the lock
+        self._hand_description: str | None = None   # the subject of a hand commit, for its experiment
+        self.verbose = verbose
         try:
             self.workspace = Workspace(self.path)
+            gone = _git_lost(self.ledger, self.workspace)
+            if gone:
+                raise GitLostError(gone)
             if not self.workspace.initialized:
-                if not new:  # a ledger without its repository: start one from the lab's files
+                if not new:  # a ledger (with nothing committed yet) without its repository: start one
                     train_src = _initial_text("train.py", train, self.path)
                     program_src = _initial_text("program.md", program, self.path)
                 self.workspace.init(train_src, program_src)
+            self.pending_recorded = self._recover_pending()
             self.recovered = self.ledger.recover()
             moved = self._reconcile()
             (self.path / RUNS).mkdir(exist_ok=True)
@@ -194,7 +295,15 @@ class Lab:
         self.sigma: float | None = self._sigma_from_ledger()
         self._prestart: threading.Thread | None = None   # runner.prestart's thread, see _start_ahead
         self._started_ahead = False
+        # one run at a time per lab, whatever calls it (two panels, a panel and a cell): a
+        # second call is refused; `running` and `watch_run` let a new view attach to it
+        self._run_mu = threading.Lock()
+        self.running: dict | None = None
+        self._watchers: list[Callable[[dict], Any]] = []
         self._warn_budget_change()
+        if self.pending_recorded and self.verbose:
+            print(f"lab {self.path.name}: recorded the result(s) of {', '.join(self.pending_recorded)}, kept on disk "
+                  f"when the disk was full")
         if self.recovered and self.verbose:
             print(f"lab {self.path.name}: experiment(s) {', '.join(self.recovered)} were interrupted and are "
                   f"recorded as aborted")
@@ -294,7 +403,9 @@ class Lab:
         tip = self.ledger.tip()
         if tip is None or tip == self.workspace.head_id():
             return None
-        self.workspace.keep(tip)
+        # an edit of lab/train.py nobody ran yet stays (it becomes the next proposal); else
+        # train.py follows the kept line
+        self.workspace.keep(tip, write=self._unrecorded_edit() is None)
         return tip
 
     def _reconcile(self) -> str | None:
@@ -302,6 +413,7 @@ class Lab:
 
         Returns the experiment the kept line was moved to, if it had to be moved.
         """
+        self._adopt_hand_commit()
         if self.ledger.tip() is None:  # a lab from before the ledger recorded the tip: adopt git's
             head = self.workspace.head_id()
             if head is not None and head in {r["id"] for r in self.ledger.records(curves=False)}:
@@ -315,6 +427,153 @@ class Lab:
                 if exp_id in commits:
                     self.ledger.set_commit(exp_id, commits[exp_id])
         return moved
+
+    # ---- hand edits ---------------------------------------------------------------------------
+
+    def _recorded_hashes(self) -> set[str]:
+        return {r["source_hash"] for r in self.ledger.records(curves=False) if r["source_hash"]}
+
+    def _unrecorded_edit(self) -> str | None:
+        """lab/train.py when it differs from the kept line (git's tip and the ledger's) and no
+        experiment has its text: an edit that exists nowhere else."""
+        src = self.workspace.working_source()
+        if src is None or source_hash(src) in self._recorded_hashes():
+            return None
+        known = {self.workspace.source("kept")}
+        tip = self.ledger.tip()
+        if tip is not None:
+            known.add(self.workspace.source(tip))
+        return None if src in known else src
+
+    def hand_edit(self) -> str | None:
+        """The lab's train.py when a person edited it and it has not run yet, else None.
+
+        The next `propose()` (so `step()`, the panel and `autoresearch run`) returns it as
+        a proposal by ``human`` instead of asking the agent; nothing moves the kept line
+        over it (decide/checkout refuse while it is pending). Before the baseline the file
+        is simply what the baseline runs.
+        """
+        self._adopt_hand_commit()
+        return self._unrecorded_edit() if self.ledger.tip() is not None else None
+
+    def _adopt_hand_commit(self) -> None:
+        """A `git commit` made by hand on the kept line becomes a hand edit of train.py.
+
+        The commit stays as ``lines/hand-<sha>`` and the kept line goes back to the
+        ledger's tip; lab/train.py keeps the committed text (or a later edit of it), which
+        the next proposal takes, with the commit's subject as its description.
+        """
+        found = self.workspace.hand_commit()
+        if found is None or self.ledger.tip() is None:  # before the baseline: the baseline runs the file
+            return
+        sha, subject = found
+        committed = self.workspace.source(sha)
+        if self.workspace.working_source() is None:
+            (self.path / "train.py").write_text(committed, encoding="utf-8")
+        self.workspace.keep(self.ledger.tip(), write=False)
+        if source_hash(self.workspace.working_source()) not in self._recorded_hashes():
+            self._hand_description = " ".join(subject.split()) or HAND_EDIT
+        if self.verbose:
+            print(f"lab {self.path.name}: your commit {sha[:7]} ({subject}) on the kept line is kept as branch "
+                  f"lines/hand-{sha[:7]}; its train.py is taken as your next experiment")
+
+    def _refuse_over_hand_edit(self, what: str) -> None:
+        if self.hand_edit() is not None:
+            msg = (f"{self.path / 'train.py'} has edits that have not run yet, and {what} would overwrite it. "
+                   f"Run it first (the next lab.step() / `autoresearch run` / panel proposal takes it as your "
+                   f"experiment), or move it aside and restore the kept version with "
+                   f"`git -C {self.path} checkout train.py`. Nothing was changed.")
+            raise ValueError(msg)
+
+    def _sync_train_file(self) -> None:
+        """Put the kept line's train.py back into the lab when the file holds a recorded experiment's
+        text (a rejected or discarded hand edit: it is in git), never over an unrecorded edit."""
+        tip = self.ledger.tip()
+        src = self.workspace.working_source()
+        if tip is None or src is None or self._unrecorded_edit() is not None:
+            return
+        kept = self.workspace.source(tip)
+        if src != kept:
+            (self.path / "train.py").write_text(kept, encoding="utf-8")
+            if self.verbose:
+                owner = next((r["id"] for r in self.ledger.records(curves=False)
+                              if r["source_hash"] == source_hash(src)), "?")
+                print(f"lab {self.path.name}: train.py is the kept version ({tip}) again; your edit is experiment "
+                      f"{owner} (refs/experiments/{owner}; lab.checkout({owner!r}) continues from it if it ran ok)")
+
+    # ---- results kept aside (disk full) --------------------------------------------------------
+
+    def _pending_path(self, exp_id: str) -> Path:
+        return self.path / RUNS / exp_id / PENDING
+
+    def _reserve_pending(self, exp_id: str) -> None:
+        """Reserve room for the result before the run: a full disk later can still take it."""
+        path = self._pending_path(exp_id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(b" " * _PENDING_RESERVE)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # no room even now: the ledger write may still succeed; nothing to keep aside
+            path.unlink(missing_ok=True)
+
+    def _keep_pending(self, exp_id: str, result: RunResult, sha: str | None) -> Path | None:
+        """Write the result into its reserved file (in place: no new blocks). None if that failed too."""
+        import json
+
+        path = self._pending_path(exp_id)
+        if not path.is_file():
+            return None
+        d = {"exp_id": exp_id, "commit": sha, "result": result.to_dict()}
+        size = path.stat().st_size
+        for drop in ((), ("curve",), ("curve", "log_tail")):   # the numbers matter most
+            for k in drop:
+                d["result"][k] = [] if k == "curve" else ""
+            data = json.dumps(d, default=str).encode()
+            if len(data) <= size:
+                break
+        else:
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+        return path
+
+    def _recover_pending(self) -> list[str]:
+        """On open: record results kept aside when the disk was full; drop stale reservations."""
+        import json
+
+        done = []
+        for path in sorted((self.path / RUNS).glob(f"*/{PENDING}")):
+            try:
+                d = json.loads(path.read_text(encoding="utf-8") or "null")
+            except (OSError, ValueError):
+                d = None
+            exp_id = path.parent.name
+            if isinstance(d, dict) and "result" in d:
+                try:
+                    rec = self.ledger.get(exp_id)
+                except KeyError:  # not ours to judge: leave the file
+                    continue
+                if rec["status"] == "running":
+                    self.ledger.finish(exp_id, RunResult.from_dict(d["result"]), commit=d.get("commit"))
+                    done.append(exp_id)
+            path.unlink(missing_ok=True)   # recorded now, or an unused reservation
+        return done
+
+    # ---- undecided ----------------------------------------------------------------------------
+
+    def undecided(self) -> list[dict]:
+        """Experiments that ran ok and wait for a decision (e.g. after Ctrl-C at the prompt), oldest first."""
+        return [r for r in self.ledger.records(curves=False)
+                if r["kind"] == "candidate" and r["status"] == "ok" and r["decision"] is None]
 
     @property
     def last_id(self) -> str | None:
@@ -379,7 +638,7 @@ class Lab:
         parent_scores = self._scores(parent_id) if parent_id else []
         text = " ".join(t for t in (self.feedback, feedback) if t)
         return ProposalContext(
-            program=(self.path / "program.md").read_text(encoding="utf-8"),
+            program=read_text(self.path / "program.md"),
             parent_source=parent_source, parent_id=parent_id,
             parent_val_bpb=statistics.fmean(parent_scores) if parent_scores else None,
             best_val_bpb=best["val_bpb"] if best else None, history=history,
@@ -403,6 +662,24 @@ class Lab:
             When the proposer gives up; its `reason` says why.
         """
         self._start_ahead()
+        edit = self.hand_edit()
+        if edit is not None:   # a person edited lab/train.py: that is the next experiment
+            description = self._hand_description or HAND_EDIT
+            try:
+                proposal = self.submit(edit, description)
+            except ValueError as e:
+                msg = (f"{self.path / 'train.py'} was edited by hand and cannot run as it is: "
+                       f"{str(e).removeprefix('This edit of train.py cannot run: ')}. Fix the file, or restore the "
+                       f"kept version with `git -C {self.path} checkout train.py`.")
+                raise ValueError(msg) from None
+            proposal.metadata["hand_edit"] = True
+            proposal.rationale = proposal.rationale or "edited by hand in the lab directory"
+            self._hand_description = None
+            self.feedback = ""
+            if self.verbose:
+                print(f"lab {self.path.name}: {self.path / 'train.py'} was edited by hand: proposing your edit "
+                      f"({description}) before asking {getattr(self.proposer, 'name', 'the proposer')}")
+            return proposal
         ctx = self.context(feedback)
         if on_token is not None and "on_token" in inspect.signature(self.proposer.propose).parameters:
             proposal = self.proposer.propose(ctx, on_token=on_token)
@@ -459,6 +736,11 @@ class Lab:
             self.ledger.set_commit(exp_id, sha)
         except KeyError:  # parent never committed (no baseline yet): the diff in the ledger suffices
             pass
+        self._sync_train_file()   # a rejected hand edit: lab/train.py goes back to the kept version
+        if reason:
+            # the next proposal reads the reason as feedback too (whoever rejected: panel, CLI, cell):
+            # the offline proposer steers by feedback ("try a higher lr"), an LLM also sees it in the history
+            self.feedback = " ".join(t for t in (self.feedback, reason) if t)
         self._last_id = exp_id
         rec = self.ledger.get(exp_id)
         self._say(rec)
@@ -466,9 +748,50 @@ class Lab:
 
     # ---- running ------------------------------------------------------------------------------
 
-    def _run(self, source: str, *, parent_id: str | None, kind: str, description: str, proposer: str,
-             diff: str = "", meta: dict | None = None, seed: int | None = None,
-             on_event: Callable[[dict], Any] | None = None, stop: threading.Event | None = None) -> RunResult:
+    def watch_run(self, fn: Callable[[dict], Any]) -> Callable[[], None]:
+        """Also send every step event of the lab's runs to ``fn`` (e.g. a second panel attaching to
+        the run in progress: `running["events"]` holds what it missed). Returns a function that
+        stops it."""
+        self._watchers.append(fn)
+        return lambda: self._watchers.remove(fn) if fn in self._watchers else None
+
+    def stop_run(self) -> bool:
+        """End the lab's run in progress as ``aborted`` (whoever started it); False if none is running."""
+        now = self.running
+        if now is None:
+            return False
+        now["stop"].set()
+        return True
+
+    def _run(self, source: str, **kw) -> RunResult:
+        """Record, commit, run and record again, one run per lab at a time (RuntimeError for a second)."""
+        if not self._run_mu.acquire(blocking=False):
+            now = self.running or {}
+            msg = (f"experiment {now.get('exp_id', '?')} ({now.get('description', '')}) is running in this lab: one "
+                   f"run at a time. Wait for it (lab.running shows it) or stop it, then run again.")
+            raise RuntimeError(msg)
+        try:
+            return self._run_one(source, **kw)
+        finally:
+            self.running = None
+            self._run_mu.release()
+
+    def _fan_out(self, on_event: Callable[[dict], Any] | None) -> Callable[[dict], Any]:
+        def emit(event: dict) -> None:
+            if self.running is not None and len(self.running["events"]) < 100_000:
+                self.running["events"].append(event)
+            for fn in [on_event, *self._watchers]:
+                if fn is not None:
+                    try:
+                        fn(event)
+                    except Exception:  # noqa: BLE001 - a broken view must not end the run's reporting
+                        if fn is on_event:
+                            raise
+        return emit
+
+    def _run_one(self, source: str, *, parent_id: str | None, kind: str, description: str, proposer: str,
+                 diff: str = "", meta: dict | None = None, seed: int | None = None,
+                 on_event: Callable[[dict], Any] | None = None, stop: threading.Event | None = None) -> RunResult:
         """Record, commit, run and record again. Raises KeyboardInterrupt after recording one."""
         from autoresearch_kit import runner
 
@@ -477,19 +800,31 @@ class Lab:
         exp_id = self.ledger.start(parent_id, source_hash(source), diff, description, proposer, budget, hardware,
                                    proposal_meta=meta, kind=kind)
         self._last_id = exp_id
+        import time
+
+        stop = stop if stop is not None else threading.Event()   # so stop_run() can end any run
+        self.running = {"exp_id": exp_id, "description": description, "kind": kind, "started": time.time(),
+                        "events": [], "stop": stop}
+        on_event = self._fan_out(on_event)
         result: RunResult | None = None
         sha: str | None = None
         try:
             sha = self.workspace.commit_experiment(exp_id, source, parent_id, description)
             workdir = self.path / RUNS / exp_id
+            self._reserve_pending(exp_id)
+            limit = self._sized_hard_limit()
+            kw = {"hard_limit": limit} if limit is not None else {}
             result = runner.run_budgeted(source, budget, workdir=workdir, data_dir=self.data_dir,
                                          seed=self.seed if seed is None else seed, device=self.device,
-                                         on_event=on_event, stop=stop)
+                                         on_event=on_event, stop=stop, **kw)
         except BaseException as e:  # a broken setup or a Ctrl-C outside the runner's wait
             why = "interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
             self._finish(exp_id, RunResult(status="aborted", reason=why, budget=str(budget)), sha)
             raise
         result.extra["exp_id"] = exp_id
+        phase = timeout_phase(result)
+        if phase in _PHASE_NOTE:   # say whose fault it was, for the person and the proposer alike
+            result.reason = f"{result.reason}; {_PHASE_NOTE[phase]}" if result.reason else _PHASE_NOTE[phase]
         self._finish(exp_id, result, sha)
         interrupted = (result.status == "aborted" and not (stop is not None and stop.is_set())
                        and "KeyboardInterrupt" in result.reason)
@@ -499,17 +834,69 @@ class Lab:
         return result
 
     def _finish(self, exp_id: str, result: RunResult, sha: str | None) -> None:
-        """Record a run's result, even when Ctrl-C lands meanwhile (re-raised after).
+        """Record a run's result, even when Ctrl-C lands meanwhile (re-raised after) or the disk is full.
 
         An interrupted write is rolled back whole; left so, the finished run would stay
-        ``running`` and be recovered as ``aborted`` next time: its result lost.
+        ``running`` and be recovered as ``aborted`` next time: its result lost. A full
+        disk: the write is retried, then the result goes into the space reserved for it
+        at the start of the run (runs/<id>/result.pending.json), which the next open
+        records, and DiskFullError says so in one line.
         """
+        import time
+
+        for delay in (0.0, 0.5, 1.5):
+            time.sleep(delay)
+            try:
+                try:
+                    self.ledger.finish(exp_id, result, commit=sha)
+                except KeyboardInterrupt:
+                    if self.ledger.get(exp_id)["status"] == "running":
+                        self.ledger.finish(exp_id, result, commit=sha)
+                    raise
+            except Exception as e:
+                if not is_disk_full(e):
+                    raise
+                if self.ledger.get(exp_id)["status"] != "running":   # recorded; results.tsv lags
+                    self._pending_path(exp_id).unlink(missing_ok=True)
+                    if self.verbose:
+                        print(f"lab {self.path.name}: disk full: experiment {exp_id} is recorded, results.tsv is "
+                              f"behind until the next write")
+                    return
+                continue
+            self._pending_path(exp_id).unlink(missing_ok=True)
+            return
+        kept = self._keep_pending(exp_id, result, sha)
+        score = f"val_bpb {result.val_bpb:.6f}" if result.val_bpb is not None else result.status
+        where = (f"kept in {kept}, recorded when the lab opens next" if kept else
+                 "not kept (no room even for the reserved file)")
+        msg = (f"disk full: the result of experiment {exp_id} ({score}) could not be written to the ledger; "
+               f"{where}. Free some space in {self.path}.")
+        raise DiskFullError(errno.ENOSPC, msg)
+
+    def _sized_hard_limit(self) -> float | None:
+        """A hard limit sized from this lab's measured runs, when the runner's default is too short.
+
+        1.5 x the slowest of the last ok runs under this budget (whole wall time: start-up,
+        training, evaluation), and twice the limit a run outgrew outside its training
+        window (a machine too slow for the default). None: the runner's default stands
+        (also whenever AUTORESEARCH_HARD_LIMIT or AUTORESEARCH_GRACE is set by hand).
+        """
+        default_of = getattr(runner, "_hard_limit", None)
+        if default_of is None or config.env("HARD_LIMIT") or config.env("GRACE"):
+            return None
+        budget = str(self.budget)
+        recs = [r for r in self.ledger.records(curves=False) if r["budget"] == budget][-10:]
+        needed = 0.0
+        for r in recs:
+            if r["status"] == "ok" and r["wall_seconds"]:
+                needed = max(needed, 1.5 * r["wall_seconds"])
+            elif r["status"] == "timeout" and _PHASE_NOTE_MARK in (r["reason"] or ""):
+                needed = max(needed, 2.0 * float((r["extra"] or {}).get("hard_limit") or 0.0))
         try:
-            self.ledger.finish(exp_id, result, commit=sha)
-        except KeyboardInterrupt:
-            if self.ledger.get(exp_id)["status"] == "running":
-                self.ledger.finish(exp_id, result, commit=sha)
-            raise
+            default = float(default_of(self.budget, None, self._device_type()))
+        except Exception:  # noqa: BLE001 - a runner that changed its helper: keep its default
+            return None
+        return round(needed) if needed > default else None
 
     def run_budgeted(self, proposal: Proposal | str, on_event: Callable[[dict], Any] | None = None,
                      stop: threading.Event | None = None) -> RunResult:
@@ -550,7 +937,7 @@ class Lab:
         done = self._baseline_record()
         if done is not None and done["status"] == "ok":
             return done
-        source = (self.path / "train.py").read_text(encoding="utf-8")
+        source = read_text(self.path / "train.py")
         result = self._run(source, parent_id=None, kind="baseline", description="baseline", proposer="baseline",
                            on_event=on_event, stop=stop)
         exp_id = result.extra["exp_id"]
@@ -661,11 +1048,14 @@ class Lab:
             tip = exp_id
         elif exp_id == self.parent_id:  # discarding the current parent (kept before): back to its parent
             tip = self.ledger.get(exp_id)["parent_id"]
+        if tip is not None and tip != self.parent_id:
+            self._refuse_over_hand_edit(f"{'keeping' if keep else 'discarding'} experiment {exp_id}")
         try:
             rec = self.ledger.decide(exp_id, "keep" if keep else "discard", reason, decided_by=by,
                                      within_noise=v["within_noise"], tip=tip)
         finally:  # also after a Ctrl-C: the workspace follows what the ledger recorded
             self._follow_tip()
+        self._sync_train_file()   # a discarded hand edit: lab/train.py goes back to the kept version
         self._say(rec)
         return rec
 
@@ -853,6 +1243,8 @@ class Lab:
             msg = (f"Experiment {rec['id']} cannot be continued from: it is a {rec['kind']} with status "
                    f"{rec['status']!r}. Check out an experiment that ran ok (see lab.history()).")
             raise ValueError(msg)
+        if rec["id"] != self.parent_id:
+            self._refuse_over_hand_edit(f"checking out {rec['id']}")
         self.ledger.set_tip(rec["id"])
         self._follow_tip()
         if self.verbose:
@@ -942,3 +1334,98 @@ def format_record(rec: dict) -> str:
     by = f" [{rec['decided_by']}]" if rec.get("decided_by") else ""
     why = f": {rec['decision_reason']}" if rec["status"] == "rejected" and rec.get("decision_reason") else ""
     return f"{rec['id']}  {rec['kind']:<9} {bpb:<22} {decision}{by}  {rec['description']}{why}"
+
+
+def recover_ledger(path: str | os.PathLike) -> dict:
+    """Rebuild a lab's lost or damaged ledger.sqlite from results.tsv and the lab's git refs.
+
+    Every experiment committed under ``refs/experiments/<id>`` gets its record back:
+    parent, description, train.py hash and diff from git; status, val_bpb, memory and
+    the decision from its results.tsv row (matched by commit). An experiment without a
+    row (rejected, undecided or interrupted: results.tsv cannot tell) comes back as
+    ``rejected``; rows without a commit come back after them. The kept line's tip is
+    the workspace's. A damaged ledger.sqlite is moved aside (``ledger.sqlite.damaged-*``),
+    results.tsv is copied to ``results.tsv.before-recover`` first. What results.tsv does
+    not hold (curves, logs tails, budget, hardware, reasons) is not recovered.
+
+    Returns
+    -------
+    dict
+        ``experiments`` (records restored), ``from_git``, ``tsv_only``, ``moved_aside``
+        (path of the damaged file, or None) and ``tip``.
+    """
+    import csv
+    import shutil
+
+    path = Path(path).expanduser().resolve()
+    ws = Workspace(path)
+    tsv = path / TSV_NAME
+    rows = []
+    if tsv.is_file():
+        with open(tsv, encoding="utf-8", errors="replace", newline="") as f:
+            rows = [r for r in csv.DictReader(f, delimiter="\t") if r.get("status")]
+    commits = ws.commits() if ws.initialized else {}
+    if not rows and not commits:
+        msg = f"{path} has neither results.tsv rows nor git experiments: there is nothing to recover a ledger from."
+        raise FileNotFoundError(msg)
+    if tsv.is_file():
+        shutil.copyfile(tsv, path / f"{TSV_NAME}.before-recover")
+    led = Ledger(path, _rebuild=True)   # takes the lock, moves a damaged file aside
+    try:
+        unused = list(range(len(rows)))
+        restored, ids = 0, sorted(commits, key=lambda s: (len(s), s))
+        for exp_id in ids:
+            sha = commits[exp_id]
+            body = ws._git("log", "-1", "--format=%B", sha)
+            subject = body.strip().splitlines()[0] if body.strip() else ""
+            parent = next((line.split(":", 1)[1].strip() for line in body.splitlines()
+                           if line.startswith("Parent:")), None)
+            source = ws.source(exp_id)
+            kind = ("noise" if subject.startswith("noise:") else "rerun" if subject.startswith("rerun:")
+                    else "baseline" if parent is None and subject == "baseline" else "candidate")
+            values = {"parent_id": parent if parent in commits else None, "kind": kind, "description": subject,
+                      "source_hash": source_hash(source), "commit": sha, "proposer": "",
+                      "diff": ws.diff(parent, exp_id) if parent in commits else "",
+                      "decision_reason": "recovered from results.tsv and git"}
+            log = path / RUNS / exp_id / "run.log"
+            if log.is_file():
+                values["log_path"] = str(log)
+            row = next((i for i in unused if rows[i].get("commit") and sha.startswith(rows[i]["commit"])), None)
+            if row is not None:
+                unused.remove(row)
+                values.update(_from_tsv_row(rows[row]))
+            else:
+                values.update(status="rejected", reason="recovered from git: no results.tsv row (rejected, "
+                                                        "undecided or interrupted)")
+            led.restore(exp_id, values)
+            restored += 1
+        last = max((int(i) for i in ids if i.isdigit()), default=0)
+        for n, i in enumerate(unused, start=last + 1):   # rows of runs that were never committed
+            led.restore(f"{n:04d}", {"kind": "candidate", "description": rows[i].get("description") or "",
+                                     "commit": rows[i].get("commit") or None, **_from_tsv_row(rows[i])})
+        head = ws.head_id() if ws.initialized else None
+        if head is not None and head in commits:
+            led.set_tip(head)
+        led.end_rebuild()
+        return {"experiments": restored + len(unused), "from_git": restored, "tsv_only": len(unused),
+                "moved_aside": led.moved_aside, "tip": led.tip()}
+    finally:
+        led.close()
+
+
+def _from_tsv_row(row: dict) -> dict:
+    """Ledger columns from one results.tsv row (status, decision, val_bpb, memory)."""
+    status = (row.get("status") or "").strip()
+
+    def num(key):
+        try:
+            return float(row.get(key) or "")
+        except ValueError:
+            return None
+
+    if status in ("keep", "discard", "undecided"):
+        return {"status": "ok", "decision": None if status == "undecided" else status,
+                "val_bpb": num("val_bpb"), "peak_memory_gb": num("memory_gb"),
+                "finished_at": None}
+    known = status if status in CRASH_LIKE else "crash"
+    return {"status": known, "reason": f"recovered from results.tsv ({status})"}

@@ -25,9 +25,12 @@ analysis notebook treats the first non-crash row as the baseline):
     status ok + decision keep          -> keep
     status ok + decision discard       -> discard
     status ok, undecided, kind baseline -> keep     (the baseline is the first kept point)
-    status ok, undecided, other kinds  -> no row yet (appears once decided)
-    crash/timeout/diverged/invalid/aborted -> crash (val_bpb 0.000000, memory 0.0)
-    running, rejected (never ran)      -> no row   (both are in the database)
+    status ok, undecided, candidate    -> undecided (`autoresearch decide`, or the next run, asks)
+    status ok, noise / rerun records   -> no row    (they repeat an experiment)
+    crash                              -> crash     (val_bpb 0.000000, memory 0.0, as the original)
+    timeout/diverged/invalid/aborted   -> the ledger's status, val_bpb left empty (no score: an
+                                          analysis that drops `crash` rows must not read 0.0)
+    running, rejected (never ran)      -> no row    (both are in the database)
 
 The ledger also records the tip of the lab's kept line (`tip()`, the current parent),
 in the same transaction as the keep that moves it; the Lab moves its git workspace
@@ -137,6 +140,40 @@ class LabLockedError(RuntimeError):
     """Another Ledger (this process or another) holds the lab directory's lock."""
 
 
+class LedgerLostError(RuntimeError):
+    """ledger.sqlite is missing, empty or damaged while the lab has a history (results.tsv, git).
+
+    Nothing was written: results.tsv is left as it was. `autoresearch recover` (or
+    `autoresearch_kit.lab.recover_ledger`) rebuilds the ledger from results.tsv and the
+    lab's git refs, moving a damaged file aside first.
+    """
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an exception says the disk (or quota) is full: OSError ENOSPC/EDQUOT or SQLite's FULL."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+
+
+def lost_message(lab_dir: Path, what: str) -> str:
+    """The one-paragraph error for a lab whose ledger is gone, with the way back."""
+    return (f"The ledger of lab {lab_dir} is {what}, but the lab has a history (results.tsv or git "
+            f"experiments): nothing was changed, results.tsv is as it was. Rebuild the ledger from results.tsv "
+            f"and the git refs with `autoresearch recover --lab {lab_dir}` (in Python: "
+            f"autoresearch_kit.lab.recover_ledger({str(lab_dir)!r})); a damaged ledger.sqlite is moved aside, "
+            f"not deleted. Or restore ledger.sqlite from a backup.")
+
+
+def _tsv_rows(path: Path) -> int:
+    """Data rows of a results.tsv (0 when missing or unreadable)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return max(sum(1 for line in f if line.strip()) - 1, 0)
+    except OSError:
+        return 0
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -176,15 +213,22 @@ def _clean_description(text: str) -> str:
 
 
 def tsv_status(rec: dict) -> str | None:
-    """The results.tsv status of a record (keep / discard / crash), or None for no row."""
+    """The results.tsv status of a record, or None for no row.
+
+    keep / discard for decided ok runs (the baseline is a keep), ``undecided`` for an ok
+    candidate nobody decided yet, and the ledger's own status for a failed or stopped run
+    (crash, timeout, diverged, invalid, aborted).
+    """
     status, decision = rec["status"], rec["decision"]
     if status in CRASH_LIKE:
-        return "crash"
+        return status
     if status != "ok":
         return None  # running, rejected
     if decision in DECISIONS:
         return decision
-    return "keep" if rec["kind"] == "baseline" else None
+    if rec["kind"] == "baseline":
+        return "keep"
+    return "undecided" if rec["kind"] == "candidate" else None
 
 
 def tsv_row(rec: dict) -> str | None:
@@ -194,9 +238,12 @@ def tsv_row(rec: dict) -> str | None:
         return None
     commit = (rec.get("commit") or "")[:7]
     ran_ok = rec["status"] == "ok"
-    bpb = rec["val_bpb"] if ran_ok and rec["val_bpb"] is not None else 0.0
     mem = rec["peak_memory_gb"] if ran_ok and rec["peak_memory_gb"] is not None else 0.0
-    return "\t".join((commit, f"{bpb:.6f}", f"{mem:.1f}", status, _clean_description(rec["description"])))
+    if ran_ok and rec["val_bpb"] is not None:
+        bpb = f"{rec['val_bpb']:.6f}"
+    else:  # no score: the original writes 0.000000 for a crash; other failures leave it empty
+        bpb = "0.000000" if status == "crash" else ""
+    return "\t".join((commit, bpb, f"{mem:.1f}", status, _clean_description(rec["description"])))
 
 
 class Ledger:
@@ -216,36 +263,104 @@ class Ledger:
         When another Ledger (another process, or this one) has the directory open.
     """
 
-    def __init__(self, lab_dir: str | os.PathLike, *, readonly: bool = False) -> None:
+    def __init__(self, lab_dir: str | os.PathLike, *, readonly: bool = False, _rebuild: bool = False) -> None:
         self.lab_dir = Path(lab_dir).expanduser().resolve()
         self.readonly = readonly
+        # _rebuild (lab.recover_ledger only): a fresh database over an existing history;
+        # results.tsv is left alone until end_rebuild() writes it from the rebuilt records
+        self._rebuilding = _rebuild
         self.db_path = self.lab_dir / DB_NAME
         self.tsv_path = self.lab_dir / TSV_NAME
         self._mu = threading.RLock()       # the Lab may record from a background run thread
         self._mine: set[str] = set()       # ids this instance started: recover() leaves them alone
         self._lock_file = None
         self._conn: sqlite3.Connection | None = None
+        self._copy_dir = None              # readonly on a lab we cannot write: a private copy
         if readonly:
-            if not self.db_path.exists():
+            if not self.db_path.exists() or self.db_path.stat().st_size == 0:
+                if _tsv_rows(self.tsv_path):
+                    raise LedgerLostError(lost_message(self.lab_dir, "missing" if not self.db_path.exists()
+                                                       else "an empty file"))
                 msg = f"No ledger at {self.db_path}: open the lab once with Ledger({str(self.lab_dir)!r}) or Lab(...) to create it."
                 raise FileNotFoundError(msg)
-            self._conn = sqlite3.connect(f"{self.db_path.as_uri()}?mode=ro", uri=True,
-                                         check_same_thread=False, isolation_level=None)
-            self._conn.row_factory = sqlite3.Row
+            self._open_readonly()
         else:
             self.lab_dir.mkdir(parents=True, exist_ok=True)
             self._acquire_lock()
+            self.moved_aside: Path | None = None
             try:
+                if _rebuild:
+                    self._move_aside()
+                empty = not self.db_path.exists() or self.db_path.stat().st_size == 0
+                if empty and _tsv_rows(self.tsv_path) and not _rebuild:  # never start a new ledger over a history
+                    raise LedgerLostError(lost_message(self.lab_dir, "missing" if not self.db_path.exists()
+                                                       else "an empty file"))
                 self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None,
                                              timeout=30)
                 self._conn.row_factory = sqlite3.Row
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA synchronous=FULL")
-                self._create_schema()
-                self._write_tsv()  # repairs a results.tsv left stale by a kill between the two writes
+                try:
+                    self._conn.execute("PRAGMA journal_mode=WAL")
+                    self._conn.execute("PRAGMA synchronous=FULL")
+                    self._create_schema()
+                except sqlite3.DatabaseError as e:   # "file is not a database", "disk image is malformed"
+                    if isinstance(e, sqlite3.OperationalError):  # locked, disk full, I/O: not damage
+                        raise
+                    raise LedgerLostError(lost_message(self.lab_dir, f"damaged ({e})")) from None
+                self._write_tsv(opening=True)  # repairs a results.tsv left stale by a kill between the two writes
             except BaseException:
                 self.close()
                 raise
+
+    def _move_aside(self) -> None:
+        """(rebuild) Keep a damaged database and its WAL as ledger.sqlite.damaged-<time>*, never delete them."""
+        if not self.db_path.exists():
+            return
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        self.moved_aside = self.db_path.with_name(f"{DB_NAME}.damaged-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = self.db_path.with_name(DB_NAME + suffix)
+            if src.exists():
+                os.replace(src, self.db_path.with_name(f"{DB_NAME}.damaged-{stamp}{suffix}"))
+
+    def _open_readonly(self) -> None:
+        """Open without writing. A WAL database read-only needs its -shm file (SQLite creates it
+        on open): in a directory we cannot write (a read-only mount, another user's lab) read a
+        private copy of the database and its WAL instead, so status/report still work."""
+        try:
+            self._conn = self._connect_ro(self.db_path)
+            return
+        except sqlite3.OperationalError:
+            self._close_conn()
+        except sqlite3.DatabaseError as e:
+            self._close_conn()
+            raise LedgerLostError(lost_message(self.lab_dir, f"damaged ({e})")) from None
+        import shutil
+        import tempfile
+
+        self._copy_dir = tempfile.mkdtemp(prefix="autoresearch-ledger-")
+        for suffix in ("", "-wal"):
+            src = self.db_path.with_name(DB_NAME + suffix)
+            if src.exists():
+                shutil.copyfile(src, Path(self._copy_dir) / (DB_NAME + suffix))
+        self._conn = self._connect_ro(Path(self._copy_dir) / DB_NAME, copy=True)
+
+    @staticmethod
+    def _connect_ro(path: Path, copy: bool = False) -> sqlite3.Connection:
+        # the copy is opened read-write (it is ours) so SQLite can replay its WAL into it
+        uri = path.as_uri() + ("" if copy else "?mode=ro")
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # errors show up here, not later
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     # ---- lock ---------------------------------------------------------------------------------
 
@@ -292,9 +407,12 @@ class Ledger:
     def close(self) -> None:
         """Close the database and release the lab lock. Safe to call twice."""
         with self._mu:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._close_conn()
+            if self._copy_dir is not None:
+                import shutil
+
+                shutil.rmtree(self._copy_dir, ignore_errors=True)
+                self._copy_dir = None
             if self._lock_file is not None:
                 import fcntl
                 fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
@@ -414,9 +532,14 @@ class Ledger:
         self._row(parent_id)  # KeyError with the known ids when missing
         return parent_id
 
-    def _write_tsv(self) -> None:
-        """Rewrite results.tsv from the database, atomically (temp + fsync + os.replace)."""
-        if self.readonly:
+    def _write_tsv(self, *, opening: bool = False) -> None:
+        """Rewrite results.tsv from the database, atomically (temp + fsync + os.replace).
+
+        ``opening``: the rewrite when a writable Ledger opens. Rows of results.tsv are never
+        removed by the ledger (a record, once it has a row, keeps one), so a database that
+        would write fewer rows than the file has lost records: refuse rather than overwrite.
+        """
+        if self.readonly or self._rebuilding:
             return
         lines = ["\t".join(TSV_HEADER)]
         # only the columns a row needs: decoding every curve on every write would grow O(n * steps)
@@ -428,12 +551,24 @@ class Ledger:
             line = tsv_row(dict(zip(row.keys(), row)))
             if line is not None:
                 lines.append(line)
+        if opening:
+            have = _tsv_rows(self.tsv_path)
+            if have > len(lines) - 1:
+                what = ("empty" if not rows else
+                        f"missing records ({len(lines) - 1} results.tsv rows from the database, {have} in the file)")
+                raise LedgerLostError(lost_message(self.lab_dir, what))
         tmp = self.lab_dir / f".{TSV_NAME}.tmp"
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.tsv_path)
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.tsv_path)
+        except BaseException:
+            # disk full mid-write: no half temp file left behind; results.tsv is the old one,
+            # and the next write (or open) brings it up to date from the database
+            tmp.unlink(missing_ok=True)
+            raise
 
     # ---- writes -------------------------------------------------------------------------------
 
@@ -591,6 +726,40 @@ class Ledger:
             })
         self._write_tsv()
         return exp_id
+
+    def restore(self, exp_id: str, values: dict) -> str:
+        """Insert a record rebuilt from elsewhere (`lab.recover_ledger`), keeping its id.
+
+        ``values`` holds column values (unknown keys raise); ``kind``, ``status`` and
+        ``created_at`` default to candidate / rejected / now. JSON columns may be given
+        as Python objects. Raises ValueError if the id is already recorded.
+        """
+        exp_id = self._norm_id(exp_id)
+        unknown = set(values) - set(COLUMNS)
+        if unknown:
+            msg = f"restore(): unknown ledger columns {sorted(unknown)}; the columns are {', '.join(COLUMNS)}."
+            raise ValueError(msg)
+        row = {"kind": "candidate", "status": "rejected", "created_at": _now(), **values, "id": exp_id}
+        for name in _JSON_COLUMNS:
+            if name in row and not isinstance(row[name], str):
+                row[name] = _dumps(row[name])
+        if row["kind"] not in KINDS or row["status"] not in STATUSES:
+            msg = f"restore(): kind {row['kind']!r} / status {row['status']!r} is not one the ledger knows."
+            raise ValueError(msg)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM experiments WHERE id = ?", (exp_id,)).fetchone():
+                msg = f"Experiment {exp_id} is already in the ledger of {self.lab_dir}."
+                raise ValueError(msg)
+            names = ", ".join(_q(k) for k in row)
+            db.execute(f"INSERT INTO experiments ({names}) VALUES ({', '.join('?' for _ in row)})",
+                       tuple(row.values()))
+        self._write_tsv()
+        return exp_id
+
+    def end_rebuild(self) -> None:
+        """After `restore()`-ing a rebuilt history: write results.tsv from it (lab.recover_ledger)."""
+        self._rebuilding = False
+        self._write_tsv()
 
     def set_commit(self, exp_id: str, commit: str) -> None:
         """Attach the workspace commit sha to an experiment (e.g. committed after start)."""

@@ -119,7 +119,8 @@ def progress_plot(data: Any, ax=None, *, title: str | None = None, max_label: in
     """
     df = load_results(data)
     plt = _pyplot()
-    if ax is None:
+    own = ax is None
+    if own:
         fig, ax = plt.subplots(figsize=(12, 6))
     else:
         fig = ax.figure
@@ -172,9 +173,16 @@ def progress_plot(data: Any, ax=None, *, title: str | None = None, max_label: in
             ax.set_xticks(list(x))
             ax.set_xticklabels(df["label"], rotation=90 if len(df) > 12 else 0, fontsize=8)
     ax.grid(True, alpha=0.2)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right", fontsize=9)
-    fig.tight_layout()
+    handles, names = ax.get_legend_handles_labels()
+    if handles and own:
+        # below the axes, in a band of its own: labels rise up and to the right of their points,
+        # so inside the axes (upper right, as before) the last one ran into the legend
+        fig.legend(handles, names, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+    else:
+        if handles:
+            ax.legend(loc="best", fontsize=9)
+        fig.tight_layout()
     return fig
 
 

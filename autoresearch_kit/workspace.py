@@ -149,11 +149,15 @@ class Workspace:
         return self._git(*args, input=message if message.endswith("\n") else message + "\n").strip()
 
     def _tip_label(self, sha: str) -> str:
+        """The experiment id of a commit; ``init`` for the root commit; ``hand-<sha>`` for a
+        commit someone made by hand (no Experiment trailer)."""
         msg = self._git("log", "-1", "--format=%B", sha)
         m = _TRAILER.search(msg)
-        return m.group(1) if m else "init"
+        if m:
+            return m.group(1)
+        return "init" if not self._git("log", "-1", "--format=%P", sha).strip() else f"hand-{sha[:7]}"
 
-    def _move_kept(self, sha: str) -> None:
+    def _move_kept(self, sha: str, write: bool = True) -> None:
         """Point `kept` at sha, archiving the old line under lines/<tip id> if it would be lost."""
         old = self._resolve(KEPT_REF)
         if old and old != sha and not self._is_ancestor(old, sha):
@@ -161,7 +165,8 @@ class Workspace:
         self._git("update-ref", "-m", "autoresearch: move kept line", KEPT_REF, sha)
         # keep `git status` in the lab directory truthful: index = the kept tree
         self._git("read-tree", KEPT_REF)
-        self._write_file("train.py", self._git("show", f"{sha}:train.py"))
+        if write:
+            self._write_file("train.py", self._git("show", f"{sha}:train.py"))
 
     def _write_file(self, name: str, text: str) -> None:
         path = self.lab_dir / name
@@ -243,7 +248,7 @@ class Workspace:
             msg = f"Experiment {exp_id} is already committed with a different train.py; experiment ids are never reused."
             raise ValueError(msg)
         program_path = self.lab_dir / "program.md"
-        program = (program_path.read_text(encoding="utf-8") if program_path.exists()
+        program = (read_text(program_path) if program_path.exists()
                    else self._git("show", f"{parent}:program.md"))
         subject = " ".join(str(message or f"experiment {exp_id}").split())  # one line, as results.tsv
         trailer = f"Experiment: {exp_id}" + (f"\nParent: {_norm_id(parent_id)}" if parent_id is not None else "")
@@ -252,11 +257,12 @@ class Workspace:
         self._git("update-ref", EXP_PREFIX + exp_id, sha, "")
         return sha
 
-    def keep(self, exp_id: str) -> str:
+    def keep(self, exp_id: str, *, write: bool = True) -> str:
         """Move the kept line to an experiment and write its train.py to lab/train.py.
 
         Normally a fast-forward (the experiment's parent is the kept tip). If the old
-        tip would become unreachable it is kept as ``lines/<old tip id>``.
+        tip would become unreachable it is kept as ``lines/<old tip id>`` (a commit made
+        by hand: ``lines/hand-<sha>``). ``write=False`` leaves lab/train.py as it is.
 
         Returns
         -------
@@ -265,8 +271,23 @@ class Workspace:
         """
         self._require_init()
         sha = self._rev(exp_id)
-        self._move_kept(sha)
+        self._move_kept(sha, write=write)
         return sha
+
+    def working_source(self) -> str | None:
+        """The lab directory's train.py as it is on disk (None if it is missing)."""
+        path = self.lab_dir / "train.py"
+        return read_text(path) if path.is_file() else None
+
+    def hand_commit(self) -> tuple[str, str] | None:
+        """(sha, subject) when the kept tip is a commit someone made by hand (`git commit` in the
+        lab directory: no Experiment trailer, not the init commit); else None."""
+        if not self.initialized:
+            return None
+        tip = self.head()
+        if self._tip_label(tip).startswith("hand-"):
+            return tip, self._git("log", "-1", "--format=%s", tip).strip()
+        return None
 
     def checkout(self, exp_id: str) -> str:
         """Continue from any past experiment: it becomes the current parent.
@@ -309,9 +330,9 @@ class Workspace:
         return self._resolve(KEPT_REF)
 
     def head_id(self) -> str | None:
-        """The experiment id at the kept tip (None while it is the init commit)."""
+        """The experiment id at the kept tip (None while it is the init commit or a commit made by hand)."""
         label = self._tip_label(self.head())
-        return None if label == "init" else label
+        return None if label == "init" or label.startswith("hand-") else label
 
     def log(self, ref: str = KEPT) -> list[tuple[str, str | None, str]]:
         """The kept line (or any line), newest first: (sha, exp_id or None for init, subject)."""
@@ -350,6 +371,18 @@ class Workspace:
             return f"Workspace({str(self.lab_dir)!r}, not initialized)"
         return (f"Workspace({str(self.lab_dir)!r}: kept at {self.head()[:7]} ({self.head_id() or 'init'}), "
                 f"{len(self.experiments())} experiments, {len(self.lines())} archived lines)")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A text file of the lab (train.py, program.md), or a ValueError that names it when it is not UTF-8."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        msg = (f"{path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): it must be a plain "
+               f"text file; save it as UTF-8 (or restore it with `git -C {path.parent} checkout {path.name}`).")
+        raise ValueError(msg) from None
 
 
 def _norm_id(exp_id: str | int) -> str:

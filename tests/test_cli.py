@@ -334,3 +334,216 @@ def test_progress_bar_lines_when_not_a_terminal():
     assert len(lines) == 4                                     # once per quarter, not per step
     assert lines[0].startswith("exp 0002  10%  step 0  loss 2.9000  12.0k tok/s")
     assert lines[-1].startswith("exp 0002 100%")
+
+
+# ---- issue 13: undecided experiments, lost ledgers, late or internal-looking errors ------------
+
+
+def _fake_runs(monkeypatch, *scores):
+    from autoresearch_kit import runner
+    from autoresearch_kit.runner import RunResult
+
+    it = iter(scores)
+    monkeypatch.setattr(runner, "run_budgeted",
+                        lambda *a, **kw: RunResult(status="ok", val_bpb=next(it), seed=42, peak_memory_gb=0.1))
+
+
+def test_an_undecided_experiment_is_asked_again_and_has_a_row_and_a_point(cli_lab, tmp_path, kit_env,
+                                                                          monkeypatch, capsys):
+    d = _copy(cli_lab, tmp_path)
+    _fake_runs(monkeypatch, 0.001, 0.002)
+    # y to the proposal, then q at the decision prompt: the experiment ran and stays undecided
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\nq\n"))
+    assert main(["run", "--lab", str(d), "--steps", "1", "--proposer", "mutate"]) == 0
+    out = capsys.readouterr().out
+    assert "0004 is undecided: `autoresearch decide`" in out
+    row = (d / "results.tsv").read_text().splitlines()[-1].split("\t")
+    assert row[1:4] == ["0.001000", "0.1", "undecided"]
+    from autoresearch_kit.plots import load_results
+
+    assert load_results(Ledger(d, readonly=True).records()).iloc[-1]["outcome"] == "pending"   # on the plot
+    # the next run asks about it first (k), then q at the next proposal
+    monkeypatch.setattr(sys, "stdin", io.StringIO("k\nq\n"))
+    assert main(["run", "--lab", str(d), "--steps", "1", "--proposer", "mutate"]) == 0
+    out = capsys.readouterr().out
+    assert "experiment 0004 ran (val_bpb 0.001000" in out and "was not decided" in out
+    rec = Ledger(d, readonly=True).get("0004")
+    assert (rec["decision"], rec["decided_by"]) == ("keep", "human")
+    assert (d / "results.tsv").read_text().splitlines()[-1].split("\t")[3] == "keep"
+
+
+def test_autoresearch_decide(cli_lab, tmp_path, kit_env, monkeypatch, capsys):
+    d = _copy(cli_lab, tmp_path)
+    _fake_runs(monkeypatch, 0.5, 0.4)
+    with Lab(d, verbose=False, proposer="mutate") as lab:
+        a = lab.step(decide=False)["id"]
+        b = lab.step(decide=False)["id"]
+    assert main(["decide", "--lab", str(d), "--keep"]) == 2
+    assert "need the experiment" in _one_line_error(capsys)
+    assert main(["decide", a, "--lab", str(d), "--discard", "--reason", "looks like luck"]) == 0
+    rec = Ledger(d, readonly=True).get(a)
+    assert (rec["decision"], rec["decided_by"], rec["decision_reason"]) == ("discard", "human", "looks like luck")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))          # enter = the rule
+    assert main(["decide", "--lab", str(d)]) == 0
+    assert Ledger(d, readonly=True).get(b)["decision"] == "keep"
+    assert main(["decide", "--lab", str(d)]) == 0
+    assert "no experiment is waiting" in capsys.readouterr().out
+    assert main(["decide", "0001", "--lab", str(d), "--keep"]) == 2
+    assert "only a candidate that ran ok" in _one_line_error(capsys)
+
+
+def test_a_lost_ledger_is_one_line_and_autoresearch_recover_rebuilds_it(cli_lab, tmp_path, kit_env, capsys):
+    d = _copy(cli_lab, tmp_path)
+    tsv = (d / "results.tsv").read_text()
+    (d / "ledger.sqlite").unlink()
+    for cmd in (["run", "--yes", "--steps", "1", "--budget", BUDGET], ["status"]):
+        assert main([*cmd, "--lab", str(d)]) == 2
+        assert "autoresearch recover --lab" in _one_line_error(capsys)
+    assert (d / "results.tsv").read_text() == tsv and not (d / "ledger.sqlite").exists()
+    assert main(["recover", "--lab", str(d)]) == 0
+    assert "rebuilt the ledger" in capsys.readouterr().out
+    assert main(["status", "--lab", str(d)]) == 0 and "3 experiments" in capsys.readouterr().out
+    assert (d / "results.tsv").read_text() == tsv
+    assert main(["recover", "--lab", str(d)]) == 2
+    assert "nothing to recover" in _one_line_error(capsys)
+
+
+def test_late_and_internal_looking_errors_are_one_early_line(cli_lab, tmp_path, kit_env, capsys):
+    d = _copy(cli_lab, tmp_path)
+    n = len(Ledger(d, readonly=True))
+    assert main(["run", "--lab", str(d), "--noise", "-2", "--yes", "--steps", "1"]) == 2
+    assert "--noise must be 0" in _one_line_error(capsys)
+    for budget, says in (("-3s", "must be positive"), ("1e99-flops", "beyond what one experiment can spend")):
+        with pytest.raises(SystemExit) as e:
+            main(["run", "--lab", str(d), "--budget", budget])
+        assert e.value.code == 2 and says in _one_line_error(capsys)
+    (d / "program.md").write_bytes(b"\xff\xfe\0binary")
+    assert main(["run", "--lab", str(d), "--yes", "--steps", "1", "--budget", BUDGET]) == 2
+    assert f"{d / 'program.md'} is not UTF-8 text" in _one_line_error(capsys)
+    assert len(Ledger(d, readonly=True)) == n                    # nothing trained for any of them
+    shutil.rmtree(d / ".git")
+    assert main(["run", "--lab", str(d), "--yes", "--steps", "1", "--budget", BUDGET]) == 2
+    assert "lost its git repository" in _one_line_error(capsys)
+
+
+def test_an_editor_that_fails_does_not_end_the_session(cli_lab, tmp_path, kit_env, monkeypatch, capsys):
+    d = _copy(cli_lab, tmp_path)
+    monkeypatch.setenv("EDITOR", "false")                        # exits 1
+    monkeypatch.delenv("VISUAL", raising=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("e\nq\n"))
+    assert main(["run", "--lab", str(d), "--steps", "1", "--budget", BUDGET, "--proposer", "mutate"]) == 0
+    out = capsys.readouterr().out
+    assert "error: the editor exited with status 1" in out and out.count("run it? [y]es") == 2
+
+
+def test_disk_full_is_one_line(cli_lab, tmp_path, kit_env, monkeypatch, capsys):
+    import sqlite3
+    import time
+
+    d = _copy(cli_lab, tmp_path)
+    _fake_runs(monkeypatch, 0.5)
+
+    def full(self, *a, **kw):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Ledger, "finish", full)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    assert main(["run", "--lab", str(d), "--yes", "--steps", "1", "--proposer", "mutate"]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("autoresearch: error: disk full: the result of experiment 0004 (val_bpb 0.500000)")
+    monkeypatch.undo()
+    with Lab(d, verbose=False) as lab:
+        assert lab.ledger.get("0004")["val_bpb"] == 0.5
+
+
+def test_status_and_report_on_a_read_only_lab(cli_lab, tmp_path, kit_env, capsys):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs to make a read-only filesystem")
+    try:
+        shutil.copytree(cli_lab[0], mnt / "lab")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        assert main(["status", "--lab", str(mnt / "lab")]) == 0
+        assert "3 experiments" in capsys.readouterr().out
+        assert main(["report", "--lab", str(mnt / "lab")]) == 2
+        assert "pass --out PATH" in _one_line_error(capsys)
+        assert main(["report", "--lab", str(mnt / "lab"), "--out", str(tmp_path / "p.png")]) == 0
+        assert (tmp_path / "p.png").stat().st_size > 10_000
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_timeout_outside_the_training_window_is_the_machines(tmp_path):
+    from autoresearch_kit.cli import _timeout_note
+    from autoresearch_kit.lab import timeout_phase
+    from autoresearch_kit.runner import RunResult
+
+    class FakeLab:
+        def __init__(self, rec):
+            self.ledger = type("L", (), {"get": staticmethod(lambda i: rec)})()
+
+    def rec(curve):
+        return {"id": "0001", "status": "timeout", "curve": curve, "extra": {"hard_limit": 145.0}}
+
+    done = rec([{"step": 9, "progress": 0.5}, {"step": 19, "progress": 1.0}])
+    assert timeout_phase(done) == "evaluation"
+    assert "train.py is not at fault" in _timeout_note(FakeLab(done), done) and "145 s" in _timeout_note(
+        FakeLab(done), done)
+    assert timeout_phase(rec([])) == "setup" and "before its first training step" in _timeout_note(
+        FakeLab(rec([])), rec([]))
+    mid = rec([{"step": 3, "progress": 0.4}])
+    assert timeout_phase(mid) == "training" and _timeout_note(FakeLab(mid), mid) == ""
+    # the last step is logged before the budget check refuses the next one: progress is one step short of 1
+    last_step = rec([{"step": 30, "progress": 0.91}, {"step": 33, "progress": 0.97}])
+    assert timeout_phase(last_step) == "evaluation"
+    assert timeout_phase(rec([{"step": 30, "progress": 0.5}, {"step": 33, "progress": 0.56}])) == "training"
+    assert timeout_phase(RunResult(status="ok", val_bpb=1.0)) is None
+
+
+def test_progress_labels_never_overlap_the_legend(tmp_path):
+    from autoresearch_kit.plots import progress_plot
+
+    recs, best = [], 1.0
+    for i in range(1, 13):   # every experiment kept and improving: the last label sits top right
+        best -= 0.01
+        recs.append({"id": f"{i:04d}", "kind": "baseline" if i == 1 else "candidate", "status": "ok",
+                     "decision": "keep", "val_bpb": best if i < 12 else best + 0.05,
+                     "description": f"a long description of experiment {i} that is cut"})
+    recs.append({"id": "0013", "kind": "candidate", "status": "aborted", "decision": None, "val_bpb": None,
+                 "description": "stopped"})
+    recs.append({"id": "0014", "kind": "candidate", "status": "ok", "decision": "discard", "val_bpb": 0.99,
+                 "description": "worse"})
+    fig = progress_plot(recs)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = fig.legends[0].get_window_extent(r)
+    labels = [t.get_window_extent(r) for t in ax.texts]
+    assert len(labels) == 12
+    assert not [b for b in labels if b.overlaps(legend)]
+    ticks = [t.get_window_extent(r) for t in ax.get_xticklabels()] + [ax.xaxis.label.get_window_extent(r)]
+    assert not [b for b in ticks if b.overlaps(legend)]      # nor the axis below it
+
+
+def test_progress_bar_says_the_phase_the_time_and_what_is_left():
+    now = [100.0]
+    out = io.StringIO()
+    bar = ProgressBar("exp 0002", stream=out, clock=lambda: now[0])
+    bar.start()
+    now[0] = 112.0
+    assert bar.phase() == ("starting", "12s")                 # no step yet: the process is starting
+    bar.tick()
+    bar({"step": 0, "loss": 5.0, "progress": 0.0, "elapsed": 0.0})
+    assert bar.phase()[0] == "warm-up"
+    bar({"step": 10, "loss": 3.0, "progress": 0.25, "elapsed": 5.0})
+    now[0] = 120.0
+    assert bar.phase() == ("training", "20s, ~15s of training left")
+    bar({"step": 38, "loss": 2.0, "progress": 0.97, "elapsed": 19.4})   # the last step: one short of 1
+    now[0] = 150.0
+    assert bar.phase() == ("evaluating", "50s, scoring for 30s")
+    bar.tick()
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "exp 0002 starting (12s)..." and lines[-1] == "exp 0002 evaluating (50s, scoring for 30s)..."

@@ -53,3 +53,18 @@ def test_default_budget_depends_on_device(monkeypatch):
     assert config.default_budget("cpu") == Budget(seconds=60)
     monkeypatch.setenv("AUTORESEARCH_BUDGET", "1M-tokens")
     assert config.default_budget("cpu") == Budget(tokens=1_000_000)
+
+
+def test_budgets_beyond_one_experiment_or_negative_are_refused():
+    import pytest
+
+    from autoresearch_kit.config import MAX_BUDGET, Budget
+
+    for text, says in (("-3s", "must be positive"), ("- 5min", "must be positive"),
+                       ("1e99-flops", "beyond what one experiment can spend"),
+                       ("2e12-tokens", r"at most 1e\+12 tokens"), ("12 days", "Unknown budget unit")):
+        with pytest.raises(ValueError, match=says):
+            Budget.parse(text)
+    assert Budget.parse("1e21-flops").amount == MAX_BUDGET["flops"]       # the limit itself is allowed
+    with pytest.raises(ValueError, match="beyond"):
+        Budget(seconds=2e6)

@@ -155,7 +155,8 @@ def test_reject_reason_and_feedback_reach_next_context(lab_dir):
         ctx = lab.context(feedback="try the warm-down instead")
         last = ctx.history[-1]
         assert (last.exp_id, last.status, last.reason) == (rec["id"], "rejected", "learning rate changes are boring")
-        assert ctx.feedback == "try the warm-down instead"
+        # the reason is feedback too (the offline proposer reads only feedback), with the step's own
+        assert ctx.feedback == "learning rate changes are boring try the warm-down instead"
         assert rec["source_hash"] in ctx.seen_hashes                 # never proposed twice
         assert ctx.parent_id == "0001" and ctx.parent_val_bpb == pytest.approx(lab.best()["val_bpb"])
 
@@ -282,7 +283,7 @@ def test_resume_after_sigkill_mid_run(lab_dir, tmp_path):
         assert recs[-1]["status"] == "aborted" and recs[-1]["decision"] is None
         assert lab.parent_id == "0001"
         tsv = (lab_dir / "results.tsv").read_text()
-        assert tsv.startswith(tsv_before) and tsv[len(tsv_before):].split("\t")[3] == "crash"
+        assert tsv.startswith(tsv_before) and tsv[len(tsv_before):].split("\t")[3] == "aborted"
         # its commit was made before the kill: reopening records it (and its results.tsv row shows it)
         assert recs[-1]["commit"] == lab.workspace.commit("0002") is not None
         assert tsv[len(tsv_before):].split("\t")[0] == recs[-1]["commit"][:7]
@@ -303,7 +304,7 @@ p = lab.propose()          # an experiment that ran ok (its run is not what this
 eid = lab.ledger.start(p.parent_id, p.source_hash, p.diff, p.description, p.proposer, BUDGET, {{}})
 sha = lab.workspace.commit_experiment(eid, p.source, p.parent_id, p.description)
 lab.ledger.finish(eid, RunResult(status="ok", val_bpb=0.5, seed=42), commit=sha)
-Workspace.keep = lambda self, exp_id: os.kill(os.getpid(), signal.SIGKILL)  # dies before git moves
+Workspace.keep = lambda self, exp_id, **kw: os.kill(os.getpid(), signal.SIGKILL)  # dies before git moves
 lab.decide(eid, keep=True)
 """
 
@@ -522,3 +523,282 @@ def test_switching_proposer_by_name_drops_the_old_proposers_settings(lab_dir):
     with _open(lab_dir, proposer="llm", proposer_kwargs={"base_url": "http://127.0.0.1:9/v1", "model": "m"}) as lab:
         lab.proposer = "mutate"
         assert type(lab.proposer).__name__ == "MutateProposer"   # was: TypeError about base_url/model
+
+
+# ---- hand edits, a lost ledger or .git, a full disk, undecided experiments --------------------
+
+
+def _fake_runs(monkeypatch, *scores):
+    """runner.run_budgeted answering with these val_bpb in turn (the Lab's bookkeeping is what is tested)."""
+    from autoresearch_kit import runner
+
+    it = iter(scores)
+    monkeypatch.setattr(runner, "run_budgeted",
+                        lambda *a, **kw: RunResult(status="ok", val_bpb=next(it), seed=42, peak_memory_gb=0.1))
+
+
+def _edit(src: str) -> str:
+    return src.replace("MATRIX_LR =", "MATRIX_LR = 0.02  # by hand\nOLD_MATRIX_LR =", 1)
+
+
+def test_a_hand_edit_of_train_py_is_the_next_experiment_never_overwritten(lab_dir, monkeypatch):
+    _fake_runs(monkeypatch, 9.0, 0.5)
+    proposer = LRProposer()
+    with _open(lab_dir, proposer=proposer) as lab:
+        kept = (lab_dir / "train.py").read_text()
+        mine = _edit(kept)
+        (lab_dir / "train.py").write_text(mine)
+        assert lab.hand_edit() == mine
+        rec = lab.step()                                   # the edit runs, the agent is not asked
+        assert proposer.contexts == []
+        assert (rec["proposer"], rec["description"]) == ("human", "hand edit of train.py")
+        assert lab.workspace.source(rec["id"]) == mine and rec["decision"] == "discard"   # 9.0: worse
+        # discarded: train.py is the kept version again, the edit lives on in git
+        assert (lab_dir / "train.py").read_text() == kept and lab.hand_edit() is None
+        rec = lab.step()                                   # now the agent proposes again
+        assert rec["proposer"] == "lrtest" and len(proposer.contexts) == 1
+
+
+def test_a_hand_edit_blocks_a_keep_that_would_overwrite_it(lab_dir, monkeypatch):
+    _fake_runs(monkeypatch, 0.5)
+    with _open(lab_dir) as lab:
+        rec = lab.step(decide=False)                       # the agent's candidate, undecided
+        mine = _edit((lab_dir / "train.py").read_text())
+        (lab_dir / "train.py").write_text(mine)            # meanwhile a person edits train.py
+        with pytest.raises(ValueError, match=r"train\.py has edits that have not run yet.*Nothing was changed"):
+            lab.decide(rec["id"], keep=True)
+        with pytest.raises(ValueError, match=f"{lab_dir / 'train.py'} has edits"):
+            lab.checkout(rec["id"])
+        assert lab.ledger.get(rec["id"])["decision"] is None and lab.parent_id == "0001"
+        assert (lab_dir / "train.py").read_text() == mine
+        lab.decide(rec["id"], keep=False)                  # a discard moves nothing: allowed
+        assert (lab_dir / "train.py").read_text() == mine
+
+
+def test_a_broken_hand_edit_stops_with_the_file_named(lab_dir):
+    with _open(lab_dir) as lab:
+        (lab_dir / "train.py").write_text((lab_dir / "train.py").read_text() + "\ndef broken(:\n")
+        with pytest.raises(ValueError, match=f"{lab_dir / 'train.py'} was edited by hand and cannot run"):
+            lab.propose()
+        assert len(lab.ledger) == 1
+
+
+def test_rejecting_a_hand_edit_keeps_it_in_git_and_restores_train_py(lab_dir):
+    with _open(lab_dir) as lab:
+        kept = (lab_dir / "train.py").read_text()
+        (lab_dir / "train.py").write_text(_edit(kept))
+        rec = lab.step(approve=lambda p: "not now")
+        assert rec["status"] == "rejected" and rec["proposer"] == "human"
+        assert lab.workspace.source(rec["id"]) == _edit(kept)
+        assert (lab_dir / "train.py").read_text() == kept
+
+
+def test_a_git_commit_by_hand_on_the_kept_line_becomes_the_next_experiment(lab_dir, monkeypatch):
+    _fake_runs(monkeypatch, 0.5)
+    mine = _edit((lab_dir / "train.py").read_text())
+    (lab_dir / "train.py").write_text(mine)
+    git = ["git", "-C", str(lab_dir), "-c", "user.name=me", "-c", "user.email=me@x"]
+    subprocess.run([*git, "commit", "-qam", "try a lower learning rate"], check=True)
+    hand = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    with _open(lab_dir) as lab:                     # opening used to park it as lines/init and overwrite
+        assert lab.workspace.lines() == {f"lines/hand-{hand[:7]}": hand}
+        assert lab.workspace.head_id() == "0001" and (lab_dir / "train.py").read_text() == mine
+        rec = lab.step()
+        assert (rec["proposer"], rec["description"]) == ("human", "try a lower learning rate")
+        assert rec["decision"] == "keep" and lab.workspace.source("kept") == mine
+
+
+def test_a_lost_ledger_is_refused_then_recovered_from_results_tsv_and_git(lab_dir, monkeypatch):
+    from autoresearch_kit.lab import recover_ledger
+    from autoresearch_kit.ledger import LedgerLostError
+
+    _fake_runs(monkeypatch, 0.5, 9.0, 0.4)
+    with _open(lab_dir) as lab:
+        for _ in range(2):
+            lab.step()
+        lab.step(approve=lambda p: "no")
+        lab.step(decide=False)
+        before = {r["id"]: r for r in lab.ledger.records()}
+    tsv = (lab_dir / "results.tsv").read_text()
+    (lab_dir / "ledger.sqlite").unlink()
+    with pytest.raises(LedgerLostError, match="autoresearch recover"):
+        _open(lab_dir)
+    assert (lab_dir / "results.tsv").read_text() == tsv and not (lab_dir / "ledger.sqlite").exists()
+    (lab_dir / "results.tsv").unlink()                 # both gone: git's refs still say it is a lab
+    with pytest.raises(LedgerLostError):
+        _open(lab_dir)
+    (lab_dir / "results.tsv").write_text(tsv)
+    out = recover_ledger(lab_dir)
+    assert out["experiments"] == len(before) and out["tip"] == "0002"
+    assert (lab_dir / "results.tsv").read_text() == tsv
+    with _open(lab_dir) as lab:
+        after = {r["id"]: r for r in lab.ledger.records()}
+        for k in ("status", "decision", "commit", "parent_id", "source_hash", "description", "kind"):
+            assert {i: r[k] for i, r in after.items()} == {i: r[k] for i, r in before.items()}, k
+        # scores as precise as results.tsv keeps them
+        assert {i: r["val_bpb"] for i, r in after.items()} == \
+            {i: (round(r["val_bpb"], 6) if r["val_bpb"] is not None else None) for i, r in before.items()}
+        assert lab.parent_id == "0002" and lab.undecided()[0]["id"] == "0005"
+
+
+def test_a_damaged_ledger_is_moved_aside_by_recovery(lab_dir):
+    from autoresearch_kit.lab import recover_ledger
+    from autoresearch_kit.ledger import LedgerLostError
+
+    (lab_dir / "ledger.sqlite").write_bytes(b"\0garbage" * 512)
+    with pytest.raises(LedgerLostError, match="damaged"):
+        _open(lab_dir)
+    out = recover_ledger(lab_dir)
+    assert out["moved_aside"].read_bytes() == b"\0garbage" * 512
+    with _open(lab_dir) as lab:
+        assert lab.ledger.get("0001")["status"] == "ok" and lab.parent_id == "0001"
+
+
+def test_a_deleted_git_directory_is_a_clear_error(lab_dir):
+    shutil.rmtree(lab_dir / ".git")
+    with pytest.raises(RuntimeError, match=r"lost its git repository .*missing.*Nothing was changed"):
+        _open(lab_dir)
+    assert not (lab_dir / ".git").exists()
+
+
+def test_a_binary_program_md_names_the_file(lab_dir):
+    (lab_dir / "program.md").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")
+    with _open(lab_dir) as lab, pytest.raises(ValueError, match=f"{lab_dir / 'program.md'} is not UTF-8 text"):
+        lab.propose()
+
+
+def test_disk_full_while_recording_keeps_the_result_for_the_next_open(lab_dir, monkeypatch):
+    from autoresearch_kit.lab import DiskFullError
+
+    _fake_runs(monkeypatch, 0.625)
+    real = Ledger.finish
+
+    def full(self, *a, **kw):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Ledger, "finish", full)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    with _open(lab_dir) as lab:
+        with pytest.raises(DiskFullError, match=r"^disk full: the result of experiment 0002 \(val_bpb 0.625000\)"
+                                                r".*result.pending.json, recorded when the lab opens next"):
+            lab.step()
+    assert (lab_dir / "runs" / "0002" / "result.pending.json").is_file()
+    monkeypatch.setattr(Ledger, "finish", real)
+    with _open(lab_dir) as lab:
+        assert lab.pending_recorded == ["0002"] and lab.recovered == []
+        rec = lab.ledger.get("0002")
+        assert (rec["status"], rec["val_bpb"]) == ("ok", 0.625)
+        assert lab.undecided()[0]["id"] == "0002"
+    assert not (lab_dir / "runs" / "0002" / "result.pending.json").exists()
+
+
+def test_disk_full_on_a_real_small_filesystem(lab_dir, monkeypatch, tmp_path):
+    """A lab on a tiny tmpfs filled up just as the finished run is recorded: real ENOSPC."""
+    from autoresearch_kit.lab import DiskFullError
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs for a small real filesystem")
+    try:
+        shutil.copytree(lab_dir, mnt / "lab", ignore=shutil.ignore_patterns("cache"))
+        lab_dir = mnt / "lab"
+        _fake_runs(monkeypatch, 0.75)
+        real = Ledger.finish
+
+        def fill_then_finish(self, *a, **kw):
+            if not (mnt / "filler").exists():
+                with open(mnt / "filler", "wb") as f:   # the disk fills up while the run trained
+                    try:
+                        while True:
+                            f.write(b"x" * (1 << 16))
+                            f.flush()
+                    except OSError:
+                        pass
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(Ledger, "finish", fill_then_finish)
+        monkeypatch.setattr(time, "sleep", lambda s: None)
+        with _open(lab_dir) as lab:
+            try:
+                lab.step(decide=False)
+                raised = None
+            except DiskFullError as e:
+                raised = str(e)
+        assert raised is None or raised.startswith("disk full: ")
+        (mnt / "filler").unlink()
+        monkeypatch.setattr(Ledger, "finish", real)
+        with _open(lab_dir) as lab:
+            rec = lab.ledger.get("0002")
+            assert (rec["status"], rec["val_bpb"]) == ("ok", 0.75)     # never lost as "aborted"
+        assert "\tundecided\t" in (lab_dir / "results.tsv").read_text().splitlines()[-1]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_one_run_at_a_time_per_lab_and_a_second_view_can_attach(lab_dir, monkeypatch):
+    from autoresearch_kit import runner
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_run(*a, on_event=None, **kw):
+        on_event({"step": 0, "loss": 5.0, "progress": 0.1})
+        started.set()
+        release.wait(30)
+        on_event({"step": 1, "loss": 4.0, "progress": 1.0})
+        return RunResult(status="ok", val_bpb=0.5, seed=42)
+
+    monkeypatch.setattr(runner, "run_budgeted", slow_run)
+    with _open(lab_dir) as lab:
+        first = lab.propose()
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("r", lab.run_budgeted(first)))
+        t.start()
+        assert started.wait(30)
+        assert lab.running["exp_id"] == "0002" and lab.running["events"][0]["step"] == 0   # what a late view missed
+        seen = []
+        stop_watching = lab.watch_run(seen.append)
+        with pytest.raises(RuntimeError, match="experiment 0002 .* is running in this lab: one run at a time"):
+            lab.run_budgeted(lab.submit(_edit(first.source), "a second one"))
+        release.set()
+        t.join(30)
+        stop_watching()
+        assert out["r"].val_bpb == 0.5 and [e["step"] for e in seen] == [1] and lab.running is None
+        assert [r["id"] for r in lab.ledger.records()] == ["0001", "0002"]    # the refused run left no record
+
+
+def test_timeout_phase_reads_a_real_training_curve(lab_dir):
+    from autoresearch_kit.lab import timeout_phase
+
+    with _open(lab_dir) as lab:
+        base = lab.ledger.get("0001")          # a real run: the harness's own step events
+    assert len(base["curve"]) >= 4
+    # had the hard limit struck after this run's last step, it was past its budget: the machine's
+    assert timeout_phase({**base, "status": "timeout"}) == "evaluation"
+    half = base["curve"][: len(base["curve"]) // 2]
+    assert timeout_phase({**base, "status": "timeout", "curve": half}) == "training"
+    assert timeout_phase({**base, "status": "timeout", "curve": []}) == "setup"
+
+
+def test_a_machine_timeout_is_named_and_sizes_the_next_hard_limit(lab_dir, monkeypatch):
+    from autoresearch_kit import runner
+
+    monkeypatch.delenv("AUTORESEARCH_HARD_LIMIT", raising=False)
+    monkeypatch.delenv("AUTORESEARCH_GRACE", raising=False)
+    limits = []
+
+    def timed_out(*a, hard_limit=None, **kw):
+        limits.append(hard_limit)
+        return RunResult(status="timeout", reason="killed at the hard limit of 400 s (after step 15)",
+                         curve=[{"step": 14, "progress": 0.94}, {"step": 15, "progress": 1.0}],
+                         extra={"hard_limit": 400.0})
+
+    monkeypatch.setattr(runner, "run_budgeted", timed_out)
+    with _open(lab_dir) as lab:
+        assert lab._sized_hard_limit() is None            # the baseline's few seconds fit the default
+        rec = lab.step()
+        assert "the machine was too slow or busy, not a fault of train.py" in rec["reason"]
+        assert lab._sized_hard_limit() == 800              # twice the limit it outgrew
+        lab.step()
+    assert limits == [None, 800]

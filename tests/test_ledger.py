@@ -161,7 +161,8 @@ def test_results_tsv_matches_the_original_format_and_follows_every_change(tmp_pa
 
         c1 = led.start(base, "h1", "d", "increase LR to 0.04", "llm", "60s", HW, commit="b2c3d4e5f6")
         led.finish(c1, _result(val_bpb=0.9932, peak_memory_gb=44.2))
-        assert len(_tsv(lab)) == 2  # undecided: no row until the human decides
+        # undecided: a row that says so (`autoresearch decide` or the next run asks)
+        assert _tsv(lab)[-1] == "b2c3d4e\t0.993200\t44.2\tundecided\tincrease LR to 0.04"
         led.decide(c1, "keep", "better")
         assert _tsv(lab)[-1] == "b2c3d4e\t0.993200\t44.2\tkeep\tincrease LR to 0.04"
 
@@ -170,17 +171,23 @@ def test_results_tsv_matches_the_original_format_and_follows_every_change(tmp_pa
         c4 = _run(led, c1, "too long", status="timeout", commit=None, mem=None)
         led.reject(c1, "h5", "d5", "remove the optimizer", "llm", "pointless")
         c6 = _run(led, c1, "undecided still", val_bpb=0.98)
+        c7 = _run(led, c1, "stopped by the user", status="aborted", commit="e5f6a7b8c")
         lines = _tsv(lab)
+        # a failed run has the ledger's status; only `crash` carries the original's 0.000000,
+        # the others have no score at all (an analysis that drops CRASH rows must not read 0.0)
         assert lines == [header,
                          "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline",
                          "b2c3d4e\t0.993200\t44.2\tkeep\tincrease LR to 0.04",
                          "c3d4e5f\t1.005000\t2.0\tdiscard\tswitch to GeLU activation",
                          "d4e5f6a\t0.000000\t0.0\tcrash\tdouble model width (OOM)",
-                         "\t0.000000\t0.0\tcrash\ttoo long"]
+                         "\t\t0.0\ttimeout\ttoo long",
+                         "\t0.980000\t2.0\tundecided\tundecided still",
+                         "e5f6a7b\t\t0.0\taborted\tstopped by the user"]
         led.decide(c6, "discard", "")
-        assert _tsv(lab)[-1] == "\t0.980000\t2.0\tdiscard\tundecided still"
-        led.decide(c6, None)  # a decision can be withdrawn; the row goes away again
-        assert len(_tsv(lab)) == 6
+        assert _tsv(lab)[-2] == "\t0.980000\t2.0\tdiscard\tundecided still"
+        led.decide(c6, None)  # a decision can be withdrawn; the row says undecided again
+        assert _tsv(lab)[-2] == "\t0.980000\t2.0\tundecided\tundecided still"
+        assert len(_tsv(lab)) == 8
         led.decide(c2, "keep", "changed my mind")
         assert _tsv(lab)[3].endswith("\tkeep\tswitch to GeLU activation")
         assert (c3, c4) == ("0004", "0005")
@@ -191,9 +198,11 @@ def test_results_tsv_matches_the_original_format_and_follows_every_change(tmp_pa
     df = pd.read_csv(lab / "results.tsv", sep="\t")
     assert list(df.columns) == list(TSV_HEADER)
     df["status"] = df["status"].str.strip().str.upper()
-    assert set(df["status"]) <= {"KEEP", "DISCARD", "CRASH"}
+    assert set(df["status"]) == {"KEEP", "CRASH", "TIMEOUT", "UNDECIDED", "ABORTED"}
     valid = df[df["status"] != "CRASH"].reset_index(drop=True)
     assert valid.loc[0, "val_bpb"] == pytest.approx(0.9979)  # baseline_bpb in the notebook
+    assert valid["val_bpb"].min() == pytest.approx(0.98)     # no 0.0 from a stopped run
+    assert df[df["status"].isin(["TIMEOUT", "ABORTED"])]["val_bpb"].isna().all()
     assert df[df["status"] == "KEEP"]["val_bpb"].min() == pytest.approx(0.9932)
     assert not list(lab.glob(".results.tsv.tmp"))
 
@@ -252,7 +261,7 @@ def test_recover_marks_runs_of_a_dead_process_aborted(tmp_path):
         assert {k: v for k, v in after.items() if k not in ("status", "reason")} == \
             {k: v for k, v in before.items() if k not in ("status", "reason")}
         assert led.get(mine)["status"] == "running"  # a run of this very Ledger is alive
-        assert _tsv(lab)[-1] == "\t0.000000\t0.0\tcrash\tin flight"
+        assert _tsv(lab)[-1] == "\t\t0.0\taborted\tin flight"
         assert led.recover() == []
 
 
@@ -341,7 +350,7 @@ _SUICIDE = """
         led.finish(eid, {"status": "ok", "val_bpb": 0.5})
     else:                           # SIGKILL after decide() committed, before results.tsv is rewritten
         led.finish(eid, {"status": "ok", "val_bpb": 0.5})
-        Ledger._write_tsv = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+        Ledger._write_tsv = lambda self, **kw: os.kill(os.getpid(), signal.SIGKILL)
         led.decide(eid, "keep", "better")
 """
 
@@ -360,8 +369,9 @@ def test_kill_at_the_two_critical_points_of_a_write(tmp_path, where):
             assert led.recover() == ["0002"]
         else:  # the decision committed; reopening brought results.tsv up to date
             assert (rec["status"], rec["val_bpb"], rec["decision"]) == ("ok", 0.5, "keep")
-            # the kill had left the file one write behind the database: the baseline only
-            assert stale == ["\t".join(TSV_HEADER), "\t1.000000\t0.0\tkeep\tbaseline"]
+            # the kill had left the file one write behind the database: the candidate undecided
+            assert stale == ["\t".join(TSV_HEADER), "\t1.000000\t0.0\tkeep\tbaseline",
+                             "\t0.500000\t0.0\tundecided\tcandidate"]
             assert _tsv(lab)[-1] == "\t0.500000\t0.0\tkeep\tcandidate"
     recs = _check_consistent(lab)
     assert [r["status"] for r in recs] == ["ok", "aborted" if where == "in-transaction" else "ok"]
@@ -485,3 +495,73 @@ def test_readonly_needs_an_existing_ledger(tmp_path):
     with Ledger(tmp_path / "lab", readonly=True) as ro:
         assert [r["description"] for r in ro.records()] == ["baseline"]
         assert "1 experiments" in repr(ro)
+
+
+# ---- a lost or damaged ledger; a read-only lab -------------------------------------------------
+
+
+def _lab_with_history(tmp_path):
+    lab = tmp_path / "lab"
+    with Ledger(lab) as led:
+        base = _run(led, None, "baseline", kind="baseline")
+        _run(led, base, "lower lr", val_bpb=0.9, decision="keep", commit="abc1234")
+    return lab
+
+
+@pytest.mark.parametrize("damage", ["deleted", "empty", "garbage", "emptied table"])
+def test_a_lost_ledger_stops_with_a_message_and_never_overwrites_results_tsv(tmp_path, damage):
+    lab = _lab_with_history(tmp_path)
+    tsv = (lab / "results.tsv").read_text()
+    db = lab / "ledger.sqlite"
+    for suffix in ("-wal", "-shm"):
+        (lab / f"ledger.sqlite{suffix}").unlink(missing_ok=True)
+    if damage == "deleted":
+        db.unlink()
+    elif damage == "empty":
+        db.write_bytes(b"")
+    elif damage == "garbage":
+        db.write_bytes(b"this is not a database\n" * 100)
+    else:
+        con = sqlite3.connect(db)
+        con.execute("DELETE FROM experiments")
+        con.commit()
+        con.close()
+    with pytest.raises(Exception, match="autoresearch recover") as info:
+        Ledger(lab)
+    assert type(info.value).__name__ == "LedgerLostError"
+    assert (lab / "results.tsv").read_text() == tsv           # the history is untouched
+    assert not db.exists() if damage == "deleted" else True   # and no new ledger was started
+    with Ledger(tmp_path / "new") as led:                     # a lab without history still starts
+        assert len(led) == 0
+
+
+def _ro_mount(tmp_path):
+    """A tmpfs (root only) we can remount read-only; None when this machine cannot."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        return None
+    return mnt
+
+
+def test_status_reads_a_lab_on_a_read_only_filesystem(tmp_path):
+    mnt = _ro_mount(tmp_path)
+    if mnt is None:
+        pytest.skip("needs root and tmpfs to make a read-only filesystem")
+    try:
+        lab = mnt / "lab"
+        with Ledger(lab) as led:
+            base = _run(led, None, "baseline", kind="baseline")
+            led.decide(base, "keep", tip=base)
+            _run(led, base, "second", val_bpb=0.7, decision="keep")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        # what status/report hit before: a WAL database opened read-only wants to create its -shm
+        with pytest.raises(sqlite3.OperationalError):
+            sqlite3.connect(f"{(lab / 'ledger.sqlite').as_uri()}?mode=ro", uri=True).execute(
+                "SELECT COUNT(*) FROM experiments").fetchone()
+        with Ledger(lab, readonly=True) as led:
+            assert [r["description"] for r in led.records()] == ["baseline", "second"]
+            assert led.best()["val_bpb"] == pytest.approx(0.7)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -85,7 +85,10 @@ def test_diff_html_shows_changes_escaped_and_highlighted(mode):
     assert "+2" in out and "&minus;1" in out
     assert "<b>not html</b>" not in out           # source text is escaped, never rendered
     assert "0.03" in out and "0.02" in out and "WEIGHT_DECAY" in out
-    assert "#e6ffec" in out and "#ffebe9" in out  # added / removed backgrounds
+    assert "rgba(46,160,67,0.15)" in out and "rgba(248,81,73,0.15)" in out  # added / removed tints
+    # dark theme: no opaque light background under the theme's (white) text; code takes the theme's colour
+    assert not re.search(r"background:#[0-9a-fA-F]{6}", out)
+    assert "color:var(--jp-content-font-color1" in out
     assert "color:" in out                        # pygments inline colours
     # side by side pairs the removed line with the first added one on the same row
     row = next(r for r in out.split("<tr>") if "0.02" in r)
@@ -228,6 +231,9 @@ def test_approve_runs_with_live_curves_then_keep_moves_the_parent(lab):
     rec = lab.ledger.get("0002")
     assert rec["decision"] == "keep" and rec["decided_by"] == "human" and rec["decision_reason"] == "looks good"
     assert lab.parent_id == "0002" and panel.proposal.parent_id == "0002"
+    # the decided run's curve and outcome stay visible, labelled as the previous experiment
+    assert "previous experiment 0002 (kept)" in panel.outcome.value
+    assert panel.live.title == "previous: 0002 (kept)" and "previous experiment 0002" in panel.live.status.value
     assert "0002" in panel.table.value and bytes(panel.plot.value).startswith(PNG)
     assert "◀ parent" in panel.tree.value and "0002" in panel.tree.value
 
@@ -245,6 +251,7 @@ def test_reject_records_reason_and_the_next_proposal_reads_it(lab):
     assert rej["status"] == "rejected" and rej["decision_reason"] == "learning rate changes are done; try the model"
     ctx = lab.proposer.contexts[-1]               # the context of the proposal now shown
     assert any(h.reason == rej["decision_reason"] and h.status == "rejected" for h in ctx.history)
+    assert rej["decision_reason"] in ctx.feedback   # as feedback too: the offline proposer reads only that
     assert panel.proposal.description != rej["description"]
 
 
@@ -397,3 +404,91 @@ def test_streamed_proposer_text_is_shown_while_it_thinks(lab):
     assert lab.proposer.seen_hook is not None     # the panel passed its hook for this proposal
     assert "I will try a larger Muon" in panel.stream.value
     assert panel.stream.layout.display == "none"  # hidden again once the proposal is shown
+
+
+def test_a_second_panel_attaches_to_the_run_in_progress_and_cannot_start_another(lab, monkeypatch):
+    from autoresearch_kit import runner
+    from autoresearch_kit.runner import RunResult
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_run(*a, on_event=None, stop=None, **kw):
+        on_event({"step": 0, "loss": 5.0, "progress": 0.2, "tokens": 400, "elapsed": 0.1})
+        started.set()
+        while not release.is_set() and not stop.is_set():
+            time.sleep(0.05)
+        on_event({"step": 1, "loss": 4.0, "progress": 1.0, "tokens": 2000, "elapsed": 0.2})
+        return RunResult(status="ok", val_bpb=2.5, seed=42, curve=[])
+
+    monkeypatch.setattr(runner, "run_budgeted", slow_run)
+    first = lab.panel()
+    _ready(first)
+    first.approve_button.click()
+    assert started.wait(30)
+    second = lab.panel()                      # the browser tab reloaded, the cell ran again
+    assert second.state == "running" and second.approve_button.disabled
+    assert "already training" in second.message.value and [e["step"] for e in second.live.events] == [0]
+    # nothing else trains beside it, from a cell either
+    with pytest.raises(RuntimeError, match="one run at a time"):
+        lab.run_budgeted(lab.propose())
+    release.set()
+    _ready(first, "ran")
+    _ready(second, "ran")
+    assert second.exp_id == first.exp_id == "0002" and [e["step"] for e in second.live.events] == [0, 1]
+    second.keep_button.click()               # decided from the new panel
+    _ready(second)
+    assert lab.ledger.get("0002")["decision"] == "keep"
+    assert [r["id"] for r in lab.ledger.records()] == ["0001", "0002"]
+
+
+def test_stop_from_the_attached_panel_ends_the_run(lab, monkeypatch):
+    from autoresearch_kit import runner
+    from autoresearch_kit.runner import RunResult
+
+    started = threading.Event()
+
+    def slow_run(*a, on_event=None, stop=None, **kw):
+        started.set()
+        assert stop.wait(30)
+        return RunResult(status="aborted", reason="stopped (stop event)", seed=42)
+
+    monkeypatch.setattr(runner, "run_budgeted", slow_run)
+    first = lab.panel()
+    _ready(first)
+    first.approve_button.click()
+    assert started.wait(30)
+    second = lab.panel()
+    second.stop_button.click()
+    _ready(second, "ran")
+    assert lab.ledger.get("0002")["status"] == "aborted"
+
+
+def test_approve_with_the_editor_open_runs_what_the_editor_shows(lab, monkeypatch):
+    from autoresearch_kit import runner
+    from autoresearch_kit.runner import RunResult
+
+    ran = []
+    monkeypatch.setattr(runner, "run_budgeted",
+                        lambda src, *a, **kw: ran.append(src) or RunResult(status="ok", val_bpb=2.5, seed=42))
+    panel = lab.panel()
+    _ready(panel)
+    panel.edit_button.click()
+    panel.editor.value = panel.editor.value.replace("WEIGHT_DECAY = 0.0", "WEIGHT_DECAY = 0.05")
+    panel.approve_button.click()             # not the original proposal: the edit on screen
+    _ready(panel, "ran")
+    assert "WEIGHT_DECAY = 0.05" in ran[-1] and panel.editor_box.layout.display == "none"
+    assert lab.ledger.records()[-1]["proposer"] == "human"
+    panel.discard_button.click()
+    _ready(panel)
+    panel.edit_button.click()                # editor open, nothing changed: the proposal runs as it is
+    panel.approve_button.click()
+    _ready(panel, "ran")
+    assert lab.ledger.records()[-1]["proposer"] == "knobs" and panel.editor_box.layout.display == "none"
+
+
+def test_kept_rows_use_a_tint_with_the_themes_text_colour():
+    from autoresearch_kit.ui.render import history_table_html
+
+    out = history_table_html([{"id": "0001", "kind": "baseline", "status": "ok", "decision": "keep", "val_bpb": 1.0,
+                               "description": "baseline"}])
+    assert "rgba(46,160,67,0.18)" in out and "var(--jp-content-font-color1" in out and "#dafbe1" not in out

@@ -195,3 +195,34 @@ def test_a_lab_inside_another_git_repository_keeps_its_own_history(tmp_path):
     # the project's repository gained no commits and no refs
     out = subprocess.run(["git", "-C", str(outer), "for-each-ref"], capture_output=True, text=True).stdout
     assert out == ""
+
+
+def test_a_hand_commit_on_the_kept_line_is_named_and_never_lost(tmp_path):
+    ws = Workspace(tmp_path / "lab")
+    ws.init(_src(0.01), PROGRAM)
+    ws.commit_experiment("0001", _src(0.01), None, "baseline")
+    ws.keep("0001")
+    assert ws.hand_commit() is None
+    (tmp_path / "lab" / "train.py").write_text(_src(0.5))
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull}
+    git = ["git", "-C", str(tmp_path / "lab"), "-c", "user.name=me", "-c", "user.email=me@x", "-c",
+           "commit.gpgsign=false"]
+    subprocess.run([*git, "commit", "-qam", "my own idea"], check=True, env=env)
+    sha, subject = ws.hand_commit()
+    assert subject == "my own idea" and ws.head_id() is None     # not an experiment, not init either
+    ws.keep("0001", write=False)                                 # back to the experiment, file left alone
+    assert ws.lines() == {f"lines/hand-{sha[:7]}": sha}          # once it was parked as lines/init
+    assert ws.working_source() == _src(0.5) and ws.source(sha) == _src(0.5)
+    ws.keep("0001")
+    assert ws.working_source() == _src(0.01)
+
+
+def test_a_binary_program_md_is_named(tmp_path):
+    from autoresearch_kit.workspace import read_text
+
+    ws = Workspace(tmp_path / "lab")
+    ws.init(_src(0.01), PROGRAM)
+    (tmp_path / "lab" / "program.md").write_bytes(b"# goal\n\xff\xd8\xff\xe0 jpeg")
+    with pytest.raises(ValueError, match=r"program\.md is not UTF-8 text \(byte 0xff at offset 7\)"):
+        ws.commit_experiment("0001", _src(0.01), None, "baseline")
+    assert read_text(tmp_path / "lab" / "train.py") == _src(0.01)

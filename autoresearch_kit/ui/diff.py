@@ -18,8 +18,14 @@ import re
 from dataclasses import dataclass, field
 
 # GitHub-like colours: readable on a white JupyterLab theme, still distinguishable in dark.
-_ADD_BG, _DEL_BG, _HUNK_BG = "#e6ffec", "#ffebe9", "#ddf4ff"
-_ADD_NO_BG, _DEL_NO_BG = "#ccffd8", "#ffd7d5"
+# Translucent tints over JupyterLab's own background (its theme variables, with light
+# fallbacks outside Lab): light and dark themes both keep their text colour readable. Opaque
+# light greens under a dark theme's white text made knob names unreadable (issue 13).
+_ADD_BG, _DEL_BG, _HUNK_BG = "rgba(46,160,67,0.15)", "rgba(248,81,73,0.15)", "rgba(56,139,253,0.12)"
+_ADD_NO_BG, _DEL_NO_BG = "rgba(46,160,67,0.25)", "rgba(248,81,73,0.25)"
+_BG, _NO_BG = "var(--jp-layout-color1, #ffffff)", "var(--jp-layout-color2, #f6f8fa)"
+_FG, _DIM = "var(--jp-content-font-color1, #1f2328)", "var(--jp-ui-font-color2, #6e7781)"
+_BORDER = "var(--jp-border-color1, #d0d7de)"
 _FONT = ("font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,'Liberation Mono',monospace;"
          "font-size:12px;line-height:1.45")
 _HUNK_RE = re.compile(r"^@@ -(\d+)(?:,\d+)? \+(\d+)(?:,\d+)? @@(.*)$")
@@ -109,18 +115,18 @@ def _no(n: int | None) -> str:
 
 
 def _td_no(n: int | None, bg: str) -> str:
-    return (f'<td style="width:1%;min-width:3em;text-align:right;padding:0 6px;color:#6e7781;'
+    return (f'<td style="width:1%;min-width:3em;text-align:right;padding:0 6px;color:{_DIM};'
             f'background:{bg};user-select:none;vertical-align:top">{_no(n)}</td>')
 
 
 def _td_code(content: str, bg: str, sign: str = "") -> str:
-    mark = f'<span style="color:#6e7781;user-select:none">{sign}</span>' if sign else ""
+    mark = f'<span style="color:{_DIM};user-select:none">{sign}</span>' if sign else ""
     return (f'<td style="padding:0 8px;white-space:pre-wrap;word-break:break-all;background:{bg};'
-            f'vertical-align:top;text-align:left">{mark}{content}</td>')
+            f'color:{_FG};vertical-align:top;text-align:left">{mark}{content}</td>')
 
 
 def _hunk_row(h: Hunk, colspan: int) -> str:
-    return (f'<tr><td colspan="{colspan}" style="background:{_HUNK_BG};color:#57606a;padding:2px 8px;'
+    return (f'<tr><td colspan="{colspan}" style="background:{_HUNK_BG};color:{_DIM};padding:2px 8px;'
             f'text-align:left">{_html.escape(h.header)}</td></tr>')
 
 
@@ -129,7 +135,7 @@ def _unified_rows(hunks: list[Hunk], hl) -> list[str]:
     for h in hunks:
         rows.append(_hunk_row(h, 3))
         for ln in h.lines:
-            bg, nobg = {"+": (_ADD_BG, _ADD_NO_BG), "-": (_DEL_BG, _DEL_NO_BG)}.get(ln.tag, ("#ffffff", "#f6f8fa"))
+            bg, nobg = {"+": (_ADD_BG, _ADD_NO_BG), "-": (_DEL_BG, _DEL_NO_BG)}.get(ln.tag, (_BG, _NO_BG))
             sign = ln.tag if ln.tag != " " else " "
             rows.append("<tr>" + _td_no(ln.old_no, nobg) + _td_no(ln.new_no, nobg)
                         + _td_code(_code(ln.text, hl), bg, sign) + "</tr>")
@@ -146,8 +152,8 @@ def _split_rows(hunks: list[Hunk], hl) -> list[str]:
             ln = lines[i]
             if ln.tag == " ":
                 code = _code(ln.text, hl)
-                rows.append("<tr>" + _td_no(ln.old_no, "#f6f8fa") + _td_code(code, "#ffffff")
-                            + _td_no(ln.new_no, "#f6f8fa") + _td_code(code, "#ffffff") + "</tr>")
+                rows.append("<tr>" + _td_no(ln.old_no, _NO_BG) + _td_code(code, _BG)
+                            + _td_no(ln.new_no, _NO_BG) + _td_code(code, _BG) + "</tr>")
                 i += 1
                 continue
             dels, adds = [], []
@@ -161,9 +167,9 @@ def _split_rows(hunks: list[Hunk], hl) -> list[str]:
                 d = dels[k] if k < len(dels) else None
                 a = adds[k] if k < len(adds) else None
                 left = (_td_no(d.old_no, _DEL_NO_BG) + _td_code(_code(d.text, hl), _DEL_BG, "-")) if d else (
-                    _td_no(None, "#f6f8fa") + _td_code("", "#f6f8fa"))
+                    _td_no(None, _NO_BG) + _td_code("", _NO_BG))
                 right = (_td_no(a.new_no, _ADD_NO_BG) + _td_code(_code(a.text, hl), _ADD_BG, "+")) if a else (
-                    _td_no(None, "#f6f8fa") + _td_code("", "#f6f8fa"))
+                    _td_no(None, _NO_BG) + _td_code("", _NO_BG))
                 rows.append("<tr>" + left + right + "</tr>")
     return rows
 
@@ -194,12 +200,12 @@ def diff_html(diff: str, *, mode: str = "unified", highlight: bool = True, max_h
         msg = f"diff mode must be 'unified' or 'split', got {mode!r}."
         raise ValueError(msg)
     plus, minus = diff_stats(diff)
-    head = (f'<div style="background:#f6f8fa;border-bottom:1px solid #d0d7de;padding:4px 8px;'
+    head = (f'<div style="background:{_NO_BG};color:{_FG};border-bottom:1px solid {_BORDER};padding:4px 8px;'
             f'font-weight:600;text-align:left">{_html.escape(title)} '
             f'<span style="color:#1a7f37">+{plus}</span> <span style="color:#cf222e">&minus;{minus}</span></div>')
     hunks = parse_unified(diff)
     if not hunks:
-        body = '<div style="padding:8px;color:#6e7781">(no changes)</div>'
+        body = f'<div style="padding:8px;color:{_DIM}">(no changes)</div>'
     else:
         hl = _highlighter() if highlight else None
         rows = _unified_rows(hunks, hl) if mode == "unified" else _split_rows(hunks, hl)
@@ -209,5 +215,5 @@ def diff_html(diff: str, *, mode: str = "unified", highlight: bool = True, max_h
         body = (f'<table style="border-collapse:collapse;width:100%;table-layout:fixed;margin:0;{_FONT}">'
                 f'{cols}{"".join(rows)}</table>')
     scroll = f"max-height:{max_height};overflow:auto;" if max_height else ""
-    return (f'<div class="ark-diff" style="border:1px solid #d0d7de;border-radius:6px;overflow:hidden;{_FONT}">'
+    return (f'<div class="ark-diff" style="border:1px solid {_BORDER};border-radius:6px;overflow:hidden;{_FONT}">'
             f'{head}<div style="{scroll}">{body}</div></div>')

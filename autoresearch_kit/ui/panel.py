@@ -108,6 +108,7 @@ class Panel(w.VBox):
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self._autopilot_stop = threading.Event()
+        self._attached: str | None = None    # the experiment of a run started elsewhere, shown here
         self._tokens: list[str] = []
         self._last_token_draw = 0.0
         self._outcome_status: str | None = None
@@ -324,8 +325,58 @@ class Panel(w.VBox):
             self.plot.value = progress_png(records)
         self.tree.value = tree_html(records, parent_id=getattr(self.lab, "parent_id", None))
 
+    def _attach(self, running: dict) -> None:
+        """Show the lab's run in progress (started by another panel or a cell) instead of starting
+        a second one: its curve so far, then live, then its outcome with keep/discard."""
+        exp_id = running["exp_id"]
+        rec = self._record(exp_id) or {}
+        self._attached = exp_id
+        self.shown = Proposal(source="", diff=rec.get("diff") or "", description=running.get("description", ""),
+                              proposer=rec.get("proposer", ""), parent_id=rec.get("parent_id"),
+                              rationale=(rec.get("proposal_meta") or {}).get("rationale", ""))
+        self._show_proposal(f"experiment {exp_id} is training (started elsewhere: another panel or a cell)")
+        self.live.reset(self._references(rec.get("parent_id")), budget=getattr(self.lab, "budget", None),
+                        title=f"{exp_id} {running.get('description', '')}"[:70])
+        seen: set[int] = set()
+        unwatch = self.lab.watch_run(lambda ev: None if id(ev) in seen else self.live.add_event(ev))
+        for ev in list(running.get("events") or []):   # what this panel missed (the same dicts as live)
+            seen.add(id(ev))
+            self.live.add_event(ev)
+        self._set_state("running")
+        self._say(f"Experiment {exp_id} is already training in this lab (one run at a time): shown here live; "
+                  f"Stop ends it, keep or discard it when it ends.", "info")
+
+        def follow() -> None:
+            try:
+                while (getattr(self.lab, "running", None) or {}).get("exp_id") == exp_id:
+                    time.sleep(0.2)
+            finally:
+                unwatch()
+                self._attached = None
+            done = self._record(exp_id) or {}
+            status = done.get("status", "?")
+            self.live.finish(status, f"{status}: val_bpb {fmt_bpb(done.get('val_bpb'))}" if status == "ok"
+                             else f"{status}: {done.get('reason', '')}")
+            self.refresh()
+            if done.get("decision") is None and done.get("kind") == "candidate" and status in _FINISHED:
+                self.exp_id = exp_id
+                self._show_proposal(f"ran as experiment {exp_id} ({status})")
+                self._show_outcome(done)
+                self._set_state("ran")
+                self._say("", "info")
+            else:   # decided where it was started (e.g. the autopilot) or a baseline/rerun
+                self._show_proposal(f"ran as experiment {exp_id} ({status}{', ' + done['decision'] if done.get('decision') else ''})")
+                self._set_state("idle")
+                self._say(f"Experiment {exp_id} finished ({status}).", "ok")
+
+        self._spawn("attach", follow)
+
     def _restore(self, proposal: Any) -> None:
         """Pick up where the ledger says we are (after a kernel restart too)."""
+        running = getattr(self.lab, "running", None)
+        if running:
+            self._attach(running)
+            return
         records = self._records()
         last = records[-1] if records else None
         if (last is not None and last.get("status") in _FINISHED and not last.get("decision")
@@ -447,6 +498,11 @@ class Panel(w.VBox):
 
     def _run(self, proposal: Any) -> Any:
         """Train `proposal` with live curves; returns the RunResult (worker thread)."""
+        running = getattr(self.lab, "running", None)
+        if running:   # another panel's (or a cell's) run: one at a time, and this proposal stays up
+            msg = (f"Experiment {running['exp_id']} is training in this lab (started elsewhere): one run at a time. "
+                   f"Wait for it, or re-run the panel cell to follow it here.")
+            raise RuntimeError(msg)
         self._stop.clear()
         if not self._has_baseline() and not self._run_baseline():
             self.proposal = self.shown = proposal
@@ -482,12 +538,19 @@ class Panel(w.VBox):
         if self.proposal is None or self.state != "proposed":
             self._say("Nothing to approve yet.", "warn")
             return
+        if self.editor_box.layout.display == "flex":   # the editor is open: run what it shows
+            if self.editor.value != self.proposal.source:
+                self.run_edit()
+                return
+            self.close_editor()
         p = self.proposal
         self._spawn("run", lambda: self._run(p))
 
     def stop(self) -> None:
         """End the running experiment now: it is recorded as aborted, its partial curve kept."""
         self._stop.set()
+        if getattr(self, "_attached", None) and hasattr(self.lab, "stop_run"):
+            self.lab.stop_run()   # a run this panel attached to: its own stop event is the lab's
         self._autopilot_stop.set()
         if self.autopilot.value:
             self.autopilot.value = False
@@ -614,6 +677,17 @@ class Panel(w.VBox):
         self.keep_button.description = "Keep (rule)" if keep else "Keep"
         self.discard_button.description = "Discard (rule)" if keep is False else "Discard"
 
+    def _mark_past(self, exp_id: str, what: str) -> None:
+        """Label the curve and outcome of a decided experiment as the previous one: the next
+        proposal appears above them and must not read as theirs."""
+        note = f"previous experiment {exp_id} ({what})"
+        self.outcome.value = (f'<div class="ark-past" style="font-size:12px;font-weight:600;'
+                              f'color:var(--jp-ui-font-color2, #57606a);margin-bottom:4px">{_html.escape(note)}: '
+                              f'the next one shows here when it has run</div>' + self.outcome.value)
+        self.live.title = f"previous: {exp_id} ({what})"
+        self.live.draw()
+        self.live.status.value = f'<span style="font-size:12px;color:var(--jp-ui-font-color2, #57606a)">{_html.escape(note)}</span>'
+
     def decide(self, keep: bool, reason: str | None = None) -> None:
         """Record the human's keep/discard for the experiment shown, then ask for the next proposal."""
         if self.exp_id is None or self.state != "ran":
@@ -626,6 +700,7 @@ class Panel(w.VBox):
             rec = self.lab.decide(exp_id, keep=keep, reason=reason, decided_by="human")
             self.decision_reason.value = ""
             self._show_outcome(rec if isinstance(rec, dict) and rec.get("id") else self._record(exp_id) or {})
+            self._mark_past(exp_id, "kept" if keep else "discarded")
             self.refresh()
             self._set_state("decided")
             if self.auto_propose:

@@ -215,9 +215,12 @@ def history_table_html(records: Sequence[dict], *, best_id: str | None = None, l
     df = df.fillna("").rename(columns={"parent_id": "parent"})
 
     def style_row(row):
-        colour = "#dafbe1" if row["decision"] == "keep" else ""
+        # a translucent tint with the theme's text colour: an opaque light green under a dark
+        # theme's white text was unreadable
+        colour = "rgba(46,160,67,0.18)" if row["decision"] == "keep" else ""
         weight = "font-weight:700;" if best_id is not None and row["id"] == best_id else ""
-        return [f"background-color:{colour};{weight}" if colour or weight else "" for _ in row]
+        fg = "color:var(--jp-content-font-color1, inherit);" if colour else ""
+        return [f"background-color:{colour};{fg}{weight}" if colour or weight else "" for _ in row]
 
     try:
         styler = df.style.apply(style_row, axis=1).hide(axis="index").set_table_attributes(
