@@ -315,7 +315,7 @@ def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
     _not_a_file(path)
     return Lab(path, budget=args.budget, proposer=args.proposer, data_dir=args.data,
                seed=args.seed, device=args.device, threshold=args.threshold, proposer_kwargs=kw,
-               verbose=verbose)
+               verbose=verbose, rebaseline=getattr(args, "rebaseline", False))
 
 
 def _proposer_name(args: argparse.Namespace) -> str:
@@ -350,7 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lab._autopilot = args.yes   # decisions are recorded as the autopilot's under --yes
         try:
             base = lab._baseline_record()
-            if base is None or base["status"] != "ok":
+            if base is None or base["status"] != "ok" or lab.rebaseline_pending:
                 bar = ProgressBar("baseline")
                 try:
                     rec = lab.baseline(on_event=bar)
@@ -561,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
     q.add_argument("--device", choices=("cuda", "mps", "cpu"), help="force a device (default: detected)")
     q.add_argument("--data", help="prepared data directory (default: the last one prepared)")
+    q.add_argument("--rebaseline", action="store_true",
+                   help="the lab is pinned to its data: run a new baseline on other prepared data instead of refusing")
     q.set_defaults(func=cmd_run)
 
     q = sub.add_parser("status", help="show the lab's experiments as a table")

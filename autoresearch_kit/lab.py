@@ -46,10 +46,12 @@ from __future__ import annotations
 import ast
 import html
 import inspect
+import json
 import math
 import os
 import statistics
 import threading
+import time
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
     from autoresearch_kit.config import Budget
 
 RUNS = "runs"
+DATA_PIN = "data.json"   # the data the lab is pinned to (see Lab(rebaseline=))
 # statuses whose log tail is worth showing the proposer (aborted = the user stopped it)
 _FAILED_RUNS = ("crash", "timeout", "diverged", "invalid")
 _PROPOSAL_KINDS = ("baseline", "candidate")   # noise/rerun records repeat an experiment
@@ -139,18 +142,26 @@ class Lab:
         Passed to `propose.make_proposer` with a proposer name (model=, base_url=, ...).
     verbose : bool
         Print one line per finished experiment.
+    rebaseline : bool
+        The lab is pinned to the data it was created with (`data.json`: the
+        `manifest_hash` of the prepared data). Opening it on other data raises, unless
+        this is True: then the next run is a new baseline on the new data (the current
+        parent's train.py, a new root of the experiment tree) and the lab is pinned to
+        the new data once it ran ok. Scores made on the old data are never compared with it.
 
     Raises
     ------
     LabLockedError
         When another Lab (or Ledger) has this directory open.
+    ValueError
+        When the prepared data is not the data the lab is pinned to (and no `rebaseline`).
     """
 
     def __init__(self, path: str | os.PathLike, program: str | os.PathLike = "program.md",
                  train: str | os.PathLike = "train.py", budget: "str | Budget | None" = None,
                  proposer: Any = "auto", data_dir: str | os.PathLike | None = None, seed: int = 42,
                  device: str | None = None, threshold: float = 0.0, *, proposer_kwargs: dict | None = None,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, rebaseline: bool = False) -> None:
         self.path = Path(path).expanduser().resolve()
         if self.path.exists() and not self.path.is_dir():
             msg = f"{self.path} is a file; a lab is a directory. Choose a new directory name, e.g. Lab('mylab')."
@@ -194,6 +205,11 @@ class Lab:
         self.sigma: float | None = self._sigma_from_ledger()
         self._prestart: threading.Thread | None = None   # runner.prestart's thread, see _start_ahead
         self._started_ahead = False
+        try:
+            self._rebaseline = self._open_pin(rebaseline)   # the data pin (see _open_pin)
+        except BaseException:
+            self.ledger.close()
+            raise
         self._warn_budget_change()
         if self.recovered and self.verbose:
             print(f"lab {self.path.name}: experiment(s) {', '.join(self.recovered)} were interrupted and are "
@@ -277,6 +293,104 @@ class Lab:
                    f"or point data_dir= / AUTORESEARCH_DATA at a prepared directory.")
             raise FileNotFoundError(msg)
 
+    # ---- the data pin -------------------------------------------------------------------------
+
+    def _data_path(self) -> Path:
+        return self.data_dir if self.data_dir is not None else config.data_dir()
+
+    def _read_pin(self) -> dict | None:
+        path = self.path / DATA_PIN
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            msg = f"{path} is unreadable ({e}): restore it from a backup, or delete it to pin the lab to the current data."
+            raise ValueError(msg) from None
+
+    def _write_pin(self, pin: dict) -> None:
+        tmp = self.path / (DATA_PIN + ".tmp")
+        tmp.write_text(json.dumps(pin, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path / DATA_PIN)
+
+    def _current_data(self) -> dict | None:
+        """{manifest_hash, data (in words), data_dir} of the prepared data, None when there is none."""
+        from autoresearch_kit.data.prepare import describe_data, manifest_hash
+
+        d = self._data_path()
+        if not (d / "manifest.json").is_file():
+            return None
+        return {"manifest_hash": manifest_hash(d), "data": describe_data(d), "data_dir": str(d)}
+
+    def _pin_to(self, current: dict, previous: dict | None = None, baseline_id: str | None = None) -> dict:
+        pin = {**current, "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "baseline": baseline_id,
+               "history": []}
+        if previous is not None:
+            old = {k: previous.get(k) for k in ("manifest_hash", "data", "data_dir", "pinned_at", "baseline")}
+            pin["history"] = [*previous.get("history", []), old]
+        self._write_pin(pin)
+        return pin
+
+    def _mismatch(self, pin: dict, current: dict) -> str:
+        return (f"lab {self.path.name} is pinned to {pin['data']} [{pin['manifest_hash']}], but the prepared data "
+                f"is {current['data']} [{current['manifest_hash']}] in {current['data_dir']}: pass data_dir= / --data "
+                f"with the lab's data, or re-baseline on the new data (Lab(..., rebaseline=True) / "
+                f"`autoresearch run --rebaseline`).")
+
+    def _open_pin(self, rebaseline: bool) -> bool:
+        """Check the prepared data against the lab's pin; returns whether a re-baseline is pending.
+
+        A lab without a pin (new, or made before pins) is pinned to the current data now,
+        if there is prepared data (else at its first run).
+        """
+        current = self._current_data()
+        if current is None:
+            return False                 # nothing to compare yet; _check_data says what to run
+        pin = self._read_pin()
+        if pin is None:
+            self._pin_to(current)
+            return False
+        if pin["manifest_hash"] == current["manifest_hash"]:
+            if rebaseline and self.verbose:
+                print(f"lab {self.path.name}: already on {current['data']}; nothing to re-baseline")
+            return False
+        if not rebaseline:
+            raise ValueError(self._mismatch(pin, current))
+        if self.verbose:
+            print(f"lab {self.path.name}: re-baselining on {current['data']} (was {pin['data']}): the next run is a "
+                  f"new baseline of the current parent's train.py on the new data")
+        return True
+
+    @property
+    def rebaseline_pending(self) -> bool:
+        """True when the lab was opened with rebaseline=True on new data and the new baseline has not run ok."""
+        return self._rebaseline
+
+    @property
+    def data_pin(self) -> dict | None:
+        """The data this lab is pinned to: manifest_hash, data (in words), data_dir, pinned_at, history."""
+        return self._read_pin()
+
+    def _check_pin(self, kind: str) -> dict:
+        """Before a run: the data must be the pinned data (or the re-baseline's); returns it.
+
+        Catches `prepare` run on other data while this Lab is open, as well as on open.
+        """
+        current = self._current_data()
+        assert current is not None, "_check_data runs first"
+        pin = self._read_pin()
+        if pin is None:
+            self._pin_to(current)
+        elif pin["manifest_hash"] != current["manifest_hash"] and not (self._rebaseline and kind == "baseline"):
+            raise ValueError(self._mismatch(pin, current))
+        return current
+
+    def _on_current_data(self, rec: dict) -> bool:
+        """Whether an experiment was scored on the data the lab is pinned to (True if unknown: before pins)."""
+        h = (rec.get("proposal_meta") or {}).get("manifest_hash")
+        pin = self._read_pin()
+        return h is None or pin is None or h == pin["manifest_hash"]
+
     # ---- state --------------------------------------------------------------------------------
 
     @property
@@ -341,7 +455,8 @@ class Lab:
 
     def _sigma_from_ledger(self) -> float | None:
         """sigma of the most recent measure_noise (its parent's runs), if any."""
-        noise = [r for r in self.ledger.records(curves=False) if r["kind"] == "noise" and r["status"] == "ok"]
+        noise = [r for r in self.ledger.records(curves=False) if r["kind"] == "noise" and r["status"] == "ok"
+                 and self._on_current_data(r)]   # noise measured on the data before a re-baseline says nothing
         if not noise:
             return None
         vals = self._scores(noise[-1]["parent_id"])
@@ -375,7 +490,7 @@ class Lab:
                                         decision=r["decision"], val_bpb=r["val_bpb"], reason=reason,
                                         source_hash=r["source_hash"], diff=r["diff"]))
         crashes = [r for r in recs if r["status"] in _FAILED_RUNS and r["log_tail"]]
-        best = self.ledger.best()
+        best = self.best()
         parent_scores = self._scores(parent_id) if parent_id else []
         text = " ".join(t for t in (self.feedback, feedback) if t)
         return ProposalContext(
@@ -473,6 +588,13 @@ class Lab:
         from autoresearch_kit import runner
 
         self._check_data()
+        data = self._check_pin(kind)
+        if parent_id is not None and not self._on_current_data(self.ledger.get(parent_id)):
+            msg = (f"Experiment {parent_id} was scored on other data ({self.ledger.get(parent_id)['proposal_meta'].get('data')}): "
+                   f"a child of it on this data could not be compared with it. Continue from an experiment made "
+                   f"since the re-baseline (lab.checkout).")
+            raise ValueError(msg)
+        meta = {**(meta or {}), "manifest_hash": data["manifest_hash"], "data": data["data"]}
         budget, hardware = self.budget, self._hardware_fingerprint()
         exp_id = self.ledger.start(parent_id, source_hash(source), diff, description, proposer, budget, hardware,
                                    proposal_meta=meta, kind=kind)
@@ -548,6 +670,8 @@ class Lab:
         A failed baseline is recorded and can be run again after fixing `lab/train.py`.
         """
         done = self._baseline_record()
+        if self._rebaseline:
+            return self._run_rebaseline(on_event, stop)
         if done is not None and done["status"] == "ok":
             return done
         source = (self.path / "train.py").read_text(encoding="utf-8")
@@ -560,6 +684,33 @@ class Lab:
                 self.ledger.decide(exp_id, "keep", "baseline", decided_by=by, tip=exp_id)
             finally:
                 self._follow_tip()
+        else:
+            self.ledger.decide(exp_id, "discard", f"baseline {result.status}: {result.reason}", decided_by=by)
+        rec = self.ledger.get(exp_id)
+        self._say(rec)
+        return rec
+
+    def _run_rebaseline(self, on_event=None, stop=None) -> dict:
+        """The new baseline of a re-baseline: the current parent's train.py on the new data,
+        a new root of the experiment tree (parent None); the pin moves once it ran ok."""
+        pin, current = self._read_pin(), self._current_data()
+        parent = self.parent_id
+        source = self.workspace.source(parent) if parent else (self.path / "train.py").read_text(encoding="utf-8")
+        what = f"baseline on {current['data'] if current else 'new data'}"
+        desc = f"{what} (re-baselined from {pin['data']}" + (f", experiment {parent})" if parent else ")")
+        result = self._run(source, parent_id=None, kind="baseline", description=desc, proposer="baseline",
+                           meta={"rebaseline_of": parent, "previous_manifest_hash": pin and pin["manifest_hash"]},
+                           on_event=on_event, stop=stop)
+        exp_id = result.extra["exp_id"]
+        by = "autopilot" if self._autopilot else "rule"
+        if result.ok:
+            try:
+                self.ledger.decide(exp_id, "keep", "baseline (re-baselined on new data)", decided_by=by, tip=exp_id)
+            finally:
+                self._follow_tip()
+            self._pin_to(self._check_pin("baseline"), pin, baseline_id=exp_id)
+            self._rebaseline = False
+            self.sigma = None          # the old data's noise says nothing about the new data
         else:
             self.ledger.decide(exp_id, "discard", f"baseline {result.status}: {result.reason}", decided_by=by)
         rec = self.ledger.get(exp_id)
@@ -788,6 +939,10 @@ class Lab:
         if k < 1:
             msg = f"k must be at least 1 (the number of reruns), got {k}."
             raise ValueError(msg)
+        if not self._on_current_data(rec):
+            msg = (f"Experiment {exp_id} was scored on other data ({rec['proposal_meta'].get('data')}): a rerun on "
+                   f"this lab's data could not be compared with it. Rerun an experiment made since the re-baseline.")
+            raise ValueError(msg)
         source = self.workspace.source(exp_id)
         used = {r["seed"] for r in self.ledger.records(curves=False)
                 if r["id"] == exp_id or (r["parent_id"] == exp_id and r["kind"] in ("noise", "rerun"))}
@@ -839,8 +994,15 @@ class Lab:
         return self.ledger.history()
 
     def best(self) -> dict | None:
-        """The kept experiment (or baseline) with the lowest val_bpb."""
-        return self.ledger.best()
+        """The kept experiment (or baseline) with the lowest val_bpb, on the lab's current data."""
+        best = self.ledger.best()
+        if best is None or self._on_current_data(best):
+            return best
+        # a re-baselined lab: the ledger's best may be a score made on the old data
+        ok = [r for r in self.ledger.records(curves=False) if r["status"] == "ok" and r["val_bpb"] is not None
+              and (r["decision"] == "keep" or (r["kind"] == "baseline" and r["decision"] is None))
+              and self._on_current_data(r)]
+        return min(ok, key=lambda r: (r["val_bpb"], int(r["id"]))) if ok else None
 
     def checkout(self, exp_id: str) -> dict:
         """Continue from any past experiment that ran ok: it becomes the parent.
@@ -852,6 +1014,10 @@ class Lab:
         if rec["status"] != "ok" or rec["kind"] not in _PROPOSAL_KINDS:
             msg = (f"Experiment {rec['id']} cannot be continued from: it is a {rec['kind']} with status "
                    f"{rec['status']!r}. Check out an experiment that ran ok (see lab.history()).")
+            raise ValueError(msg)
+        if not self._on_current_data(rec):
+            msg = (f"Experiment {rec['id']} was scored on other data ({rec['proposal_meta'].get('data')}), before this "
+                   f"lab was re-baselined: continue from an experiment made since.")
             raise ValueError(msg)
         self.ledger.set_tip(rec["id"])
         self._follow_tip()

@@ -522,3 +522,94 @@ def test_switching_proposer_by_name_drops_the_old_proposers_settings(lab_dir):
     with _open(lab_dir, proposer="llm", proposer_kwargs={"base_url": "http://127.0.0.1:9/v1", "model": "m"}) as lab:
         lab.proposer = "mutate"
         assert type(lab.proposer).__name__ == "MutateProposer"   # was: TypeError about base_url/model
+
+
+# ---- the data pin ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+    """Prepared data other than tiny_data (other documents, same bytes tokenizer)."""
+    import numpy as np
+    from conftest import _fake_docs
+
+    from autoresearch_kit.data.shards import bytes_encoding, write_prepared
+
+    enc = bytes_encoding()
+    rng = np.random.default_rng(7)
+
+    def stream(docs):
+        return np.array([t for d in docs for t in [256, *enc.encode_ordinary(d)]], dtype=np.uint16)
+
+    d = tmp_path_factory.mktemp("other") / "other-bytes"
+    write_prepared(d, encoding=enc, train=stream(_fake_docs(300, rng)), val=stream(_fake_docs(50, rng)),
+                   source={"dataset": "other", "sha256": "other-text"}, tokenizer_info={"kind": "bytes"})
+    return d
+
+
+def test_a_lab_is_pinned_to_the_data_it_was_created_with(lab_dir, tiny_data, other_data, monkeypatch, tmp_path):
+    from autoresearch_kit.data.prepare import manifest_hash
+
+    pin = __import__("json").loads((lab_dir / "data.json").read_text())
+    assert pin["manifest_hash"] == manifest_hash(tiny_data) and pin["data"].startswith("fake, bytes")
+    with _open(lab_dir) as lab:
+        assert lab.ledger.get("0001")["proposal_meta"]["manifest_hash"] == pin["manifest_hash"]
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(other_data))
+    with pytest.raises(ValueError) as e:
+        _open(lab_dir)
+    msg = str(e.value)
+    assert "\n" not in msg and "pinned to fake, bytes" in msg and "other, bytes" in msg
+    assert manifest_hash(tiny_data) in msg and manifest_hash(other_data) in msg and "rebaseline" in msg
+    with _open(lab_dir, data_dir=tiny_data) as lab:        # the refusal released the lock; the right data opens
+        assert len(lab.ledger) == 1
+    copy = tmp_path / "same-data-elsewhere"                # the same data prepared again / moved: still the lab's
+    shutil.copytree(tiny_data, copy)
+    with _open(lab_dir, data_dir=copy) as lab:
+        assert lab.data_pin["manifest_hash"] == pin["manifest_hash"]
+
+
+def test_prepare_on_other_data_while_a_lab_is_open_stops_the_next_run(lab_dir, other_data, monkeypatch):
+    with _open(lab_dir) as lab:
+        monkeypatch.setenv("AUTORESEARCH_DATA", str(other_data))   # `prepare` moved LATEST meanwhile
+        with pytest.raises(ValueError, match="is pinned to"):
+            lab.step()
+        assert len(lab.ledger) == 1                                 # nothing ran, nothing recorded
+
+
+def test_a_lab_from_before_pins_adopts_the_current_data(lab_dir, tiny_data):
+    (lab_dir / "data.json").unlink()
+    with _open(lab_dir) as lab:
+        assert lab.data_pin["data_dir"] == str(tiny_data)
+
+
+def test_rebaseline_starts_a_new_root_on_the_new_data(lab_dir, tiny_data, other_data, monkeypatch):
+    from autoresearch_kit.data.prepare import manifest_hash
+
+    with _open(lab_dir, threshold=-1.0) as lab:
+        kept = lab.step()                                  # 0002 kept on the old data
+        assert kept["decision"] == "keep"
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(other_data))
+    with _open(lab_dir, rebaseline=True, threshold=-1.0) as lab:
+        assert lab.rebaseline_pending and lab.data_pin["manifest_hash"] == manifest_hash(tiny_data)
+        rec = lab.step()                                   # the re-baseline runs first, then the candidate
+        recs = lab.ledger.records(curves=False)
+        base = recs[2]
+        assert base["kind"] == "baseline" and base["parent_id"] is None and base["decision"] == "keep"
+        assert "re-baselined from fake, bytes" in base["description"] and "experiment 0002" in base["description"]
+        assert lab.workspace.source(base["id"]) == lab.workspace.source("0002")   # the parent's train.py
+        assert base["proposal_meta"]["manifest_hash"] == manifest_hash(other_data)
+        assert rec["parent_id"] == base["id"] and not lab.rebaseline_pending
+        pin = lab.data_pin
+        assert pin["manifest_hash"] == manifest_hash(other_data) and pin["baseline"] == base["id"]
+        assert pin["history"][-1]["manifest_hash"] == manifest_hash(tiny_data)
+        assert lab.best()["id"] in (base["id"], rec["id"])  # never a score made on the old data
+        with pytest.raises(ValueError, match="other data"):
+            lab.checkout("0002")
+        with pytest.raises(ValueError, match="other data"):
+            lab.confirm("0002")
+        assert lab.ledger.get("0002")["decision"] == "keep"  # the old line is still there
+    with _open(lab_dir) as lab:                              # now pinned to the new data: opens without the flag
+        assert lab.baseline()["id"] == base["id"]
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(tiny_data))
+    with pytest.raises(ValueError, match="is pinned to other, bytes"):
+        _open(lab_dir)
