@@ -26,12 +26,16 @@ templates (`autoresearch_kit/templates/`). An existing lab ignores both argument
 
 Decisions. The rule keeps a candidate when its val_bpb beats its parent's (the tip of the
 kept line it edits, as the original autoresearch compares with the current best of its
-branch) by more than `threshold`. After `measure_noise(k)` (k reruns of the parent with
-other seeds) the Lab knows sigma, the run-to-run standard deviation; a gain above the
+branch) by more than `threshold`. Right after the baseline (`noise_runs`, default 2) and
+after any `measure_noise(k)` (k reruns of the parent with other seeds) the Lab knows
+sigma, the run-to-run standard deviation; a gain above the
 threshold but within 2 sigma / sqrt(n) (n = the candidate's runs) is flagged
 "within noise" and not kept by the rule; `confirm(exp_id)` reruns it to check. The
 human has the last word: `decide(keep=True/False)` overrides, and the ledger records
 who decided (`human`, `rule` or `autopilot`).
+
+Data: a lab is pinned to its prepared data (`data.json`, the manifest hash); other data is
+refused unless `rebaseline=True` starts a new baseline on it (see the class docstring).
 
 Interrupts: a KeyboardInterrupt during a run kills the training process group, the
 run is recorded as `aborted`, and then the KeyboardInterrupt is raised again so that a
@@ -73,6 +77,23 @@ DATA_PIN = "data.json"   # the data the lab is pinned to (see Lab(rebaseline=))
 # statuses whose log tail is worth showing the proposer (aborted = the user stopped it)
 _FAILED_RUNS = ("crash", "timeout", "diverged", "invalid")
 _PROPOSAL_KINDS = ("baseline", "candidate")   # noise/rerun records repeat an experiment
+
+
+NOISE_RUNS = 2   # default reruns of the baseline that measure sigma (AUTORESEARCH_NOISE_RUNS)
+
+
+def _noise_runs(value: int | None) -> int:
+    if value is None:
+        text = config.env("NOISE_RUNS")
+        value = NOISE_RUNS if text is None else text
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or str(value).strip() != str(n):
+        msg = f"noise_runs must be a whole number >= 0 (AUTORESEARCH_NOISE_RUNS / --noise-runs), got {value!r}."
+        raise ValueError(msg)
+    return n
 
 
 def template_path(name: str) -> Path:
@@ -148,6 +169,12 @@ class Lab:
         this is True: then the next run is a new baseline on the new data (the current
         parent's train.py, a new root of the experiment tree) and the lab is pinned to
         the new data once it ran ok. Scores made on the old data are never compared with it.
+    noise_runs : int, optional
+        Reruns of the baseline with other seeds that measure the lab's noise (sigma)
+        right after it, so the rule knows what a real gain is from the start: a gain
+        within 2 sigma / sqrt(n) is not kept. Default AUTORESEARCH_NOISE_RUNS, else 2
+        (each costs one budget); 0 skips (then gains above `threshold` are kept until
+        `measure_noise` runs). A lab that has no sigma yet measures it before its next run.
 
     Raises
     ------
@@ -161,8 +188,9 @@ class Lab:
                  train: str | os.PathLike = "train.py", budget: "str | Budget | None" = None,
                  proposer: Any = "auto", data_dir: str | os.PathLike | None = None, seed: int = 42,
                  device: str | None = None, threshold: float = 0.0, *, proposer_kwargs: dict | None = None,
-                 verbose: bool = True, rebaseline: bool = False) -> None:
+                 verbose: bool = True, rebaseline: bool = False, noise_runs: int | None = None) -> None:
         self.path = Path(path).expanduser().resolve()
+        noise_runs = _noise_runs(noise_runs)     # a bad value fails before anything is opened
         if self.path.exists() and not self.path.is_dir():
             msg = f"{self.path} is a file; a lab is a directory. Choose a new directory name, e.g. Lab('mylab')."
             raise ValueError(msg)
@@ -205,6 +233,8 @@ class Lab:
         self.sigma: float | None = self._sigma_from_ledger()
         self._prestart: threading.Thread | None = None   # runner.prestart's thread, see _start_ahead
         self._started_ahead = False
+        self.noise_runs = noise_runs
+        self._noise_tried = False               # measure the noise once per session at most
         try:
             self._rebaseline = self._open_pin(rebaseline)   # the data pin (see _open_pin)
         except BaseException:
@@ -673,9 +703,9 @@ class Lab:
         """
         done = self._baseline_record()
         if self._rebaseline:
-            return self._run_rebaseline(on_event, stop)
+            return self._learn_noise(self._run_rebaseline(on_event, stop), on_event, stop)
         if done is not None and done["status"] == "ok":
-            return done
+            return self._learn_noise(done, on_event, stop)
         source = (self.path / "train.py").read_text(encoding="utf-8")
         result = self._run(source, parent_id=None, kind="baseline", description="baseline", proposer="baseline",
                            on_event=on_event, stop=stop)
@@ -690,7 +720,18 @@ class Lab:
             self.ledger.decide(exp_id, "discard", f"baseline {result.status}: {result.reason}", decided_by=by)
         rec = self.ledger.get(exp_id)
         self._say(rec)
-        return rec
+        return self._learn_noise(rec, on_event, stop)
+
+    def _learn_noise(self, base: dict, on_event=None, stop=None) -> dict:
+        """After an ok baseline: measure the noise (noise_runs reruns) if the lab has no sigma yet."""
+        if (base["status"] == "ok" and self.noise_runs > 0 and self.sigma is None and not self._noise_tried
+                and not (stop is not None and stop.is_set())):
+            self._noise_tried = True
+            n = self.measure_noise(self.noise_runs, on_event=on_event, stop=stop)
+            if self.verbose and n["sigma"] is not None:
+                print(f"lab {self.path.name}: noise sigma {n['sigma']:.6f} bpb from {len(n['values'])} runs of "
+                      f"{n['exp_id']}; gains within 2 sigma are not kept (noise_runs=0 skips this)")
+        return base
 
     def _run_rebaseline(self, on_event=None, stop=None) -> dict:
         """The new baseline of a re-baseline: the current parent's train.py on the new data,
@@ -731,6 +772,13 @@ class Lab:
 
     # ---- deciding -----------------------------------------------------------------------------
 
+    def _sigma_note(self, gain: float, lead: str = " ") -> str:
+        """ "(sigma 0.0022, gain 2.3 sigma)": the noise next to every verdict; "" before it is measured."""
+        if not self.sigma:
+            return " (noise not measured: lab.measure_noise())" if lead == " " else ""
+        body = f"sigma {self.sigma:.6f}, gain {gain / self.sigma:+.1f} sigma"
+        return f" ({body})" if lead == " " else f"{lead}{body}"
+
     def verdict(self, exp_id: str | None = None) -> dict:
         """The rule's verdict on a finished experiment.
 
@@ -767,18 +815,19 @@ class Lab:
         if gain <= self.threshold:
             out["reason"] = (f"val_bpb {out['val_bpb']:.6f}{runs} does not beat parent {rec['parent_id']} "
                              f"({out['parent_val_bpb']:.6f}) by more than {self.threshold:g}: "
-                             + (f"worse by {-gain:.6f}" if gain < 0 else f"better by only {gain:.6f}"))
+                             + (f"worse by {-gain:.6f}" if gain < 0 else f"better by only {gain:.6f}")
+                             + self._sigma_note(gain))
             return out
         if self.sigma:
             band = 2 * self.sigma / math.sqrt(len(cand))
             out["band"] = band
             if gain <= band:
                 out.update(within_noise=True, reason=(
-                    f"gain {gain:+.6f}{runs} is within noise (2 sigma/sqrt(n) = {band:.6f}): not kept; "
-                    f"lab.confirm({rec['id']!r}) reruns it to check"))
+                    f"gain {gain:+.6f}{runs} is within noise (2 sigma/sqrt(n) = {band:.6f}{self._sigma_note(gain, ', ')}): "
+                    f"not kept; lab.confirm({rec['id']!r}) reruns it to check"))
                 return out
         out.update(keep=True, reason=(f"val_bpb {out['val_bpb']:.6f}{runs} beats parent {rec['parent_id']} "
-                                      f"({out['parent_val_bpb']:.6f}) by {gain:.6f}"))
+                                      f"({out['parent_val_bpb']:.6f}) by {gain:.6f}" + self._sigma_note(gain)))
         return out
 
     def decide(self, exp_id: str | None = None, keep: bool | None = None, reason: str = "",
@@ -933,7 +982,7 @@ class Lab:
 
     # ---- noise --------------------------------------------------------------------------------
 
-    def _rerun(self, exp_id: str, k: int, kind: str, on_event=None) -> list[float]:
+    def _rerun(self, exp_id: str, k: int, kind: str, on_event=None, stop=None) -> list[float]:
         rec = self.ledger.get(exp_id)
         if rec["status"] != "ok":
             msg = f"Experiment {exp_id} did not run ok ({rec['status']}): rerun an experiment with a val_bpb."
@@ -954,12 +1003,15 @@ class Lab:
             if s not in used:
                 seeds.append(s)
         for seed in seeds:
+            if stop is not None and stop.is_set():
+                break
             self._run(source, parent_id=exp_id, kind=kind, description=f"{kind}: rerun of {exp_id} (seed {seed})",
-                      proposer="rerun", seed=seed, on_event=on_event)
+                      proposer="rerun", seed=seed, on_event=on_event, stop=stop)
             self._say(self.ledger.get(self._last_id))
         return self._scores(exp_id)
 
-    def measure_noise(self, k: int = 3, on_event: Callable[[dict], Any] | None = None) -> dict:
+    def measure_noise(self, k: int = 3, on_event: Callable[[dict], Any] | None = None,
+                      stop: threading.Event | None = None) -> dict:
         """Rerun the current parent with k other seeds and set `sigma` (run-to-run std).
 
         Returns
@@ -970,7 +1022,7 @@ class Lab:
         """
         self._ensure_baseline()
         parent = self.parent_id
-        values = self._rerun(parent, k, "noise", on_event)
+        values = self._rerun(parent, k, "noise", on_event, stop)
         self.sigma = statistics.stdev(values) if len(values) >= 2 else None
         return {"exp_id": parent, "values": values, "mean": statistics.fmean(values), "sigma": self.sigma}
 

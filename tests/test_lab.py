@@ -613,3 +613,59 @@ def test_rebaseline_starts_a_new_root_on_the_new_data(lab_dir, tiny_data, other_
     monkeypatch.setenv("AUTORESEARCH_DATA", str(tiny_data))
     with pytest.raises(ValueError, match="is pinned to other, bytes"):
         _open(lab_dir)
+
+
+# ---- noise by default -----------------------------------------------------------------------------
+
+
+def _lr_edit(source: str, value: float) -> str:
+    lines = [f"MATRIX_LR = {value!r}" if line.startswith("MATRIX_LR =") else line for line in source.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_new_lab_measures_its_noise_and_keeps_no_within_noise_gain(tmp_path, kit_env, monkeypatch):
+    """Regression: with nothing asked, a gain smaller than the seed noise is not kept."""
+    monkeypatch.delenv("AUTORESEARCH_NOISE_RUNS")
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    with _open(tmp_path / "lab", train=tmp_path / "train.py") as lab:
+        assert lab.noise_runs == 2
+        base = lab.baseline()
+        recs = lab.ledger.records(curves=False)
+        assert [r["kind"] for r in recs] == ["baseline", "noise", "noise"] and [r["seed"] for r in recs] == [42, 43, 44]
+        assert lab.sigma == pytest.approx(statistics.stdev(r["val_bpb"] for r in recs)) and lab.sigma > 0
+        assert lab.baseline()["id"] == base["id"] and len(lab.ledger) == 3          # measured once
+        # two tiny LR nudges: with ~15 steps the score moves smoothly, far less than between seeds,
+        # and the two go opposite ways, so one of them "wins" by a gain that is pure noise
+        src = lab.workspace.source(base["id"])
+        lr = float(next(l for l in src.splitlines() if l.startswith("MATRIX_LR =")).split("=")[1].split("#")[0])
+        ids = [lab.run_budgeted(Proposal.from_source(src, _lr_edit(src, lr * f), f"MATRIX_LR x{f}",
+                                                     parent_id=base["id"])).extra["exp_id"] for f in (1.0001, 0.9999)]
+        verdicts = [lab.verdict(i) for i in ids]
+        gains = [v["gain"] for v in verdicts]
+        assert max(gains) > 0 and max(abs(g) for g in gains) < lab.sigma, (gains, lab.sigma)
+        win = verdicts[gains.index(max(gains))]
+        assert win["within_noise"] and not win["keep"] and "sigma" in win["reason"]
+        rec = lab.decide(win["exp_id"])
+        assert rec["decision"] == "discard" and rec["within_noise"] and lab.parent_id == base["id"]
+        lab.sigma = None                       # what the old default (threshold 0, no noise) did with it
+        assert lab.verdict(win["exp_id"])["keep"]
+    with _open(tmp_path / "lab") as again:     # sigma is the lab's: it survives a restart, nothing reruns
+        assert again.sigma and len(again.ledger) == 5
+
+
+def test_noise_runs_is_configurable_skippable_and_checked(tmp_path, kit_env, lab_dir, monkeypatch):
+    with pytest.raises(ValueError, match="noise_runs must be a whole number"):
+        _open(tmp_path / "bad", noise_runs=-1)
+    assert not (tmp_path / "bad").exists()                 # refused before anything was created
+    monkeypatch.setenv("AUTORESEARCH_NOISE_RUNS", "two")
+    with pytest.raises(ValueError, match="AUTORESEARCH_NOISE_RUNS"):
+        _open(tmp_path / "bad")
+    monkeypatch.setenv("AUTORESEARCH_NOISE_RUNS", "1")
+    with _open(lab_dir, noise_runs=0) as lab:              # the argument wins; 0 skips
+        assert lab.noise_runs == 0 and lab.baseline()["id"] == "0001" and len(lab.ledger) == 1
+    # a lab without sigma (made with noise off) learns it before its next candidate
+    with _open(lab_dir) as lab:
+        assert lab.noise_runs == 1 and lab.sigma is None
+        rec = lab.step()
+        assert [r["kind"] for r in lab.ledger.records(curves=False)] == ["baseline", "noise", "candidate"]
+        assert lab.sigma is not None and rec["id"] == "0003" and "sigma" in rec["decision_reason"]
