@@ -80,6 +80,7 @@ _PROPOSAL_KINDS = ("baseline", "candidate")   # noise/rerun records repeat an ex
 
 
 NOISE_RUNS = 2   # default reruns of the baseline that measure sigma (AUTORESEARCH_NOISE_RUNS)
+PAIRED_MIN = 3   # common seeds (candidate and parent) from which the rule decides on paired differences
 
 
 def _noise_runs(value: int | None) -> int:
@@ -772,6 +773,47 @@ class Lab:
 
     # ---- deciding -----------------------------------------------------------------------------
 
+    def _seed_scores(self, exp_id: str) -> dict[int, float]:
+        """{seed: val_bpb} of an experiment and its noise/confirmation reruns (same source)."""
+        rec = self.ledger.get(exp_id)
+        out = {}
+        if rec["status"] == "ok" and rec["val_bpb"] is not None and rec["seed"] is not None:
+            out[int(rec["seed"])] = rec["val_bpb"]
+        for r in self.ledger.records(curves=False):
+            if (r["kind"] in ("noise", "rerun") and r["parent_id"] == rec["id"] and r["status"] == "ok"
+                    and r["val_bpb"] is not None and r["source_hash"] == rec["source_hash"] and r["seed"] is not None):
+                out.setdefault(int(r["seed"]), r["val_bpb"])
+        return out
+
+    def _pairs(self, exp_id: str, parent_id: str) -> list[tuple[int, float, float]]:
+        """(seed, parent val_bpb, candidate val_bpb) at every seed both have run with."""
+        cand, par = self._seed_scores(exp_id), self._seed_scores(parent_id)
+        return [(s, par[s], cand[s]) for s in sorted(cand) if s in par]
+
+    def _paired_verdict(self, out: dict, rec: dict, pairs: list[tuple[int, float, float]]) -> dict:
+        """The rule on paired differences: gain = mean(parent - candidate) over the common
+        seeds, band = 2 standard errors of that mean (stdev of the differences / sqrt(m)).
+
+        Seed-to-seed variation that parent and candidate share (the data order, the init)
+        cancels in the difference, so this band is narrower than the unpaired 2 sigma / sqrt(n).
+        """
+        diffs = [p - c for _, p, c in pairs]
+        m = len(diffs)
+        gain, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(m)
+        band = 2 * se
+        out.update(gain=gain, band=band, paired=True, pairs=m, paired_se=se,
+                   val_bpb=statistics.fmean(c for _, _, c in pairs),
+                   parent_val_bpb=statistics.fmean(p for _, p, _ in pairs))
+        what = f"paired over {m} seeds: gain {gain:+.6f} +- {se:.6f}" + self._sigma_note(gain, ", ")
+        if gain <= self.threshold:
+            out["reason"] = f"does not beat parent {rec['parent_id']} by more than {self.threshold:g} ({what})"
+        elif gain <= band:
+            out.update(within_noise=True, reason=f"within noise ({what}; 2 SE = {band:.6f}): not kept; "
+                                                 f"lab.confirm({rec['id']!r}, k) adds seeds")
+        else:
+            out.update(keep=True, reason=f"beats parent {rec['parent_id']} ({what}; 2 SE = {band:.6f})")
+        return out
+
     def _sigma_note(self, gain: float, lead: str = " ") -> str:
         """ "(sigma 0.0022, gain 2.3 sigma)": the noise next to every verdict; "" before it is measured."""
         if not self.sigma:
@@ -788,7 +830,10 @@ class Lab:
             ``keep`` (bool), ``within_noise`` (bool), ``gain`` (parent minus candidate
             val_bpb, means over reruns; None for a failed run), ``val_bpb``,
             ``parent_val_bpb``, ``sigma``, ``band`` (2 sigma / sqrt(n)), ``threshold``
-            and a readable ``reason``.
+            and a readable ``reason``. With `PAIRED_MIN` (3) or more seeds both the
+            candidate and its parent ran with (after `confirm`), the rule is paired:
+            ``paired`` True, ``pairs`` (m), ``gain`` the mean of parent minus candidate
+            at those seeds, ``paired_se`` its standard error, ``band`` 2 ``paired_se``.
         """
         rec = self.ledger.get(exp_id or self.last_id)
         out = {"exp_id": rec["id"], "keep": False, "within_noise": False, "gain": None, "val_bpb": None,
@@ -811,6 +856,9 @@ class Lab:
         out["parent_val_bpb"] = statistics.fmean(ref)
         gain = out["parent_val_bpb"] - out["val_bpb"]
         out["gain"] = gain
+        pairs = self._pairs(rec["id"], rec["parent_id"])
+        if len(pairs) >= PAIRED_MIN:   # candidate and parent at the same seeds: decide on the differences
+            return self._paired_verdict(out, rec, pairs)
         runs = f" (mean of {len(cand)} runs)" if len(cand) > 1 else ""
         if gain <= self.threshold:
             out["reason"] = (f"val_bpb {out['val_bpb']:.6f}{runs} does not beat parent {rec['parent_id']} "
@@ -982,7 +1030,8 @@ class Lab:
 
     # ---- noise --------------------------------------------------------------------------------
 
-    def _rerun(self, exp_id: str, k: int, kind: str, on_event=None, stop=None) -> list[float]:
+    def _rerun(self, exp_id: str, k: int, kind: str, on_event=None, stop=None,
+               seeds: list[int] | None = None) -> list[float]:
         rec = self.ledger.get(exp_id)
         if rec["status"] != "ok":
             msg = f"Experiment {exp_id} did not run ok ({rec['status']}): rerun an experiment with a val_bpb."
@@ -997,12 +1046,13 @@ class Lab:
         source = self.workspace.source(exp_id)
         used = {r["seed"] for r in self.ledger.records(curves=False)
                 if r["id"] == exp_id or (r["parent_id"] == exp_id and r["kind"] in ("noise", "rerun"))}
-        seeds, s = [], self.seed
-        while len(seeds) < k:  # the next seeds this experiment has not run with
-            s += 1
-            if s not in used:
-                seeds.append(s)
-        for seed in seeds:
+        if seeds is None:
+            seeds, s = [], self.seed
+            while len(seeds) < k:  # the next seeds this experiment has not run with
+                s += 1
+                if s not in used:
+                    seeds.append(s)
+        for seed in [s for s in seeds if s not in used]:
             if stop is not None and stop.is_set():
                 break
             self._run(source, parent_id=exp_id, kind=kind, description=f"{kind}: rerun of {exp_id} (seed {seed})",
@@ -1027,14 +1077,24 @@ class Lab:
         return {"exp_id": parent, "values": values, "mean": statistics.fmean(values), "sigma": self.sigma}
 
     def confirm(self, exp_id: str | None = None, k: int = 1, on_event: Callable[[dict], Any] | None = None) -> dict:
-        """Rerun a candidate k times with other seeds; re-apply the rule to the mean.
+        """Rerun a candidate k times with other seeds, and its parent at the same seeds
+        where it has not run with them; re-apply the rule.
 
-        A decision made by a person is left alone (the new verdict is in the return
-        value's ``verdict``); one made by the rule or autopilot is made again, if the
-        experiment's parent is still the current parent.
+        With 3 or more common seeds the rule decides on the paired differences (parent
+        minus candidate at the same seed) and their standard error, which shared
+        seed-to-seed variation does not inflate. A decision made by a person is left
+        alone (the new verdict is in the return value's ``verdict``); one made by the
+        rule or autopilot is made again, if the experiment's parent is still the current
+        parent.
         """
         exp_id = self.ledger.get(exp_id or self.last_id)["id"]
         self._rerun(exp_id, k, "rerun", on_event)
+        parent = self.ledger.get(exp_id)["parent_id"]
+        if parent is not None:
+            missing = sorted(set(self._seed_scores(exp_id)) - set(self._seed_scores(parent)))
+            if missing:   # pair every candidate seed with a parent run at the same seed
+                self._rerun(parent, len(missing), "noise", on_event, seeds=missing)
+                self.sigma = self._sigma_from_ledger() or self.sigma
         rec = self.ledger.get(exp_id)
         if rec["decided_by"] != "human" and rec["parent_id"] == self.parent_id:
             by = rec["decided_by"] or ("autopilot" if self._autopilot else "rule")

@@ -669,3 +669,46 @@ def test_noise_runs_is_configurable_skippable_and_checked(tmp_path, kit_env, lab
         rec = lab.step()
         assert [r["kind"] for r in lab.ledger.records(curves=False)] == ["baseline", "noise", "candidate"]
         assert lab.sigma is not None and rec["id"] == "0003" and "sigma" in rec["decision_reason"]
+
+
+# ---- paired decisions -----------------------------------------------------------------------------
+
+
+def test_paired_rule_with_synthetic_scores(tmp_path, kit_env):
+    """A consistent small gain at every seed is real although it is within the unpaired
+    band; a gain that flips sign between seeds is noise although its mean is positive."""
+    path = tmp_path / "lab"
+    lab = _open(path, train=ROOT / "train.py")
+    led = lab.ledger
+    base = _fake_run(led, None, "baseline", 1.00, src="base")
+    _fake_run(led, base, "noise", 1.02, seed=43, src="base")
+    _fake_run(led, base, "noise", 0.98, seed=44, src="base")          # sigma 0.02
+    steady = _fake_run(led, base, "candidate", 0.995, src="steady")    # -0.005 at every seed
+    _fake_run(led, steady, "rerun", 1.0148, seed=43, src="steady")
+    _fake_run(led, steady, "rerun", 0.9751, seed=44, src="steady")
+    flaky = _fake_run(led, base, "candidate", 0.97, src="flaky")       # +0.03, -0.03, +0.01
+    _fake_run(led, flaky, "rerun", 1.05, seed=43, src="flaky")
+    _fake_run(led, flaky, "rerun", 0.97, seed=44, src="flaky")
+    lab.close()
+    lab = _open(path)
+    v = lab.verdict(steady)
+    assert v["paired"] and v["pairs"] == 3 and v["keep"] and not v["within_noise"]
+    assert v["gain"] == pytest.approx(0.0050333, abs=1e-6) and v["band"] < 0.001 and "paired over 3 seeds" in v["reason"]
+    assert v["gain"] < 2 * lab.sigma / 3 ** 0.5                  # the unpaired band would have called it noise
+    f = lab.verdict(flaky)
+    assert f["paired"] and f["gain"] > 0 and f["within_noise"] and not f["keep"]
+    lab.close()
+
+
+def test_confirm_reruns_the_parent_at_the_candidates_seeds(lab_dir):
+    with _open(lab_dir, threshold=-1.0) as lab:                 # noise off (conftest): the parent has one run
+        cand = lab.step()
+        out = lab.confirm(cand["id"], k=2)
+        recs = lab.ledger.records(curves=False)
+        reruns = [(r["kind"], r["parent_id"], r["seed"]) for r in recs[2:]]
+        assert sorted(reruns) == [("noise", "0001", 43), ("noise", "0001", 44),
+                                  ("rerun", cand["id"], 43), ("rerun", cand["id"], 44)]
+        v = out["verdict"]
+        assert v["paired"] and v["pairs"] == 3 and v["paired_se"] > 0 and lab.sigma is not None
+        again = lab.confirm(cand["id"], k=1)                      # seed 45 for both, nothing run twice
+        assert again["verdict"]["pairs"] == 4 and len(lab.ledger) == len(recs) + 2
