@@ -53,6 +53,7 @@ import inspect
 import json
 import math
 import os
+import re
 import statistics
 import threading
 import time
@@ -80,6 +81,7 @@ _PROPOSAL_KINDS = ("baseline", "candidate")   # noise/rerun records repeat an ex
 
 
 NOISE_RUNS = 2   # default reruns of the baseline that measure sigma (AUTORESEARCH_NOISE_RUNS)
+_SIGMA_NOTE = re.compile(r"(sigma \d[\d.e-]*, gain [+-][\d.]+ sigma)")
 PAIRED_MIN = 3   # common seeds (candidate and parent) from which the rule decides on paired differences
 
 
@@ -1219,6 +1221,9 @@ def format_record(rec: dict) -> str:
                                        "running" if rec["status"] == "running" else "undecided")
     if rec.get("within_noise"):
         decision += " (within noise)"
+    noise = _SIGMA_NOTE.search(rec.get("decision_reason") or "") if rec.get("decided_by") in ("rule", "autopilot") else None
+    if noise:   # the rule's reason names sigma: show it beside the decision
+        decision += f" ({noise.group(1)})"
     by = f" [{rec['decided_by']}]" if rec.get("decided_by") else ""
     why = f": {rec['decision_reason']}" if rec["status"] == "rejected" and rec.get("decision_reason") else ""
     return f"{rec['id']}  {rec['kind']:<9} {bpb:<22} {decision}{by}  {rec['description']}{why}"

@@ -712,3 +712,16 @@ def test_confirm_reruns_the_parent_at_the_candidates_seeds(lab_dir):
         assert v["paired"] and v["pairs"] == 3 and v["paired_se"] > 0 and lab.sigma is not None
         again = lab.confirm(cand["id"], k=1)                      # seed 45 for both, nothing run twice
         assert again["verdict"]["pairs"] == 4 and len(lab.ledger) == len(recs) + 2
+
+
+def test_the_one_line_record_shows_sigma_beside_the_rules_decision(tmp_path, kit_env):
+    lab = _open(tmp_path / "lab", train=ROOT / "train.py")
+    base = _fake_run(lab.ledger, None, "baseline", 1.00, src="base")
+    _fake_run(lab.ledger, base, "noise", 1.02, seed=43, src="base")
+    cand = _fake_run(lab.ledger, base, "candidate", 0.99, src="c")
+    lab.close()
+    with _open(tmp_path / "lab") as lab:
+        line = format_record(lab.decide(cand, keep=None))
+        assert "discard (within noise) (sigma 0.014142, gain +1.4 sigma) [rule]" in line
+        human = format_record(lab.decide(cand, keep=True, reason="I trust it"))
+        assert "sigma" not in human and "keep [human]" in human
