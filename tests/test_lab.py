@@ -723,5 +723,5 @@ def test_the_one_line_record_shows_sigma_beside_the_rules_decision(tmp_path, kit
     with _open(tmp_path / "lab") as lab:
         line = format_record(lab.decide(cand, keep=None))
         assert "discard (within noise) (sigma 0.014142, gain +1.4 sigma) [rule]" in line
-        human = format_record(lab.decide(cand, keep=True, reason="I trust it"))
-        assert "sigma" not in human and "keep [human]" in human
+        human = format_record(lab.decide(cand, keep=False, reason="not convinced"))
+        assert "sigma" not in human and "discard (within noise) [human]" in human
