@@ -82,6 +82,7 @@ _PROPOSAL_KINDS = ("baseline", "candidate")   # noise/rerun records repeat an ex
 
 NOISE_RUNS = 2   # default reruns of the baseline that measure sigma (AUTORESEARCH_NOISE_RUNS)
 _SIGMA_NOTE = re.compile(r"(sigma \d[\d.e-]*, gain [+-][\d.]+ sigma)")
+RECHECK_BELOW = 3.0   # a one-run win by less than this many sigma is rerun once before it is kept
 PAIRED_MIN = 3   # common seeds (candidate and parent) from which the rule decides on paired differences
 
 
@@ -237,6 +238,7 @@ class Lab:
         self._prestart: threading.Thread | None = None   # runner.prestart's thread, see _start_ahead
         self._started_ahead = False
         self.noise_runs = noise_runs
+        self.recheck_below = RECHECK_BELOW      # sigmas; see recheck()
         self._noise_tried = False               # measure the noise once per session at most
         try:
             self._rebaseline = self._open_pin(rebaseline)   # the data pin (see _open_pin)
@@ -980,6 +982,7 @@ class Lab:
             rec = self.ledger.get(exp_id)
             self._say(rec)
             return rec
+        self.recheck(exp_id, on_event=on_event, stop=stop)
         return self.decide(exp_id, keep=None, decided_by="autopilot" if self._autopilot else "rule")
 
     def autopilot(self, steps: int = 10, on_event: Callable[[dict], Any] | None = None, *,
@@ -1077,6 +1080,31 @@ class Lab:
         values = self._rerun(parent, k, "noise", on_event, stop)
         self.sigma = statistics.stdev(values) if len(values) >= 2 else None
         return {"exp_id": parent, "values": values, "mean": statistics.fmean(values), "sigma": self.sigma}
+
+    def recheck(self, exp_id: str | None = None, on_event: Callable[[dict], Any] | None = None,
+                stop: threading.Event | None = None) -> bool:
+        """Rerun a narrow win once before the rule keeps it; returns whether it reran.
+
+        A one-run candidate that the rule would keep by less than `recheck_below` sigma
+        (default 3; 0 turns it off) is rerun with the next seed, and its parent at that
+        seed if it lacks it (as `confirm(exp_id, 1)`, without deciding): a 2-3 sigma win
+        of one run is what luck most often looks like. `step` calls it before deciding.
+        """
+        v = self.verdict(exp_id)
+        exp_id = v["exp_id"]
+        if not (v["keep"] and self.sigma and self.recheck_below and v["gain"] is not None and not v.get("paired")
+                and v["gain"] < self.recheck_below * self.sigma and len(self._scores(exp_id)) == 1
+                and not (stop is not None and stop.is_set())):
+            return False
+        if self.verbose:
+            print(f"{exp_id}: wins by {v['gain'] / self.sigma:.1f} sigma (< {self.recheck_below:g}): one more seed first")
+        self._rerun(exp_id, 1, "rerun", on_event, stop)
+        parent = self.ledger.get(exp_id)["parent_id"]
+        missing = sorted(set(self._seed_scores(exp_id)) - set(self._seed_scores(parent)))
+        if missing:
+            self._rerun(parent, len(missing), "noise", on_event, stop, seeds=missing)
+            self.sigma = self._sigma_from_ledger() or self.sigma
+        return True
 
     def confirm(self, exp_id: str | None = None, k: int = 1, on_event: Callable[[dict], Any] | None = None) -> dict:
         """Rerun a candidate k times with other seeds, and its parent at the same seeds

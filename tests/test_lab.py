@@ -666,6 +666,7 @@ def test_noise_runs_is_configurable_skippable_and_checked(tmp_path, kit_env, lab
     # a lab without sigma (made with noise off) learns it before its next candidate
     with _open(lab_dir) as lab:
         assert lab.noise_runs == 1 and lab.sigma is None
+        lab.recheck_below = 0                              # no narrow-win rerun: the kinds are exact below
         rec = lab.step()
         assert [r["kind"] for r in lab.ledger.records(curves=False)] == ["baseline", "noise", "candidate"]
         assert lab.sigma is not None and rec["id"] == "0003" and "sigma" in rec["decision_reason"]
@@ -725,3 +726,35 @@ def test_the_one_line_record_shows_sigma_beside_the_rules_decision(tmp_path, kit
         assert "discard (within noise) (sigma 0.014142, gain +1.4 sigma) [rule]" in line
         human = format_record(lab.decide(cand, keep=False, reason="not convinced"))
         assert "sigma" not in human and "discard (within noise) [human]" in human
+
+
+def test_a_narrow_win_is_rerun_once_before_it_is_kept(tmp_path, kit_env):
+    """Made-up scores for the parent's three seeds (sigma 0.01) and a 2.5-sigma one-run win;
+    recheck reruns the candidate for real at seed 43 (the parent has it), and the rule then
+    judges the mean of both runs."""
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    lab = _open(tmp_path / "lab", train=tmp_path / "train.py")
+    src = lab.workspace.source("kept")
+    h = Proposal.from_source("", src, "").source_hash
+    base = lab.ledger.start(None, h, "", "baseline", "baseline", BUDGET, {}, kind="baseline")
+    sha = lab.workspace.commit_experiment(base, src, None, "baseline")
+    lab.ledger.finish(base, RunResult(status="ok", val_bpb=1.00, seed=42), commit=sha)
+    lab.ledger.decide(base, "keep", "baseline", decided_by="rule", tip=base)
+    _fake_run(lab.ledger, base, "noise", 1.01, seed=43, src=h)
+    _fake_run(lab.ledger, base, "noise", 0.99, seed=44, src=h)
+    narrow = _committed_run(lab, base, _lr_edit(src, 0.0201), 0.975)   # gain 0.025 = 2.5 sigma
+    wide = _committed_run(lab, base, _lr_edit(src, 0.0199), 0.90)      # 10 sigma
+    lab.close()
+    with _open(tmp_path / "lab") as lab:
+        assert lab.sigma == pytest.approx(0.01) and lab.verdict(narrow)["keep"]
+        n = len(lab.ledger)
+        assert lab.recheck(wide) is False and len(lab.ledger) == n        # a clear win is not rerun
+        lab.recheck_below = 0
+        assert lab.recheck(narrow) is False and len(lab.ledger) == n      # 0 turns it off
+        lab.recheck_below = 3.0
+        assert lab.recheck(narrow) is True
+        new = lab.ledger.records(curves=False)[n:]
+        assert [(r["kind"], r["parent_id"], r["seed"], r["status"]) for r in new] == [("rerun", narrow, 43, "ok")]
+        v = lab.verdict(narrow)                   # the real rerun scores nothing like the made-up 0.975
+        assert v["val_bpb"] == pytest.approx((0.975 + new[0]["val_bpb"]) / 2) and not v["keep"]
+        assert lab.recheck(narrow) is False       # once: it has two runs now
