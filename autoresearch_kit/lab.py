@@ -342,7 +342,8 @@ class Lab:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            msg = f"{path} is unreadable ({e}): restore it from a backup, or delete it to pin the lab to the current data."
+            msg = (f"{path} is unreadable ({e}): restore it from a backup, or delete it to pin the lab to the "
+                   f"current data.")
             raise ValueError(msg) from None
 
     def _write_pin(self, pin: dict) -> None:
@@ -627,7 +628,8 @@ class Lab:
         self._check_data()
         data = self._check_pin(kind)
         if parent_id is not None and not self._on_current_data(self.ledger.get(parent_id)):
-            msg = (f"Experiment {parent_id} was scored on other data ({self.ledger.get(parent_id)['proposal_meta'].get('data')}): "
+            other = self.ledger.get(parent_id)["proposal_meta"].get("data")
+            msg = (f"Experiment {parent_id} was scored on other data ({other}): "
                    f"a child of it on this data could not be compared with it. Continue from an experiment made "
                    f"since the re-baseline (lab.checkout).")
             raise ValueError(msg)
@@ -875,7 +877,8 @@ class Lab:
             out["band"] = band
             if gain <= band:
                 out.update(within_noise=True, reason=(
-                    f"gain {gain:+.6f}{runs} is within noise (2 sigma/sqrt(n) = {band:.6f}{self._sigma_note(gain, ', ')}): "
+                    f"gain {gain:+.6f}{runs} is within noise "
+                    f"(2 sigma/sqrt(n) = {band:.6f}{self._sigma_note(gain, ', ')}): "
                     f"not kept; lab.confirm({rec['id']!r}) reruns it to check"))
                 return out
         out.update(keep=True, reason=(f"val_bpb {out['val_bpb']:.6f}{runs} beats parent {rec['parent_id']} "
@@ -1097,7 +1100,8 @@ class Lab:
                 and not (stop is not None and stop.is_set())):
             return False
         if self.verbose:
-            print(f"{exp_id}: wins by {v['gain'] / self.sigma:.1f} sigma (< {self.recheck_below:g}): one more seed first")
+            print(f"{exp_id}: wins by {v['gain'] / self.sigma:.1f} sigma (< {self.recheck_below:g}): "
+                  f"one more seed first")
         self._rerun(exp_id, 1, "rerun", on_event, stop)
         parent = self.ledger.get(exp_id)["parent_id"]
         missing = sorted(set(self._seed_scores(exp_id)) - set(self._seed_scores(parent)))
@@ -1249,7 +1253,8 @@ def format_record(rec: dict) -> str:
                                        "running" if rec["status"] == "running" else "undecided")
     if rec.get("within_noise"):
         decision += " (within noise)"
-    noise = _SIGMA_NOTE.search(rec.get("decision_reason") or "") if rec.get("decided_by") in ("rule", "autopilot") else None
+    by_rule = rec.get("decided_by") in ("rule", "autopilot")
+    noise = _SIGMA_NOTE.search(rec.get("decision_reason") or "") if by_rule else None
     if noise:   # the rule's reason names sigma: show it beside the decision
         decision += f" ({noise.group(1)})"
     by = f" [{rec['decided_by']}]" if rec.get("decided_by") else ""
