@@ -220,7 +220,8 @@ class Lab:
         except BaseException:
             self.ledger.close()
             raise
-        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+        # resolved: runs start in runs/<id>/, where a relative --data path means nothing
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else None
         self.seed = int(seed)
         self.device = device
         self.threshold = float(threshold)
@@ -388,6 +389,11 @@ class Lab:
         if pin is None:
             self._pin_to(current)
             return False
+        if pin["manifest_hash"] != current["manifest_hash"] and not self._has_scores():
+            self._pin_to(current, pin)   # nothing was scored on the old data: nothing to protect
+            if self.verbose:
+                print(f"lab {self.path.name}: pinned to {current['data']} (no run was scored on {pin['data']})")
+            return False
         if pin["manifest_hash"] == current["manifest_hash"]:
             if rebaseline and self.verbose:
                 print(f"lab {self.path.name}: already on {current['data']}; nothing to re-baseline")
@@ -419,9 +425,15 @@ class Lab:
         pin = self._read_pin()
         if pin is None:
             self._pin_to(current)
+        elif pin["manifest_hash"] != current["manifest_hash"] and not self._has_scores():
+            self._pin_to(current, pin)   # nothing scored on the old data yet (e.g. `init`, then other data)
         elif pin["manifest_hash"] != current["manifest_hash"] and not (self._rebaseline and kind == "baseline"):
             raise ValueError(self._mismatch(pin, current))
         return current
+
+    def _has_scores(self) -> bool:
+        """Whether any run of this lab was scored (then its data must not change silently)."""
+        return any(r["status"] == "ok" for r in self.ledger.records(curves=False))
 
     def _on_current_data(self, rec: dict) -> bool:
         """Whether an experiment was scored on the data the lab is pinned to (True if unknown: before pins)."""

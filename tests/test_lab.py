@@ -758,3 +758,15 @@ def test_a_narrow_win_is_rerun_once_before_it_is_kept(tmp_path, kit_env):
         v = lab.verdict(narrow)                   # the real rerun scores nothing like the made-up 0.975
         assert v["val_bpb"] == pytest.approx((0.975 + new[0]["val_bpb"]) / 2) and not v["keep"]
         assert lab.recheck(narrow) is False       # once: it has two runs now
+
+
+def test_a_lab_with_no_scored_run_follows_new_data_and_relative_paths_resolve(tmp_path, kit_env, other_data,
+                                                                              monkeypatch):
+    from autoresearch_kit.data.prepare import manifest_hash
+
+    with _open(tmp_path / "lab", train=ROOT / "train.py"):     # `autoresearch init`: pinned, nothing scored
+        pass
+    monkeypatch.chdir(other_data.parent)
+    with _open(tmp_path / "lab", data_dir=other_data.name) as lab:   # a relative --data, other data
+        assert lab.data_dir == other_data and lab.data_pin["manifest_hash"] == manifest_hash(other_data)
+        assert lab.data_pin["history"]                                # the move is recorded, not silent
