@@ -437,7 +437,8 @@ def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
     _not_a_file(path)
     return Lab(path, budget=args.budget, proposer=args.proposer, data_dir=args.data,
                seed=args.seed, device=args.device, threshold=args.threshold, proposer_kwargs=kw,
-               verbose=verbose)
+               verbose=verbose, rebaseline=getattr(args, "rebaseline", False),
+               noise_runs=getattr(args, "noise_runs", None))
 
 
 def _proposer_name(args: argparse.Namespace) -> str:
@@ -474,7 +475,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lab._autopilot = args.yes   # decisions are recorded as the autopilot's under --yes
         try:
             base = lab._baseline_record()
-            if base is None or base["status"] != "ok":
+            if base is None or base["status"] != "ok" or lab.rebaseline_pending:
                 bar = ProgressBar("baseline")
                 bar.start()
                 try:
@@ -489,6 +490,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     tail = "\n".join((rec["log_tail"] or "").splitlines()[-15:])
                     raise UserError(f"the baseline did not run ({rec['status']}: {rec['reason']}).\n{tail}\n"
                                     f"Fix {lab.path / 'train.py'} and run again.")
+            if lab.sigma is not None and not args.noise:
+                print(f"noise: sigma {lab.sigma:.6f} bpb (baseline reruns; gains within 2 sigma are not kept)")
             if args.noise:
                 bar = ProgressBar("noise")
                 bar.start()
@@ -798,6 +801,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
     q.add_argument("--device", choices=("cuda", "mps", "cpu"), help="force a device (default: detected)")
     q.add_argument("--data", help="prepared data directory (default: the last one prepared)")
+    q.add_argument("--rebaseline", action="store_true",
+                   help="the lab is pinned to its data: run a new baseline on other prepared data instead of refusing")
+    q.add_argument("--noise-runs", type=int, default=None, metavar="K",
+                   help="reruns of the baseline that measure the noise before the first candidate (default 2, "
+                        "AUTORESEARCH_NOISE_RUNS; 0 skips); gains within 2 sigma are not kept")
     q.set_defaults(func=cmd_run)
 
     q = sub.add_parser("decide", help="keep or discard an experiment that ran and was not decided")

@@ -26,12 +26,16 @@ templates (`autoresearch_kit/templates/`). An existing lab ignores both argument
 
 Decisions. The rule keeps a candidate when its val_bpb beats its parent's (the tip of the
 kept line it edits, as the original autoresearch compares with the current best of its
-branch) by more than `threshold`. After `measure_noise(k)` (k reruns of the parent with
-other seeds) the Lab knows sigma, the run-to-run standard deviation; a gain above the
+branch) by more than `threshold`. Right after the baseline (`noise_runs`, default 2) and
+after any `measure_noise(k)` (k reruns of the parent with other seeds) the Lab knows
+sigma, the run-to-run standard deviation; a gain above the
 threshold but within 2 sigma / sqrt(n) (n = the candidate's runs) is flagged
 "within noise" and not kept by the rule; `confirm(exp_id)` reruns it to check. The
 human has the last word: `decide(keep=True/False)` overrides, and the ledger records
 who decided (`human`, `rule` or `autopilot`).
+
+Data: a lab is pinned to its prepared data (`data.json`, the manifest hash); other data is
+refused unless `rebaseline=True` starts a new baseline on it (see the class docstring).
 
 Interrupts: a KeyboardInterrupt during a run kills the training process group, the
 run is recorded as `aborted`, and then the KeyboardInterrupt is raised again so that a
@@ -47,10 +51,13 @@ import ast
 import errno
 import html
 import inspect
+import json
 import math
 import os
+import re
 import statistics
 import threading
+import time
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -72,9 +79,30 @@ RUNS = "runs"
 PENDING = "result.pending.json"   # runs/<id>/: a finished result the ledger could not take (disk full)
 _PENDING_RESERVE = 1 << 20        # bytes reserved for it when the run starts, overwritten in place
 HAND_EDIT = "hand edit of train.py"
+DATA_PIN = "data.json"   # the data the lab is pinned to (see Lab(rebaseline=))
 # statuses whose log tail is worth showing the proposer (aborted = the user stopped it)
 _FAILED_RUNS = ("crash", "timeout", "diverged", "invalid")
 _PROPOSAL_KINDS = ("baseline", "candidate")   # noise/rerun records repeat an experiment
+
+
+NOISE_RUNS = 2   # default reruns of the baseline that measure sigma (AUTORESEARCH_NOISE_RUNS)
+_SIGMA_NOTE = re.compile(r"(sigma \d[\d.e-]*, gain [+-][\d.]+ sigma)")
+RECHECK_BELOW = 3.0   # a one-run win by less than this many sigma is rerun once before it is kept
+PAIRED_MIN = 3   # common seeds (candidate and parent) from which the rule decides on paired differences
+
+
+def _noise_runs(value: int | None) -> int:
+    if value is None:
+        text = config.env("NOISE_RUNS")
+        value = NOISE_RUNS if text is None else text
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or str(value).strip() != str(n):
+        msg = f"noise_runs must be a whole number >= 0 (AUTORESEARCH_NOISE_RUNS / --noise-runs), got {value!r}."
+        raise ValueError(msg)
+    return n
 
 
 def template_path(name: str) -> Path:
@@ -231,19 +259,34 @@ class Lab:
         Passed to `propose.make_proposer` with a proposer name (model=, base_url=, ...).
     verbose : bool
         Print one line per finished experiment.
+    rebaseline : bool
+        The lab is pinned to the data it was created with (`data.json`: the
+        `manifest_hash` of the prepared data). Opening it on other data raises, unless
+        this is True: then the next run is a new baseline on the new data (the current
+        parent's train.py, a new root of the experiment tree) and the lab is pinned to
+        the new data once it ran ok. Scores made on the old data are never compared with it.
+    noise_runs : int, optional
+        Reruns of the baseline with other seeds that measure the lab's noise (sigma)
+        right after it, so the rule knows what a real gain is from the start: a gain
+        within 2 sigma / sqrt(n) is not kept. Default AUTORESEARCH_NOISE_RUNS, else 2
+        (each costs one budget); 0 skips (then gains above `threshold` are kept until
+        `measure_noise` runs). A lab that has no sigma yet measures it before its next run.
 
     Raises
     ------
     LabLockedError
         When another Lab (or Ledger) has this directory open.
+    ValueError
+        When the prepared data is not the data the lab is pinned to (and no `rebaseline`).
     """
 
     def __init__(self, path: str | os.PathLike, program: str | os.PathLike = "program.md",
                  train: str | os.PathLike = "train.py", budget: "str | Budget | None" = None,
                  proposer: Any = "auto", data_dir: str | os.PathLike | None = None, seed: int = 42,
                  device: str | None = None, threshold: float = 0.0, *, proposer_kwargs: dict | None = None,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, rebaseline: bool = False, noise_runs: int | None = None) -> None:
         self.path = Path(path).expanduser().resolve()
+        noise_runs = _noise_runs(noise_runs)     # a bad value fails before anything is opened
         if self.path.exists() and not self.path.is_dir():
             msg = f"{self.path} is a file; a lab is a directory. Choose a new directory name, e.g. Lab('mylab')."
             raise ValueError(msg)
@@ -278,7 +321,8 @@ class Lab:
         except BaseException:
             self.ledger.close()
             raise
-        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+        # resolved: runs start in runs/<id>/, where a relative --data path means nothing
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else None
         self.seed = int(seed)
         self.device = device
         self.threshold = float(threshold)
@@ -300,6 +344,14 @@ class Lab:
         self._run_mu = threading.Lock()
         self.running: dict | None = None
         self._watchers: list[Callable[[dict], Any]] = []
+        self.noise_runs = noise_runs
+        self.recheck_below = RECHECK_BELOW      # sigmas; see recheck()
+        self._noise_tried = False               # measure the noise once per session at most
+        try:
+            self._rebaseline = self._open_pin(rebaseline)   # the data pin (see _open_pin)
+        except BaseException:
+            self.ledger.close()
+            raise
         self._warn_budget_change()
         if self.pending_recorded and self.verbose:
             print(f"lab {self.path.name}: recorded the result(s) of {', '.join(self.pending_recorded)}, kept on disk "
@@ -356,6 +408,8 @@ class Lab:
                 from autoresearch_kit.propose import make_proposer
 
                 self._proposer = make_proposer(self._proposer_arg, **self._proposer_kwargs)
+            if getattr(self._proposer, "name", None) == "mutate" and getattr(self._proposer, "device", None) == "auto":
+                self._proposer.device = self._device_type()   # edit only the knobs of the device the lab runs on
         return self._proposer
 
     @proposer.setter
@@ -385,6 +439,116 @@ class Lab:
             msg = (f"No prepared data at {d}: run `autoresearch prepare` (or `python prepare.py`) first, "
                    f"or point data_dir= / AUTORESEARCH_DATA at a prepared directory.")
             raise FileNotFoundError(msg)
+
+    # ---- the data pin -------------------------------------------------------------------------
+
+    def _data_path(self) -> Path:
+        return self.data_dir if self.data_dir is not None else config.data_dir()
+
+    def _read_pin(self) -> dict | None:
+        path = self.path / DATA_PIN
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            msg = (f"{path} is unreadable ({e}): restore it from a backup, or delete it to pin the lab to the "
+                   f"current data.")
+            raise ValueError(msg) from None
+
+    def _write_pin(self, pin: dict) -> None:
+        tmp = self.path / (DATA_PIN + ".tmp")
+        tmp.write_text(json.dumps(pin, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path / DATA_PIN)
+
+    def _current_data(self) -> dict | None:
+        """{manifest_hash, data (in words), data_dir} of the prepared data, None when there is none."""
+        from autoresearch_kit.data.prepare import describe_data, manifest_hash
+
+        d = self._data_path()
+        if not (d / "manifest.json").is_file():
+            return None
+        return {"manifest_hash": manifest_hash(d), "data": describe_data(d), "data_dir": str(d)}
+
+    def _pin_to(self, current: dict, previous: dict | None = None, baseline_id: str | None = None) -> dict:
+        pin = {**current, "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "baseline": baseline_id,
+               "history": []}
+        if previous is not None:
+            old = {k: previous.get(k) for k in ("manifest_hash", "data", "data_dir", "pinned_at", "baseline")}
+            pin["history"] = [*previous.get("history", []), old]
+        self._write_pin(pin)
+        return pin
+
+    def _mismatch(self, pin: dict, current: dict) -> str:
+        return (f"lab {self.path.name} is pinned to {pin['data']} [{pin['manifest_hash']}], but the prepared data "
+                f"is {current['data']} [{current['manifest_hash']}] in {current['data_dir']}: pass data_dir= / --data "
+                f"with the lab's data, or re-baseline on the new data (Lab(..., rebaseline=True) / "
+                f"`autoresearch run --rebaseline`).")
+
+    def _open_pin(self, rebaseline: bool) -> bool:
+        """Check the prepared data against the lab's pin; returns whether a re-baseline is pending.
+
+        A lab without a pin (new, or made before pins) is pinned to the current data now,
+        if there is prepared data (else at its first run).
+        """
+        current = self._current_data()
+        if current is None:
+            return False                 # nothing to compare yet; _check_data says what to run
+        pin = self._read_pin()
+        if pin is None:
+            self._pin_to(current)
+            return False
+        if pin["manifest_hash"] != current["manifest_hash"] and not self._has_scores():
+            self._pin_to(current, pin)   # nothing was scored on the old data: nothing to protect
+            if self.verbose:
+                print(f"lab {self.path.name}: pinned to {current['data']} (no run was scored on {pin['data']})")
+            return False
+        if pin["manifest_hash"] == current["manifest_hash"]:
+            if rebaseline and self.verbose:
+                print(f"lab {self.path.name}: already on {current['data']}; nothing to re-baseline")
+            return False
+        if not rebaseline:
+            raise ValueError(self._mismatch(pin, current))
+        if self.verbose:
+            print(f"lab {self.path.name}: re-baselining on {current['data']} (was {pin['data']}): the next run is a "
+                  f"new baseline of the current parent's train.py on the new data")
+        return True
+
+    @property
+    def rebaseline_pending(self) -> bool:
+        """True when the lab was opened with rebaseline=True on new data and the new baseline has not run ok."""
+        return self._rebaseline
+
+    @property
+    def data_pin(self) -> dict | None:
+        """The data this lab is pinned to: manifest_hash, data (in words), data_dir, pinned_at, history."""
+        return self._read_pin()
+
+    def _check_pin(self, kind: str) -> dict:
+        """Before a run: the data must be the pinned data (or the re-baseline's); returns it.
+
+        Catches `prepare` run on other data while this Lab is open, as well as on open.
+        """
+        current = self._current_data()
+        assert current is not None, "_check_data runs first"
+        pin = self._read_pin()
+        if pin is None:
+            self._pin_to(current)
+        elif pin["manifest_hash"] != current["manifest_hash"] and not self._has_scores():
+            self._pin_to(current, pin)   # nothing scored on the old data yet (e.g. `init`, then other data)
+        elif pin["manifest_hash"] != current["manifest_hash"] and not (self._rebaseline and kind == "baseline"):
+            raise ValueError(self._mismatch(pin, current))
+        return current
+
+    def _has_scores(self) -> bool:
+        """Whether any run of this lab was scored (then its data must not change silently)."""
+        return any(r["status"] == "ok" for r in self.ledger.records(curves=False))
+
+    def _on_current_data(self, rec: dict) -> bool:
+        """Whether an experiment was scored on the data the lab is pinned to (True if unknown: before pins)."""
+        h = (rec.get("proposal_meta") or {}).get("manifest_hash")
+        pin = self._read_pin()
+        return h is None or pin is None or h == pin["manifest_hash"]
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -600,7 +764,8 @@ class Lab:
 
     def _sigma_from_ledger(self) -> float | None:
         """sigma of the most recent measure_noise (its parent's runs), if any."""
-        noise = [r for r in self.ledger.records(curves=False) if r["kind"] == "noise" and r["status"] == "ok"]
+        noise = [r for r in self.ledger.records(curves=False) if r["kind"] == "noise" and r["status"] == "ok"
+                 and self._on_current_data(r)]   # noise measured on the data before a re-baseline says nothing
         if not noise:
             return None
         vals = self._scores(noise[-1]["parent_id"])
@@ -634,7 +799,7 @@ class Lab:
                                         decision=r["decision"], val_bpb=r["val_bpb"], reason=reason,
                                         source_hash=r["source_hash"], diff=r["diff"]))
         crashes = [r for r in recs if r["status"] in _FAILED_RUNS and r["log_tail"]]
-        best = self.ledger.best()
+        best = self.best()
         parent_scores = self._scores(parent_id) if parent_id else []
         text = " ".join(t for t in (self.feedback, feedback) if t)
         return ProposalContext(
@@ -796,6 +961,14 @@ class Lab:
         from autoresearch_kit import runner
 
         self._check_data()
+        data = self._check_pin(kind)
+        if parent_id is not None and not self._on_current_data(self.ledger.get(parent_id)):
+            other = self.ledger.get(parent_id)["proposal_meta"].get("data")
+            msg = (f"Experiment {parent_id} was scored on other data ({other}): "
+                   f"a child of it on this data could not be compared with it. Continue from an experiment made "
+                   f"since the re-baseline (lab.checkout).")
+            raise ValueError(msg)
+        meta = {**(meta or {}), "manifest_hash": data["manifest_hash"], "data": data["data"]}
         budget, hardware = self.budget, self._hardware_fingerprint()
         exp_id = self.ledger.start(parent_id, source_hash(source), diff, description, proposer, budget, hardware,
                                    proposal_meta=meta, kind=kind)
@@ -935,8 +1108,10 @@ class Lab:
         A failed baseline is recorded and can be run again after fixing `lab/train.py`.
         """
         done = self._baseline_record()
+        if self._rebaseline:
+            return self._learn_noise(self._run_rebaseline(on_event, stop), on_event, stop)
         if done is not None and done["status"] == "ok":
-            return done
+            return self._learn_noise(done, on_event, stop)
         source = read_text(self.path / "train.py")
         result = self._run(source, parent_id=None, kind="baseline", description="baseline", proposer="baseline",
                            on_event=on_event, stop=stop)
@@ -947,6 +1122,44 @@ class Lab:
                 self.ledger.decide(exp_id, "keep", "baseline", decided_by=by, tip=exp_id)
             finally:
                 self._follow_tip()
+        else:
+            self.ledger.decide(exp_id, "discard", f"baseline {result.status}: {result.reason}", decided_by=by)
+        rec = self.ledger.get(exp_id)
+        self._say(rec)
+        return self._learn_noise(rec, on_event, stop)
+
+    def _learn_noise(self, base: dict, on_event=None, stop=None) -> dict:
+        """After an ok baseline: measure the noise (noise_runs reruns) if the lab has no sigma yet."""
+        if (base["status"] == "ok" and self.noise_runs > 0 and self.sigma is None and not self._noise_tried
+                and not (stop is not None and stop.is_set())):
+            self._noise_tried = True
+            n = self.measure_noise(self.noise_runs, on_event=on_event, stop=stop)
+            if self.verbose and n["sigma"] is not None:
+                print(f"lab {self.path.name}: noise sigma {n['sigma']:.6f} bpb from {len(n['values'])} runs of "
+                      f"{n['exp_id']}; gains within 2 sigma are not kept (noise_runs=0 skips this)")
+        return base
+
+    def _run_rebaseline(self, on_event=None, stop=None) -> dict:
+        """The new baseline of a re-baseline: the current parent's train.py on the new data,
+        a new root of the experiment tree (parent None); the pin moves once it ran ok."""
+        pin, current = self._read_pin(), self._current_data()
+        parent = self.parent_id
+        source = self.workspace.source(parent) if parent else (self.path / "train.py").read_text(encoding="utf-8")
+        what = f"baseline on {current['data'] if current else 'new data'}"
+        desc = f"{what} (re-baselined from {pin['data']}" + (f", experiment {parent})" if parent else ")")
+        result = self._run(source, parent_id=None, kind="baseline", description=desc, proposer="baseline",
+                           meta={"rebaseline_of": parent, "previous_manifest_hash": pin and pin["manifest_hash"]},
+                           on_event=on_event, stop=stop)
+        exp_id = result.extra["exp_id"]
+        by = "autopilot" if self._autopilot else "rule"
+        if result.ok:
+            try:
+                self.ledger.decide(exp_id, "keep", "baseline (re-baselined on new data)", decided_by=by, tip=exp_id)
+            finally:
+                self._follow_tip()
+            self._pin_to(self._check_pin("baseline"), pin, baseline_id=exp_id)
+            self._rebaseline = False
+            self.sigma = None          # the old data's noise says nothing about the new data
         else:
             self.ledger.decide(exp_id, "discard", f"baseline {result.status}: {result.reason}", decided_by=by)
         rec = self.ledger.get(exp_id)
@@ -965,6 +1178,54 @@ class Lab:
 
     # ---- deciding -----------------------------------------------------------------------------
 
+    def _seed_scores(self, exp_id: str) -> dict[int, float]:
+        """{seed: val_bpb} of an experiment and its noise/confirmation reruns (same source)."""
+        rec = self.ledger.get(exp_id)
+        out = {}
+        if rec["status"] == "ok" and rec["val_bpb"] is not None and rec["seed"] is not None:
+            out[int(rec["seed"])] = rec["val_bpb"]
+        for r in self.ledger.records(curves=False):
+            if (r["kind"] in ("noise", "rerun") and r["parent_id"] == rec["id"] and r["status"] == "ok"
+                    and r["val_bpb"] is not None and r["source_hash"] == rec["source_hash"] and r["seed"] is not None):
+                out.setdefault(int(r["seed"]), r["val_bpb"])
+        return out
+
+    def _pairs(self, exp_id: str, parent_id: str) -> list[tuple[int, float, float]]:
+        """(seed, parent val_bpb, candidate val_bpb) at every seed both have run with."""
+        cand, par = self._seed_scores(exp_id), self._seed_scores(parent_id)
+        return [(s, par[s], cand[s]) for s in sorted(cand) if s in par]
+
+    def _paired_verdict(self, out: dict, rec: dict, pairs: list[tuple[int, float, float]]) -> dict:
+        """The rule on paired differences: gain = mean(parent - candidate) over the common
+        seeds, band = 2 standard errors of that mean (stdev of the differences / sqrt(m)).
+
+        Seed-to-seed variation that parent and candidate share (the data order, the init)
+        cancels in the difference, so this band is narrower than the unpaired 2 sigma / sqrt(n).
+        """
+        diffs = [p - c for _, p, c in pairs]
+        m = len(diffs)
+        gain, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(m)
+        band = 2 * se
+        out.update(gain=gain, band=band, paired=True, pairs=m, paired_se=se,
+                   val_bpb=statistics.fmean(c for _, _, c in pairs),
+                   parent_val_bpb=statistics.fmean(p for _, p, _ in pairs))
+        what = f"paired over {m} seeds: gain {gain:+.6f} +- {se:.6f}" + self._sigma_note(gain, ", ")
+        if gain <= self.threshold:
+            out["reason"] = f"does not beat parent {rec['parent_id']} by more than {self.threshold:g} ({what})"
+        elif gain <= band:
+            out.update(within_noise=True, reason=f"within noise ({what}; 2 SE = {band:.6f}): not kept; "
+                                                 f"lab.confirm({rec['id']!r}, k) adds seeds")
+        else:
+            out.update(keep=True, reason=f"beats parent {rec['parent_id']} ({what}; 2 SE = {band:.6f})")
+        return out
+
+    def _sigma_note(self, gain: float, lead: str = " ") -> str:
+        """ "(sigma 0.0022, gain 2.3 sigma)": the noise next to every verdict; "" before it is measured."""
+        if not self.sigma:
+            return " (noise not measured: lab.measure_noise())" if lead == " " else ""
+        body = f"sigma {self.sigma:.6f}, gain {gain / self.sigma:+.1f} sigma"
+        return f" ({body})" if lead == " " else f"{lead}{body}"
+
     def verdict(self, exp_id: str | None = None) -> dict:
         """The rule's verdict on a finished experiment.
 
@@ -974,7 +1235,10 @@ class Lab:
             ``keep`` (bool), ``within_noise`` (bool), ``gain`` (parent minus candidate
             val_bpb, means over reruns; None for a failed run), ``val_bpb``,
             ``parent_val_bpb``, ``sigma``, ``band`` (2 sigma / sqrt(n)), ``threshold``
-            and a readable ``reason``.
+            and a readable ``reason``. With `PAIRED_MIN` (3) or more seeds both the
+            candidate and its parent ran with (after `confirm`), the rule is paired:
+            ``paired`` True, ``pairs`` (m), ``gain`` the mean of parent minus candidate
+            at those seeds, ``paired_se`` its standard error, ``band`` 2 ``paired_se``.
         """
         rec = self.ledger.get(exp_id or self.last_id)
         out = {"exp_id": rec["id"], "keep": False, "within_noise": False, "gain": None, "val_bpb": None,
@@ -997,22 +1261,27 @@ class Lab:
         out["parent_val_bpb"] = statistics.fmean(ref)
         gain = out["parent_val_bpb"] - out["val_bpb"]
         out["gain"] = gain
+        pairs = self._pairs(rec["id"], rec["parent_id"])
+        if len(pairs) >= PAIRED_MIN:   # candidate and parent at the same seeds: decide on the differences
+            return self._paired_verdict(out, rec, pairs)
         runs = f" (mean of {len(cand)} runs)" if len(cand) > 1 else ""
         if gain <= self.threshold:
             out["reason"] = (f"val_bpb {out['val_bpb']:.6f}{runs} does not beat parent {rec['parent_id']} "
                              f"({out['parent_val_bpb']:.6f}) by more than {self.threshold:g}: "
-                             + (f"worse by {-gain:.6f}" if gain < 0 else f"better by only {gain:.6f}"))
+                             + (f"worse by {-gain:.6f}" if gain < 0 else f"better by only {gain:.6f}")
+                             + self._sigma_note(gain))
             return out
         if self.sigma:
             band = 2 * self.sigma / math.sqrt(len(cand))
             out["band"] = band
             if gain <= band:
                 out.update(within_noise=True, reason=(
-                    f"gain {gain:+.6f}{runs} is within noise (2 sigma/sqrt(n) = {band:.6f}): not kept; "
-                    f"lab.confirm({rec['id']!r}) reruns it to check"))
+                    f"gain {gain:+.6f}{runs} is within noise "
+                    f"(2 sigma/sqrt(n) = {band:.6f}{self._sigma_note(gain, ', ')}): "
+                    f"not kept; lab.confirm({rec['id']!r}) reruns it to check"))
                 return out
         out.update(keep=True, reason=(f"val_bpb {out['val_bpb']:.6f}{runs} beats parent {rec['parent_id']} "
-                                      f"({out['parent_val_bpb']:.6f}) by {gain:.6f}"))
+                                      f"({out['parent_val_bpb']:.6f}) by {gain:.6f}" + self._sigma_note(gain)))
         return out
 
     def decide(self, exp_id: str | None = None, keep: bool | None = None, reason: str = "",
@@ -1118,6 +1387,7 @@ class Lab:
             rec = self.ledger.get(exp_id)
             self._say(rec)
             return rec
+        self.recheck(exp_id, on_event=on_event, stop=stop)
         return self.decide(exp_id, keep=None, decided_by="autopilot" if self._autopilot else "rule")
 
     def autopilot(self, steps: int = 10, on_event: Callable[[dict], Any] | None = None, *,
@@ -1170,7 +1440,8 @@ class Lab:
 
     # ---- noise --------------------------------------------------------------------------------
 
-    def _rerun(self, exp_id: str, k: int, kind: str, on_event=None) -> list[float]:
+    def _rerun(self, exp_id: str, k: int, kind: str, on_event=None, stop=None,
+               seeds: list[int] | None = None) -> list[float]:
         rec = self.ledger.get(exp_id)
         if rec["status"] != "ok":
             msg = f"Experiment {exp_id} did not run ok ({rec['status']}): rerun an experiment with a val_bpb."
@@ -1178,21 +1449,29 @@ class Lab:
         if k < 1:
             msg = f"k must be at least 1 (the number of reruns), got {k}."
             raise ValueError(msg)
+        if not self._on_current_data(rec):
+            msg = (f"Experiment {exp_id} was scored on other data ({rec['proposal_meta'].get('data')}): a rerun on "
+                   f"this lab's data could not be compared with it. Rerun an experiment made since the re-baseline.")
+            raise ValueError(msg)
         source = self.workspace.source(exp_id)
         used = {r["seed"] for r in self.ledger.records(curves=False)
                 if r["id"] == exp_id or (r["parent_id"] == exp_id and r["kind"] in ("noise", "rerun"))}
-        seeds, s = [], self.seed
-        while len(seeds) < k:  # the next seeds this experiment has not run with
-            s += 1
-            if s not in used:
-                seeds.append(s)
-        for seed in seeds:
+        if seeds is None:
+            seeds, s = [], self.seed
+            while len(seeds) < k:  # the next seeds this experiment has not run with
+                s += 1
+                if s not in used:
+                    seeds.append(s)
+        for seed in [s for s in seeds if s not in used]:
+            if stop is not None and stop.is_set():
+                break
             self._run(source, parent_id=exp_id, kind=kind, description=f"{kind}: rerun of {exp_id} (seed {seed})",
-                      proposer="rerun", seed=seed, on_event=on_event)
+                      proposer="rerun", seed=seed, on_event=on_event, stop=stop)
             self._say(self.ledger.get(self._last_id))
         return self._scores(exp_id)
 
-    def measure_noise(self, k: int = 3, on_event: Callable[[dict], Any] | None = None) -> dict:
+    def measure_noise(self, k: int = 3, on_event: Callable[[dict], Any] | None = None,
+                      stop: threading.Event | None = None) -> dict:
         """Rerun the current parent with k other seeds and set `sigma` (run-to-run std).
 
         Returns
@@ -1203,19 +1482,55 @@ class Lab:
         """
         self._ensure_baseline()
         parent = self.parent_id
-        values = self._rerun(parent, k, "noise", on_event)
+        values = self._rerun(parent, k, "noise", on_event, stop)
         self.sigma = statistics.stdev(values) if len(values) >= 2 else None
         return {"exp_id": parent, "values": values, "mean": statistics.fmean(values), "sigma": self.sigma}
 
-    def confirm(self, exp_id: str | None = None, k: int = 1, on_event: Callable[[dict], Any] | None = None) -> dict:
-        """Rerun a candidate k times with other seeds; re-apply the rule to the mean.
+    def recheck(self, exp_id: str | None = None, on_event: Callable[[dict], Any] | None = None,
+                stop: threading.Event | None = None) -> bool:
+        """Rerun a narrow win once before the rule keeps it; returns whether it reran.
 
-        A decision made by a person is left alone (the new verdict is in the return
-        value's ``verdict``); one made by the rule or autopilot is made again, if the
-        experiment's parent is still the current parent.
+        A one-run candidate that the rule would keep by less than `recheck_below` sigma
+        (default 3; 0 turns it off) is rerun with the next seed, and its parent at that
+        seed if it lacks it (as `confirm(exp_id, 1)`, without deciding): a 2-3 sigma win
+        of one run is what luck most often looks like. `step` calls it before deciding.
+        """
+        v = self.verdict(exp_id)
+        exp_id = v["exp_id"]
+        if not (v["keep"] and self.sigma and self.recheck_below and v["gain"] is not None and not v.get("paired")
+                and v["gain"] < self.recheck_below * self.sigma and len(self._scores(exp_id)) == 1
+                and not (stop is not None and stop.is_set())):
+            return False
+        if self.verbose:
+            print(f"{exp_id}: wins by {v['gain'] / self.sigma:.1f} sigma (< {self.recheck_below:g}): "
+                  f"one more seed first")
+        self._rerun(exp_id, 1, "rerun", on_event, stop)
+        parent = self.ledger.get(exp_id)["parent_id"]
+        missing = sorted(set(self._seed_scores(exp_id)) - set(self._seed_scores(parent)))
+        if missing:
+            self._rerun(parent, len(missing), "noise", on_event, stop, seeds=missing)
+            self.sigma = self._sigma_from_ledger() or self.sigma
+        return True
+
+    def confirm(self, exp_id: str | None = None, k: int = 1, on_event: Callable[[dict], Any] | None = None) -> dict:
+        """Rerun a candidate k times with other seeds, and its parent at the same seeds
+        where it has not run with them; re-apply the rule.
+
+        With 3 or more common seeds the rule decides on the paired differences (parent
+        minus candidate at the same seed) and their standard error, which shared
+        seed-to-seed variation does not inflate. A decision made by a person is left
+        alone (the new verdict is in the return value's ``verdict``); one made by the
+        rule or autopilot is made again, if the experiment's parent is still the current
+        parent.
         """
         exp_id = self.ledger.get(exp_id or self.last_id)["id"]
         self._rerun(exp_id, k, "rerun", on_event)
+        parent = self.ledger.get(exp_id)["parent_id"]
+        if parent is not None:
+            missing = sorted(set(self._seed_scores(exp_id)) - set(self._seed_scores(parent)))
+            if missing:   # pair every candidate seed with a parent run at the same seed
+                self._rerun(parent, len(missing), "noise", on_event, seeds=missing)
+                self.sigma = self._sigma_from_ledger() or self.sigma
         rec = self.ledger.get(exp_id)
         if rec["decided_by"] != "human" and rec["parent_id"] == self.parent_id:
             by = rec["decided_by"] or ("autopilot" if self._autopilot else "rule")
@@ -1229,8 +1544,15 @@ class Lab:
         return self.ledger.history()
 
     def best(self) -> dict | None:
-        """The kept experiment (or baseline) with the lowest val_bpb."""
-        return self.ledger.best()
+        """The kept experiment (or baseline) with the lowest val_bpb, on the lab's current data."""
+        best = self.ledger.best()
+        if best is None or self._on_current_data(best):
+            return best
+        # a re-baselined lab: the ledger's best may be a score made on the old data
+        ok = [r for r in self.ledger.records(curves=False) if r["status"] == "ok" and r["val_bpb"] is not None
+              and (r["decision"] == "keep" or (r["kind"] == "baseline" and r["decision"] is None))
+              and self._on_current_data(r)]
+        return min(ok, key=lambda r: (r["val_bpb"], int(r["id"]))) if ok else None
 
     def checkout(self, exp_id: str) -> dict:
         """Continue from any past experiment that ran ok: it becomes the parent.
@@ -1245,6 +1567,10 @@ class Lab:
             raise ValueError(msg)
         if rec["id"] != self.parent_id:
             self._refuse_over_hand_edit(f"checking out {rec['id']}")
+        if not self._on_current_data(rec):
+            msg = (f"Experiment {rec['id']} was scored on other data ({rec['proposal_meta'].get('data')}), before this "
+                   f"lab was re-baselined: continue from an experiment made since.")
+            raise ValueError(msg)
         self.ledger.set_tip(rec["id"])
         self._follow_tip()
         if self.verbose:
@@ -1331,6 +1657,10 @@ def format_record(rec: dict) -> str:
                                        "running" if rec["status"] == "running" else "undecided")
     if rec.get("within_noise"):
         decision += " (within noise)"
+    by_rule = rec.get("decided_by") in ("rule", "autopilot")
+    noise = _SIGMA_NOTE.search(rec.get("decision_reason") or "") if by_rule else None
+    if noise:   # the rule's reason names sigma: show it beside the decision
+        decision += f" ({noise.group(1)})"
     by = f" [{rec['decided_by']}]" if rec.get("decided_by") else ""
     why = f": {rec['decision_reason']}" if rec["status"] == "rejected" and rec.get("decision_reason") else ""
     return f"{rec['id']}  {rec['kind']:<9} {bpb:<22} {decision}{by}  {rec['description']}{why}"

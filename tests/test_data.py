@@ -363,3 +363,167 @@ def test_data_prepare_stays_callable_after_the_module_is_imported(cache):
 
     d = p("builtin", vocab_size="bytes", limit=20, progress=False)
     assert autoresearch_kit.prepare("builtin", vocab_size="bytes", limit=20, progress=False) == d
+
+
+# ----------------------------------------------------------------------------- TinyStories (local fixture)
+
+
+@pytest.fixture(scope="module")
+def tinystories_copy(tmp_path_factory):
+    """A local copy shaped like roneneldan/TinyStories, written by the repository's script."""
+    out = tmp_path_factory.mktemp("hub") / "TinyStories"
+    res = subprocess.run([sys.executable, "scripts/make_tinystories_fixture.py", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_tinystories_fixture_has_the_hub_layout(tinystories_copy):
+    import pyarrow.parquet as pq
+
+    files = sorted(str(p.relative_to(tinystories_copy)) for p in tinystories_copy.rglob("*") if p.is_file())
+    assert files == ["README.md", "TinyStories-train.txt", "TinyStories-valid.txt",
+                     "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+                     "data/validation-00000-of-00001.parquet"]
+    size = sum(p.stat().st_size for p in tinystories_copy.rglob("*") if p.is_file())
+    assert 1e6 < size < 8e6  # a few MB
+    for f in tinystories_copy.glob("data/*.parquet"):
+        assert pq.read_schema(f).names == ["text"] and str(pq.read_schema(f).field("text").type) == "string"
+    card = (tinystories_copy / "README.md").read_text()
+    assert "path: data/train-*" in card and "path: data/validation-*" in card and "- name: text" in card
+
+
+def _parquet_texts(folder: Path, split: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [t for f in sorted(folder.glob(f"data/{split}-*.parquet")) for t in pq.read_table(f)["text"].to_pylist()]
+
+
+def test_tinystories_local_copy_goes_through_the_hub_code_path(cache, tinystories_copy, monkeypatch):
+    """`tinystories` with AUTORESEARCH_TINYSTORIES, and `tinystories:PATH`: the dataset's
+    own splits (the .txt decoys the card's configs exclude are not read), empty rows dropped."""
+    monkeypatch.setenv("AUTORESEARCH_TINYSTORIES", str(tinystories_copy))
+    c = load_corpus("tinystories")
+    train, val = list(c.train), list(c.val)
+    raw_train = _parquet_texts(tinystories_copy, "train")
+    assert val == _parquet_texts(tinystories_copy, "validation")
+    assert train == [t for t in raw_train if t.strip()] and len(train) == len(raw_train) - 2
+    assert c.split_rule == "roneneldan/TinyStories: its own 'validation' split"
+    assert c.info["hub"] == "roneneldan/TinyStories" and c.info["local_copy"] == str(tinystories_copy.resolve())
+    assert not any("<|endoftext|>" in t for t in train + val)
+    monkeypatch.delenv("AUTORESEARCH_TINYSTORIES")
+    c2 = load_corpus(f"tinystories:{tinystories_copy}")
+    assert list(c2.val) == val and list(c2.train) == train
+    c3 = load_corpus(f"tinystories:{tinystories_copy}", limit=7)  # streamed from the parquet files
+    assert list(c3.train) == train[:7] and list(c3.val) == val[:7]
+
+
+def test_tinystories_local_copy_that_does_not_exist_names_the_script(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_TINYSTORIES", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="make_tinystories_fixture.py"):
+        load_corpus("tinystories")
+
+
+def test_tinystories_download_offline_names_the_local_copy_option(cache, monkeypatch):
+    monkeypatch.delenv("AUTORESEARCH_TINYSTORIES", raising=False)
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match=r"tinystories:PATH.*AUTORESEARCH_TINYSTORIES"):
+        load_corpus("tinystories")
+    assert time.time() - t0 < 5
+
+
+def test_tinystories_available_is_fast_and_respects_offline(tmp_path, monkeypatch, tinystories_copy):
+    from autoresearch_kit.data.corpus import tinystories_available
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("AUTORESEARCH_TINYSTORIES", raising=False)
+    import socket
+
+    def no_network(*a, **k):
+        raise AssertionError("offline mode must not touch the network")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    t0 = time.time()
+    ok, why = tinystories_available()
+    assert not ok and "HF_DATASETS_OFFLINE" in why and time.time() - t0 < 1
+    (tmp_path / "hf" / "roneneldan___tiny_stories").mkdir(parents=True)  # a copy downloaded before
+    ok, why = tinystories_available()
+    assert ok and "Hugging Face cache" in why
+    monkeypatch.setenv("AUTORESEARCH_TINYSTORIES", str(tinystories_copy))
+    assert tinystories_available() == (True, f"the local copy in {tinystories_copy} (AUTORESEARCH_TINYSTORIES)")
+    monkeypatch.setenv("AUTORESEARCH_TINYSTORIES", str(tmp_path / "missing"))
+    assert tinystories_available()[0] is False
+
+
+def test_prepare_on_cuda_defaults_to_tinystories_and_says_so(cache, tinystories_copy, monkeypatch, capsys):
+    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cuda")
+    monkeypatch.setenv("AUTORESEARCH_TINYSTORIES", str(tinystories_copy))
+    d = prepare(vocab_size=512)
+    out = capsys.readouterr()
+    assert "preparing TinyStories by default, from the local copy" in out.out and "warning" not in out.err
+    assert d == cache / "data" / "tinystories-bpe512"
+    data = PreparedData.open(d)
+    src = data.manifest["source"]
+    assert src["hub"] == "roneneldan/TinyStories" and src["val_split"] == "validation"
+    assert src["val_docs"] == len(_parquet_texts(tinystories_copy, "validation"))
+    assert data.manifest["splits"]["train"]["tokens"] > 400_000  # the few-MB fixture, all of it
+    assert (cache / "data" / "LATEST").read_text().strip() == "tinystories-bpe512"
+
+
+def test_prepare_on_cuda_without_tinystories_warns_and_uses_builtin(cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cuda")
+    monkeypatch.delenv("AUTORESEARCH_TINYSTORIES", raising=False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-hf-cache"))
+    t0 = time.time()
+    d = prepare(vocab_size="bytes", limit=20)
+    err = capsys.readouterr().err
+    assert d.name.startswith("builtin") and PreparedData.open(d).manifest["source"]["dataset"] == "builtin"
+    assert "warning: CUDA, but TinyStories cannot be read" in err and "tinystories:PATH" in err
+    assert time.time() - t0 < 30
+
+
+def test_prepare_on_cpu_defaults_to_builtin_quietly(cache, monkeypatch, capsys):
+    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")
+    d = prepare(vocab_size="bytes", limit=20)
+    assert d.name == "builtin-limit20-bytes" and "warning" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- manifest hash, epochs
+
+
+def test_manifest_hash_is_stable_across_re_prepares_and_tells_data_apart(cache, tmp_path):
+    from autoresearch_kit.data.prepare import describe_data, manifest_hash
+
+    a = prepare("builtin", vocab_size=300, limit=40, progress=False)
+    h = manifest_hash(a)
+    assert re.fullmatch(r"[0-9a-f]{16}", h)
+    manifest = json.loads((a / "manifest.json").read_text())
+    prepare("builtin", vocab_size=300, limit=40, progress=False, force=True)  # rebuilt: new timestamps
+    assert json.loads((a / "manifest.json").read_text())["created"] and manifest_hash(a) == h
+    moved = tmp_path / "moved"
+    shutil.copytree(a, moved)
+    assert manifest_hash(moved) == h
+    other_vocab = prepare("builtin", vocab_size=320, limit=40, progress=False)
+    other_text = prepare("builtin", vocab_size=300, limit=41, progress=False)
+    assert len({h, manifest_hash(other_vocab), manifest_hash(other_text)}) == 3
+    tampered = json.loads((moved / "manifest.json").read_text())
+    tampered["splits"]["val"]["sha256"] = "0" * 64
+    (moved / "manifest.json").write_text(json.dumps(tampered))
+    assert manifest_hash(moved) != h and manifest["source"]["sha256"] == tampered["source"]["sha256"]
+    assert describe_data(a).startswith("builtin limit 40, bpe300")
+    with pytest.raises(FileNotFoundError, match="prepare.py"):
+        manifest_hash(tmp_path / "nothing")
+
+
+def test_training_epochs_warns_past_three_passes(tiny_data):
+    from autoresearch_kit.data.prepare import EPOCHS_WARN, training_epochs
+
+    n = PreparedData.open(tiny_data).manifest["splits"]["train"]["tokens"]
+    assert training_epochs(tiny_data, 0) == (0.0, None)
+    epochs, warning = training_epochs(tiny_data, 2 * n)
+    assert epochs == pytest.approx(2.0) and warning is None
+    assert training_epochs(tiny_data, EPOCHS_WARN * n)[1] is None       # 3 passes: still fine
+    epochs, warning = training_epochs(tiny_data, 170 * n)
+    assert epochs == pytest.approx(170.0) and "170.0 times" in warning and "tinystories" in warning
+    with pytest.raises(ValueError, match="non-negative"):
+        training_epochs(tiny_data, -1)

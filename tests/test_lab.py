@@ -802,3 +802,251 @@ def test_a_machine_timeout_is_named_and_sizes_the_next_hard_limit(lab_dir, monke
         assert lab._sized_hard_limit() == 800              # twice the limit it outgrew
         lab.step()
     assert limits == [None, 800]
+
+
+# ---- the data pin ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+    """Prepared data other than tiny_data (other documents, same bytes tokenizer)."""
+    import numpy as np
+    from conftest import _fake_docs
+
+    from autoresearch_kit.data.shards import bytes_encoding, write_prepared
+
+    enc = bytes_encoding()
+    rng = np.random.default_rng(7)
+
+    def stream(docs):
+        return np.array([t for d in docs for t in [256, *enc.encode_ordinary(d)]], dtype=np.uint16)
+
+    d = tmp_path_factory.mktemp("other") / "other-bytes"
+    write_prepared(d, encoding=enc, train=stream(_fake_docs(300, rng)), val=stream(_fake_docs(50, rng)),
+                   source={"dataset": "other", "sha256": "other-text"}, tokenizer_info={"kind": "bytes"})
+    return d
+
+
+def test_a_lab_is_pinned_to_the_data_it_was_created_with(lab_dir, tiny_data, other_data, monkeypatch, tmp_path):
+    from autoresearch_kit.data.prepare import manifest_hash
+
+    pin = __import__("json").loads((lab_dir / "data.json").read_text())
+    assert pin["manifest_hash"] == manifest_hash(tiny_data) and pin["data"].startswith("fake, bytes")
+    with _open(lab_dir) as lab:
+        assert lab.ledger.get("0001")["proposal_meta"]["manifest_hash"] == pin["manifest_hash"]
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(other_data))
+    with pytest.raises(ValueError) as e:
+        _open(lab_dir)
+    msg = str(e.value)
+    assert "\n" not in msg and "pinned to fake, bytes" in msg and "other, bytes" in msg
+    assert manifest_hash(tiny_data) in msg and manifest_hash(other_data) in msg and "rebaseline" in msg
+    with _open(lab_dir, data_dir=tiny_data) as lab:        # the refusal released the lock; the right data opens
+        assert len(lab.ledger) == 1
+    copy = tmp_path / "same-data-elsewhere"                # the same data prepared again / moved: still the lab's
+    shutil.copytree(tiny_data, copy)
+    with _open(lab_dir, data_dir=copy) as lab:
+        assert lab.data_pin["manifest_hash"] == pin["manifest_hash"]
+
+
+def test_prepare_on_other_data_while_a_lab_is_open_stops_the_next_run(lab_dir, other_data, monkeypatch):
+    with _open(lab_dir) as lab:
+        monkeypatch.setenv("AUTORESEARCH_DATA", str(other_data))   # `prepare` moved LATEST meanwhile
+        with pytest.raises(ValueError, match="is pinned to"):
+            lab.step()
+        assert len(lab.ledger) == 1                                 # nothing ran, nothing recorded
+
+
+def test_a_lab_from_before_pins_adopts_the_current_data(lab_dir, tiny_data):
+    (lab_dir / "data.json").unlink()
+    with _open(lab_dir) as lab:
+        assert lab.data_pin["data_dir"] == str(tiny_data)
+
+
+def test_rebaseline_starts_a_new_root_on_the_new_data(lab_dir, tiny_data, other_data, monkeypatch):
+    from autoresearch_kit.data.prepare import manifest_hash
+
+    with _open(lab_dir, threshold=-1.0) as lab:
+        kept = lab.step()                                  # 0002 kept on the old data
+        assert kept["decision"] == "keep"
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(other_data))
+    with _open(lab_dir, rebaseline=True, threshold=-1.0) as lab:
+        assert lab.rebaseline_pending and lab.data_pin["manifest_hash"] == manifest_hash(tiny_data)
+        rec = lab.step()                                   # the re-baseline runs first, then the candidate
+        recs = lab.ledger.records(curves=False)
+        base = recs[2]
+        assert base["kind"] == "baseline" and base["parent_id"] is None and base["decision"] == "keep"
+        assert "re-baselined from fake, bytes" in base["description"] and "experiment 0002" in base["description"]
+        assert lab.workspace.source(base["id"]) == lab.workspace.source("0002")   # the parent's train.py
+        assert base["proposal_meta"]["manifest_hash"] == manifest_hash(other_data)
+        assert rec["parent_id"] == base["id"] and not lab.rebaseline_pending
+        pin = lab.data_pin
+        assert pin["manifest_hash"] == manifest_hash(other_data) and pin["baseline"] == base["id"]
+        assert pin["history"][-1]["manifest_hash"] == manifest_hash(tiny_data)
+        assert lab.best()["id"] in (base["id"], rec["id"])  # never a score made on the old data
+        with pytest.raises(ValueError, match="other data"):
+            lab.checkout("0002")
+        with pytest.raises(ValueError, match="other data"):
+            lab.confirm("0002")
+        assert lab.ledger.get("0002")["decision"] == "keep"  # the old line is still there
+    with _open(lab_dir) as lab:                              # now pinned to the new data: opens without the flag
+        assert lab.baseline()["id"] == base["id"]
+    monkeypatch.setenv("AUTORESEARCH_DATA", str(tiny_data))
+    with pytest.raises(ValueError, match="is pinned to other, bytes"):
+        _open(lab_dir)
+
+
+# ---- noise by default -----------------------------------------------------------------------------
+
+
+def _lr_edit(source: str, value: float) -> str:
+    lines = [f"MATRIX_LR = {value!r}" if line.startswith("MATRIX_LR =") else line for line in source.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_new_lab_measures_its_noise_and_keeps_no_within_noise_gain(tmp_path, kit_env, monkeypatch):
+    """Regression: with nothing asked, a gain smaller than the seed noise is not kept."""
+    monkeypatch.delenv("AUTORESEARCH_NOISE_RUNS")
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    with _open(tmp_path / "lab", train=tmp_path / "train.py") as lab:
+        assert lab.noise_runs == 2
+        base = lab.baseline()
+        recs = lab.ledger.records(curves=False)
+        assert [r["kind"] for r in recs] == ["baseline", "noise", "noise"] and [r["seed"] for r in recs] == [42, 43, 44]
+        assert lab.sigma == pytest.approx(statistics.stdev(r["val_bpb"] for r in recs)) and lab.sigma > 0
+        assert lab.baseline()["id"] == base["id"] and len(lab.ledger) == 3          # measured once
+        # two tiny LR nudges: with ~15 steps the score moves smoothly, far less than between seeds,
+        # and the two go opposite ways, so one of them "wins" by a gain that is pure noise
+        src = lab.workspace.source(base["id"])
+        lr = float(next(l for l in src.splitlines() if l.startswith("MATRIX_LR =")).split("=")[1].split("#")[0])
+        ids = [lab.run_budgeted(Proposal.from_source(src, _lr_edit(src, lr * f), f"MATRIX_LR x{f}",
+                                                     parent_id=base["id"])).extra["exp_id"] for f in (1.0001, 0.9999)]
+        verdicts = [lab.verdict(i) for i in ids]
+        gains = [v["gain"] for v in verdicts]
+        assert max(gains) > 0 and max(abs(g) for g in gains) < lab.sigma, (gains, lab.sigma)
+        win = verdicts[gains.index(max(gains))]
+        assert win["within_noise"] and not win["keep"] and "sigma" in win["reason"]
+        rec = lab.decide(win["exp_id"])
+        assert rec["decision"] == "discard" and rec["within_noise"] and lab.parent_id == base["id"]
+        lab.sigma = None                       # what the old default (threshold 0, no noise) did with it
+        assert lab.verdict(win["exp_id"])["keep"]
+    with _open(tmp_path / "lab") as again:     # sigma is the lab's: it survives a restart, nothing reruns
+        assert again.sigma and len(again.ledger) == 5
+
+
+def test_noise_runs_is_configurable_skippable_and_checked(tmp_path, kit_env, lab_dir, monkeypatch):
+    with pytest.raises(ValueError, match="noise_runs must be a whole number"):
+        _open(tmp_path / "bad", noise_runs=-1)
+    assert not (tmp_path / "bad").exists()                 # refused before anything was created
+    monkeypatch.setenv("AUTORESEARCH_NOISE_RUNS", "two")
+    with pytest.raises(ValueError, match="AUTORESEARCH_NOISE_RUNS"):
+        _open(tmp_path / "bad")
+    monkeypatch.setenv("AUTORESEARCH_NOISE_RUNS", "1")
+    with _open(lab_dir, noise_runs=0) as lab:              # the argument wins; 0 skips
+        assert lab.noise_runs == 0 and lab.baseline()["id"] == "0001" and len(lab.ledger) == 1
+    # a lab without sigma (made with noise off) learns it before its next candidate
+    with _open(lab_dir) as lab:
+        assert lab.noise_runs == 1 and lab.sigma is None
+        lab.recheck_below = 0                              # no narrow-win rerun: the kinds are exact below
+        rec = lab.step()
+        assert [r["kind"] for r in lab.ledger.records(curves=False)] == ["baseline", "noise", "candidate"]
+        assert lab.sigma is not None and rec["id"] == "0003" and "sigma" in rec["decision_reason"]
+
+
+# ---- paired decisions -----------------------------------------------------------------------------
+
+
+def test_paired_rule_with_synthetic_scores(tmp_path, kit_env):
+    """A consistent small gain at every seed is real although it is within the unpaired
+    band; a gain that flips sign between seeds is noise although its mean is positive."""
+    path = tmp_path / "lab"
+    lab = _open(path, train=ROOT / "train.py")
+    led = lab.ledger
+    base = _fake_run(led, None, "baseline", 1.00, src="base")
+    _fake_run(led, base, "noise", 1.02, seed=43, src="base")
+    _fake_run(led, base, "noise", 0.98, seed=44, src="base")          # sigma 0.02
+    steady = _fake_run(led, base, "candidate", 0.995, src="steady")    # -0.005 at every seed
+    _fake_run(led, steady, "rerun", 1.0148, seed=43, src="steady")
+    _fake_run(led, steady, "rerun", 0.9751, seed=44, src="steady")
+    flaky = _fake_run(led, base, "candidate", 0.97, src="flaky")       # +0.03, -0.03, +0.01
+    _fake_run(led, flaky, "rerun", 1.05, seed=43, src="flaky")
+    _fake_run(led, flaky, "rerun", 0.97, seed=44, src="flaky")
+    lab.close()
+    lab = _open(path)
+    v = lab.verdict(steady)
+    assert v["paired"] and v["pairs"] == 3 and v["keep"] and not v["within_noise"]
+    assert v["gain"] == pytest.approx(0.0050333, abs=1e-6) and v["band"] < 0.001 and "paired over 3 seeds" in v["reason"]
+    assert v["gain"] < 2 * lab.sigma / 3 ** 0.5                  # the unpaired band would have called it noise
+    f = lab.verdict(flaky)
+    assert f["paired"] and f["gain"] > 0 and f["within_noise"] and not f["keep"]
+    lab.close()
+
+
+def test_confirm_reruns_the_parent_at_the_candidates_seeds(lab_dir):
+    with _open(lab_dir, threshold=-1.0) as lab:                 # noise off (conftest): the parent has one run
+        cand = lab.step()
+        out = lab.confirm(cand["id"], k=2)
+        recs = lab.ledger.records(curves=False)
+        reruns = [(r["kind"], r["parent_id"], r["seed"]) for r in recs[2:]]
+        assert sorted(reruns) == [("noise", "0001", 43), ("noise", "0001", 44),
+                                  ("rerun", cand["id"], 43), ("rerun", cand["id"], 44)]
+        v = out["verdict"]
+        assert v["paired"] and v["pairs"] == 3 and v["paired_se"] > 0 and lab.sigma is not None
+        again = lab.confirm(cand["id"], k=1)                      # seed 45 for both, nothing run twice
+        assert again["verdict"]["pairs"] == 4 and len(lab.ledger) == len(recs) + 2
+
+
+def test_the_one_line_record_shows_sigma_beside_the_rules_decision(tmp_path, kit_env):
+    lab = _open(tmp_path / "lab", train=ROOT / "train.py")
+    base = _fake_run(lab.ledger, None, "baseline", 1.00, src="base")
+    _fake_run(lab.ledger, base, "noise", 1.02, seed=43, src="base")
+    cand = _fake_run(lab.ledger, base, "candidate", 0.99, src="c")
+    lab.close()
+    with _open(tmp_path / "lab") as lab:
+        line = format_record(lab.decide(cand, keep=None))
+        assert "discard (within noise) (sigma 0.014142, gain +1.4 sigma) [rule]" in line
+        human = format_record(lab.decide(cand, keep=False, reason="not convinced"))
+        assert "sigma" not in human and "discard (within noise) [human]" in human
+
+
+def test_a_narrow_win_is_rerun_once_before_it_is_kept(tmp_path, kit_env):
+    """Made-up scores for the parent's three seeds (sigma 0.01) and a 2.5-sigma one-run win;
+    recheck reruns the candidate for real at seed 43 (the parent has it), and the rule then
+    judges the mean of both runs."""
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    lab = _open(tmp_path / "lab", train=tmp_path / "train.py")
+    src = lab.workspace.source("kept")
+    h = Proposal.from_source("", src, "").source_hash
+    base = lab.ledger.start(None, h, "", "baseline", "baseline", BUDGET, {}, kind="baseline")
+    sha = lab.workspace.commit_experiment(base, src, None, "baseline")
+    lab.ledger.finish(base, RunResult(status="ok", val_bpb=1.00, seed=42), commit=sha)
+    lab.ledger.decide(base, "keep", "baseline", decided_by="rule", tip=base)
+    _fake_run(lab.ledger, base, "noise", 1.01, seed=43, src=h)
+    _fake_run(lab.ledger, base, "noise", 0.99, seed=44, src=h)
+    narrow = _committed_run(lab, base, _lr_edit(src, 0.0201), 0.975)   # gain 0.025 = 2.5 sigma
+    wide = _committed_run(lab, base, _lr_edit(src, 0.0199), 0.90)      # 10 sigma
+    lab.close()
+    with _open(tmp_path / "lab") as lab:
+        assert lab.sigma == pytest.approx(0.01) and lab.verdict(narrow)["keep"]
+        n = len(lab.ledger)
+        assert lab.recheck(wide) is False and len(lab.ledger) == n        # a clear win is not rerun
+        lab.recheck_below = 0
+        assert lab.recheck(narrow) is False and len(lab.ledger) == n      # 0 turns it off
+        lab.recheck_below = 3.0
+        assert lab.recheck(narrow) is True
+        new = lab.ledger.records(curves=False)[n:]
+        assert [(r["kind"], r["parent_id"], r["seed"], r["status"]) for r in new] == [("rerun", narrow, 43, "ok")]
+        v = lab.verdict(narrow)                   # the real rerun scores nothing like the made-up 0.975
+        assert v["val_bpb"] == pytest.approx((0.975 + new[0]["val_bpb"]) / 2) and not v["keep"]
+        assert lab.recheck(narrow) is False       # once: it has two runs now
+
+
+def test_a_lab_with_no_scored_run_follows_new_data_and_relative_paths_resolve(tmp_path, kit_env, other_data,
+                                                                              monkeypatch):
+    from autoresearch_kit.data.prepare import manifest_hash
+
+    with _open(tmp_path / "lab", train=ROOT / "train.py"):     # `autoresearch init`: pinned, nothing scored
+        pass
+    monkeypatch.chdir(other_data.parent)
+    with _open(tmp_path / "lab", data_dir=other_data.name) as lab:   # a relative --data, other data
+        assert lab.data_dir == other_data and lab.data_pin["manifest_hash"] == manifest_hash(other_data)
+        assert lab.data_pin["history"]                                # the move is recorded, not silent

@@ -196,3 +196,37 @@ def test_feedback_that_rules_a_knob_out_turns_the_proposer_away_from_it():
     assert _share("learning rate changes are done", any_lr) < neutral / 2
     # a negation in one clause does not cancel what another clause asks for
     assert _share("leave the depth alone, but try a higher learning rate", any_lr) > 2 * neutral
+
+
+def test_default_device_is_the_training_device(monkeypatch):
+    """A CPU lab's offline proposer never ships untested GPU_* changes (and a CUDA one no CPU_*)."""
+    parent = real_train()
+    if parent is None:
+        pytest.skip("train.py has not landed yet")
+    for device, other in (("cpu", "GPU_"), ("cuda", "CPU_")):
+        monkeypatch.setenv("AUTORESEARCH_DEVICE", device)
+        p, ctx, touched = MutateProposer(seed=3), context(parent), set()
+        for step in range(25):
+            ctx.seed = step
+            proposal = p.propose(ctx)
+            ctx.seen_hashes.add(proposal.source_hash)
+            changed = [l[1:] for l in proposal.diff.splitlines() if l[:1] in "+-" and l[:3] not in ("+++", "---")]
+            assert changed and not any(l.startswith(other) for l in changed), proposal.diff
+            assert other not in proposal.description
+            touched |= {c["name"] for c in proposal.metadata["changes"]}
+        assert p.device == device and proposal.metadata["device"] == device
+        own = "CPU_" if device == "cpu" else "GPU_"
+        assert any(n.startswith(own) for n in touched) and any("_" not in n or not n.startswith(("CPU_", "GPU_"))
+                                                                for n in touched)   # own and shared knobs
+
+
+def test_a_lab_gives_the_offline_proposer_its_device(tmp_path, kit_env, monkeypatch):
+    from autoresearch_kit.lab import Lab
+
+    monkeypatch.delenv("AUTORESEARCH_DEVICE")
+    with Lab(tmp_path / "lab", proposer="mutate", device="cpu", verbose=False) as lab:
+        assert lab.proposer.device == "cpu"
+        for _ in range(15):
+            p = lab.propose()
+            assert "GPU_" not in p.description, p.description
+            lab.reject(p, "not run: only the proposal is tested")

@@ -15,8 +15,11 @@ builtin
 tinystories
     `roneneldan/TinyStories` from the Hugging Face Hub through `datasets` (2.1M short
     stories; about 1.9 GB to download once, then cached). Val = the dataset's own
-    `validation` split. `tinystories-clean` is `karpathy/tinystories-gpt4-clean` (one
-    train split; val by the hash rule below). `hf:OWNER/NAME` loads any Hub dataset with
+    `validation` split. A local copy of the repository (its README.md and `data/*.parquet`,
+    e.g. the fixture `scripts/make_tinystories_fixture.py` writes) is read instead with
+    `tinystories:PATH` or `AUTORESEARCH_TINYSTORIES=PATH`: the same code path, offline.
+    `tinystories-clean` is `karpathy/tinystories-gpt4-clean` (one train split; val by
+    the hash rule below). `hf:OWNER/NAME` loads any Hub dataset with
     a `text` column the same way. Offline these fail within seconds, naming the
     offline alternatives.
 a path
@@ -57,8 +60,12 @@ _HF_VAL_SPLITS = ("validation", "valid", "val", "test")
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet"}
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
-_OFFLINE_HINT = ("Offline, use `--dataset builtin` (the shipped corpus) or a local file or folder "
+_OFFLINE_HINT = ("Offline, use `--dataset builtin` (the shipped corpus), a local copy of TinyStories "
+                 "(`--dataset tinystories:PATH` or AUTORESEARCH_TINYSTORIES=PATH), or a local file or folder "
                  "(`--dataset path/to/texts.txt|.jsonl|.parquet|folder/`).")
+TINYSTORIES_ENV = "AUTORESEARCH_TINYSTORIES"   # a local copy of roneneldan/TinyStories (a folder)
+# datasets caches a Hub dataset under <HF_DATASETS_CACHE>/<owner>___<snake_name>
+_TINYSTORIES_CACHE_NAME = "roneneldan___tiny_stories"
 _BATCH = 1000
 
 
@@ -195,9 +202,25 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     return bool(ok)
 
 
-def _hf(name: str, repo: str, limit: int | None) -> Corpus:
-    offline = _truthy("HF_DATASETS_OFFLINE") or _truthy("HF_HUB_OFFLINE")
-    if not offline and not _hub_reachable():
+def _offline() -> bool:
+    return _truthy("HF_DATASETS_OFFLINE") or _truthy("HF_HUB_OFFLINE")
+
+
+def _hf(name: str, repo: str, limit: int | None, local: Path | None = None) -> Corpus:
+    """A Hub dataset (`repo`), or a local copy of one (`local`, a folder laid out as the
+    Hub repository: README.md with its configs, data/*.parquet), read the same way."""
+    offline = _offline()
+    if local is not None:
+        if not local.is_dir():
+            msg = (f"No local copy of {repo} at {local} (for --dataset {name}): point it at a folder holding "
+                   f"the dataset's files (README.md, data/*.parquet), e.g. one written by "
+                   f"`python scripts/make_tinystories_fixture.py {local}`.")
+            raise FileNotFoundError(msg)
+        hub_repo, repo = repo, str(local)
+    else:
+        hub_repo = None
+    is_dir = Path(repo).expanduser().is_dir()   # a local copy (also `hf:DIR`): no network needed
+    if not is_dir and not offline and not _hub_reachable():
         msg = (f"Cannot reach huggingface.co to download {repo} for --dataset {name}. {_OFFLINE_HINT} "
                "If you downloaded it before, set HF_DATASETS_OFFLINE=1 to use the cached copy.")
         raise ConnectionError(msg)
@@ -208,7 +231,7 @@ def _hf(name: str, repo: str, limit: int | None) -> Corpus:
         raise ImportError(msg) from e
     datasets.logging.set_verbosity_error()  # no per-file progress spam from datasets
     kwargs = {}
-    if Path(repo).expanduser().is_dir():  # `hf:some/local/dir` (train/validation files): our cache, no bars
+    if is_dir:  # a local copy (`tinystories:DIR`, `hf:DIR`): our cache, no bars
         kwargs["cache_dir"] = str(_kit_cache() / "hf_datasets")
         datasets.disable_progress_bars()
     try:
@@ -220,12 +243,14 @@ def _hf(name: str, repo: str, limit: int | None) -> Corpus:
             splits = list(loaded)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError)
         where = ("HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set and it is not in the local cache"
-                 if offline else f"{type(e).__name__}: {str(e)[:300]}")
+                 if offline and not is_dir else f"{type(e).__name__}: {str(e)[:300]}")
         msg = f"Could not load {repo} for --dataset {name} ({where}). {_OFFLINE_HINT}"
         raise ConnectionError(msg) from e
     train_split = "train" if "train" in splits else splits[0]
     val_split = next((s for s in _HF_VAL_SPLITS if s in splits and s != train_split), None)
-    info = {"hub": repo, "train_split": train_split, "val_split": val_split}
+    info = {"hub": hub_repo or repo, "train_split": train_split, "val_split": val_split}
+    if hub_repo is not None:
+        info["local_copy"] = str(Path(repo).resolve())
     if limit is not None:
         info["limit"] = limit
 
@@ -234,7 +259,7 @@ def _hf(name: str, repo: str, limit: int | None) -> Corpus:
 
         if val_split:
             return Corpus(name, _Stream(stream(train_split)), _Stream(stream(val_split)),
-                          f"{repo}: its own '{val_split}' split", info)
+                          f"{info['hub']}: its own '{val_split}' split", info)
         return Corpus(name, _Stream(stream(train_split), keep="train"), _Stream(stream(train_split), keep="val"),
                       HASH_RULE, info)
     for split in (train_split, val_split):
@@ -242,9 +267,47 @@ def _hf(name: str, repo: str, limit: int | None) -> Corpus:
             _need_text_column(loaded[split].column_names, f"{repo} ({split})")
     if val_split:
         return Corpus(name, _Texts(loaded[train_split]), _Texts(loaded[val_split]),
-                      f"{repo}: its own '{val_split}' split", info)
+                      f"{info['hub']}: its own '{val_split}' split", info)
     ds = loaded[train_split]
     return Corpus(name, _Texts(ds, keep="train"), _Texts(ds, keep="val"), HASH_RULE, info)
+
+
+def _hf_datasets_cache() -> Path:
+    """Where `datasets` caches Hub datasets, worked out without importing it (~1 s)."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "datasets"
+
+
+def tinystories_available(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether `--dataset tinystories` can be read here, decided fast and offline-safe.
+
+    In order: ``AUTORESEARCH_TINYSTORIES`` (a local copy: available if the folder
+    exists); with ``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE`` set, only a copy already
+    in the Hugging Face datasets cache counts (no network call is made); otherwise a
+    TCP connect to huggingface.co, given up after `timeout` seconds.
+
+    Returns
+    -------
+    (bool, str)
+        Available or not, and why, in words (for the line `prepare` prints).
+    """
+    local = os.environ.get(TINYSTORIES_ENV, "").strip()
+    if local:
+        if Path(local).expanduser().is_dir():
+            return True, f"the local copy in {local} ({TINYSTORIES_ENV})"
+        return False, f"{TINYSTORIES_ENV}={local} is not a folder"
+    cached = _hf_datasets_cache() / _TINYSTORIES_CACHE_NAME
+    if _offline():
+        if cached.is_dir():
+            return True, f"the copy in the Hugging Face cache ({cached}; offline mode is set)"
+        return False, ("HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set and TinyStories is not in the Hugging Face "
+                       f"cache ({cached})")
+    if _hub_reachable(timeout=timeout):
+        how = "cached, reused" if cached.is_dir() else "about 1.9 GB, downloaded once"
+        return True, f"huggingface.co is reachable ({how})"
+    return False, f"huggingface.co did not answer within {timeout:g} s"
 
 
 # ----------------------------------------------------------------------------- local files
@@ -346,8 +409,10 @@ def load_corpus(dataset: str = "builtin", *, limit: int | None = None) -> Corpus
     ----------
     dataset : str
         ``"builtin"`` (offline, shipped), ``"tinystories"`` / ``"tinystories-clean"`` /
-        ``"hf:OWNER/NAME"`` (Hugging Face Hub), or a path to a .txt / .jsonl / .json /
-        .parquet file or a folder of them.
+        ``"hf:OWNER/NAME"`` (Hugging Face Hub), ``"tinystories:PATH"`` (a local copy of
+        the Hub dataset; ``AUTORESEARCH_TINYSTORIES=PATH`` does the same for
+        ``"tinystories"``), or a path to a .txt / .jsonl / .json / .parquet file or a
+        folder of them.
     limit : int, optional
         Read at most this many documents from each of the source's splits (the builtin
         file and local files count as one split), in source order, before the val rule.
@@ -373,7 +438,11 @@ def load_corpus(dataset: str = "builtin", *, limit: int | None = None) -> Corpus
     if name == "builtin":
         return _builtin(limit)
     if name in HF_ALIASES:
-        return _hf(name, HF_ALIASES[name], limit)
+        local = os.environ.get(TINYSTORIES_ENV, "").strip() if name == "tinystories" else ""
+        return _hf(name, HF_ALIASES[name], limit, Path(local).expanduser() if local else None)
+    alias, sep, local = name.partition(":")
+    if sep and alias in HF_ALIASES and local:   # tinystories:PATH, a local copy of the Hub dataset
+        return _hf(alias, HF_ALIASES[alias], limit, Path(local).expanduser())
     if name.startswith("hf:"):
         return _hf(name, name[3:], limit)
     return _local(Path(name).expanduser(), limit)
@@ -426,4 +495,5 @@ def text_sha256(corpus: Corpus) -> tuple[str, dict]:
     return h.hexdigest(), counts
 
 
-__all__ = ["BUILTIN_FILE", "Corpus", "HF_ALIASES", "load_corpus", "load_documents", "text_sha256"]
+__all__ = ["BUILTIN_FILE", "Corpus", "HF_ALIASES", "TINYSTORIES_ENV", "load_corpus", "load_documents", "text_sha256",
+           "tinystories_available"]

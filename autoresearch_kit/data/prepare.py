@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -38,8 +39,8 @@ import numpy as np
 
 from autoresearch_kit import config
 from autoresearch_kit.data import shards
-from autoresearch_kit.data.corpus import load_corpus, text_sha256
-from autoresearch_kit.data.tokenizer import DEFAULT_MAX_CHARS, make_tokenizer, parse_vocab_size
+from autoresearch_kit.data.corpus import HF_ALIASES, load_corpus, text_sha256, tinystories_available
+from autoresearch_kit.data.tokenizer import DEFAULT_MAX_CHARS, make_tokenizer, parse_vocab_size, training_on_cuda
 
 # Bumped when the way documents become tokens changes, so old directories are rebuilt.
 PIPELINE_VERSION = 1
@@ -47,6 +48,9 @@ _ENCODE_BATCH = 2048  # documents per encode_ordinary_batch call: big enough for
 # The exceptions that mean "the user asked for something that can't be done" (bad path,
 # offline Hub dataset, bad vocab size, missing package): one line, exit status 2.
 USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, ImportError)
+# A run that sees its training tokens more often than this is mostly memorising them
+# (on an H200 the built-in corpus, ~170 passes in 300 s, scored 1.39 bpb at 10 s and 2.42 at 300 s).
+EPOCHS_WARN = 3.0
 
 
 def _say(progress: bool, text: str) -> None:
@@ -61,11 +65,37 @@ def _fmt_count(n: float) -> str:
     return str(int(n))
 
 
+def default_dataset(progress: bool = True) -> str:
+    """The dataset `prepare` uses when none is named: large enough for the device's budget.
+
+    On CPU/MPS the built-in corpus (1M tokens is plenty for 60 s). On CUDA, where a
+    300 s run would see the built-in corpus ~170 times, TinyStories when it can be read
+    (a local copy in AUTORESEARCH_TINYSTORIES, the Hugging Face cache when offline, or
+    huggingface.co within 3 s), saying so; else the built-in corpus with a warning.
+    """
+    if not training_on_cuda():
+        return config.DEFAULT_DATASET
+    ok, why = tinystories_available()
+    if ok:
+        _say(progress, f"CUDA: preparing TinyStories by default, from {why} (--dataset builtin for the small "
+                       "built-in corpus)")
+        return "tinystories"
+    print(f"prepare: warning: CUDA, but TinyStories cannot be read ({why}): preparing the built-in corpus "
+          "(~1M tokens), which a 300 s GPU run sees ~170 times, so the loop rewards training less. Prepare a "
+          "larger corpus: `--dataset tinystories` online, `--dataset tinystories:PATH` (or "
+          "AUTORESEARCH_TINYSTORIES=PATH) for a local copy, or `--dataset path/to/your/texts`.",
+          file=sys.stderr, flush=True)
+    return config.DEFAULT_DATASET
+
+
 def default_data_dir(dataset: str, vocab_size: int | str, limit: int | None = None) -> Path:
     """`<cache>/data/<name>-bpe<V>`: builtin/tinystories by name, a local path by its
     basename plus a short hash of its absolute path (two folders called `data/` differ)."""
     name = str(dataset)
-    if name != "builtin" and not name.startswith("hf:") and name not in ("tinystories", "tinystories-clean"):
+    alias, sep, _ = name.partition(":")
+    if sep and alias in HF_ALIASES:  # tinystories:PATH is TinyStories, wherever the copy lives
+        name = alias
+    if name != "builtin" and not name.startswith("hf:") and name not in HF_ALIASES:
         p = Path(name).expanduser().resolve()
         name = f"{p.stem or 'data'}_{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
     if limit is not None:
@@ -164,16 +194,18 @@ def _record_latest(directory: Path) -> None:
     os.replace(tmp, root / config.LATEST_FILE)
 
 
-def prepare(dataset: str = "builtin", vocab_size: int | str | None = None, data_dir: str | os.PathLike | None = None,
+def prepare(dataset: str | None = None, vocab_size: int | str | None = None, data_dir: str | os.PathLike | None = None,
             force: bool = False, progress: bool = True, *, limit: int | None = None,
             max_chars: int | None = DEFAULT_MAX_CHARS, threads: int | None = None) -> Path:
     """Prepare `dataset` for training and return the prepared directory.
 
     Parameters
     ----------
-    dataset : str
-        ``"builtin"`` (offline), ``"tinystories"``, ``"hf:OWNER/NAME"`` or a local path
-        (see `autoresearch_kit.data.corpus`).
+    dataset : str, optional
+        ``"builtin"`` (offline), ``"tinystories"``, ``"tinystories:PATH"`` (a local
+        copy), ``"hf:OWNER/NAME"`` or a local path (see `autoresearch_kit.data.corpus`).
+        Default: `default_dataset()` (built-in on CPU/MPS; TinyStories on CUDA when
+        it can be read, else the built-in corpus with a warning).
     vocab_size : int or "bytes", optional
         BPE vocabulary including ``<|bos|>``; default 8192 with CUDA, else 4096.
     data_dir : path, optional
@@ -196,6 +228,8 @@ def prepare(dataset: str = "builtin", vocab_size: int | str | None = None, data_
     """
     t0 = time.time()
     vocab = parse_vocab_size(vocab_size)
+    if dataset is None:
+        dataset = default_dataset(progress)
     directory = Path(data_dir).expanduser() if data_dir is not None else default_data_dir(dataset, vocab, limit)
     _say(progress, f"[1/4] reading {dataset} ...")
     corpus = load_corpus(dataset, limit=limit)
@@ -258,14 +292,124 @@ def prepare(dataset: str = "builtin", vocab_size: int | str | None = None, data_
     return directory
 
 
+# ----------------------------------------------------------------------------- pinning and epochs
+
+
+def _manifest(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir).expanduser() / shards.MANIFEST
+    if not path.is_file():
+        msg = (f"No prepared data in {Path(data_dir).expanduser()} (no {shards.MANIFEST}). Run `python prepare.py` "
+               "(or `autoresearch prepare`) first, or point at a prepared directory.")
+        raise FileNotFoundError(msg)
+    return json.loads(path.read_text())
+
+
+def manifest_identity(manifest: dict) -> dict:
+    """What a score depends on in a manifest: the text, its split, the tokenizer, the tokens.
+
+    Left out: timestamps, timings, thread counts, paths (the same text prepared twice, or
+    from a moved folder, is the same data) and the tokenizer pickle's own hash (pickles
+    differ across tiktoken versions; the token shards' hashes already pin the tokenizer's
+    effect).
+    """
+    src, tok, splits = manifest.get("source", {}), manifest.get("tokenizer", {}), manifest.get("splits", {})
+    return {
+        "format": manifest.get("format"),
+        "text_sha256": src.get("sha256"),
+        "split_rule": src.get("split_rule"),
+        "train_docs": src.get("train_docs"), "val_docs": src.get("val_docs"),
+        "limit": src.get("limit"),
+        "tokenizer": {k: tok.get(k) for k in ("name", "vocab_size", "bos_id", "kind")},
+        "splits": {name: {"tokens": info.get("tokens"), "sha256": info.get("sha256")}
+                   for name, info in sorted(splits.items())},
+    }
+
+
+def manifest_hash(data_dir: str | os.PathLike) -> str:
+    """A short hash of the prepared data a score depends on (dataset text, split, tokenizer, tokens).
+
+    Computed from manifest.json's content (`manifest_identity`), so it is the same after
+    re-preparing the same text with the same tokenizer (`--force`, another machine, a
+    moved folder) and differs when the text, the validation split, the tokenizer or the
+    token shards differ. A Lab records it and refuses other data (see `Lab(rebaseline=)`).
+
+    Parameters
+    ----------
+    data_dir : path
+        A prepared data directory.
+
+    Returns
+    -------
+    str
+        16 hex digits.
+
+    Raises
+    ------
+    FileNotFoundError
+        When `data_dir` holds no manifest.json.
+    """
+    ident = manifest_identity(_manifest(data_dir))
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_data(data_dir: str | os.PathLike) -> str:
+    """A few words naming prepared data: ``"builtin, bpe4096 (1.23M train tokens)"``."""
+    m = _manifest(data_dir)
+    src, tok = m.get("source", {}), m.get("tokenizer", {})
+    name = src.get("dataset", "?")
+    if src.get("local_copy"):
+        name = f"{name} (local copy)"
+    if src.get("limit") is not None:
+        name = f"{name} limit {src['limit']}"
+    kind = "bytes" if tok.get("kind") == "bytes" or tok.get("name") == "bytes" else f"bpe{tok.get('vocab_size')}"
+    return f"{name}, {kind} ({_fmt_count(m.get('splits', {}).get('train', {}).get('tokens', 0))} train tokens)"
+
+
+def training_epochs(data_dir: str | os.PathLike, tokens: float) -> tuple[float, str | None]:
+    """How many times a run of `tokens` training tokens sees the prepared training split.
+
+    Parameters
+    ----------
+    data_dir : path
+        A prepared data directory.
+    tokens : float
+        Training tokens the run consumes (measured, or the budget's).
+
+    Returns
+    -------
+    (float, str or None)
+        ``epochs = tokens / train tokens``, and a warning text when it exceeds
+        `EPOCHS_WARN` (3): past a few passes a small model memorises its training text,
+        val_bpb gets worse the longer it trains, and the loop rewards training less.
+    """
+    if tokens is None or not math.isfinite(float(tokens)) or float(tokens) < 0:
+        msg = f"tokens must be a non-negative number of training tokens, got {tokens!r}."
+        raise ValueError(msg)
+    m = _manifest(data_dir)
+    train = int(m.get("splits", {}).get("train", {}).get("tokens", 0))
+    if train <= 0:
+        msg = f"{data_dir} has no training tokens; run `python prepare.py --force`."
+        raise ValueError(msg)
+    epochs = float(tokens) / train
+    if epochs <= EPOCHS_WARN:
+        return epochs, None
+    warning = (f"this run sees its {_fmt_count(train)} training tokens {epochs:.1f} times ({_fmt_count(tokens)} tokens): "
+               f"past ~{EPOCHS_WARN:g} epochs a small model memorises its training text and the loop rewards "
+               "training less. Prepare a larger corpus (on a GPU: `autoresearch prepare --dataset tinystories`, "
+               "or your own texts) or use a smaller budget.")
+    return epochs, warning
+
+
 # ----------------------------------------------------------------------------- command line
 
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the prepare flags (shared by `python prepare.py` and `autoresearch prepare`)."""
-    parser.add_argument("--dataset", default=config.DEFAULT_DATASET,
-                        help="builtin (default, offline), tinystories (Hugging Face, online once), "
-                             "hf:OWNER/NAME, or a path to a .txt/.jsonl/.json/.parquet file or a folder of them")
+    parser.add_argument("--dataset", default=None,
+                        help="builtin (offline), tinystories (Hugging Face, online once), tinystories:PATH "
+                             "(a local copy), hf:OWNER/NAME, or a path to a .txt/.jsonl/.json/.parquet file or a "
+                             "folder of them (default: builtin on CPU/MPS; on CUDA tinystories when reachable, "
+                             "else builtin with a warning)")
     parser.add_argument("--vocab-size", default=None,
                         help="BPE vocabulary size including <|bos|> (default: 8192 with CUDA, else 4096), "
                              "or 'bytes' for the 257-id byte tokenizer")
@@ -320,4 +464,5 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["USER_ERRORS", "add_prepare_args", "default_data_dir", "main", "prepare", "run_prepare", "unigram_bpb"]
+__all__ = ["EPOCHS_WARN", "USER_ERRORS", "add_prepare_args", "default_data_dir", "default_dataset", "describe_data",
+           "main", "manifest_hash", "manifest_identity", "prepare", "run_prepare", "training_epochs", "unigram_bpb"]

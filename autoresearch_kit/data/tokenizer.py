@@ -37,16 +37,21 @@ MAX_VOCAB = 65536  # shards are uint16
 DEFAULT_MAX_CHARS = 300_000_000
 
 
-def default_vocab_size() -> int:
-    """8192 when training will run on CUDA, else `config.DEFAULT_VOCAB_SIZE` (4096)."""
+def training_on_cuda() -> bool:
+    """Whether training will run on CUDA: AUTORESEARCH_DEVICE, else whether torch sees a GPU."""
     forced = (config.env("DEVICE") or "").strip().lower()
     if forced:
-        return 8192 if forced.startswith("cuda") else config.DEFAULT_VOCAB_SIZE
+        return forced.startswith("cuda")
     try:
         import torch
     except ImportError:  # no torch on this machine: it won't train here either
-        return config.DEFAULT_VOCAB_SIZE
-    return 8192 if torch.cuda.is_available() else config.DEFAULT_VOCAB_SIZE
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def default_vocab_size() -> int:
+    """8192 when training will run on CUDA, else `config.DEFAULT_VOCAB_SIZE` (4096)."""
+    return 8192 if training_on_cuda() else config.DEFAULT_VOCAB_SIZE
 
 
 def parse_vocab_size(value) -> int | str:
@@ -151,4 +156,4 @@ def _version(package: str) -> str:
         return "?"
 
 
-__all__ = ["SPLIT_PATTERN", "default_vocab_size", "make_tokenizer", "parse_vocab_size", "train_bpe"]
+__all__ = ["SPLIT_PATTERN", "default_vocab_size", "make_tokenizer", "parse_vocab_size", "train_bpe", "training_on_cuda"]

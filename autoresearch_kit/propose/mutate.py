@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import io
 import math
+import os
 import random
 import re
 import time
@@ -490,6 +491,17 @@ def _feedback_hint(feedback: str, sites: list[_Site]) -> dict:
 
 # ------------------------------------------------------------------------ proposer
 
+
+def training_device() -> str:
+    """"cuda", "mps" or "cpu": AUTORESEARCH_DEVICE if set, else what torch sees (as device.detect)."""
+    forced = os.environ.get("AUTORESEARCH_DEVICE", "").strip().lower()
+    if forced:
+        return forced.split(":")[0]
+    from autoresearch_kit.device import detect
+
+    return detect(announce=False).type
+
+
 class MutateProposer:
     """Seeded, history-aware local search over train.py's UPPER_CASE constants.
 
@@ -500,8 +512,10 @@ class MutateProposer:
         same proposal from a fresh proposer; asking the same instance again with an
         identical context gives the next draw (a new idea), also reproducibly.
     device
-        "cpu", "mps" or "cuda": change only that device's CPU_*/GPU_* knobs. None (the
-        default) moves each CPU_X/GPU_X pair together.
+        "cpu", "mps" or "cuda": change only that device's CPU_*/GPU_* knobs (shared knobs
+        always). "auto" (the default): the device training runs on (AUTORESEARCH_DEVICE,
+        else what torch sees), so a CPU lab never ships untested GPU_* changes; a Lab
+        sets its own device here. None moves each CPU_X/GPU_X pair together.
     p_two
         Probability of changing two knobs at once instead of one.
     max_tries
@@ -510,7 +524,7 @@ class MutateProposer:
 
     name = "mutate"
 
-    def __init__(self, seed: int = 0, *, device: str | None = None, p_two: float = 0.3,
+    def __init__(self, seed: int = 0, *, device: str | None = "auto", p_two: float = 0.3,
                  max_tries: int = 64) -> None:
         self.seed, self.device, self.p_two, self.max_tries = seed, device, p_two, max_tries
         # Asking again with the same context ("New proposal" in the panel) should give a new
@@ -518,7 +532,15 @@ class MutateProposer:
         self._asked: dict[tuple, int] = {}
 
     def __repr__(self) -> str:
-        return f"MutateProposer(seed={self.seed})"
+        return f"MutateProposer(seed={self.seed}, device={self.device!r})"
+
+    def _device(self) -> str | None:
+        """The device whose knobs change: "auto" resolved once (AUTORESEARCH_DEVICE, else torch)."""
+        if self.device == "auto":
+            self.device = training_device()
+        if self.device is not None and self.device not in ("cpu", "mps", "cuda"):
+            self.device = self.device.split(":")[0]
+        return self.device
 
     def propose(self, context: ProposalContext) -> Proposal:
         """One valid, untried edit of the hyperparameter block.
@@ -531,7 +553,7 @@ class MutateProposer:
         t0 = time.perf_counter()
         parent = context.parent_source
         try:
-            sites = find_knobs(parent, self.device)
+            sites = find_knobs(parent, self._device())
         except SyntaxError as e:
             msg = f"mutate: the parent train.py does not parse ({e.msg}, line {e.lineno}); fix it first"
             raise ProposalError(msg) from None
@@ -613,7 +635,7 @@ class MutateProposer:
                 notes.append(f"moving {m.site.label} {way} did not help before; tried again with low probability")
         rationale = ("Offline local search over the hyperparameter block (seed "
                      f"{self.seed}/{context.seed}): {description}." + (" " + "; ".join(notes) + "." if notes else ""))
-        meta = {"seed": self.seed, "context_seed": context.seed, "draw": draw, "tries": tries,
+        meta = {"seed": self.seed, "context_seed": context.seed, "draw": draw, "tries": tries, "device": self.device,
                 "changes": [{"name": m.site.label, "old": "|".join(l.full or l.text for l in m.site.leaves),
                              "new": "|".join(_show(l, t) for l, t in zip(m.site.leaves, m.new)),
                              "direction": m.direction} for m in chosen],
