@@ -66,6 +66,7 @@ def _run(replies, ctx=None, models=("fake-model",), **kw):
     kw.setdefault("model", "fake-model")
     kw.setdefault("retry_delay", 0.01)
     kw.setdefault("timeout", 2.0)
+    kw.setdefault("edit_mode", "edits")
     streamed: list[str] = []
     with FakeOpenAI(replies, models) as server:
         p = LLMProposer(base_url=server.url, **kw)
@@ -97,7 +98,7 @@ def test_good_edit_becomes_a_valid_proposal(stream, caplog):
     assert (meta["prompt_tokens"], meta["completion_tokens"], meta["tokens"]) == (120, 30, 150)
     assert 0 < meta["seconds"] < BOUND
     assert streamed == GOOD                        # the panel saw every token
-    req = server.requests[-1]
+    req = server.chats[-1]
     assert req["body"]["stream"] is stream if stream else not req["body"].get("stream")
     assert req["headers"]["authorization"] == f"Bearer {KEY}"     # the key was used...
     assert KEY not in caplog.text                                 # ...and never logged
@@ -117,8 +118,8 @@ def test_prose_without_an_edit_is_retried_with_the_error_then_gives_up():
     err, server, _, streamed = _run([Reply("I would raise the learning rate a little.")])
     assert isinstance(err, ProposalError) and err.attempts == 3
     assert "no usable edit in 3 attempts" in err.reason and "no SEARCH/REPLACE block" in err.reason
-    assert len(server.requests) == 3 and len(err.metadata["errors"]) == 3
-    retry = server.requests[1]["body"]["messages"]
+    assert len(server.chats) == 3 and len(err.metadata["errors"]) == 3
+    retry = server.chats[1]["body"]["messages"]
     assert retry[-2] == {"role": "assistant", "content": "I would raise the learning rate a little."}
     assert "could not be used" in retry[-1]["content"] and "no SEARCH/REPLACE block" in retry[-1]["content"]
     assert "[reply 1 refused" in streamed
@@ -128,7 +129,7 @@ def test_a_block_that_does_not_match_is_fed_back_and_the_fix_accepted():
     bad = _block("MATRIX_LR = 0.4", "MATRIX_LR = 0.5")
     p, server, *_ = _run([Reply(bad), Reply(GOOD)])
     assert p.metadata["attempts"] == 2 and p.description == "MATRIX_LR 0.04 -> 0.05"
-    fed_back = server.requests[1]["body"]["messages"][-1]["content"]
+    fed_back = server.chats[1]["body"]["messages"][-1]["content"]
     assert "was not found" in fed_back and "MATRIX_LR = 0.04" in fed_back      # the closest-line hint
     assert p.metadata["prompt_tokens"] == 240                                  # both calls counted
 
@@ -144,33 +145,33 @@ def test_a_block_that_does_not_match_is_fed_back_and_the_fix_accepted():
 def test_invalid_replies_end_in_a_clear_reason(reply, reason):
     err, server, *_ = _run([Reply(reply)], _rich_context(), max_attempts=2)
     assert isinstance(err, ProposalError), err
-    assert reason in err.reason and err.attempts == 2 and len(server.requests) == 2
-    assert reason in server.requests[1]["body"]["messages"][-1]["content"]    # fed back to the model
+    assert reason in err.reason and err.attempts == 2 and len(server.chats) == 2
+    assert reason in server.chats[1]["body"]["messages"][-1]["content"]    # fed back to the model
 
 
 def test_rate_limit_then_success():
     p, server, _, streamed = _run([Reply(status=429, headers={"Retry-After": "0"}), Reply(GOOD)])
     assert p.description == "MATRIX_LR 0.04 -> 0.05" and p.metadata["network_retries"] == 1
-    assert len(server.requests) == 2 and "HTTP 429" in streamed
+    assert len(server.chats) == 2 and "HTTP 429" in streamed
 
 
 def test_server_error_forever_names_the_endpoint():
     err, server, *_ = _run([Reply(status=500)], max_retries=2)
     assert isinstance(err, ProposalError)
     assert server.url in err.reason and "HTTP 500" in err.reason and "failed 3 times" in err.reason
-    assert 'proposer="mutate"' in err.reason and len(server.requests) == 3
+    assert 'proposer="mutate"' in err.reason and len(server.chats) == 3
 
 
 def test_timeout_is_bounded():
     err, server, seconds, _ = _run([Reply(GOOD, delay=1.5)], timeout=0.2, max_retries=1)
     assert isinstance(err, ProposalError) and "timeout" in err.reason and server.url in err.reason
-    assert len(server.requests) == 2 and seconds < 2.0
+    assert len(server.chats) == 2 and seconds < 2.0
 
 
 def test_dropped_connection_is_retried():
     p, server, *_ = _run([Reply(drop=True), Reply(GOOD)], stream=False)
     assert p.description == "MATRIX_LR 0.04 -> 0.05" and p.metadata["network_retries"] == 1
-    assert len(server.requests) == 2
+    assert len(server.chats) == 2
 
 
 class _OddServer:
@@ -241,21 +242,21 @@ def test_a_rejected_key_is_scrubbed_from_the_error():
     body = {"error": {"message": f"Incorrect API key provided: {KEY}.", "type": "invalid_request_error"}}
     err, server, *_ = _run([Reply(status=401, error_body=body)])
     assert isinstance(err, ProposalError) and "refused the API key" in err.reason and "***" in err.reason
-    assert len(server.requests) == 1                     # not retried
+    assert len(server.chats) == 1                     # not retried
 
 
 def test_model_is_discovered_and_local_servers_need_no_key():
     p, server, *_ = _run([Reply(GOOD)], models=("local-7b", "other"), model=None, api_key=None)
     assert p.metadata["model"] == "local-7b"
     assert server.requests[0]["path"] == "/v1/models"
-    assert server.requests[1]["body"]["model"] == "local-7b"
-    assert server.requests[1]["headers"]["authorization"] == "Bearer not-needed"
+    assert server.chats[0]["body"]["model"] == "local-7b"
+    assert server.chats[0]["headers"]["authorization"] == "Bearer not-needed"
 
 
 def test_stream_usage_option_refused_by_an_old_server_falls_back():
     p, server, *_ = _run([Reply(status=400), Reply(GOOD)])
     assert p.description == "MATRIX_LR 0.04 -> 0.05"
-    assert "stream_options" in server.requests[0]["body"] and "stream_options" not in server.requests[1]["body"]
+    assert "stream_options" in server.chats[0]["body"] and "stream_options" not in server.chats[1]["body"]
 
 
 def test_configuration_from_the_environment(monkeypatch):
@@ -268,7 +269,7 @@ def test_configuration_from_the_environment(monkeypatch):
         assert isinstance(p, LLMProposer) and KEY not in repr(p) and server.url in repr(p)
         proposal = p.propose(context())
     assert proposal.metadata["model"] == "env-model"
-    assert server.requests[0]["headers"]["authorization"] == f"Bearer {KEY}"
+    assert server.chats[0]["headers"]["authorization"] == f"Bearer {KEY}"
 
 
 def test_no_endpoint_and_no_key_points_to_the_offline_proposer():
