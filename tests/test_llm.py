@@ -552,3 +552,79 @@ def test_progress_events_let_a_person_watch():
     assert ask["model"] == "fake-model" and ask["endpoint"].startswith("http://127.0.0.1:")
     assert ask["prompt_tokens"] > 100 and ask["method"] and ask["attempt"] == 1
     assert events[2]["reply"] == "prose" and "no SEARCH/REPLACE block" in events[2]["error"]
+
+
+# ---------------------------------------------------------------------------- the CLI's LLM flags and output
+
+def _run_args(*flags):
+    from autoresearch_kit.cli import build_parser
+    return build_parser().parse_args(["run", *flags])
+
+
+def test_cli_flags_reach_the_request():
+    from autoresearch_kit.cli import _proposer_kwargs
+    from autoresearch_kit.propose import make_proposer
+
+    with FakeOpenAI([Reply(_knob("DEPTH", 5))]) as server:
+        args = _run_args("--proposer", "llm", "--model", "m", "--base-url", server.url, "--extra-body",
+                         '{"top_k": 20, "repeat_penalty": 1.1}', "--max-tokens", "120", "--timeout", "7.5",
+                         "--edit-mode", "knobs", "--context", "4096")
+        kw = _proposer_kwargs(args)
+        assert kw == {"model": "m", "base_url": server.url, "extra_body": {"top_k": 20, "repeat_penalty": 1.1},
+                      "max_tokens": 120, "timeout": 7.5, "edit_mode": "knobs", "context_size": 4096}
+        p = make_proposer("llm", **kw)
+        out = p.propose(context())
+    body = server.chats[0]["body"]
+    assert body["top_k"] == 20 and body["repeat_penalty"] == 1.1 and body["max_tokens"] == 120
+    assert out.metadata["context_size"] == 4096 and out.metadata["context_source"] == "setting"
+    assert p.timeout == 7.5 and out.description == "DEPTH 4 -> 5"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--extra-body", "{top_k: 20}"], "argument --extra-body: not JSON"),
+    (["--extra-body", "[1, 2]"], "argument --extra-body: must be a JSON object"),
+    (["--max-tokens", "0"], "argument --max-tokens: must be a positive number"),
+    (["--edit-mode", "json"], "argument --edit-mode: invalid choice"),
+])
+def test_cli_bad_llm_flags_are_one_line_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        _run_args(*flags)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_llm_flags_without_the_llm_proposer_say_so():
+    from autoresearch_kit.cli import UserError, _proposer_kwargs
+
+    with pytest.raises(UserError, match="--max-tokens, --edit-mode only apply to the LLM proposer"):
+        _proposer_kwargs(_run_args("--proposer", "mutate", "--max-tokens", "50", "--edit-mode", "knobs"))
+    with pytest.raises(UserError, match="--timeout only apply"):
+        _proposer_kwargs(_run_args("--timeout", "5"))          # auto, and no endpoint: the offline proposer
+
+
+def test_cli_watch_shows_the_request_at_once_and_what_a_refused_reply_said():
+    import io
+
+    from autoresearch_kit.cli import _LLMWatch
+
+    out, err = io.StringIO(), io.StringIO()
+    w = _LLMWatch(out=out, err=err)
+    p, server, *_ = _run([Reply("I would raise the learning rate a little.", usage=None), Reply(GOOD)],
+                         on_progress=w.on_progress)
+    text = out.getvalue()
+    n = p.metadata["prompt_tokens_counted"]
+    assert text.startswith(f"asking fake-model at {server.url} (") and "prompt tokens, " in text
+    assert f"attempt 2)..." in text and f"({n} prompt tokens" in text
+    assert "reply 1 refused: the reply has no SEARCH/REPLACE block" in text
+    assert "  the model said:\n    | I would raise the learning rate a little." in text
+    assert "tokens not reported" in text and "(30 tokens)" in text
+
+
+def test_cli_keeps_a_give_ups_replies_in_the_lab(tmp_path):
+    from autoresearch_kit.cli import _save_refused
+
+    err, *_ = _run([Reply("PROSE-MARKER only")], max_attempts=2)
+    path = _save_refused(tmp_path, err)
+    rec = json.loads(path.read_text().splitlines()[-1])
+    assert path == tmp_path / "runs" / "refused.jsonl" and rec["reason"] == err.reason
+    assert [r["reply"] for r in rec["refused"]] == ["PROSE-MARKER only"] * 2 and KEY not in path.read_text()
