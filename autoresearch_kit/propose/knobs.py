@@ -188,6 +188,41 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def suggest(knob: Knob) -> list[str]:
+    """Two new values a researcher would try first (for the error a small model reads next).
+
+    SmolLM2-135M, told "MUON_MOMENTUM is already 0.95", sent 0.95 three times; given
+    values to pick from it has something to copy.
+    """
+    v = knob.value
+    if knob.kind == "bool":
+        return [repr(not v)]
+    if knob.kind == "str":
+        return [repr(c) for c in knob.choices if c != v][:2]
+    lo, hi, open_ = _range(knob)
+    if _BETA.search(knob.name) and 0 < v < 1:
+        cands = [1 - (1 - v) * 2, 1 - (1 - v) / 2]
+    elif knob.kind == "int":
+        cands = [v * 2, v // 2] if v >= 8 else [v + 1, v - 1]
+    elif v == 0:
+        cands = [0.1, 1.0] if hi > 1 else [0.1, 0.2]
+    elif _FRACTION.search(knob.name) and 0 <= v <= 1:
+        cands = [v + 0.1, v - 0.1]
+    else:
+        cands = [v * 1.5, v / 1.5]
+    out = []
+    for c in cands:
+        c = int(c) if knob.kind == "int" else float(f"{c:.3g}")
+        if c != v and (lo < c < hi if open_ else lo <= c <= hi):
+            out.append(format_value(knob, c))
+    return out
+
+
+def _with_suggestion(msg: str, knob: Knob) -> str:
+    ideas = suggest(knob)
+    return msg + (f" (for example {' or '.join(ideas)})" if ideas else "")
+
+
 def check_value(knob: Knob, value: Any) -> Any:
     """`value` converted to the knob's type, if it is a sane new value for it.
 
@@ -243,10 +278,10 @@ def check_value(knob: Knob, value: Any) -> Any:
             else:
                 why = (f"keep it strictly between {_fmt(lo)} and {_fmt(hi)}" if open_ else
                        f"keep it within [{_fmt(lo)}, {_fmt(hi)}]")
-            msg = f"{name} = {_fmt(new)} is out of range (now {knob.text}): {why}"
+            msg = _with_suggestion(f"{name} = {_fmt(new)} is out of range (now {knob.text}): {why}", knob)
             raise EditError(msg)
     if new == cur:
-        msg = f"{name} is already {knob.text}: choose a different value or another knob"
+        msg = _with_suggestion(f"{name} is already {knob.text}: choose a different value or another knob", knob)
         raise EditError(msg)
     return new
 
