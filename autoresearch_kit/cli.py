@@ -416,11 +416,131 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _proposer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+_LLM_FLAGS = (("extra_body", "--extra-body"), ("max_tokens", "--max-tokens"), ("timeout", "--timeout"),
+              ("edit_mode", "--edit-mode"), ("context_size", "--context"))
+
+
+class _LLMWatch:
+    """What a person sees while the LLM proposer works: the request at once, a live count, refusals.
+
+    `on_progress` gets the proposer's events, `on_token` the streamed text. On a terminal
+    the count of the reply redraws in place (stderr); elsewhere one line per reply.
+    """
+
+    MAX_SHOWN = 12          # lines of a refused reply printed (all of it is kept in the metadata)
+
+    def __init__(self, out=None, err=None) -> None:
+        self._out, self._err = out, err
+        self._chars, self._t0, self._last = 0, time.monotonic(), 0.0
+        self._drawn = False
+
+    @property
+    def out(self):
+        return self._out or sys.stdout      # looked up at call time: tests swap sys.stdout
+
+    @property
+    def err(self):
+        return self._err or sys.stderr
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self.err.write("\r\033[K")
+            self.err.flush()
+            self._drawn = False
+
+    def on_token(self, piece: str) -> None:
+        self._chars += len(piece)
+        if not self.err.isatty():
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        self.err.write(f"\r  receiving: {self._chars} chars (~{self._chars // 3} tokens), "
+                       f"{now - self._t0:.0f} s\033[K")
+        self.err.flush()
+        self._drawn = True
+
+    def on_progress(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "ask":
+            self._clear()
+            self._chars, self._t0 = 0, time.monotonic()
+            ctx = event.get("context")
+            where = f"; context {ctx} ({event.get('context_source')})" if ctx else ""
+            mode = f", {event['mode']} mode" + (f" via {event['structured']}" if event.get("structured") else "")
+            try_ = f", attempt {event['attempt']}" if event.get("attempt", 1) > 1 else ""
+            print(f"asking {event.get('model')} at {event.get('endpoint')} ({event.get('prompt_tokens')} prompt "
+                  f"tokens, {event.get('method')}{where}{mode}{try_})...", file=self.out, flush=True)
+        elif kind == "reply":
+            self._clear()
+            usage = event.get("usage") or {}
+            n = usage.get("completion_tokens")
+            tokens = f"{n} tokens" if n is not None else "tokens not reported"
+            print(f"  reply: {event.get('chars')} chars ({tokens}) in {time.monotonic() - self._t0:.1f} s",
+                  file=self.out, flush=True)
+        elif kind == "refused":
+            self._clear()
+            print(f"  reply {event.get('attempt')} refused: {event.get('error')}", file=self.out)
+            lines = (event.get("reply") or "").strip().splitlines() or ["(empty)"]
+            shown = lines[:self.MAX_SHOWN] + ([f"... ({len(lines) - self.MAX_SHOWN} more lines)"]
+                                              if len(lines) > self.MAX_SHOWN else [])
+            print("  the model said:\n" + "\n".join("    | " + line[:160] for line in shown), file=self.out, flush=True)
+        elif kind == "structured":
+            print(f"  {event.get('why')}: asking with {event.get('now')} instead", file=self.out, flush=True)
+        elif kind == "switch":
+            print(f"  switching to the knob mode ({event.get('why')})", file=self.out, flush=True)
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at character {e.pos}): pass an object, "
+                                         f"e.g. '{{\"top_k\": 20}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), got {type(value).__name__}")
+    return value
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        return value
+    return parse
+
+
+def _proposer_kwargs(args: argparse.Namespace, *, watch: bool = False) -> dict[str, Any]:
+    """Constructor arguments for the proposer the flags ask for (the LLM's only when it is the LLM)."""
+    from autoresearch_kit.propose import resolve_spec
+
     kw: dict[str, Any] = {}
+    given = {name: getattr(args, name, None) for name, _ in _LLM_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
     if args.proposer in ("llm", "auto"):
         kw.update({k: v for k, v in (("model", args.model), ("base_url", args.base_url)) if v})
-    elif args.proposer == "replay":
+        try:
+            is_llm = resolve_spec(args.proposer, **kw) == "llm"
+        except ValueError:
+            is_llm = False
+        if is_llm:
+            kw.update(given)
+            if watch:
+                w = _LLMWatch()
+                kw.update(on_progress=w.on_progress, on_token=w.on_token)
+            return kw
+    if given:
+        flags = ", ".join(flag for name, flag in _LLM_FLAGS if name in given)
+        raise UserError(f"{flags} only apply to the LLM proposer: add --proposer llm (with --model/--base-url, "
+                        f"or OPENAI_BASE_URL), or leave them out.")
+    if args.proposer == "replay":
         if not args.patches:
             raise UserError("--proposer replay needs --patches DIR (a folder of .patch/.diff files).")
         if not Path(args.patches).is_dir():
@@ -432,13 +552,35 @@ def _proposer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
     from autoresearch_kit.lab import Lab
 
-    kw = _proposer_kwargs(args)
+    kw = _proposer_kwargs(args, watch=True)
     path = _lab_dir(args.lab)
     _not_a_file(path)
     return Lab(path, budget=args.budget, proposer=args.proposer, data_dir=args.data,
                seed=args.seed, device=args.device, threshold=args.threshold, proposer_kwargs=kw,
                verbose=verbose, rebaseline=getattr(args, "rebaseline", False),
                noise_runs=getattr(args, "noise_runs", None))
+
+
+def _save_refused(lab_path: Path, error) -> Path | None:
+    """Append a give-up's refused replies to <lab>/runs/refused.jsonl (no experiment holds them)."""
+    import json
+    from datetime import datetime, timezone
+
+    from autoresearch_kit.ledger import scrub_secrets
+
+    refused = (error.metadata or {}).get("refused")
+    if not refused:
+        return None
+    path = lab_path / "runs" / "refused.jsonl"
+    record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reason": error.reason,
+              **scrub_secrets({k: v for k, v in error.metadata.items() if k != "errors"})}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+    except OSError:
+        return None
+    return path
 
 
 def _proposer_name(args: argparse.Namespace) -> str:
@@ -523,8 +665,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                         raise UserError(e.reason) from None
                     failures, last_reason = failures + 1, e.reason
                     print(f"proposer gave up ({failures}/3): {e.reason}")
+                    saved = _save_refused(lab.path, e)
+                    if saved:
+                        print(f"  the model's replies are kept in {saved}")
                     if failures >= 3:
-                        raise UserError("the proposer failed 3 times in a row; see the reasons above.") from None
+                        hint = (" Try --edit-mode knobs (small models), a bigger model, or --proposer mutate "
+                                "(offline)." if _proposer_name(args) == "llm" else "")
+                        raise UserError("the proposer failed 3 times in a row; see the reasons above." + hint) from None
                     continue
                 finally:
                     bar.close()
@@ -791,6 +938,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "set, else mutate (AUTORESEARCH_PROPOSER forces one)")
     q.add_argument("--model", help="model name for --proposer llm")
     q.add_argument("--base-url", help="OpenAI-compatible endpoint for --proposer llm (key: OPENAI_API_KEY)")
+    q.add_argument("--edit-mode", choices=("auto", "edits", "knobs"), default=None,
+                   help="LLM: edits (SEARCH/REPLACE, capable models), knobs (one constant as JSON, small models); "
+                        "default auto: knobs for a small local model or after free-form edits fail")
+    q.add_argument("--max-tokens", type=_positive(int), default=None, metavar="N", help="LLM: reply length cap")
+    q.add_argument("--timeout", type=_positive(float), default=None, metavar="S",
+                   help="LLM: seconds to wait for the server (default 120)")
+    q.add_argument("--context", type=_positive(int), default=None, metavar="N", dest="context_size",
+                   help="LLM: the server's context in tokens, when it does not report it (AUTORESEARCH_CONTEXT)")
+    q.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
+                   help="LLM: extra request fields, e.g. '{\"top_k\": 20}' or a llama.cpp grammar")
     q.add_argument("--patches", help="folder of patch files for --proposer replay")
     q.add_argument("--yes", "-y", action="store_true", help="autopilot: run every proposal, decide by the rule")
     q.add_argument("--threshold", type=float, default=0.0,

@@ -2,17 +2,27 @@
 
 Speaks enough of the protocol for the real `openai` client: POST /v1/chat/completions
 (non-streaming JSON with usage, or server-sent events `data: {...}` ending in
-`data: [DONE]`) and GET /v1/models. Each request takes the next scripted `Reply`; the last
-one repeats once the script runs out ("500 forever").
+`data: [DONE]`) and GET /v1/models. Each chat request takes the next scripted `Reply`; the
+last one repeats once the script runs out ("500 forever").
+
+Like real local servers it can also report its context size (`n_ctx=`: llama.cpp's
+GET /props; `max_model_len=`: vLLM's field in /v1/models) and refuse what does not fit:
+with `n_ctx` set, a prompt longer than n_ctx minus max_tokens gets llama-cpp-python's 400
+("This model's maximum context length is 2048 tokens. However, you requested 5460
+tokens ...") without streaming and an empty stream with it (what issue 14 saw). The fake's
+tokenizer is one token per 3 characters of message content. `constraints=` lists the
+constraint fields it accepts ("response_format", "grammar"); a request with another one
+gets a 400, as servers that do not take JSON schemas answer.
 
     with FakeOpenAI([Reply("DESCRIPTION: ...")]) as server:
         LLMProposer(base_url=server.url, model="fake", api_key="sk-test").propose(ctx)
-        server.requests[0]["body"]["messages"]
+        server.chats[0]["body"]["messages"]      # server.requests: every request, GETs too
 """
 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -30,16 +40,19 @@ class Reply:
     drop: bool = False             # close the connection without a response
     error_body: dict | None = None
     headers: dict = field(default_factory=dict)
-    usage: tuple[int, int] = (120, 30)   # prompt, completion tokens
+    usage: tuple[int, int] | None = (120, 30)   # prompt, completion tokens; None: the server reports none
     chunk: int = 16                # characters per streamed chunk
 
 
 class FakeOpenAI:
     """Context manager running the server in a daemon thread on an ephemeral port."""
 
-    def __init__(self, replies: list[Reply], models: tuple[str, ...] = ("fake-model",)) -> None:
+    def __init__(self, replies: list[Reply], models: tuple[str, ...] = ("fake-model",), *, n_ctx: int | None = None,
+                 max_model_len: int | None = None, props: bool = True,
+                 constraints: tuple[str, ...] = ("response_format", "grammar")) -> None:
         self.replies = list(replies)
         self.models = models
+        self.n_ctx, self.max_model_len, self.props, self.constraints = n_ctx, max_model_len, props, constraints
         self.requests: list[dict] = []      # {"path", "headers", "body"} per request
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -47,6 +60,16 @@ class FakeOpenAI:
         # a short poll interval: shutdown() waits up to one interval
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
                                         daemon=True)
+
+    @property
+    def chats(self) -> list[dict]:
+        """The chat completion requests (not the GETs for /models or /props)."""
+        return [r for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    @staticmethod
+    def prompt_tokens(body: dict) -> int:
+        """The fake's token count of a request's messages: 3 characters a token."""
+        return sum(math.ceil(len(str(m.get("content") or "")) / 3) for m in body.get("messages", []))
 
     @property
     def url(self) -> str:
@@ -85,8 +108,11 @@ class FakeOpenAI:
             def do_GET(self) -> None:
                 fake.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": None})
                 if self.path.rstrip("/").endswith("/models"):
+                    extra = {"max_model_len": fake.max_model_len} if fake.max_model_len else {}
                     self._json(200, {"object": "list", "data": [
-                        {"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in fake.models]})
+                        {"id": m, "object": "model", "created": 0, "owned_by": "test", **extra} for m in fake.models]})
+                elif self.path.rstrip("/") == "/props" and fake.props and fake.n_ctx:
+                    self._json(200, {"default_generation_settings": {"n_ctx": fake.n_ctx}, "total_slots": 1})
                 else:
                     self._json(404, {"error": {"message": f"no route {self.path}"}})
 
@@ -112,13 +138,34 @@ class FakeOpenAI:
                                                          "type": "test", "code": None}}
                     self._json(reply.status, err, reply.headers)
                     return
+                for field, present in (("response_format", "response_format" in body), ("grammar", "grammar" in body)):
+                    if present and field not in fake.constraints:
+                        self._json(400, {"error": {"message": f"{field} is not supported by this server",
+                                                   "type": "invalid_request_error", "code": None}})
+                        return
+                need = fake.prompt_tokens(body) + int(body.get("max_tokens") or 0)
+                if fake.n_ctx and need > fake.n_ctx:
+                    if body.get("stream"):         # llama-cpp-python: the stream just ends, empty
+                        self.send_response(200)
+                        self.send_header("Content-Type", "text/event-stream")
+                        self.end_headers()
+                        self.wfile.write(b"data: [DONE]\n\n")
+                        self.close_connection = True
+                        return
+                    self._json(400, {"error": {"message": f"This model's maximum context length is {fake.n_ctx} "
+                                                          f"tokens. However, you requested {need} tokens. Please "
+                                                          f"reduce the length of the messages.",
+                                               "type": "invalid_request_error", "code": "context_length_exceeded"}})
+                    return
                 model = body.get("model", "fake-model")
-                prompt, completion = reply.usage
-                usage = {"prompt_tokens": prompt, "completion_tokens": completion,
-                         "total_tokens": prompt + completion}
+                usage = None
+                if reply.usage is not None:
+                    prompt, completion = reply.usage
+                    usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
                 if not body.get("stream"):
                     self._json(200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 0,
-                                     "model": model, "usage": usage,
+                                     "model": model, **({"usage": usage} if usage else {}),
                                      "choices": [{"index": 0, "finish_reason": "stop",
                                                   "message": {"role": "assistant", "content": reply.text}}]})
                     return
@@ -139,7 +186,7 @@ class FakeOpenAI:
                     send({**base, "choices": [{"index": 0, "delta": {"content": reply.text[i:i + reply.chunk]},
                                                "finish_reason": None}]})
                 send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-                if (body.get("stream_options") or {}).get("include_usage"):
+                if usage and (body.get("stream_options") or {}).get("include_usage"):
                     send({**base, "choices": [], "usage": usage})
                 send(b"[DONE]")
                 self.close_connection = True

@@ -547,3 +547,29 @@ def test_progress_bar_says_the_phase_the_time_and_what_is_left():
     bar.close()
     lines = out.getvalue().splitlines()
     assert lines[0] == "exp 0002 starting (12s)..." and lines[-1] == "exp 0002 evaluating (50s, scoring for 30s)..."
+
+
+def test_run_with_a_local_llm_shows_the_request_and_keeps_the_refused_reply(cli_lab, tmp_path, kit_env, capsys,
+                                                                           monkeypatch):
+    import json as _json
+
+    from fake_openai import FakeOpenAI, Reply
+
+    for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTORESEARCH_MODEL", "AUTORESEARCH_PROPOSER"):
+        monkeypatch.delenv(k, raising=False)
+    d = _copy(cli_lab, tmp_path)
+    good = _json.dumps({"knob": "WARMDOWN_FRAC", "value": 0.3, "why": "more time at the peak lr"})
+    with FakeOpenAI([Reply("PROSE-MARKER: a higher learning rate", usage=None), Reply(good, usage=None)],
+                    models=("SmolLM2-135M-Instruct",), n_ctx=8192) as server:
+        rc = main(["run", "--lab", str(d), "--steps", "1", "--budget", BUDGET, "--yes", "--base-url", server.url,
+                   "--timeout", "30"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"asking SmolLM2-135M-Instruct at {server.url} (" in out and "context 8192 (server /props)" in out
+    assert "knobs mode via json_schema" in out and "reply 1 refused: the reply is not JSON" in out
+    assert "    | PROSE-MARKER: a higher learning rate" in out and "tokens not reported" in out
+    rec = Ledger(d, readonly=True).records()[-1]
+    assert rec["description"] == "WARMDOWN_FRAC 0.4 -> 0.3" and rec["proposer"] == "llm"
+    meta = rec["proposal_meta"]
+    assert meta["edit_mode"] == "knobs" and meta["tokens"] is None and meta["prompt_tokens"] is None
+    assert [r["reply"] for r in meta["refused"]] == ["PROSE-MARKER: a higher learning rate"]

@@ -66,6 +66,7 @@ def _run(replies, ctx=None, models=("fake-model",), **kw):
     kw.setdefault("model", "fake-model")
     kw.setdefault("retry_delay", 0.01)
     kw.setdefault("timeout", 2.0)
+    kw.setdefault("edit_mode", "edits")
     streamed: list[str] = []
     with FakeOpenAI(replies, models) as server:
         p = LLMProposer(base_url=server.url, **kw)
@@ -97,7 +98,7 @@ def test_good_edit_becomes_a_valid_proposal(stream, caplog):
     assert (meta["prompt_tokens"], meta["completion_tokens"], meta["tokens"]) == (120, 30, 150)
     assert 0 < meta["seconds"] < BOUND
     assert streamed == GOOD                        # the panel saw every token
-    req = server.requests[-1]
+    req = server.chats[-1]
     assert req["body"]["stream"] is stream if stream else not req["body"].get("stream")
     assert req["headers"]["authorization"] == f"Bearer {KEY}"     # the key was used...
     assert KEY not in caplog.text                                 # ...and never logged
@@ -117,8 +118,8 @@ def test_prose_without_an_edit_is_retried_with_the_error_then_gives_up():
     err, server, _, streamed = _run([Reply("I would raise the learning rate a little.")])
     assert isinstance(err, ProposalError) and err.attempts == 3
     assert "no usable edit in 3 attempts" in err.reason and "no SEARCH/REPLACE block" in err.reason
-    assert len(server.requests) == 3 and len(err.metadata["errors"]) == 3
-    retry = server.requests[1]["body"]["messages"]
+    assert len(server.chats) == 3 and len(err.metadata["errors"]) == 3
+    retry = server.chats[1]["body"]["messages"]
     assert retry[-2] == {"role": "assistant", "content": "I would raise the learning rate a little."}
     assert "could not be used" in retry[-1]["content"] and "no SEARCH/REPLACE block" in retry[-1]["content"]
     assert "[reply 1 refused" in streamed
@@ -128,7 +129,7 @@ def test_a_block_that_does_not_match_is_fed_back_and_the_fix_accepted():
     bad = _block("MATRIX_LR = 0.4", "MATRIX_LR = 0.5")
     p, server, *_ = _run([Reply(bad), Reply(GOOD)])
     assert p.metadata["attempts"] == 2 and p.description == "MATRIX_LR 0.04 -> 0.05"
-    fed_back = server.requests[1]["body"]["messages"][-1]["content"]
+    fed_back = server.chats[1]["body"]["messages"][-1]["content"]
     assert "was not found" in fed_back and "MATRIX_LR = 0.04" in fed_back      # the closest-line hint
     assert p.metadata["prompt_tokens"] == 240                                  # both calls counted
 
@@ -144,33 +145,33 @@ def test_a_block_that_does_not_match_is_fed_back_and_the_fix_accepted():
 def test_invalid_replies_end_in_a_clear_reason(reply, reason):
     err, server, *_ = _run([Reply(reply)], _rich_context(), max_attempts=2)
     assert isinstance(err, ProposalError), err
-    assert reason in err.reason and err.attempts == 2 and len(server.requests) == 2
-    assert reason in server.requests[1]["body"]["messages"][-1]["content"]    # fed back to the model
+    assert reason in err.reason and err.attempts == 2 and len(server.chats) == 2
+    assert reason in server.chats[1]["body"]["messages"][-1]["content"]    # fed back to the model
 
 
 def test_rate_limit_then_success():
     p, server, _, streamed = _run([Reply(status=429, headers={"Retry-After": "0"}), Reply(GOOD)])
     assert p.description == "MATRIX_LR 0.04 -> 0.05" and p.metadata["network_retries"] == 1
-    assert len(server.requests) == 2 and "HTTP 429" in streamed
+    assert len(server.chats) == 2 and "HTTP 429" in streamed
 
 
 def test_server_error_forever_names_the_endpoint():
     err, server, *_ = _run([Reply(status=500)], max_retries=2)
     assert isinstance(err, ProposalError)
     assert server.url in err.reason and "HTTP 500" in err.reason and "failed 3 times" in err.reason
-    assert 'proposer="mutate"' in err.reason and len(server.requests) == 3
+    assert 'proposer="mutate"' in err.reason and len(server.chats) == 3
 
 
 def test_timeout_is_bounded():
     err, server, seconds, _ = _run([Reply(GOOD, delay=1.5)], timeout=0.2, max_retries=1)
     assert isinstance(err, ProposalError) and "timeout" in err.reason and server.url in err.reason
-    assert len(server.requests) == 2 and seconds < 2.0
+    assert len(server.chats) == 2 and seconds < 2.0
 
 
 def test_dropped_connection_is_retried():
     p, server, *_ = _run([Reply(drop=True), Reply(GOOD)], stream=False)
     assert p.description == "MATRIX_LR 0.04 -> 0.05" and p.metadata["network_retries"] == 1
-    assert len(server.requests) == 2
+    assert len(server.chats) == 2
 
 
 class _OddServer:
@@ -241,21 +242,21 @@ def test_a_rejected_key_is_scrubbed_from_the_error():
     body = {"error": {"message": f"Incorrect API key provided: {KEY}.", "type": "invalid_request_error"}}
     err, server, *_ = _run([Reply(status=401, error_body=body)])
     assert isinstance(err, ProposalError) and "refused the API key" in err.reason and "***" in err.reason
-    assert len(server.requests) == 1                     # not retried
+    assert len(server.chats) == 1                     # not retried
 
 
 def test_model_is_discovered_and_local_servers_need_no_key():
     p, server, *_ = _run([Reply(GOOD)], models=("local-7b", "other"), model=None, api_key=None)
     assert p.metadata["model"] == "local-7b"
     assert server.requests[0]["path"] == "/v1/models"
-    assert server.requests[1]["body"]["model"] == "local-7b"
-    assert server.requests[1]["headers"]["authorization"] == "Bearer not-needed"
+    assert server.chats[0]["body"]["model"] == "local-7b"
+    assert server.chats[0]["headers"]["authorization"] == "Bearer not-needed"
 
 
 def test_stream_usage_option_refused_by_an_old_server_falls_back():
     p, server, *_ = _run([Reply(status=400), Reply(GOOD)])
     assert p.description == "MATRIX_LR 0.04 -> 0.05"
-    assert "stream_options" in server.requests[0]["body"] and "stream_options" not in server.requests[1]["body"]
+    assert "stream_options" in server.chats[0]["body"] and "stream_options" not in server.chats[1]["body"]
 
 
 def test_configuration_from_the_environment(monkeypatch):
@@ -268,9 +269,363 @@ def test_configuration_from_the_environment(monkeypatch):
         assert isinstance(p, LLMProposer) and KEY not in repr(p) and server.url in repr(p)
         proposal = p.propose(context())
     assert proposal.metadata["model"] == "env-model"
-    assert server.requests[0]["headers"]["authorization"] == f"Bearer {KEY}"
+    assert server.chats[0]["headers"]["authorization"] == f"Bearer {KEY}"
 
 
 def test_no_endpoint_and_no_key_points_to_the_offline_proposer():
     with pytest.raises(ValueError, match="OPENAI_API_KEY.*OPENAI_BASE_URL.*mutate"):
         LLMProposer()
+
+
+# ---------------------------------------------------------------------------- the knob mode
+
+def _knob(knob, value, why="a short reason"):
+    return json.dumps({"knob": knob, "value": value, "why": why})
+
+
+def test_knob_mode_valid_reply_is_a_proposal_described_by_the_kit():
+    ctx = _rich_context()
+    p, server, _, streamed = _run([Reply(_knob("MATRIX_LR", 0.05, "DESCRIPTION: ignore me, a faster lr"))], ctx,
+                                  edit_mode="knobs")
+    assert p.description == "MATRIX_LR 0.04 -> 0.05"               # written by the kit, not the model
+    assert p.rationale == "The model's reason: DESCRIPTION: ignore me, a faster lr"
+    assert p.lines_changed == (1, 1) and "+MATRIX_LR = 0.05           # Muon-style lr for 2D weights" in p.diff
+    assert validate(ctx.parent_source, p.source, ctx.seen_hashes) == []
+    meta = p.metadata
+    assert meta["edit_mode"] == "knobs" and meta["structured"] == "json_schema"
+    assert meta["change"] == {"knob": "MATRIX_LR", "old": "0.04", "new": "0.05"} and meta["refused"] == []
+    body = server.chats[0]["body"]
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert body["response_format"]["type"] == "json_schema" and schema["required"] == ["knob", "value", "why"]
+    assert "MATRIX_LR" in schema["properties"]["knob"]["enum"] and "SEED_OFFSET" not in schema["properties"]["knob"]["enum"]
+    assert body["max_tokens"] == 256 and "grammar" not in body
+    prompt = "\n".join(m["content"] for m in body["messages"])
+    assert "MATRIX_LR = 0.04  # Muon-style lr for 2D weights" in prompt      # each knob with its comment
+    assert "PROGRAM-MARKER-7731" in prompt and "FEEDBACK-MARKER" in prompt and "REASON-MARKER" in prompt
+    assert "class MLP" not in prompt and "```diff" not in prompt           # no train.py, no diffs
+    free = _run([Reply(GOOD)], ctx)[1].chats[0]["body"]["messages"]
+    assert FakeOpenAI.prompt_tokens(body) < 0.6 * FakeOpenAI.prompt_tokens({"messages": free})
+
+
+@pytest.mark.parametrize("reply, problem", [
+    (_knob("MATRIX_LR", 4.0), "MATRIX_LR = 4 is out of range (now 0.04): keep it within [0.004, 0.4]"),
+    (_knob("MATRIX_LR", -0.04), "the sign must stay positive"),
+    (_knob("DEPTH", 4.5), "DEPTH is an integer (now 4): its value must be a whole number"),
+    (_knob("DEPTH", "deeper"), "DEPTH is a number (now 4): its value must be a number"),
+    (_knob("TIE_EMBEDDINGS", 1), "TIE_EMBEDDINGS is a boolean"),
+    (_knob("ACTIVATION", "swish"), "ACTIVATION must be one of 'relu2', 'gelu', 'silu'"),
+    (_knob("ADAM_BETAS", 0.9), "'ADAM_BETAS' is not a knob of train.py"),
+    (_knob("SEED_OFFSET", 3), "'SEED_OFFSET' is not a knob"),
+    (_knob("DEPTH", 4), "DEPTH is already 4: choose a different value or another knob (for example 5 or 3)"),
+    (_knob("MATRIX_LR", 40), "keep it within [0.004, 0.4] (for example 0.06 or 0.0267)"),
+    (_knob("DEPTH", 6), "already tried (experiment 0002"),
+    ("I think a larger learning rate would help.", "the reply is not JSON"),
+    ('{"value": 0.05}', 'needs "knob" and "value" fields'),
+])
+def test_knob_mode_refuses_bad_values_and_feeds_the_error_back(reply, problem):
+    good = _knob("WARMDOWN_RATIO", 0.4)
+    p, server, _, streamed = _run([Reply(reply), Reply(good)], _rich_context(), edit_mode="knobs", structured="json_schema")
+    assert p.description == "WARMDOWN_RATIO 0.5 -> 0.4" and p.metadata["attempts"] == 2
+    fed_back = server.chats[1]["body"]["messages"][-1]["content"]
+    assert problem in fed_back and "JSON" in fed_back
+    assert server.chats[1]["body"]["messages"][-2] == {"role": "assistant", "content": reply}
+    refused = p.metadata["refused"]                       # what the model said is kept with the experiment
+    assert len(refused) == 1 and refused[0]["reply"] == reply and problem in refused[0]["error"]
+    assert "[reply 1 refused" in streamed
+
+
+def test_knob_values_keep_their_type_and_style():
+    from autoresearch_kit.propose import knobs
+
+    ks = {k.name: k for k in knobs.find_knobs(SYNTHETIC_TRAIN)}
+    assert ks["DEPTH"].kind == "int" and ks["MATRIX_LR"].kind == "float" and ks["TIE_EMBEDDINGS"].kind == "bool"
+    assert ks["TOTAL_BATCH_SIZE"].value == 4096 and ks["ACTIVATION"].choices == ("relu2", "gelu", "silu")
+    assert "ADAM_BETAS" not in ks and "SEED_OFFSET" not in ks and "LOG_EVERY" not in ks
+    cases = [("DEPTH", 6.0, "6"), ("MATRIX_LR", 0.1, "0.1"), ("MATRIX_LR", "0.03", "0.03"),
+             ("UNEMBEDDING_LR", 0.002, "2e-3"), ("TOTAL_BATCH_SIZE", 8192, "2**13"),
+             ("TOTAL_BATCH_SIZE", 5000, "5000"), ("TIE_EMBEDDINGS", True, "True"), ("ACTIVATION", "gelu", '"gelu"'),
+             ("WARMUP_RATIO", 0.1, "0.1"), ("WEIGHT_DECAY", 0.5, "0.5")]
+    for name, value, text in cases:
+        change = knobs.KnobChange(ks[name], knobs.check_value(ks[name], value))
+        assert change.new_text == text, (name, value)
+        new = knobs.apply(SYNTHETIC_TRAIN, change)
+        assert validate(SYNTHETIC_TRAIN, new) == [] and f"{name} = {text} " in new
+    for name, value in [("DEPTH", 41), ("DEPTH", 0), ("WARMUP_RATIO", 1.5), ("MATRIX_LR", float("nan")),
+                        ("MATRIX_LR", True), ("WEIGHT_DECAY", 0.001)]:
+        with pytest.raises(ValueError):
+            knobs.check_value(ks[name], value)
+
+
+def test_knob_reply_inside_prose_or_a_fence_is_read():
+    p, *_ = _run([Reply('Sure! Here is my choice:\n```json\n{"knob": "DEPTH", "value": 5, "why": "more capacity"}\n```')],
+                 edit_mode="knobs")
+    assert p.description == "DEPTH 4 -> 5" and p.rationale == "The model's reason: more capacity"
+
+
+def test_a_server_that_ignores_the_schema_gets_a_grammar_next():
+    prose = "The learning rate should go up a bit."
+    p, server, _, streamed = _run([Reply(prose), Reply(_knob("MATRIX_LR", 0.05))], edit_mode="knobs")
+    first, second = (c["body"] for c in server.chats)
+    assert "response_format" in first and "grammar" not in first
+    assert "response_format" not in second and 'knob ::= "\\"DEPTH\\""' in second["grammar"]
+    assert p.metadata["structured"] == "grammar" and p.metadata["attempts"] == 2
+    assert p.metadata["refused"][0]["reply"] == prose and "ignored the JSON schema" in streamed
+
+
+def test_a_server_that_refuses_response_format_is_asked_with_a_grammar_then_the_prompt_alone():
+    with FakeOpenAI([Reply(_knob("MATRIX_LR", 0.05))], constraints=("grammar",)) as server:
+        p = LLMProposer(base_url=server.url, model="m", edit_mode="knobs", retry_delay=0.01)
+        out = p.propose(context())
+    assert out.description == "MATRIX_LR 0.04 -> 0.05" and out.metadata["attempts"] == 1   # a fallback, not an attempt
+    assert [("response_format" in c["body"], "grammar" in c["body"]) for c in server.chats][-1] == (False, True)
+    assert out.metadata["structured"] == "grammar"
+    with FakeOpenAI([Reply(_knob("DEPTH", 5))], constraints=()) as server:
+        out = LLMProposer(base_url=server.url, model="m", edit_mode="knobs", retry_delay=0.01).propose(context())
+    last = server.chats[-1]["body"]
+    assert out.description == "DEPTH 4 -> 5" and "response_format" not in last and "grammar" not in last
+    assert out.metadata["structured"] == "none"
+
+
+def test_grammar_mode_sends_a_gbnf_that_names_every_knob():
+    from autoresearch_kit.propose import knobs
+
+    p, server, *_ = _run([Reply(_knob("DEPTH", 5))], edit_mode="knobs", structured="grammar")
+    g = server.chats[0]["body"]["grammar"]
+    assert g == knobs.grammar(knobs.find_knobs(SYNTHETIC_TRAIN)) and g.startswith("root ::= ")
+    for k in knobs.find_knobs(SYNTHETIC_TRAIN):
+        assert f'"\\"{k.name}\\""' in g
+    assert "value ::= number | \"true\" | \"false\" | string" in g
+
+
+@pytest.mark.parametrize("model, url, small", [
+    ("SmolLM2-135M-Instruct", "http://127.0.0.1:8080/v1", True),
+    ("/models/smollm2-360m-instruct-q8_0.gguf", "http://localhost:8080/v1", True),
+    ("qwen2.5:0.5b", "http://localhost:11434/v1", True),
+    ("qwen2.5-coder:7b", "http://localhost:11434/v1", False),
+    ("SmolLM2-135M-Instruct", "https://gateway.example.com/v1", False),
+    ("fake-model", "http://127.0.0.1:8080/v1", False),
+])
+def test_auto_mode_picks_knobs_for_a_small_local_model(model, url, small):
+    from autoresearch_kit.propose.llm import small_local_model
+
+    assert small_local_model(model, url) is small
+
+
+def test_auto_mode_uses_knobs_for_a_small_local_model_end_to_end():
+    p, server, *_ = _run([Reply(_knob("DEPTH", 5))], model="SmolLM2-135M-Instruct", edit_mode="auto")
+    assert p.metadata["edit_mode"] == "knobs" and p.description == "DEPTH 4 -> 5"
+    assert "response_format" in server.chats[0]["body"]
+
+
+def test_auto_mode_switches_to_knobs_after_free_form_edits_fail():
+    prose = Reply("I would raise the learning rate a little.")
+    p, server, _, streamed = _run([prose, prose, prose, Reply(_knob("MATRIX_LR", 0.05))], edit_mode="auto",
+                                  model="big-model")
+    assert p.metadata["edit_mode"] == "knobs" and p.metadata["switched_from"]["mode"] == "edits"
+    assert p.metadata["attempts"] == 4 and len(p.metadata["refused"]) == 3
+    assert [("response_format" in c["body"]) for c in server.chats] == [False, False, False, True]
+    assert "switching to the knob mode" in streamed and p.description == "MATRIX_LR 0.04 -> 0.05"
+
+
+def test_knob_mode_gives_up_naming_the_offline_proposer_and_keeping_the_replies():
+    err, server, *_ = _run([Reply("no idea"), Reply('{"knob": "DEPTH", "value": 99}')], edit_mode="knobs",
+                           structured="json_schema", max_attempts=2)
+    assert isinstance(err, ProposalError) and "no usable knob change in 2 attempts" in err.reason
+    assert "--proposer mutate" in err.reason and "bigger model" in err.reason and "out of range" in err.reason
+    assert [r["reply"] for r in err.metadata["refused"]] == ["no idea", '{"knob": "DEPTH", "value": 99}']
+
+
+# ---------------------------------------------------------------------------- prompt size and context
+
+def _long_context():
+    """A context whose history (20 experiments with diffs) makes the free-form prompt long."""
+    parent = SYNTHETIC_TRAIN
+    history, seen = [], {source_hash(parent)}
+    for i in range(20):
+        new = parent.replace("MATRIX_LR = 0.04 ", f"MATRIX_LR = 0.{41 + i} ").replace(
+            "WEIGHT_DECAY = 0.1 ", f"WEIGHT_DECAY = 0.{11 + i} ")
+        history.append(entry(f"{i + 2:04d}", parent, new, f"MATRIX_LR 0.04 -> 0.{41 + i} with more weight decay",
+                             reason="HISTORY-MARKER not better"))
+        seen.add(source_hash(new))
+    return context(history=history, seen_hashes=seen, parent_val_bpb=1.55, best_val_bpb=1.55,
+                   last_crash_log="Traceback\n" + "x = 1\n" * 400 + "RuntimeError: CRASH-MARKER")
+
+
+def _free_form_tokens(ctx, **kw):
+    from autoresearch_kit.propose import prompts
+    return FakeOpenAI.prompt_tokens({"messages": prompts.build_messages(ctx, **kw)})
+
+
+def test_the_prompt_is_trimmed_to_the_context_the_server_reports():
+    ctx = _long_context()
+    full = _free_form_tokens(ctx)
+    n_ctx = full + 300 - 50                      # the whole prompt would not fit; without its diffs it does
+    with FakeOpenAI([Reply(GOOD)], n_ctx=n_ctx) as server:
+        p = LLMProposer(base_url=server.url, model="m", edit_mode="edits", max_tokens=300, retry_delay=0.01)
+        out = p.propose(ctx)
+    assert out.description == "MATRIX_LR 0.04 -> 0.05" and "/props" in [r["path"] for r in server.requests]
+    sent = server.chats[0]["body"]
+    assert len(server.chats) == 1 and FakeOpenAI.prompt_tokens(sent) + 300 <= n_ctx
+    prompt = sent["messages"][1]["content"]
+    assert "HISTORY-MARKER" in prompt and prompt.count("```diff") < 3       # diffs went first, history stayed
+    meta = out.metadata
+    assert meta["context_size"] == n_ctx and meta["context_source"] == "server /props" and meta["trimmed"]
+    assert meta["prompt_tokens_counted"] >= FakeOpenAI.prompt_tokens(sent)
+    assert meta["token_count"] in ("tiktoken cl100k_base", "estimate (3 chars/token)")
+
+
+def test_vllm_max_model_len_is_read_from_the_models_list():
+    ctx = _long_context()
+    n_ctx = _free_form_tokens(ctx) + 300 - 50
+    with FakeOpenAI([Reply(GOOD)], max_model_len=n_ctx, props=False) as server:
+        out = LLMProposer(base_url=server.url, model="fake-model", edit_mode="edits", max_tokens=300).propose(ctx)
+    assert out.metadata["context_source"] == "server /v1/models" and out.metadata["context_size"] == n_ctx
+    assert FakeOpenAI.prompt_tokens(server.chats[0]["body"]) + 300 <= n_ctx
+
+
+def test_a_prompt_that_cannot_fit_is_never_sent(monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CONTEXT", "1000")
+    with FakeOpenAI([Reply(GOOD)]) as server:
+        p = LLMProposer(base_url=server.url, model="m", edit_mode="edits", max_tokens=300)
+        with pytest.raises(ProposalError) as info:
+            p.propose(context())
+    reason = info.value.reason
+    assert server.chats == [] and "/props" not in [r["path"] for r in server.requests]    # the setting wins
+    assert "does not fit" in reason and "context is 1000 tokens (setting)" in reason
+    assert "-c 8192" in reason and "OLLAMA_CONTEXT_LENGTH" in reason and "--edit-mode knobs" in reason
+
+
+def test_auto_mode_takes_the_knob_mode_when_the_free_form_prompt_cannot_fit():
+    with FakeOpenAI([Reply(_knob("DEPTH", 5))], n_ctx=1200) as server:
+        out = LLMProposer(base_url=server.url, model="big-model", retry_delay=0.01).propose(_rich_context())
+    assert out.metadata["edit_mode"] == "knobs" and "does not fit" in out.metadata["switched_from"]["why"]
+    assert len(server.chats) == 1 and "response_format" in server.chats[0]["body"]
+    assert FakeOpenAI.prompt_tokens(server.chats[0]["body"]) + 256 <= 1200
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_overflow_the_server_reports_is_trimmed_and_asked_again(stream):
+    ctx = _long_context()
+    n_ctx = _free_form_tokens(ctx) + 300 - 50
+    with FakeOpenAI([Reply(GOOD)], n_ctx=n_ctx, props=False) as server:    # it does not say its size up front
+        p = LLMProposer(base_url=server.url, model="m", edit_mode="edits", max_tokens=300, stream=stream,
+                        retry_delay=0.01)
+        streamed: list[str] = []
+        out = p.propose(ctx, on_token=streamed.append)
+    bodies = [c["body"] for c in server.chats]
+    # streamed: the empty stream, the same prompt unstreamed (which gets the 400 with the size), the trimmed one
+    assert [b.get("stream", False) for b in bodies] == ([True, False, True] if stream else [False, False])
+    assert FakeOpenAI.prompt_tokens(bodies[-1]) + 300 <= n_ctx < FakeOpenAI.prompt_tokens(bodies[0]) + 300
+    assert out.description == "MATRIX_LR 0.04 -> 0.05" and out.metadata["attempts"] == 1
+    assert out.metadata["context_size"] == n_ctx and out.metadata["context_source"] == "server error"
+    assert ("empty streamed reply" in "".join(streamed)) is stream
+
+
+def test_an_empty_reply_names_the_context_size_and_the_setting():
+    err, server, _, streamed = _run([Reply("")], max_attempts=2)
+    assert isinstance(err, ProposalError) and "empty reply" in err.reason
+    assert "context" in err.reason and "AUTORESEARCH_CONTEXT" in err.reason and "-c 8192" in err.reason
+    assert [c["body"].get("stream", False) for c in server.chats] == [True, False, True, False]
+
+
+def test_usage_the_server_does_not_report_is_unknown_not_zero():
+    for stream in (True, False):
+        p, *_ = _run([Reply(GOOD, usage=None)], stream=stream)
+        meta = p.metadata
+        assert meta["prompt_tokens"] is None and meta["completion_tokens"] is None and meta["tokens"] is None
+        assert meta["usage"] == "not reported by the server" and meta["prompt_tokens_counted"] > 100
+
+
+def test_a_bad_context_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CONTEXT", "8k")
+    with pytest.raises(ValueError, match="AUTORESEARCH_CONTEXT=8192"):
+        LLMProposer(base_url="http://127.0.0.1:9/v1", model="m")
+    with pytest.raises(ValueError, match="edit_mode must be one of auto, edits, knobs"):
+        LLMProposer(base_url="http://127.0.0.1:9/v1", model="m", edit_mode="json")
+
+
+def test_progress_events_let_a_person_watch():
+    events: list[dict] = []
+    p, *_ = _run([Reply("prose"), Reply(GOOD)], on_progress=events.append)
+    kinds = [e["event"] for e in events]
+    assert kinds == ["ask", "reply", "refused", "ask", "reply", "accepted"]
+    ask = events[0]
+    assert ask["model"] == "fake-model" and ask["endpoint"].startswith("http://127.0.0.1:")
+    assert ask["prompt_tokens"] > 100 and ask["method"] and ask["attempt"] == 1
+    assert events[2]["reply"] == "prose" and "no SEARCH/REPLACE block" in events[2]["error"]
+
+
+# ---------------------------------------------------------------------------- the CLI's LLM flags and output
+
+def _run_args(*flags):
+    from autoresearch_kit.cli import build_parser
+    return build_parser().parse_args(["run", *flags])
+
+
+def test_cli_flags_reach_the_request():
+    from autoresearch_kit.cli import _proposer_kwargs
+    from autoresearch_kit.propose import make_proposer
+
+    with FakeOpenAI([Reply(_knob("DEPTH", 5))]) as server:
+        args = _run_args("--proposer", "llm", "--model", "m", "--base-url", server.url, "--extra-body",
+                         '{"top_k": 20, "repeat_penalty": 1.1}', "--max-tokens", "120", "--timeout", "7.5",
+                         "--edit-mode", "knobs", "--context", "4096")
+        kw = _proposer_kwargs(args)
+        assert kw == {"model": "m", "base_url": server.url, "extra_body": {"top_k": 20, "repeat_penalty": 1.1},
+                      "max_tokens": 120, "timeout": 7.5, "edit_mode": "knobs", "context_size": 4096}
+        p = make_proposer("llm", **kw)
+        out = p.propose(context())
+    body = server.chats[0]["body"]
+    assert body["top_k"] == 20 and body["repeat_penalty"] == 1.1 and body["max_tokens"] == 120
+    assert out.metadata["context_size"] == 4096 and out.metadata["context_source"] == "setting"
+    assert p.timeout == 7.5 and out.description == "DEPTH 4 -> 5"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--extra-body", "{top_k: 20}"], "argument --extra-body: not JSON"),
+    (["--extra-body", "[1, 2]"], "argument --extra-body: must be a JSON object"),
+    (["--max-tokens", "0"], "argument --max-tokens: must be a positive number"),
+    (["--edit-mode", "json"], "argument --edit-mode: invalid choice"),
+])
+def test_cli_bad_llm_flags_are_one_line_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        _run_args(*flags)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_llm_flags_without_the_llm_proposer_say_so():
+    from autoresearch_kit.cli import UserError, _proposer_kwargs
+
+    with pytest.raises(UserError, match="--max-tokens, --edit-mode only apply to the LLM proposer"):
+        _proposer_kwargs(_run_args("--proposer", "mutate", "--max-tokens", "50", "--edit-mode", "knobs"))
+    with pytest.raises(UserError, match="--timeout only apply"):
+        _proposer_kwargs(_run_args("--timeout", "5"))          # auto, and no endpoint: the offline proposer
+
+
+def test_cli_watch_shows_the_request_at_once_and_what_a_refused_reply_said():
+    import io
+
+    from autoresearch_kit.cli import _LLMWatch
+
+    out, err = io.StringIO(), io.StringIO()
+    w = _LLMWatch(out=out, err=err)
+    p, server, *_ = _run([Reply("I would raise the learning rate a little.", usage=None), Reply(GOOD)],
+                         on_progress=w.on_progress)
+    text = out.getvalue()
+    n = p.metadata["prompt_tokens_counted"]
+    assert text.startswith(f"asking fake-model at {server.url} (") and "prompt tokens, " in text
+    assert f"attempt 2)..." in text and f"({n} prompt tokens" in text
+    assert "reply 1 refused: the reply has no SEARCH/REPLACE block" in text
+    assert "  the model said:\n    | I would raise the learning rate a little." in text
+    assert "tokens not reported" in text and "(30 tokens)" in text
+
+
+def test_cli_keeps_a_give_ups_replies_in_the_lab(tmp_path):
+    from autoresearch_kit.cli import _save_refused
+
+    err, *_ = _run([Reply("PROSE-MARKER only")], max_attempts=2)
+    path = _save_refused(tmp_path, err)
+    rec = json.loads(path.read_text().splitlines()[-1])
+    assert path == tmp_path / "runs" / "refused.jsonl" and rec["reason"] == err.reason
+    assert [r["reply"] for r in rec["refused"]] == ["PROSE-MARKER only"] * 2 and KEY not in path.read_text()

@@ -79,7 +79,8 @@ def make_proposer(spec: "str | Proposer | None" = "auto", **kwargs: Any) -> Prop
         patches, or a Proposer instance (returned as is).
     **kwargs
         Constructor arguments: MutateProposer(seed, p_two, max_tries); LLMProposer(model,
-        base_url, api_key, max_attempts, stream, on_token, timeout, ...);
+        base_url, api_key, max_attempts, stream, on_token, timeout, max_tokens, extra_body,
+        edit_mode ("auto" | "edits" | "knobs"), context_size, structured, on_progress, ...);
         ReplayProposer(source). `seed` is accepted for every kind (only mutate uses it),
         so callers can pass it uniformly.
 

@@ -11,9 +11,17 @@ Studio, llama.cpp) needs no key: a placeholder is sent when base_url is set and 
 is. The key lives only inside the openai client: it is never put in metadata, reprs,
 logs or error messages (exception text is scrubbed of it).
 
-Each attempt asks for DESCRIPTION / RATIONALE / SEARCH-REPLACE blocks (prompts.py),
-applies and validates them (edits.py), and on failure asks again with the error fed back,
-up to `max_attempts`. Network faults (timeouts, dropped connections, HTTP 429/5xx) are
+Two edit modes. "edits": each attempt asks for DESCRIPTION / RATIONALE / SEARCH-REPLACE
+blocks (prompts.py), applies and validates them (edits.py). "knobs" (knobs.py), for small
+models: a short prompt and a JSON reply {knob, value, why}, constrained by a JSON schema or
+a GBNF grammar, range-checked by the kit. "auto" picks knobs for a small model on a local
+endpoint, and switches to it when free-form edits fail. Either way a refused reply is fed
+back with its error, up to `max_attempts`, and kept in the metadata ("refused").
+
+Every prompt is counted before it is sent (tokens.py: tiktoken if cached, else an
+estimate) and trimmed to the server's context (reported by vLLM and llama.cpp, or
+AUTORESEARCH_CONTEXT); a prompt that cannot fit is never sent. Token counts the server does
+not report are recorded as None (unknown), not 0. Network faults (timeouts, dropped connections, HTTP 429/5xx) are
 retried `max_retries` times with exponential backoff; an unreachable host fails at once
 and names the offline proposer.
 
@@ -23,18 +31,25 @@ and names the offline proposer.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from autoresearch_kit.propose import prompts
+from autoresearch_kit.propose import knobs, prompts
 from autoresearch_kit.propose.base import Proposal, ProposalContext, ProposalError
 from autoresearch_kit.propose.edits import EditError, apply_reply, make_proposal, parse_reply
+from autoresearch_kit.propose.tokens import (TokenCounter, context_from_models, context_from_props, context_setting,
+                                             props_url)
 
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"     # used only against api.openai.com with no model set
 LOCAL_PLACEHOLDER_KEY = "not-needed"     # local servers ignore the key but the client wants one
 OFFLINE_HINT = "use the offline proposer instead: --proposer mutate (CLI) or proposer=\"mutate\" (Lab)"
+EDIT_MODES = ("auto", "edits", "knobs")
+STRUCTURED = ("auto", "json_schema", "grammar", "none")
+KNOB_MAX_TOKENS = 256        # a knob reply is ~40 tokens; the cap stops a small model that rambles
+MAX_SAVED_REPLY = 4000       # characters of each refused reply kept in the metadata
 
 
 def _endpoint_label(url: str) -> str:
@@ -96,6 +111,24 @@ class LLMProposer:
         Replaces prompts.SYSTEM_PROMPT.
     extra_body
         Extra JSON fields for the request (server-specific options).
+    edit_mode
+        "edits" (SEARCH/REPLACE blocks or a whole file: for capable models), "knobs" (one
+        UPPER_CASE constant per experiment as JSON, range-checked: for small models), or
+        "auto" (default; AUTORESEARCH_EDIT_MODE overrides): knobs for a small model on a
+        local endpoint (`small_local_model`), else edits, switching to knobs for good
+        when a free-form proposal fails or its prompt cannot fit.
+    context_size
+        The server's context in tokens; default AUTORESEARCH_CONTEXT, else what the server
+        reports (vLLM /v1/models, llama.cpp /props), else unknown. Prompts are trimmed to
+        fit it (history, diffs, crash log), and one that cannot fit is never sent.
+    structured
+        How a knob reply is constrained: "json_schema" (response_format), "grammar" (GBNF
+        through extra_body, for llama.cpp), "none" (the prompt alone), or "auto"
+        (default): json_schema, stepping down when the server refuses or ignores it.
+    on_progress
+        Called with a dict per event, for a person watching: {"event": "ask", "model",
+        "endpoint", "prompt_tokens", "method", "context", ...}, "reply", "refused"
+        (with the reply text), "accepted", "structured" (a fallback), "switch" (to knobs).
     """
 
     name = "llm"
@@ -105,7 +138,9 @@ class LLMProposer:
                  timeout: float = 120.0, max_retries: int = 3, retry_delay: float = 1.0,
                  max_retry_delay: float = 20.0, temperature: float | None = None,
                  max_tokens: int | None = None, system_prompt: str | None = None,
-                 max_history: int = prompts.MAX_HISTORY, extra_body: dict | None = None) -> None:
+                 max_history: int = prompts.MAX_HISTORY, extra_body: dict | None = None,
+                 edit_mode: str | None = None, context_size: int | None = None, structured: str = "auto",
+                 on_progress: Callable[[dict], Any] | None = None) -> None:
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         key = api_key or os.environ.get("OPENAI_API_KEY") or None
         if key is None and self.base_url is None:
@@ -122,6 +157,25 @@ class LLMProposer:
         self.retry_delay, self.max_retry_delay = retry_delay, max_retry_delay
         self.temperature, self.max_tokens = temperature, max_tokens
         self.system_prompt, self.max_history, self.extra_body = system_prompt, max_history, extra_body
+        edit_mode = (edit_mode or os.environ.get("AUTORESEARCH_EDIT_MODE") or "auto").strip().lower()
+        if edit_mode not in EDIT_MODES:
+            msg = f"edit_mode must be one of {', '.join(EDIT_MODES)}, got {edit_mode!r}"
+            raise ValueError(msg)
+        if structured not in STRUCTURED:
+            msg = f"structured must be one of {', '.join(STRUCTURED)}, got {structured!r}"
+            raise ValueError(msg)
+        if extra_body is not None and not isinstance(extra_body, dict):
+            msg = f"extra_body must be a dict of JSON fields, got {type(extra_body).__name__}"
+            raise ValueError(msg)
+        self.edit_mode, self.structured, self.on_progress = edit_mode, structured, on_progress
+        self._structured = "json_schema" if structured == "auto" else structured   # the level in use now
+        self._switched = False         # auto mode moved to knobs after free-form edits failed
+        self._context_arg = context_setting(context_size)
+        self._context: int | None = None
+        self._context_source = ""      # "" = not asked yet
+        self._counter: TokenCounter | None = None
+        self._models: list | None = None
+        self._usage_missing = False
         self._client = None
         self._network_retries = 0      # per propose(), reported in the metadata
         self._stream_usage = True      # ask for usage in the stream until a server refuses
@@ -219,6 +273,7 @@ class LLMProposer:
             self.model = DEFAULT_OPENAI_MODEL
             return self.model
         models = self._with_retries("listing models", lambda: list(self._client_().models.list()), on_token)
+        self._models = models          # read again for max_model_len (context_window)
         if not models:
             msg = (f"the LLM endpoint {self.endpoint} lists no models: load one in the server, or set "
                    f"AUTORESEARCH_MODEL / model=")
@@ -226,22 +281,45 @@ class LLMProposer:
         self.model = models[0].id
         return self.model
 
-    def _complete(self, messages: list[dict], on_token) -> tuple[str, dict]:
-        """One chat completion: (reply text, usage counts)."""
+    def _complete(self, messages: list[dict], on_token, *, extra: dict | None = None,
+                  stream: bool | None = None) -> tuple[str, dict]:
+        """One chat completion: (reply text, usage counts; {} when the server reports none).
+
+        `extra` adds request fields (response_format, max_tokens, extra_body entries).
+        Raises _ContextOverflow for a 400 that says the prompt is too long, and
+        _ConstraintRefused for another 400 to a request with a response_format or grammar.
+        """
         import openai
 
         client = self._client_()
+        extra = dict(extra or {})
         kw: dict[str, Any] = {"model": self.model, "messages": messages}
         if self.temperature is not None:
             kw["temperature"] = self.temperature
-        if self.max_tokens is not None:
-            kw["max_tokens"] = self.max_tokens
-        if self.extra_body:
-            kw["extra_body"] = self.extra_body
+        max_tokens = extra.pop("max_tokens", None) or self.max_tokens
+        if max_tokens is not None:
+            kw["max_tokens"] = max_tokens
+        body = {**(self.extra_body or {}), **extra.pop("extra_body", {})}
+        if body:
+            kw["extra_body"] = body
+        kw.update(extra)
+        constrained = "response_format" in kw or "grammar" in body
+        stream = self.stream if stream is None else stream
 
-        if not self.stream:
+        def create(**more):
+            try:
+                return client.chat.completions.create(**kw, **more)
+            except openai.BadRequestError as e:
+                message = self._scrub(str(e.message))
+                if _context_error(message):
+                    raise _ContextOverflow(message, _context_in(message)) from None
+                if constrained and not more.get("stream_options"):
+                    raise _ConstraintRefused(message) from None
+                raise
+
+        if not stream:
             def call():
-                resp = client.chat.completions.create(**kw)
+                resp = create()
                 if not hasattr(resp, "choices"):  # the client hands back a body it could not read as is
                     msg = f"the reply is not a chat completion: {str(resp)[:80]!r}"
                     raise ValueError(msg)
@@ -252,16 +330,16 @@ class LLMProposer:
             return self._with_retries("chat completion", call, on_token)
 
         def call_stream():
-            extra = {"stream_options": {"include_usage": True}} if self._stream_usage else {}
+            more = {"stream_options": {"include_usage": True}} if self._stream_usage else {}
             try:
-                stream = client.chat.completions.create(stream=True, **kw, **extra)
+                chunks = create(stream=True, **more)
             except openai.BadRequestError:
-                if not extra:
+                if not more:
                     raise
                 self._stream_usage = False   # older servers reject stream_options: ask without it
-                stream = client.chat.completions.create(stream=True, **kw)
+                chunks = create(stream=True)
             parts, usage = [], {}
-            for chunk in stream:
+            for chunk in chunks:
                 if getattr(chunk, "usage", None):
                     usage = _usage(chunk.usage)
                 for choice in chunk.choices or ():
@@ -273,58 +351,429 @@ class LLMProposer:
             return "".join(parts), usage
         return self._with_retries("chat completion", call_stream, on_token)
 
+    # ------------------------------------------------------------------ sizes and modes
+
+    @property
+    def counter(self) -> TokenCounter:
+        """How prompts are counted (`.method` says how)."""
+        if self._counter is None:
+            self._counter = TokenCounter()
+        return self._counter
+
+    def context_window(self) -> tuple[int | None, str]:
+        """(the server's context size in tokens or None, where it came from), asked once.
+
+        `context_size=` / AUTORESEARCH_CONTEXT first; then /v1/models (vLLM's
+        max_model_len) and /props (llama.cpp's n_ctx); else (None, "unknown").
+        """
+        if self._context is not None or self._context_source:
+            return self._context, self._context_source
+        if self._context_arg is not None:
+            self._context, self._context_source = self._context_arg, "setting"
+            return self._context, self._context_source
+        self._context_source = "unknown"
+        if self.base_url is None:      # api.openai.com: contexts of 128k and more; nothing to ask
+            return None, self._context_source
+        try:
+            models = self._models if self._models is not None else list(self._client_().models.list())
+            n = context_from_models(models, self.model)
+            if n:
+                self._context, self._context_source = n, "server /v1/models"
+                return self._context, self._context_source
+        except Exception:              # a server without /models: fine, try /props
+            pass
+        try:
+            import httpx
+
+            r = httpx.get(props_url(self.base_url), timeout=min(5.0, self.timeout),
+                          headers={"Authorization": f"Bearer {self.__key}"})
+            n = context_from_props(r.json()) if r.status_code == 200 else None
+            if n:
+                self._context, self._context_source = n, "server /props"
+        except Exception:
+            pass
+        return self._context, self._context_source
+
+    def _reply_room(self, mode: str, context: int | None) -> int:
+        """Tokens kept free for the reply: max_tokens, else a share of the context."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        if mode == "knobs":
+            return KNOB_MAX_TOKENS
+        return max(256, min(2048, (context or 8192) // 4))
+
+    def _limit(self, mode: str) -> int | None:
+        ctx, _ = self.context_window()
+        return None if ctx is None else ctx - self._reply_room(mode, ctx)
+
+    def _too_long(self, n: int, mode: str, what: str) -> ProposalError:
+        ctx, source = self.context_window()
+        room = self._reply_room(mode, ctx)
+        return self._fail(
+            f"the prompt does not fit: {what} needs {n} tokens ({self.counter.method}) and the server's context "
+            f"is {ctx} tokens ({source}), {room} of them kept for the reply. Start the server with a larger "
+            f"context (llama.cpp: -c 8192; Ollama: OLLAMA_CONTEXT_LENGTH=8192), or set AUTORESEARCH_CONTEXT / "
+            f"context_size= if the server has more than the kit was told"
+            + ("" if mode == "knobs" else ", or use the knob mode (--edit-mode knobs, edit_mode=\"knobs\")"),
+            prompt_tokens_counted=n, context_size=ctx)
+
+    def _fit_edits(self, context: ProposalContext) -> tuple[list[dict], int, str]:
+        """The free-form prompt, trimmed until it fits: (messages, tokens, what was cut)."""
+        limit = self._limit("edits")
+        plans = [(self.max_history, prompts.MAX_DIFFS, prompts.MAX_CRASH_CHARS, ""),
+                 (self.max_history, 1, prompts.MAX_CRASH_CHARS, "older diffs"),
+                 (self.max_history, 0, 1000, "diffs, most of the crash log"),
+                 (10, 0, 500, "diffs, history beyond 10, most of the crash log"),
+                 (3, 0, 300, "diffs, history beyond 3, most of the crash log"),
+                 (0, 0, 0, "history, diffs and crash log")]
+        n = 0
+        for hist, diffs, crash, cut in plans:
+            messages = prompts.build_messages(context, system_prompt=self.system_prompt, max_history=min(hist, self.max_history),
+                                              max_diffs=diffs, max_crash_chars=crash)
+            n = self.counter.count_messages(messages)
+            if limit is None or n <= limit:
+                return messages, n, cut
+        raise _NoFit(n, "the free-form prompt (program.md and the whole train.py)")
+
+    def _fit_knobs(self, context: ProposalContext, ks: list) -> tuple[list[dict], int, str]:
+        limit = self._limit("knobs")
+        n = 0
+        for rows, cut in ((knobs.MAX_RESULTS, ""), (4, "results beyond the last 4"), (0, "the results table")):
+            messages = knobs.build_messages(context, ks, max_rows=rows)
+            n = self.counter.count_messages(messages)
+            if limit is None or n <= limit:
+                return messages, n, cut
+        raise _NoFit(n, "the knob prompt (program.md and the knob list)")
+
+    def _fit_turn(self, base: list[dict], turn: list[dict], mode: str) -> list[dict]:
+        """base + the refused reply and its error, or less of them when that would not fit."""
+        limit = self._limit(mode)
+        for messages in (base + turn, base + turn[-1:]):
+            if limit is None or self.counter.count_messages(messages) <= limit:
+                return messages
+        return base
+
+    def _mode(self, model: str) -> str:
+        if self.edit_mode != "auto":
+            return self.edit_mode
+        if self._switched:
+            return "knobs"
+        return "knobs" if small_local_model(model, self.base_url) else "edits"
+
     # ------------------------------------------------------------------ the proposer
 
+    def _note(self, on_token, text: str) -> None:
+        if on_token is not None:
+            on_token(text)
+
+    def _progress(self, **event) -> None:
+        if self.on_progress is not None:
+            self.on_progress(event)
+
     def propose(self, context: ProposalContext, *, on_token: Callable[[str], Any] | None = None) -> Proposal:
-        """Ask the model for an edit; return the first valid one.
+        """Ask the model for an edit (or, in the knob mode, a knob change); return the first valid one.
 
         Raises
         ------
         ProposalError
-            After `max_attempts` refused replies (the reason has the last error), or when
-            the endpoint fails (the reason names its URL, never the key).
+            After `max_attempts` refused replies (the reason has the last error), when the
+            prompt cannot fit the server's context, or when the endpoint fails (the reason
+            names its URL, never the key). Its metadata keeps each refused reply.
         """
         on_token = on_token or self.on_token
         t0 = time.perf_counter()
         self._network_retries = 0
         model = self._resolve_model(on_token)
-        messages = prompts.build_messages(context, system_prompt=self.system_prompt, max_history=self.max_history)
+        mode = self._mode(model)
         meta: dict[str, Any] = {"proposer": self.name, "model": model, "endpoint": _host(self.endpoint),
-                                "attempts": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": []}
-        error = ""
-        for attempt in range(1, self.max_attempts + 1):
-            meta["attempts"] = attempt
-            if attempt > 1 and on_token is not None:
-                on_token(f"\n\n[reply {attempt - 1} refused: {error}; asking again ({attempt}/{self.max_attempts})]\n\n")
+                                "edit_mode": mode, "attempts": 0, "prompt_tokens": None,
+                                "completion_tokens": None, "errors": [], "refused": []}
+        self._usage_missing = False
+        ks = None
+        if mode == "knobs":
             try:
-                text, usage = self._complete(messages, on_token)
-            except ProposalError as e:
-                meta["seconds"] = round(time.perf_counter() - t0, 3)
-                meta["network_retries"] = self._network_retries
-                e.attempts, e.metadata = attempt, {**meta, **e.metadata}
-                raise
+                ks = knobs.find_knobs(context.parent_source)
+            except SyntaxError as e:
+                raise self._fail(f"the parent train.py does not parse ({e.msg}, line {e.lineno}); fix it first",
+                                 **meta) from None
+            if not ks:
+                if self.edit_mode == "knobs":
+                    raise self._fail("the knob mode found no UPPER_CASE constant with a literal value in train.py "
+                                     "(e.g. MATRIX_LR = 0.02); use edit_mode=\"edits\" (--edit-mode edits)", **meta)
+                mode = meta["edit_mode"] = "edits"
+        try:
+            if mode == "edits":
+                try:
+                    return self._run(context, on_token, meta, t0, "edits")
+                except _GaveUp as e:
+                    if self.edit_mode != "auto" or not self._knobs_possible(context):
+                        raise e.error from None
+                    why = e.error.reason
+                except _NoFit as e:
+                    if self.edit_mode != "auto" or not self._knobs_possible(context):
+                        raise self._too_long(e.tokens, "edits", e.what) from None
+                    why = f"the free-form prompt ({e.tokens} tokens) does not fit the context"
+                self._switched = True
+                meta["edit_mode"], meta["switched_from"] = "knobs", {"mode": "edits", "why": why}
+                self._note(on_token, "\n\n[free-form edits did not work with this model: switching to the knob mode "
+                                     "(one UPPER_CASE constant per experiment, as JSON)]\n\n")
+                self._progress(event="switch", to="knobs", why=why)
+                ks = knobs.find_knobs(context.parent_source)
+            try:
+                return self._run(context, on_token, meta, t0, "knobs", ks)
+            except _GaveUp as e:
+                if "switched_from" not in meta:
+                    raise e.error from None
+                reason = f"{e.error.reason} (free-form edits failed before: {meta['switched_from']['why']})"
+                raise ProposalError(reason, attempts=e.error.attempts, metadata=e.error.metadata) from None
+            except _NoFit as e:
+                raise self._too_long(e.tokens, "knobs", e.what) from None
+        except ProposalError as e:
+            e.attempts = e.attempts or meta["attempts"]
+            e.metadata = {**self._finish(meta, t0), **e.metadata}
+            raise
+
+    def _knobs_possible(self, context: ProposalContext) -> bool:
+        try:
+            return bool(knobs.find_knobs(context.parent_source))
+        except SyntaxError:
+            return False
+
+    def _finish(self, meta: dict, t0: float) -> dict:
+        meta["seconds"] = round(time.perf_counter() - t0, 3)
+        meta["network_retries"] = self._network_retries
+        if self._usage_missing:     # some reply came without counts: the totals are unknown, not 0
+            meta["prompt_tokens"] = meta["completion_tokens"] = None
+            meta["usage"] = "not reported by the server"
+        known = [meta[k] for k in ("prompt_tokens", "completion_tokens")]
+        meta["tokens"] = None if None in known else sum(known)
+        return meta
+
+    def _structured_extra(self, ks: list) -> dict:
+        """The request fields that constrain a knob reply, for the current fallback level."""
+        extra: dict[str, Any] = {"max_tokens": self.max_tokens or KNOB_MAX_TOKENS}
+        if self._structured == "json_schema":
+            extra["response_format"] = knobs.response_format(ks)
+        elif self._structured == "grammar":
+            extra["extra_body"] = {"grammar": knobs.grammar(ks)}
+        return extra
+
+    def _downgrade(self, on_token, why: str) -> bool:
+        """json_schema -> grammar -> prompt only (when structured="auto"); False if no step is left."""
+        if self.structured != "auto" or self._structured == "none":
+            return False
+        nxt = {"json_schema": "grammar", "grammar": "none"}[self._structured]
+        self._note(on_token, f"\n[{why}: asking with {'a GBNF grammar' if nxt == 'grammar' else 'the prompt alone'} "
+                             f"instead]\n")
+        self._progress(event="structured", was=self._structured, now=nxt, why=why)
+        self._structured = nxt
+        return True
+
+    def _run(self, context: ProposalContext, on_token, meta: dict, t0: float, mode: str,
+             ks: list | None = None) -> Proposal:
+        """The attempt loop of one mode: ask, parse, feed the error back, up to max_attempts."""
+        if mode == "knobs":
+            def fit():
+                return self._fit_knobs(context, ks)
+            retry = knobs.retry_message
+        else:
+            def fit():
+                return self._fit_edits(context)
+            retry = prompts.retry_message
+        base, n, cut = fit()
+        if cut:
+            meta["trimmed"] = cut
+        messages, error = base, ""
+        for attempt in range(1, self.max_attempts + 1):
+            meta["attempts"] += 1
+            if attempt > 1:
+                self._note(on_token, f"\n\n[reply {attempt - 1} refused: {error}; asking again "
+                                     f"({attempt}/{self.max_attempts})]\n\n")
+            while True:
+                try:
+                    text, usage, n = self._ask(messages, on_token, meta, mode, ks, attempt)
+                    break
+                except _Refit:               # the server named a smaller context: trim to it
+                    base, n, cut = fit()
+                    messages = base
+                    if cut:
+                        meta["trimmed"] = cut
             for k in ("prompt_tokens", "completion_tokens"):
-                meta[k] += usage.get(k, 0)
+                if k in usage:
+                    meta[k] = (meta[k] or 0) + usage[k]
+                else:
+                    self._usage_missing = True
             meta["network_retries"] = self._network_retries
             try:
-                reply = parse_reply(text)
-                source = apply_reply(context.parent_source, reply)
-                meta["seconds"] = round(time.perf_counter() - t0, 3)
-                meta["tokens"] = meta["prompt_tokens"] + meta["completion_tokens"]
-                return make_proposal(context, source, reply.description, proposer=self.name,
-                                     rationale=reply.rationale, metadata=dict(meta))
+                if not text.strip():
+                    ctx, source = self.context_window()
+                    raise EditError(
+                        f"the model sent an empty reply; the likely cause is a prompt ({n} tokens, "
+                        f"{self.counter.method}) that does not fit the server's context ({ctx or 'size unknown'}"
+                        f"{'' if ctx is None else ', ' + source}): start the server with a larger context "
+                        f"(llama.cpp: -c 8192; Ollama: OLLAMA_CONTEXT_LENGTH=8192) or set AUTORESEARCH_CONTEXT "
+                        f"(context_size=) to the server's size so the kit trims the prompt to fit")
+                if mode == "knobs":
+                    change = knobs.parse_reply(text, ks)
+                    source = knobs.apply(context.parent_source, change)
+                    description, rationale = knobs.describe(change), knobs.rationale(change)
+                    meta["change"] = {"knob": change.knob.name, "old": change.knob.text, "new": change.new_text}
+                    meta["structured"] = self._structured
+                else:
+                    reply = parse_reply(text)
+                    source = apply_reply(context.parent_source, reply)
+                    description, rationale = reply.description, reply.rationale
+                proposal = make_proposal(context, source, description, proposer=self.name, rationale=rationale,
+                                         metadata=self._finish(dict(meta), t0))
+                self._progress(event="accepted", attempt=attempt, description=proposal.description)
+                return proposal
             except (EditError, ProposalError) as e:
                 error = self._scrub(str(e))
                 meta["errors"].append(error)
-            messages = messages + [{"role": "assistant", "content": text}, prompts.retry_message(error)]
-        meta["seconds"] = round(time.perf_counter() - t0, 3)
-        meta["tokens"] = meta["prompt_tokens"] + meta["completion_tokens"]
-        raise ProposalError(f"the model ({model} at {_host(self.endpoint)}) gave no usable edit in "
-                            f"{self.max_attempts} attempts; last problem: {error}",
-                            attempts=self.max_attempts, metadata=meta)
+                meta["refused"].append({"attempt": meta["attempts"], "mode": mode, "error": error,
+                                        "reply": self._scrub(text[:MAX_SAVED_REPLY])})
+                self._progress(event="refused", attempt=attempt, error=error, reply=text)
+                if mode == "knobs" and self._structured == "json_schema" and text.strip() \
+                        and isinstance(e, EditError) and "not JSON" in error:
+                    self._downgrade(on_token, "the server ignored the JSON schema")
+            messages = self._fit_turn(base, [{"role": "assistant", "content": text}, retry(error)], mode)
+        what = "knob change" if mode == "knobs" else "edit"
+        hint = ("try a bigger model, or the offline proposer (--proposer mutate, proposer=\"mutate\")"
+                if mode == "knobs" else
+                "try a bigger model, the knob mode (--edit-mode knobs, edit_mode=\"knobs\"), or the offline "
+                "proposer (--proposer mutate, proposer=\"mutate\")")
+        raise _GaveUp(ProposalError(
+            f"the model ({meta['model']} at {_host(self.endpoint)}) gave no usable {what} in "
+            f"{self.max_attempts} attempts; last problem: {error}. {hint[0].upper() + hint[1:]}",
+            attempts=meta["attempts"], metadata=meta))
+
+    def _ask(self, messages: list[dict], on_token, meta: dict, mode: str, ks, attempt: int
+             ) -> tuple[str, dict, int]:
+        """One reply, through the fallbacks that do not count as attempts: (text, usage, prompt tokens).
+
+        A refused constraint (400) steps down json_schema -> grammar -> prompt; a 400 that
+        names the context size trims the prompt to that size and asks again; an empty
+        streamed reply is asked once more without streaming (servers report an overflow
+        only there).
+        """
+        stream, shrunk = None, False
+        while True:
+            n = self.counter.count_messages(messages)
+            limit = self._limit(mode)
+            if limit is not None and n > limit:
+                raise _NoFit(n, "the prompt with the previous reply")
+            ctx, source = self.context_window()
+            meta["prompt_tokens_counted"], meta["token_count"] = n, self.counter.method
+            meta["context_size"], meta["context_source"] = ctx, source
+            self._progress(event="ask", model=self.model, endpoint=self.endpoint, prompt_tokens=n,
+                           method=self.counter.method, context=ctx, context_source=source, mode=mode,
+                           attempt=attempt, structured=self._structured if mode == "knobs" else None)
+            extra = self._structured_extra(ks) if mode == "knobs" else None
+            try:
+                text, usage = self._complete(messages, on_token, extra=extra, stream=stream)
+            except _ConstraintRefused as e:
+                if self._downgrade(on_token, f"the server refused the {self._structured} constraint ({e})"):
+                    continue
+                raise self._fail(f"chat completion: HTTP 400 from {self.endpoint}: {e}") from None
+            except _ContextOverflow as e:
+                known, _ = self.context_window()
+                if e.context and not shrunk and (known is None or e.context < known):
+                    shrunk = True            # the server said how big it is: fit to that and ask again
+                    self._context, self._context_source = e.context, "server error"
+                    raise _Refit(e.context) from None
+                raise self._too_long(n, mode, "the prompt") if known else self._fail(
+                    f"the server refused the prompt as too long ({e}); the prompt is {n} tokens "
+                    f"({self.counter.method}). Start the server with a larger context (llama.cpp: -c 8192; Ollama: "
+                    f"OLLAMA_CONTEXT_LENGTH=8192), or set AUTORESEARCH_CONTEXT to its size so the kit trims "
+                    f"the prompt", prompt_tokens_counted=n) from None
+            if not text.strip() and (self.stream if stream is None else stream):
+                stream = False               # ask again unstreamed: a 400 shows there, not in a stream
+                self._note(on_token, "\n[empty streamed reply: asking once more without streaming]\n")
+                continue
+            self._progress(event="reply", attempt=attempt, chars=len(text), usage=usage)
+            return text, usage, n
 
 
 def _usage(usage) -> dict:
+    """Counts the server reported; a missing count is left out (unknown), never 0."""
     if usage is None:
         return {}
-    return {k: int(getattr(usage, k, 0) or 0) for k in ("prompt_tokens", "completion_tokens")}
+    out = {}
+    for k in ("prompt_tokens", "completion_tokens"):
+        v = getattr(usage, k, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            out[k] = v
+    return out
+
+
+_CONTEXT_WORDS = re.compile(r"context length|context size|context window|n_ctx|too many tokens|prompt is too long|"
+                            r"exceeds? the (?:available )?context|maximum context", re.IGNORECASE)
+_CONTEXT_NUMBER = (re.compile(r"maximum context length is (\d+)", re.IGNORECASE),
+                   re.compile(r"n_ctx\W{0,4}(\d+)", re.IGNORECASE),
+                   re.compile(r"context (?:size|length|window)\D{0,20}(\d{3,7})", re.IGNORECASE))
+
+
+def _context_error(message: str) -> bool:
+    return bool(_CONTEXT_WORDS.search(message or ""))
+
+
+def _context_in(message: str) -> int | None:
+    for pattern in _CONTEXT_NUMBER:
+        m = pattern.search(message or "")
+        if m:
+            return int(m.group(1))
+    return None
+
+
+class _ContextOverflow(Exception):
+    """The server refused the prompt as longer than its context (HTTP 400)."""
+
+    def __init__(self, message: str, context: int | None) -> None:
+        super().__init__(message)
+        self.context = context
+
+
+class _ConstraintRefused(Exception):
+    """HTTP 400 to a request carrying a response_format or grammar (the server does not take it)."""
+
+
+class _NoFit(Exception):
+    """The prompt, trimmed as far as it goes, is still larger than the context allows."""
+
+    def __init__(self, tokens: int, what: str) -> None:
+        super().__init__(what)
+        self.tokens, self.what = tokens, what
+
+
+class _Refit(Exception):
+    """The server told its context size: build the prompt again for it."""
+
+
+class _GaveUp(Exception):
+    """Every attempt of a mode was refused; `.error` is the ProposalError to raise."""
+
+    def __init__(self, error: ProposalError) -> None:
+        super().__init__(error.reason)
+        self.error = error
+
+
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+SMALL_MODEL_BILLIONS = 4.0       # up to this size a model gets the knob mode when served locally
+_SIZE = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*([bm])(?![a-z0-9])", re.IGNORECASE)
+_SMALL_WORDS = re.compile(r"smol|tiny|nano|micro", re.IGNORECASE)
+
+
+def small_local_model(model: str | None, base_url: str | None) -> bool:
+    """True for a small model (name says <= 4B parameters, or smol/tiny) on a local endpoint.
+
+    "SmolLM2-135M-Instruct", "qwen2.5:0.5b" and "phi-3-mini-3.8b" at 127.0.0.1 are small;
+    "qwen2.5-coder:7b" is not, and neither is any model behind a remote endpoint.
+    """
+    host = (urlsplit(base_url).hostname or "") if base_url else ""
+    if host not in _LOCAL_HOSTS or not model:
+        return False
+    name = model.replace("_", "-").rsplit("/", 1)[-1]
+    sizes = [float(n) / (1000 if unit.lower() == "m" else 1) for n, unit in _SIZE.findall(name)]
+    if sizes:
+        return max(sizes) <= SMALL_MODEL_BILLIONS
+    return bool(_SMALL_WORDS.search(name))

@@ -76,8 +76,10 @@ Your previous reply could not be used: {error}
 Reply again in the same format: DESCRIPTION, RATIONALE, then SEARCH/REPLACE blocks against
 the current train.py shown above (or the complete file in one ```python block)."""
 
-# How much of the ledger a prompt carries: enough to avoid repeats, small enough for an
-# 8k-context local model (a 300-line train.py is ~3k tokens).
+# How much of the ledger a prompt carries: enough to avoid repeats. The kit's train.py alone
+# is 4.2k tokens for SmolLM2's tokenizer (12.7k characters), the whole step-1 prompt 5.5k,
+# and ~8.6k after 30 experiments with diffs (issue 14): the LLM proposer trims these
+# sections until the prompt fits the server's context (llm.py, tokens.py).
 MAX_HISTORY = 30
 MAX_DIFFS = 3
 MAX_DIFF_LINES = 40
@@ -94,9 +96,9 @@ def _outcome(e: HistoryEntry) -> str:
     return e.decision or "undecided"
 
 
-def format_history(history: list[HistoryEntry], max_entries: int = MAX_HISTORY) -> str:
+def format_history(history: list[HistoryEntry], max_entries: int = MAX_HISTORY, max_diffs: int = MAX_DIFFS) -> str:
     """The history section: one line per experiment, then the last few diffs."""
-    if not history:
+    if not history or max_entries <= 0:
         return ""
     recent = history[-max_entries:]
     lines = [HISTORY_LINE.format(exp_id=e.exp_id, outcome=_outcome(e), bpb=_bpb(e.val_bpb),
@@ -104,7 +106,7 @@ def format_history(history: list[HistoryEntry], max_entries: int = MAX_HISTORY) 
                                  reason=f'  | reason: "{e.reason.strip()}"' if e.reason.strip() else "")
              for e in recent]
     text = HISTORY_HEADER.format(n=len(recent), total=len(history)) + "\n".join(lines) + "\n"
-    with_diff = [e for e in recent if e.diff.strip()][-MAX_DIFFS:]
+    with_diff = [e for e in recent if e.diff.strip()][-max_diffs:] if max_diffs > 0 else []
     if with_diff:
         text += DIFF_HEADER
         for e in with_diff:
@@ -115,7 +117,8 @@ def format_history(history: list[HistoryEntry], max_entries: int = MAX_HISTORY) 
 
 
 def build_messages(context: ProposalContext, *, system_prompt: str | None = None,
-                   max_history: int = MAX_HISTORY) -> list[dict]:
+                   max_history: int = MAX_HISTORY, max_diffs: int = MAX_DIFFS,
+                   max_crash_chars: int = MAX_CRASH_CHARS) -> list[dict]:
     """The chat messages for one proposal: the kit's system prompt and the context.
 
     Parameters
@@ -126,15 +129,18 @@ def build_messages(context: ProposalContext, *, system_prompt: str | None = None
         Replaces `SYSTEM_PROMPT` (the reply format must stay what `parse_reply` reads).
     max_history
         How many recent experiments to list.
+    max_diffs, max_crash_chars
+        How many of their diffs to show, and how much of the last crash's log tail
+        (the LLM proposer lowers all three until the prompt fits the server's context).
     """
     parent = f"experiment {context.parent_id}" if context.parent_id else "the starting point"
     if context.parent_val_bpb is not None:
         parent += f", val_bpb {context.parent_val_bpb:.4f}"
     if context.best_val_bpb is not None:
         parent += f"; best so far {context.best_val_bpb:.4f}"
-    sections = format_history(context.history, max_history)
-    if context.last_crash_log.strip():
-        sections += CRASH_HEADER.format(log=context.last_crash_log.strip()[-MAX_CRASH_CHARS:])
+    sections = format_history(context.history, max_history, max_diffs)
+    if context.last_crash_log.strip() and max_crash_chars > 0:
+        sections += CRASH_HEADER.format(log=context.last_crash_log.strip()[-max_crash_chars:])
     if context.feedback.strip():
         sections += FEEDBACK_HEADER.format(feedback=context.feedback.strip())
     user = USER_TEMPLATE.format(program=context.program.strip() or "(program.md is empty)",
