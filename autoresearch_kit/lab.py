@@ -284,9 +284,13 @@ class Lab:
                  train: str | os.PathLike = "train.py", budget: "str | Budget | None" = None,
                  proposer: Any = "auto", data_dir: str | os.PathLike | None = None, seed: int = 42,
                  device: str | None = None, threshold: float = 0.0, *, proposer_kwargs: dict | None = None,
-                 verbose: bool = True, rebaseline: bool = False, noise_runs: int | None = None) -> None:
+                 verbose: bool = True, rebaseline: bool = False, noise_runs: int | None = None,
+                 sandbox: str | None = None) -> None:
         self.path = Path(path).expanduser().resolve()
         noise_runs = _noise_runs(noise_runs)     # a bad value fails before anything is opened
+        from autoresearch_kit import sandbox as _sandbox
+
+        self.sandbox = _sandbox.mode(sandbox)    # auto | require | off (AUTORESEARCH_SANDBOX)
         if self.path.exists() and not self.path.is_dir():
             msg = f"{self.path} is a file; a lab is a directory. Choose a new directory name, e.g. Lab('mylab')."
             raise ValueError(msg)
@@ -989,7 +993,7 @@ class Lab:
             kw = {"hard_limit": limit} if limit is not None else {}
             result = runner.run_budgeted(source, budget, workdir=workdir, data_dir=self.data_dir,
                                          seed=self.seed if seed is None else seed, device=self.device,
-                                         on_event=on_event, stop=stop, **kw)
+                                         on_event=on_event, stop=stop, sandbox=self.sandbox, **kw)
         except BaseException as e:  # a broken setup or a Ctrl-C outside the runner's wait
             why = "interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
             self._finish(exp_id, RunResult(status="aborted", reason=why, budget=str(budget)), sha)
@@ -1593,7 +1597,7 @@ class Lab:
         """
         if not self._started_ahead:
             self._started_ahead = True
-            self._prestart = runner.prestart(self.device)
+            self._prestart = runner.prestart(self.device, sandbox=self.sandbox)
 
     # ---- housekeeping -------------------------------------------------------------------------
 
@@ -1661,6 +1665,12 @@ def format_record(rec: dict) -> str:
     noise = _SIGMA_NOTE.search(rec.get("decision_reason") or "") if by_rule else None
     if noise:   # the rule's reason names sigma: show it beside the decision
         decision += f" ({noise.group(1)})"
+    extra = rec.get("extra") or {}
+    iso = str(extra.get("isolation") or "")
+    if iso.startswith("none"):  # a score made without the sandbox says so wherever it is listed
+        decision += " (unsandboxed)"
+    if (extra.get("epochs") or 0) > 3:
+        decision += f" ({extra['epochs']:.0f} epochs of the training data)"
     by = f" [{rec['decided_by']}]" if rec.get("decided_by") else ""
     why = f": {rec['decision_reason']}" if rec["status"] == "rejected" and rec.get("decision_reason") else ""
     return f"{rec['id']}  {rec['kind']:<9} {bpb:<22} {decision}{by}  {rec['description']}{why}"

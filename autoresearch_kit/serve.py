@@ -132,6 +132,7 @@ class RunServer:
         self._shm: mmap.mmap | None = None
         self._shm_fd = -1
         self._shm_size = 0
+        self.logits_bytes = 0             # moved through shared memory at finish
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._dispatcher = None
@@ -473,7 +474,8 @@ class RunServer:
             return
         bpb = nats / (math.log(2) * nbytes)
         self.result = {"val_bpb": bpb, "nats": nats, "bytes": nbytes, "eval_tokens": n, "seq_len": L,
-                       "eval_seconds": self._now() - t0, "probes": probes, "probe_max_diff": worst}
+                       "eval_seconds": self._now() - t0, "probes": probes, "probe_max_diff": worst,
+                       "logits_bytes": self.logits_bytes, "logits_dtype": str(logits.dtype).removeprefix("torch.")}
         if not math.isfinite(bpb):
             self._invalid(f"the model's logits gave a non-finite val_bpb ({bpb})")
             return
@@ -519,6 +521,7 @@ class RunServer:
             return None
         # A copy first: the child still maps the buffer and could change it while it is read.
         raw = torch.frombuffer(self._shm, dtype=getattr(torch, dtype), count=count).clone()
+        self.logits_bytes += count * _DTYPES[dtype]
         return raw.view(*shape)
 
     def _new_shm(self, size: int) -> None:

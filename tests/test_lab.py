@@ -230,7 +230,8 @@ def _run_dir_processes(run_dir: Path) -> list[int]:
         if not proc.name.isdigit():
             continue
         try:
-            if Path(os.readlink(proc / "cwd")) == run_dir and \
+            # run_dir itself, or run_dir/files where bubblewrap starts the sandboxed child
+            if Path(os.readlink(proc / "cwd")) in (run_dir, run_dir / "files") and \
                     (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X"):
                 found.append(int(proc.name))
         except OSError:
