@@ -86,6 +86,7 @@ _MAX_MESSAGE = 1 << 20
 # modules before it (see _get_server), so the cheap and essential ones come first.
 PRELOAD = ("numpy", "tiktoken", "torch", "torch.nn", "torch.nn.functional", "torch.nn.attention",
            "torch.utils.flop_counter", "autoresearch_kit.config", "autoresearch_kit.wire",
+           "autoresearch_kit.landlock",
            "autoresearch_kit.device", "autoresearch_kit.data.shards", "autoresearch_kit.data.loader",
            "autoresearch_kit.metric", "torch._dynamo", "torch._inductor.compile_fx")
 _BOOT = ("import sys; from autoresearch_kit.forkserver import _serve; "
@@ -172,11 +173,18 @@ class _Refused(Exception):
 class _Server:
     """The runner's handle on one server process (its control socket and Popen)."""
 
-    def __init__(self, env: dict[str, str], preload: tuple[str, ...], device_type: str) -> None:
+    def __init__(self, env: dict[str, str], preload: tuple[str, ...], device_type: str, wrap=None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sandboxed = wrap is not None
+        self._ns: str | None = None   # the server's PID namespace, when sandboxed
+        # In a sandbox the server cannot see the runner's pid (its own PID namespace): it
+        # watches its parent as it finds it (bubblewrap's init) and the control socket.
+        argv = [sys.executable, "-c", _BOOT, str(theirs.fileno()), "0" if wrap else str(os.getpid()),
+                ",".join(preload), device_type]
+        if wrap is not None:
+            argv, env = wrap(argv, env)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(theirs.fileno()), str(os.getpid()),
-                                          ",".join(preload), device_type],
+            self.proc = subprocess.Popen(argv,
                                          env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True,
                                          pass_fds=(theirs.fileno(),))
@@ -208,10 +216,11 @@ class _Server:
     def alive(self) -> bool:
         return self.proc.poll() is None and self.sock.fileno() >= 0
 
-    def request(self, cwd: str, env: dict[str, str], stdout_fd: int, channel_fd: int) -> ForkedChild:
+    def request(self, cwd: str, env: dict[str, str], stdout_fd: int, channel_fd: int,
+                policy: dict | None = None) -> ForkedChild:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            payload = json.dumps({"cwd": cwd, "env": env}).encode()
+            payload = json.dumps({"cwd": cwd, "env": env, "landlock": policy}).encode()
             socket.send_fds(self.sock, [payload], [theirs.fileno(), stdout_fd, channel_fd])
             theirs.close()
             ready, _, _ = select.select([mine], [], [], REPLY_TIMEOUT_SECONDS)
@@ -225,7 +234,64 @@ class _Server:
             if isinstance(reply, dict) and reply.get("error"):
                 raise _Refused(str(reply["error"]))
             raise OSError("the fork server did not answer")
-        return ForkedChild(int(reply["pid"]), mine)
+        pid = int(reply["pid"])
+        if self.sandboxed:  # the server answers with the child's pid in its namespace
+            host = self.members().get(pid)
+            if host is None:
+                mine.close()
+                raise OSError(f"the sandboxed fork server's child {pid} is not to be found from outside")
+            pid = host
+        return ForkedChild(pid, mine)
+
+    def namespace(self) -> str | None:
+        """The server's PID namespace (read from bubblewrap's init, the runner's grandchild)."""
+        if self._ns is None:
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{name}/stat", "rb") as f:
+                        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                    if ppid == self.proc.pid:
+                        self._ns = os.readlink(f"/proc/{name}/ns/pid")
+                        break
+                except (OSError, ValueError, IndexError):
+                    continue
+        return self._ns
+
+    def members(self) -> dict[int, int]:
+        """{pid in the server's namespace: host pid} for every process in it."""
+        ns, found = self.namespace(), {}
+        if ns is None:
+            return found
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                if os.readlink(f"/proc/{name}/ns/pid") != ns:
+                    continue
+                with open(f"/proc/{name}/status") as f:
+                    for line in f:
+                        if line.startswith("NSpid:"):
+                            found[int(line.split()[-1])] = int(name)
+                            break
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def kill_strays(self) -> list[int]:
+        """SIGKILL every process in the server's namespace but bubblewrap's init and the
+        server: what a finished run left behind, whatever it did to its environment."""
+        killed = []
+        for inner, host in self.members().items():
+            if inner in (1, 2) or host == self.proc.pid:
+                continue
+            try:
+                os.kill(host, signal.SIGKILL)
+                killed.append(host)
+            except OSError:
+                pass
+        return killed
 
     def close(self) -> None:
         self.sock.close()  # the server exits on EOF; its children die with it
@@ -243,9 +309,15 @@ _failed: dict[tuple, str] = {}   # env key -> why the server could not start (no
 _preload: dict[tuple, int] = {}  # env key -> how many of PRELOAD a server may import (thread-free)
 
 
-def _env_key(env: dict[str, str]) -> tuple:
+# Set per run in a sandboxed server's children (sandbox.stage), read by libraries at use, not import.
+_PER_RUN = ("HOME", "TMPDIR", "PWD", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def _env_key(env: dict[str, str], sandboxed: bool = False) -> tuple:
     """What the server's imports could depend on: the environment minus per-run variables."""
-    return tuple(sorted((k, v) for k, v in env.items() if not k.startswith(("AUTORESEARCH_", "PYTEST_"))))
+    skip = _PER_RUN if sandboxed else ()
+    return tuple(sorted((k, v) for k, v in env.items()
+                        if not k.startswith(("AUTORESEARCH_", "PYTEST_")) and k not in skip)) + (("sandbox", sandboxed),)
 
 
 def _server_env(env: dict[str, str]) -> dict[str, str]:
@@ -258,17 +330,17 @@ def _server_env(env: dict[str, str]) -> dict[str, str]:
     return server_env
 
 
-def _get_server(env: dict[str, str], device_type: str) -> _Server | None:
+def _get_server(env: dict[str, str], device_type: str, wrap=None) -> _Server | None:
     """The running server for this environment, started (and waited for) if need be."""
     global _server, _server_key
-    key = _env_key(env) + (("device", device_type),)
+    key = _env_key(env, wrap is not None) + (("device", device_type),)
     if _server is not None and (_server_key != key or not _server.alive()):
         _server.close()
         _server = None
     while _server is None:
         if key in _failed:
             return None
-        server = _Server(_server_env(env), PRELOAD[:_preload.get(key, len(PRELOAD))], device_type)
+        server = _Server(_server_env(env), PRELOAD[:_preload.get(key, len(PRELOAD))], device_type, wrap)
         try:
             problem = server.handshake()
         except BaseException:
@@ -294,7 +366,7 @@ def _get_server(env: dict[str, str], device_type: str) -> _Server | None:
     return _server
 
 
-def prestart(env: dict[str, str], device_type: str) -> threading.Thread | None:
+def prestart(env: dict[str, str], device_type: str, wrap=None) -> threading.Thread | None:
     """Start the server for `env` in a background thread, so the first run need not wait for it.
 
     `env` is a child environment as the runner builds it (`runner._child_env`); the run id
@@ -308,7 +380,7 @@ def prestart(env: dict[str, str], device_type: str) -> threading.Thread | None:
     def start() -> None:
         with _lock:
             try:
-                _get_server(env, device_type)
+                _get_server(env, device_type, wrap)
             except Exception as e:  # the first run will try again, and fall back
                 log.warning("autoresearch fork server could not be started ahead (%s)", e)
 
@@ -318,7 +390,7 @@ def prestart(env: dict[str, str], device_type: str) -> threading.Thread | None:
 
 
 def spawn(cwd: str | os.PathLike, env: dict[str, str], stdout_fd: int, channel_fd: int,
-          device_type: str) -> ForkedChild | None:
+          device_type: str, wrap=None, policy: dict | None = None) -> ForkedChild | None:
     """Fork a training child from the server, or None when the runner should use a subprocess.
 
     Parameters
@@ -334,6 +406,11 @@ def spawn(cwd: str | os.PathLike, env: dict[str, str], stdout_fd: int, channel_f
         Write end of the trusted channel.
     device_type
         "cuda", "mps" or "cpu" (see `enabled`).
+    wrap
+        Sandboxed runs: starts the server inside bubblewrap (`sandbox.server_wrap`).
+    policy
+        Sandboxed runs: the Landlock rules (`{"read": [...], "write": [...]}`) the child
+        applies to itself before train.py runs (`sandbox.stage`).
 
     Returns
     -------
@@ -345,12 +422,12 @@ def spawn(cwd: str | os.PathLike, env: dict[str, str], stdout_fd: int, channel_f
         return None
     with _lock:
         try:
-            server = _get_server(env, device_type)
+            server = _get_server(env, device_type, wrap)
             if server is None:
                 return None
-            return server.request(str(cwd), env, stdout_fd, channel_fd)
+            return server.request(str(cwd), env, stdout_fd, channel_fd, policy)
         except _Refused as e:  # the server became unsafe to fork from: stop trying in this session
-            _failed[_env_key(env) + (("device", device_type),)] = str(e)
+            _failed[_env_key(env, wrap is not None) + (("device", device_type),)] = str(e)
             log.warning("autoresearch fork server refused (%s); training children start as `python train.py`", e)
             _drop_server()
             return None
@@ -366,6 +443,14 @@ def _drop_server() -> None:
     if _server is not None:
         _server.close()
     _server, _server_key = None, None
+
+
+def kill_sandbox_strays() -> list[int]:
+    """After a sandboxed forked run: kill what it left in the server's namespace."""
+    server = _server
+    if server is None or not server.sandboxed or not server.alive():
+        return []
+    return server.kill_strays()
 
 
 def server_pid() -> int | None:
@@ -593,6 +678,15 @@ def _child(request: dict, stdout_fd: int, channel_fd: int, sync_w: int, server_p
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(env)
+    if request.get("landlock"):
+        # Sandboxed: from here on this process (and all it starts) reads only the system,
+        # Python, the kit and its run, and writes only its run and its scratch folder.
+        import tempfile
+
+        from autoresearch_kit import landlock
+
+        tempfile.tempdir = None  # the server's /tmp is shared by its children: not theirs to use
+        landlock.restrict(read=request["landlock"]["read"], write=request["landlock"]["write"])
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -620,6 +714,8 @@ def _serve(ctrl_fd: int, parent_pid: int, preload: str, cuda: bool = False) -> N
     import traceback
 
     ctrl = socket.socket(fileno=ctrl_fd)
+    if parent_pid == 0:  # in a sandbox: the parent as this process finds it (bubblewrap's init)
+        parent_pid = os.getppid()
     t0 = time.perf_counter()
     problem, safe, imported = None, None, 0
     unpin = None

@@ -604,9 +604,10 @@ def prestart(device: str | None = None, env: dict[str, Any] | None = None,
     from autoresearch_kit import sandbox as _sandbox
 
     try:
-        if _sandbox.isolation(sandbox).isolated:  # sandboxed runs start fresh under bubblewrap
-            return None
+        isolated = _sandbox.isolation(sandbox).isolated
     except RuntimeError:  # sandbox required but missing: the run itself will say so
+        return None
+    if isolated and not _sandbox.forked_isolation():  # sandboxed runs start fresh under bubblewrap
         return None
 
     def start() -> None:
@@ -616,7 +617,11 @@ def prestart(device: str | None = None, env: dict[str, Any] | None = None,
             device_type = detect(announce=False).type
         else:
             device_type = device
-        inner = forkserver.prestart(_child_env(extra_env, _FIXED_CHILD_ENV), device_type)
+        env = _child_env(extra_env, _FIXED_CHILD_ENV)
+        server_wrap = None
+        if isolated:  # the same server a sandboxed run asks for (sandbox.stage's environment)
+            env, server_wrap = _sandbox._inner_env(env), _sandbox.server_wrap(device_type, [config.cache_dir()])
+        inner = forkserver.prestart(env, device_type, server_wrap)
         if inner is not None:
             inner.join()
 
@@ -796,6 +801,7 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
     from autoresearch_kit.wire import FD_VAR, Conn
 
     run_id = uuid.uuid4().hex
+    staged = None  # a run of the sandboxed fork server (sandbox.stage), moved into workdir/files at the end
     res.eval_tokens = min(eval_tokens, max(len(data.val) - 1, 0))
     res.extra["run_id"] = run_id
 
@@ -821,18 +827,30 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
         try:
             child_env = _child_env(extra_env, runner_env)
             proc = None
-            if iso.isolated:
+            hide = [data.path, config.cache_dir(), wd.parent]
+            if iso.isolated and forkserver.enabled(device_type) and _sandbox.forked_isolation():
+                # Forked from a fork server that runs inside bubblewrap; the child locks itself
+                # into its own run with Landlock (sandbox.stage).
+                staged = _sandbox.stage(run_id, source, child_env, device_type)
+                proc = forkserver.spawn(staged.inner_dir, {**staged.env, "AUTORESEARCH_RUN_ID": run_id},
+                                        out_w, theirs.fileno(), device_type,
+                                        wrap=_sandbox.server_wrap(device_type, hide), policy=staged.policy)
+                if proc is None:
+                    staged.unstage(wd / "files")
+                    staged = None
+                else:
+                    res.extra["isolation"] = "bwrap+landlock (fork server)"
+            if iso.isolated and proc is None:
                 files = wd / "files"  # the candidate's cwd, its only writable directory
                 files.mkdir(parents=True, exist_ok=True)
                 (files / "train.py").write_text(source)
                 cache = _sandbox.compile_cache(source) if device_type.split(":")[0] == "cuda" else None
                 inner, child_env = _sandbox.wrap([sys.executable, "train.py"], child_env, iso, files=files,
-                                                 cache=cache, device_type=device_type,
-                                                 hide=[data.path, config.cache_dir(), wd.parent])
+                                                 cache=cache, device_type=device_type, hide=hide)
                 proc = subprocess.Popen(
                     _child_command(inner), cwd=str(files), env=child_env, stdin=subprocess.DEVNULL, stdout=out_w,
                     stderr=out_w, start_new_session=True, pass_fds=(theirs.fileno(),))
-            else:
+            elif proc is None:
                 # A child forked from the pre-imported fork server (forkserver.py), else a fresh process.
                 proc = forkserver.spawn(wd, child_env, out_w, theirs.fileno(), device_type) or subprocess.Popen(
                     _child_command(), cwd=str(wd), env=child_env, stdin=subprocess.DEVNULL, stdout=out_w,
@@ -911,8 +929,14 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
             if server is not None:
                 server.close_events(timeout=0 if hurry else EVENT_DRAIN_SECONDS)
 
-        if _unstoppable(end_child, lambda hurry: killed.extend(_cleanup(pgid, run_id, pipe_inodes)), stop_readers,
-                        lambda hurry: _close_fds(fds), lambda hurry: ours.close(), lambda hurry: sink.close()):
+        def end_staged(hurry: bool) -> None:
+            if staged is not None:
+                killed.extend(forkserver.kill_sandbox_strays())
+                staged.unstage(wd / "files")
+
+        if _unstoppable(end_child, lambda hurry: killed.extend(_cleanup(pgid, run_id, pipe_inodes)), end_staged,
+                        stop_readers, lambda hurry: _close_fds(fds), lambda hurry: ours.close(),
+                        lambda hurry: sink.close()):
             aborted = aborted or "interrupted (KeyboardInterrupt)"
     if server is None:  # Ctrl-C before the server existed: nothing was received
         server = RunServer(Conn(ours), data, budget=budget, seed=seed, device_type=device_type,

@@ -184,13 +184,9 @@ def _under(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-def wrap(argv: list[str], env: dict[str, str], iso: Isolation, *, files: Path, cache: Path | None,
-         device_type: str, hide: list[Path] = ()) -> tuple[list[str], dict[str, str]]:
-    """The command and environment that run `argv` (a Python command run in `files`) inside
-    the sandbox. `hide` are host paths to mask if a bound directory happens to contain them
-    (the data, the lab). Without isolation, returns them unchanged."""
-    if not iso.isolated:
-        return argv, env
+def _view(env: dict[str, str], device_type: str, hide: list[Path]) -> tuple[list[str], list[str]]:
+    """bubblewrap's arguments for the read-only view every sandbox shares, and the
+    directories it makes readable (as the candidate sees them)."""
     bwrap, _ = _bwrap()
     assert bwrap is not None
     args = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
@@ -223,19 +219,131 @@ def wrap(argv: list[str], env: dict[str, str], iso: Isolation, *, files: Path, c
     if device_type.split(":")[0] == "cuda":
         for dev in sorted(glob.glob("/dev/nvidia*")) + sorted(glob.glob("/dev/dri")):
             args += ["--dev-bind", dev, dev]
-    files.mkdir(parents=True, exist_ok=True)
-    args += ["--bind", str(files), CANDIDATE_DIR, "--chdir", CANDIDATE_DIR]
-    args += ["--remount-ro", "/"]  # the sandbox's own root (mount points, /root, /opt): read-only too
+    return args, bound + [KIT_ROOT]
+
+
+def _inner_env(env: dict[str, str]) -> dict[str, str]:
     child = {k: v for k, v in env.items()
              if k not in ("AUTORESEARCH_DATA", "AUTORESEARCH_CACHE", "PYTHONPATH", "PYTHONHOME",
                           "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "OLDPWD", "PWD")}
     child.update(HOME="/tmp/home", TMPDIR="/tmp", PYTHONPATH=KIT_ROOT, XDG_CACHE_HOME="/tmp/home/.cache",
                  AUTORESEARCH_CACHE="/tmp/home/.cache/autoresearch_kit", PWD=CANDIDATE_DIR)
+    return child
+
+
+def wrap(argv: list[str], env: dict[str, str], iso: Isolation, *, files: Path, cache: Path | None,
+         device_type: str, hide: list[Path] = ()) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run `argv` (a Python command run in `files`) inside
+    the sandbox. `hide` are host paths to mask if a bound directory happens to contain them
+    (the data, the lab). Without isolation, returns them unchanged."""
+    if not iso.isolated:
+        return argv, env
+    args, _ = _view(env, device_type, list(hide))
+    files.mkdir(parents=True, exist_ok=True)
+    args += ["--bind", str(files), CANDIDATE_DIR, "--chdir", CANDIDATE_DIR]
+    child = _inner_env(env)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         args += ["--bind", str(cache), CACHE_DIR]
         child.update(TORCHINDUCTOR_CACHE_DIR=f"{CACHE_DIR}/inductor", TRITON_CACHE_DIR=f"{CACHE_DIR}/triton")
+    args += ["--remount-ro", "/"]  # the sandbox's own root (mount points, /root, /opt): read-only too
     return args + ["--"] + argv, child
+
+
+# --------------------------------------------------------------------------- fork server
+# On a GPU a fresh `python train.py` pays ~15 s of imports (torch, dynamo, inductor) per
+# experiment; the fork server pays them once. Sandboxed, the server itself runs inside one
+# bubblewrap sandbox, and each child it forks restricts itself with Landlock (landlock.py)
+# to its own run directory before train.py's first line: the other runs of the same server
+# are out of its reach. Runs are staged under RUNS_DIR, then moved to runs/<id>/files/.
+
+RUNS_DIR = "/run/runs"             # inside the server's sandbox: <RUNS_DIR>/<run id>/ per run
+_LANDLOCK_MIN_ABI = 1
+_stage_root: Path | None = None
+
+
+def forked_isolation() -> bool:
+    """Whether sandboxed runs may fork from a sandboxed server here (Landlock available)."""
+    from autoresearch_kit import landlock
+
+    return landlock.abi() >= _LANDLOCK_MIN_ABI and _bwrap()[0] is not None
+
+
+def stage_root() -> Path:
+    """This process's folder for the runs of its sandboxed fork server (made once, removed at exit)."""
+    global _stage_root
+    if _stage_root is None:
+        import atexit
+        import tempfile
+
+        base = config.cache_dir() / "sandbox"
+        base.mkdir(parents=True, exist_ok=True)
+        _stage_root = Path(tempfile.mkdtemp(prefix=f"runs-{os.getpid()}-", dir=base))
+        atexit.register(shutil.rmtree, _stage_root, True)
+    return _stage_root
+
+
+def server_wrap(device_type: str, hide: list[Path] = ()):
+    """The function forkserver uses to start its server inside bubblewrap."""
+
+    def wrap_server(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        args, _ = _view(env, device_type, list(hide))
+        cache = config.cache_dir() / "compile"
+        cache.mkdir(parents=True, exist_ok=True)
+        args += ["--bind", str(stage_root()), RUNS_DIR, "--bind", str(cache), CACHE_DIR, "--chdir", RUNS_DIR,
+                 "--remount-ro", "/"]
+        child = _inner_env(env)
+        child["PWD"] = RUNS_DIR
+        return args + ["--"] + argv, child
+
+    return wrap_server
+
+
+@dataclass
+class StagedRun:
+    """One run of the sandboxed fork server: where it lives on each side, its env and rules."""
+
+    host_dir: Path
+    scratch: Path
+    inner_dir: str
+    env: dict[str, str]
+    policy: dict[str, list[str]]
+
+    def unstage(self, files: Path) -> None:
+        """Move what the run left into `files` (runs/<id>/files/) and drop its scratch."""
+        files.mkdir(parents=True, exist_ok=True)
+        for p in list(self.host_dir.iterdir()) if self.host_dir.is_dir() else []:
+            target = files / p.name
+            if target.exists():
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink()
+            shutil.move(str(p), str(target))
+        shutil.rmtree(self.host_dir, ignore_errors=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def stage(run_id: str, source: str, env: dict[str, str], device_type: str) -> StagedRun:
+    """Write train.py for a run of the sandboxed fork server; its environment and Landlock rules."""
+    root = stage_root()
+    host_dir, scratch = root / run_id, root / f"{run_id}.scratch"
+    (scratch / "home").mkdir(parents=True)
+    (scratch / "tmp").mkdir()
+    host_dir.mkdir()
+    (host_dir / "train.py").write_text(source)
+    inner, inner_scratch = f"{RUNS_DIR}/{run_id}", f"{RUNS_DIR}/{run_id}.scratch"
+    child = _inner_env(env)
+    child.update(HOME=f"{inner_scratch}/home", TMPDIR=f"{inner_scratch}/tmp", PWD=inner,
+                 XDG_CACHE_HOME=f"{inner_scratch}/home/.cache",
+                 AUTORESEARCH_CACHE=f"{inner_scratch}/home/.cache/autoresearch_kit")
+    write = [inner, inner_scratch, "/dev"]
+    if device_type.split(":")[0] == "cuda":
+        digest = compile_cache(source).name
+        (config.cache_dir() / "compile" / digest).mkdir(parents=True, exist_ok=True)
+        child.update(TORCHINDUCTOR_CACHE_DIR=f"{CACHE_DIR}/{digest}/inductor",
+                     TRITON_CACHE_DIR=f"{CACHE_DIR}/{digest}/triton")
+        write.append(f"{CACHE_DIR}/{digest}")
+    _, readable = _view(env, device_type, [])
+    read = sorted(set(readable) | {"/proc", "/sys"})
+    return StagedRun(host_dir, scratch, inner, child, {"read": read, "write": write})
 
 
 def returncode(code: int | None, iso: Isolation) -> int | None:

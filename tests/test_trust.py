@@ -216,8 +216,28 @@ open("probe.json", "w").write(_json.dumps(_got))
 """)
 
 
+@pytest.fixture(params=["fresh", "forked"])
+def how(request, monkeypatch):
+    """Each sandbox test runs twice: a fresh process under bubblewrap, and a child forked
+    from the fork server running inside bubblewrap and locked in with Landlock (the GPU path)."""
+    from autoresearch_kit import forkserver
+
+    if request.param == "forked":
+        if not sandbox.forked_isolation():
+            pytest.skip("Landlock is not available here")
+        monkeypatch.setenv("AUTORESEARCH_FORKSERVER", "1")
+    else:
+        monkeypatch.setenv("AUTORESEARCH_FORKSERVER", "0")
+    yield request.param
+    forkserver.shutdown()
+
+
+def _isolation(how: str) -> str:
+    return "bwrap+landlock (fork server)" if how == "forked" else "bwrap"
+
+
 @needs_sandbox
-def test_the_lab_the_data_and_the_home_are_out_of_sight(kit_env, tmp_path, monkeypatch):
+def test_the_lab_the_data_and_the_home_are_out_of_sight(kit_env, tmp_path, monkeypatch, how):
     lab = tmp_path / "lab"
     (lab / ".git" / "refs").mkdir(parents=True)
     (lab / "program.md").write_text("goal\n")
@@ -239,6 +259,7 @@ def test_the_lab_the_data_and_the_home_are_out_of_sight(kit_env, tmp_path, monke
     monkeypatch.setattr(integrity, "check_source", lambda source: [])  # the tripwire would stop it: test the wall
     res = run_budgeted(_probe_source(targets), BUDGET, workdir=lab / "runs" / "new", device="cpu", hard_limit=120)
     assert res.status == "ok", res.reason + res.log_tail
+    assert res.extra["isolation"] == _isolation(how)
     got = json.loads((lab / "runs" / "new" / "files" / "probe.json").read_text())
     allowed = {k for k, v in got.items() if v == "yes"}
     # listing the emptied corpus folder is all it may do
@@ -250,29 +271,53 @@ def test_the_lab_the_data_and_the_home_are_out_of_sight(kit_env, tmp_path, monke
 
 
 @needs_sandbox
-def test_nothing_a_run_leaves_in_its_home_reaches_the_next_run(kit_env, tmp_path):
+def test_nothing_a_run_leaves_in_its_home_reaches_the_next_run(kit_env, tmp_path, monkeypatch, how):
     # "weights saved under ~/.cache and loaded by the next run"
     first = after_loop("""
 import os as _os
 _p = _os.path.expanduser("~/.cache/weights.pt")
 _os.makedirs(_os.path.dirname(_p), exist_ok=True)
 torch.save(model.state_dict(), _p)
-open("/tmp/left.txt", "w").write("x")
+import tempfile as _tf
+open(_os.path.join(_tf.gettempdir(), "left.txt"), "w").write(_os.getcwd())
+try:
+    open("/tmp/left.txt", "w").write(_os.getcwd())
+except OSError:
+    pass  # (the forked child may not write the server's /tmp at all)
+import time as _time
+if _os.fork() == 0:  # a stray that lingers, waiting for the next run's folder
+    _os.setsid()
+    _end = _time.monotonic() + 20
+    while _time.monotonic() < _end:
+        for _d in _os.listdir(".."):
+            try:
+                open(_os.path.join("..", _d, "planted.txt"), "w").write("x")
+            except OSError:
+                pass
+        _time.sleep(0.05)
+    _os._exit(0)
 """)
     second = after_loop("""
-import os as _os
+import os as _os, glob as _glob, tempfile as _tf
+_time = __import__("time"); _time.sleep(0.5)
 open("seen.txt", "w").write(str([_os.path.exists(_os.path.expanduser("~/.cache/weights.pt")),
-                                  _os.path.exists("/tmp/left.txt")]))
+                                  _os.path.exists("/tmp/left.txt"),
+                                  _os.path.exists(_os.path.join(_tf.gettempdir(), "left.txt")),
+                                  _os.path.exists("planted.txt")]))
 """)
-    assert run(first, tmp_path, name="one").status == "ok"
+    one = run(first, tmp_path, name="one", unchecked=monkeypatch)  # (it forks: the tripwire would stop it)
+    assert one.status == "ok", one.reason + one.log_tail
+    if how == "forked":  # the server outlives the run: the runner kills what it left in its namespace
+        assert one.extra.get("killed_strays"), one.extra
     res = run(second, tmp_path, name="two")
     assert res.status == "ok", res.reason
-    assert (tmp_path / "two" / "files" / "seen.txt").read_text() == "[False, False]"
+    assert res.extra["isolation"] == _isolation(how)
+    assert (tmp_path / "two" / "files" / "seen.txt").read_text() == "[False, False, False, False]"
     assert not (Path.home() / ".cache" / "weights.pt").exists()
 
 
 @needs_sandbox
-def test_no_network_from_inside(kit_env, tmp_path):
+def test_no_network_from_inside(kit_env, tmp_path, how):
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -293,7 +338,7 @@ except OSError as _e:
 
 
 @needs_sandbox
-def test_the_candidate_sees_only_its_own_processes(kit_env, tmp_path):
+def test_the_candidate_sees_only_its_own_processes(kit_env, tmp_path, how):
     res = run(after_loop("""
 import os as _os
 open("pids.txt", "w").write(str(sorted(int(p) for p in _os.listdir("/proc") if p.isdigit())))
