@@ -801,7 +801,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def _status_table(records: list[dict]) -> str:
-    cols = ("id", "parent", "kind", "status", "val_bpb", "delta", "decision", "by", "proposer", "description")
+    from autoresearch_kit.sandbox import isolation_label
+
+    cols = ("id", "parent", "kind", "status", "val_bpb", "delta", "decision", "by", "isolation", "proposer",
+            "description")
     by_id = {r["id"]: r for r in records}
     rows = []
     for r in records:
@@ -819,7 +822,7 @@ def _status_table(records: list[dict]) -> str:
             desc += f"  ({r['reason'][:60]})"
         rows.append((r["id"], r["parent_id"] or "-", r["kind"], r["status"],
                      f"{r['val_bpb']:.6f}" if r["val_bpb"] is not None else "-", delta or "-",
-                     decision or "-", r["decided_by"] or "-", r["proposer"] or "-", desc))
+                     decision or "-", r["decided_by"] or "-", isolation_label(r), r["proposer"] or "-", desc))
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols[:-1])]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols[:-1], widths)) + "  " + cols[-1]]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]

@@ -686,7 +686,11 @@ def _child(request: dict, stdout_fd: int, channel_fd: int, sync_w: int, server_p
         from autoresearch_kit import landlock
 
         tempfile.tempdir = None  # the server's /tmp is shared by its children: not theirs to use
-        landlock.restrict(read=request["landlock"]["read"], write=request["landlock"]["write"])
+        # /proc writable: the CUDA driver names its threads by writing /proc/self/task/<tid>/comm
+        # (cudaGetDeviceCount failed with error 304 on the H200 without it), in this child and in
+        # inductor's compile workers. Other processes' /proc entries stay guarded by Landlock's
+        # ptrace rule (no access across domains) and the server's own PID namespace.
+        landlock.restrict(read=request["landlock"]["read"], write=request["landlock"]["write"] + ["/proc"])
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -1119,18 +1119,23 @@ class Lab:
         source = read_text(self.path / "train.py")
         result = self._run(source, parent_id=None, kind="baseline", description="baseline", proposer="baseline",
                            on_event=on_event, stop=stop)
+        rec = self._decide_baseline(result, "baseline")
+        return self._learn_noise(rec, on_event, stop)
+
+    def _decide_baseline(self, result, reason: str) -> dict:
+        """Keep a baseline that ran ok (it becomes the tip), discard one that did not; its record."""
         exp_id = result.extra["exp_id"]
         by = "autopilot" if self._autopilot else "rule"
         if result.ok:
             try:
-                self.ledger.decide(exp_id, "keep", "baseline", decided_by=by, tip=exp_id)
+                self.ledger.decide(exp_id, "keep", reason, decided_by=by, tip=exp_id)
             finally:
                 self._follow_tip()
         else:
             self.ledger.decide(exp_id, "discard", f"baseline {result.status}: {result.reason}", decided_by=by)
         rec = self.ledger.get(exp_id)
         self._say(rec)
-        return self._learn_noise(rec, on_event, stop)
+        return rec
 
     def _learn_noise(self, base: dict, on_event=None, stop=None) -> dict:
         """After an ok baseline: measure the noise (noise_runs reruns) if the lab has no sigma yet."""
@@ -1154,20 +1159,11 @@ class Lab:
         result = self._run(source, parent_id=None, kind="baseline", description=desc, proposer="baseline",
                            meta={"rebaseline_of": parent, "previous_manifest_hash": pin and pin["manifest_hash"]},
                            on_event=on_event, stop=stop)
-        exp_id = result.extra["exp_id"]
-        by = "autopilot" if self._autopilot else "rule"
+        rec = self._decide_baseline(result, "baseline (re-baselined on new data)")
         if result.ok:
-            try:
-                self.ledger.decide(exp_id, "keep", "baseline (re-baselined on new data)", decided_by=by, tip=exp_id)
-            finally:
-                self._follow_tip()
-            self._pin_to(self._check_pin("baseline"), pin, baseline_id=exp_id)
+            self._pin_to(self._check_pin("baseline"), pin, baseline_id=rec["id"])
             self._rebaseline = False
             self.sigma = None          # the old data's noise says nothing about the new data
-        else:
-            self.ledger.decide(exp_id, "discard", f"baseline {result.status}: {result.reason}", decided_by=by)
-        rec = self.ledger.get(exp_id)
-        self._say(rec)
         return rec
 
     def _ensure_baseline(self, on_event: Callable[[dict], Any] | None = None,

@@ -955,6 +955,15 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
     res.device = _device_text(out["hello"], device_type)
     res.torch_version = str((out["hello"] or {}).get("torch") or "")
     _classify(res, returncode=returncode, timed_out=timed_out, aborted=aborted, out=out, sink=sink, limit=limit)
+    if res.tokens:
+        try:
+            from autoresearch_kit.data.prepare import training_epochs
+
+            _epochs, warning = training_epochs(data.path, res.tokens)
+        except (ImportError, ValueError, OSError):
+            warning = None
+        if warning:  # the loop would reward training less: say so with the result
+            res.extra["epochs_warning"] = warning
     if res.status != "ok":
         res.log_tail = sink.tail(FAILURE_TAIL_LINES)
     return res

@@ -184,12 +184,15 @@ def _under(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-def _view(env: dict[str, str], device_type: str, hide: list[Path]) -> tuple[list[str], list[str]]:
+def _view(env: dict[str, str], device_type: str, hide: list[Path],
+          die_with_parent: bool = True) -> tuple[list[str], list[str]]:
     """bubblewrap's arguments for the read-only view every sandbox shares, and the
     directories it makes readable (as the candidate sees them)."""
     bwrap, _ = _bwrap()
     assert bwrap is not None
-    args = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    args = [bwrap, "--unshare-all", "--new-session", "--cap-drop", "ALL"]
+    if die_with_parent:
+        args.insert(2, "--die-with-parent")
     bound: list[str] = []
     for d in _SYSTEM_RO:
         if os.path.exists(d):
@@ -287,7 +290,10 @@ def server_wrap(device_type: str, hide: list[Path] = ()):
     """The function forkserver uses to start its server inside bubblewrap."""
 
     def wrap_server(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-        args, _ = _view(env, device_type, list(hide))
+        # Not --die-with-parent: that is the parent *thread* (PR_SET_PDEATHSIG), and the server
+        # outlives the thread that starts it (runner.prestart's); it exits when the runner's
+        # end of its control socket closes, and its children with it.
+        args, _ = _view(env, device_type, list(hide), die_with_parent=False)
         cache = config.cache_dir() / "compile"
         cache.mkdir(parents=True, exist_ok=True)
         args += ["--bind", str(stage_root()), RUNS_DIR, "--bind", str(cache), CACHE_DIR, "--chdir", RUNS_DIR,
@@ -344,6 +350,14 @@ def stage(run_id: str, source: str, env: dict[str, str], device_type: str) -> St
     _, readable = _view(env, device_type, [])
     read = sorted(set(readable) | {"/proc", "/sys"})
     return StagedRun(host_dir, scratch, inner, child, {"read": read, "write": write})
+
+
+def isolation_label(record: dict) -> str:
+    """A record's isolation in one word, for tables: sandbox, UNSANDBOXED, or - (never ran)."""
+    iso = str((record.get("extra") or {}).get("isolation") or "")
+    if not iso:
+        return "-"
+    return "UNSANDBOXED" if iso.startswith("none") else "sandbox"
 
 
 def returncode(code: int | None, iso: Isolation) -> int | None:

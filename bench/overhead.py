@@ -5,13 +5,13 @@
     python bench/overhead.py --tiny               # a tiny model (edits train.py's knobs), for a quick look
 
 Runs `train.py` through `run_budgeted` N times and prints, per run, the parent's wall
-clock split into phases (parent-side timestamps of the trusted channel messages):
+clock split into phases (the runner's own timestamps of what the child asked for):
 
-    startup   spawn -> harness `start` message (interpreter, torch import, data open)
-    setup     `start` -> first `step` event (model build, FLOP count, compile, warm-up steps)
-    train     first -> last `step` event (the budget; the harness's training_seconds beside it)
-    finish    last `step` -> `result` (causality probe + evaluation; eval_seconds beside it)
-    exit      `result` -> process gone (interpreter teardown, the runner's stray check)
+    startup   spawn -> the harness's `hello` (interpreter, torch import; in the sandbox)
+    setup     `hello` -> the clock starts (model build, FLOP count, compile, warm-up steps)
+    train     the runner's clock (the budget)
+    finish    the end of the budget -> the score is made (last step, the runner's evaluation)
+    exit      score -> process gone (interpreter teardown, the runner's stray check)
     overhead  wall - budget
 
 Needs only torch, numpy and tiktoken beyond the kit. Without prepared data (or with
@@ -97,8 +97,9 @@ def _phases(res) -> dict:
     out = {"status": res.status, "wall": res.wall_seconds, "overhead": res.wall_seconds - budget_s,
            "training_seconds": res.training_seconds, "eval_seconds": res.eval_seconds,
            "steps": res.steps, "tokens": res.tokens, "val_bpb": res.val_bpb}
-    marks = [("startup", None, "start"), ("setup", "start", "first_step"), ("train", "first_step", "last_step"),
-             ("finish", "last_step", "result")]
+    out["isolation"] = res.extra.get("isolation", "")
+    marks = [("startup", None, "start"), ("setup", "start", "clock"), ("train", "clock", "stop"),
+             ("finish", "stop", "result")]
     for name, a, b in marks:  # a failed run still shows the phases it reached
         if b in t and (a is None or a in t):
             out[name] = t[b] - (t[a] if a else 0.0)
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=None,
                     help="validation tokens scored (default: the device's default, AUTORESEARCH_EVAL_TOKENS)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--sandbox", default=None, help="auto | require | off (default: AUTORESEARCH_SANDBOX)")
     args = ap.parse_args(argv)
 
     from autoresearch_kit import config
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     src = _candidate(args.tiny)
     rows = []
     for i in range(args.n):
-        res = run_budgeted(src, budget, workdir=tmp / f"run{i}", data_dir=data, device=device, env=env)
+        res = run_budgeted(src, budget, workdir=tmp / f"run{i}", data_dir=data, device=device, env=env,
+                           sandbox=args.sandbox)
         if res.status != "ok":
             print(f"run {i}: {res.status}: {res.reason}", flush=True)
         rows.append(_phases(res))
@@ -150,16 +153,16 @@ def main(argv: list[str] | None = None) -> int:
 
     cols = ("wall", "overhead", "startup", "setup", "train", "training_seconds", "finish", "eval_seconds", "exit")
     print()
-    print("run  " + " ".join(f"{c[:9]:>9}" for c in cols) + "   steps  val_bpb")
+    print("run  " + " ".join(f"{c[:9]:>9}" for c in cols) + "   steps  val_bpb  isolation")
     for i, r in enumerate(rows):
         cells = " ".join(f"{r[c]:9.2f}" if isinstance(r.get(c), float) else f"{'-':>9}" for c in cols)
         bpb = f"{r['val_bpb']:.4f}" if r["val_bpb"] else r["status"]
-        print(f"{i:<4} {cells} {r['steps']:7d}  {bpb}")
+        print(f"{i:<4} {cells} {r['steps']:7d}  {bpb}  {r.get('isolation', '')}")
     ok = [r for r in rows if "exit" in r]
     if len(ok) > 1:
         means = " ".join(f"{statistics.mean(r[c] for r in ok):9.2f}" for c in cols)
         print(f"mean {means}")
-    print("(seconds; startup/setup/train/finish/exit are parent-side times between channel messages)")
+    print("(seconds; startup/setup/train/finish/exit are the runner's times between the child's requests)")
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hw, "budget": str(budget), "rows": rows}, indent=2))
     return 0 if all(r["status"] == "ok" for r in rows) else 1

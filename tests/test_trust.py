@@ -25,9 +25,17 @@ import pytest
 from autoresearch_kit import integrity, sandbox
 from autoresearch_kit.data.shards import PreparedData
 from autoresearch_kit.runner import run_budgeted
-from test_runner import tiny_train
+from test_runner import _mark, _marked, tiny_train
 
 BUDGET = "2560-tokens"  # 20 steps of 4 x 32
+# One more training step of train.py, on the batch in x, y (indented for a loop body).
+STEP = """    with run.autocast():
+        loss = train_loss(x, y)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+"""
 
 
 def _bwrap() -> bool:
@@ -74,16 +82,7 @@ def test_an_honest_train_py_is_scored_and_isolated(kit_env, tmp_path):
 
 def test_cool_down_steps_after_the_loop_are_invalid(kit_env, tmp_path):
     # The edit an agent makes without meaning to cheat: a few more steps once the loop ends.
-    res = run(after_loop("""
-for _ in range(3):
-    x, y = next(loader)
-    with run.autocast():
-        loss = train_loss(x, y)
-    loss.backward()
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
-"""), tmp_path)
+    res = run(after_loop("for _ in range(3):\n    x, y = next(loader)\n" + STEP), tmp_path)
     assert res.status == "invalid" and res.val_bpb is None
     assert "training batch after the budget ended" in res.reason
     assert res.tokens == 2560  # nothing past the budget was served
@@ -99,34 +98,16 @@ def test_a_loop_that_ignores_the_budget_is_invalid(kit_env, tmp_path):
 
 def test_steps_on_old_batches_after_the_budget_are_invalid(kit_env, tmp_path):
     # No new data, but logged: the runner sees training steps after the end of the budget.
-    res = run(after_loop("""
-for _ in range(3):
-    with run.autocast():
-        loss = train_loss(x, y)
-    loss.backward()
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    run.log(step=step, loss=loss.detach(), lr=lrm)
-    step += 1
-"""), tmp_path)
+    res = run(after_loop("for _ in range(3):\n" + STEP + "    run.log(step=step, loss=loss.detach(), lr=lrm)\n"
+                         "    step += 1\n"), tmp_path)
     assert res.status == "invalid"
     assert "after the budget ended" in res.reason
 
 
 def test_long_work_after_the_budget_is_invalid(kit_env, tmp_path):
     # Silent training on stale data (here: as long as 10 s of it) ends far beyond the grace.
-    res = run(after_loop("""
-import time as _t
-_end = _t.monotonic() + 10
-while _t.monotonic() < _end:
-    with run.autocast():
-        loss = train_loss(x, y)
-    loss.backward()
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
-"""), tmp_path)
+    res = run(after_loop("import time as _t\n_end = _t.monotonic() + 10\nwhile _t.monotonic() < _end:\n" + STEP),
+              tmp_path)
     assert res.status == "invalid"
     assert "reached run.finish" in res.reason and "after the budget ended" in res.reason
 
@@ -284,35 +265,27 @@ try:
     open("/tmp/left.txt", "w").write(_os.getcwd())
 except OSError:
     pass  # (the forked child may not write the server's /tmp at all)
-import time as _time
-if _os.fork() == 0:  # a stray that lingers, waiting for the next run's folder
+if _os.fork() == 0:  # a stray with no trace of the run: own session, no fds, an empty environment
     _os.setsid()
-    _end = _time.monotonic() + 20
-    while _time.monotonic() < _end:
-        for _d in _os.listdir(".."):
-            try:
-                open(_os.path.join("..", _d, "planted.txt"), "w").write("x")
-            except OSError:
-                pass
-        _time.sleep(0.05)
-    _os._exit(0)
+    _os.closerange(0, 1024)
+    _os.execve("/bin/sleep", ["sleep", _os.environ["TEST_MARK"]], {})
 """)
     second = after_loop("""
 import os as _os, glob as _glob, tempfile as _tf
 _time = __import__("time"); _time.sleep(0.5)
 open("seen.txt", "w").write(str([_os.path.exists(_os.path.expanduser("~/.cache/weights.pt")),
                                   _os.path.exists("/tmp/left.txt"),
-                                  _os.path.exists(_os.path.join(_tf.gettempdir(), "left.txt")),
-                                  _os.path.exists("planted.txt")]))
+                                  _os.path.exists(_os.path.join(_tf.gettempdir(), "left.txt"))]))
 """)
-    one = run(first, tmp_path, name="one", unchecked=monkeypatch)  # (it forks: the tripwire would stop it)
+    mark = _mark()
+    one = run(first, tmp_path, name="one", unchecked=monkeypatch,  # (it forks: the tripwire would stop it)
+              env={"OMP_NUM_THREADS": "1", "TEST_MARK": mark})
     assert one.status == "ok", one.reason + one.log_tail
-    if how == "forked":  # the server outlives the run: the runner kills what it left in its namespace
-        assert one.extra.get("killed_strays"), one.extra
+    assert _marked(mark) == []  # fresh: its PID namespace ended; forked: the runner killed what it left there
     res = run(second, tmp_path, name="two")
     assert res.status == "ok", res.reason
     assert res.extra["isolation"] == _isolation(how)
-    assert (tmp_path / "two" / "files" / "seen.txt").read_text() == "[False, False, False, False]"
+    assert (tmp_path / "two" / "files" / "seen.txt").read_text() == "[False, False, False]"
     assert not (Path.home() / ".cache" / "weights.pt").exists()
 
 
@@ -384,15 +357,27 @@ open("cc.txt", "w").write(_sp.run([_os.environ["CC"]], capture_output=True, text
     assert (tmp_path / "work" / "files" / "cc.txt").read_text() == "fake gcc\n"
 
 
-def test_a_sandboxed_lab_does_not_start_the_fork_server(kit_env, monkeypatch):
-    from autoresearch_kit import runner
+def test_a_sandboxed_fork_server_started_ahead_serves_the_first_run(kit_env, tmp_path, monkeypatch):
+    # A Lab starts the server from a thread that then ends (runner.prestart): the server must
+    # outlive that thread (bubblewrap's --die-with-parent follows the thread, not the process).
+    import time
 
+    from autoresearch_kit import forkserver, runner
+
+    if not sandbox.forked_isolation():
+        pytest.skip("bubblewrap and Landlock are not both available here")
     monkeypatch.setenv("AUTORESEARCH_FORKSERVER", "1")
-    if _bwrap():
-        assert runner.prestart("cpu") is None  # its runs start under bubblewrap, not from the server
-    monkeypatch.setenv("AUTORESEARCH_SANDBOX", "off")
-    thread = runner.prestart("cpu")
-    assert thread is not None
-    thread.join(timeout=120)
-    from autoresearch_kit import forkserver
-    forkserver.shutdown()
+    try:
+        thread = runner.prestart("cpu")
+        assert thread is not None
+        thread.join(timeout=120)
+        pid = forkserver.server_pid()
+        assert pid is not None, "prestart did not leave a running server"
+        time.sleep(3)
+        assert forkserver.server_pid() == pid, "the sandboxed server died with the thread that started it"
+        res = run(tiny_train(), tmp_path, env={})  # the environment prestart saw (no extra variables)
+        assert res.status == "ok", res.reason + res.log_tail
+        assert res.extra["isolation"] == "bwrap+landlock (fork server)"
+        assert forkserver.server_pid() == pid  # the first run used it
+    finally:
+        forkserver.shutdown()

@@ -181,9 +181,13 @@ def run_result_html(result: Any, *, references: Sequence[tuple] = (), title: str
 
 # --- Lab history ----------------------------------------------------------------------------
 
-_TABLE_COLUMNS = ("id", "parent_id", "status", "decision", "val_bpb", "proposer", "description", "reason")
+_TABLE_COLUMNS = ("id", "parent_id", "status", "decision", "val_bpb", "isolation", "proposer", "description",
+                  "reason")
 _FAILED = ("crash", "timeout", "diverged", "invalid", "aborted")
 
+
+
+from autoresearch_kit.sandbox import isolation_label  # noqa: E402  (stdlib only)
 
 def _records_frame(records: Iterable[dict]):
     import pandas as pd
@@ -192,6 +196,7 @@ def _records_frame(records: Iterable[dict]):
     for r in records:
         row = {c: r.get(c) for c in _TABLE_COLUMNS}
         row["id"] = r.get("id", r.get("exp_id"))
+        row["isolation"] = isolation_label(r)  # a score made without the sandbox says so
         # the human's reason for a decision or rejection; for a failed run, why it failed
         row["reason"] = r.get("decision_reason") or (r.get("reason") if r.get("status") in _FAILED else "") or ""
         if r.get("kind") not in (None, "candidate"):

@@ -1,7 +1,11 @@
-"""Driver for the 2026-12-01 H200 measurement of the sandboxed runner (bench/gpu.py, unchanged).
+"""Driver for the 2026-12-01 H200 measurement of the sandboxed fork server (bench/gpu.py, unchanged).
 
-    python3 bench/results/2026-12-01-h200-sandbox-driver.py probe
-    EXTRA_OUT=x.json python3 bench/results/2026-12-01-h200-sandbox-driver.py run --budgets 60s --out y.json
+(Replaces the first call's driver, 2026-12-01-h200-sandbox-driver.py, removed), plus: RunResult.extra["eval"] in each row and the
+[extra] line, `landlock` (the kernel's Landlock ABI and sandbox.forked_isolation()), and
+STOP_ON_FAIL=1 (exit 3 after the first run that is not ok).
+
+    python3 bench/results/2026-12-01-h200-forked-sandbox-driver.py probe
+    EXTRA_OUT=x.json python3 bench/results/2026-12-01-h200-forked-sandbox-driver.py run --budgets 60s --out y.json
 
 `run ...` is bench/gpu.py's `main` with run_budgeted wrapped, so that each run's
 RunResult.extra (isolation, forkserver, timings, exit code), the runner's eval seconds and
@@ -93,7 +97,7 @@ def run(argv: list[str]) -> None:
         steps = [ln for ln in log_text.splitlines() if ln.startswith("step ")]
         row = {"budget": str(res.budget), "status": res.status, "reason": res.reason, "val_bpb": res.val_bpb,
                "isolation": res.extra.get("isolation"), "forkserver": res.extra.get("forkserver"),
-               "exit_code": res.extra.get("exit_code"), "timings": res.extra.get("timings"),
+               "exit_code": res.extra.get("exit_code"), "eval": res.extra.get("eval"), "timings": res.extra.get("timings"),
                "wall_seconds": res.wall_seconds, "training_seconds": res.training_seconds,
                "total_seconds": res.total_seconds, "eval_seconds": res.eval_seconds, "eval_tokens": res.eval_tokens,
                "peak_memory_gb": res.peak_memory_gb, "mfu": res.mfu, "steps": res.steps, "tokens": res.tokens,
@@ -102,9 +106,12 @@ def run(argv: list[str]) -> None:
                "log_tail": "\n".join(log_text.splitlines()[-40:]) if res.status == "ok" else log_text[-6000:]}
         rows.append(row)
         print(f"[extra] {row['status']} isolation={row['isolation']} forkserver={row['forkserver']} "
-              f"eval_seconds={row['eval_seconds']} timings={row['timings']}", flush=True)
+              f"eval_seconds={row['eval_seconds']} eval={row['eval']} timings={row['timings']}", flush=True)
         if out is not None:
             out.write_text(json.dumps(rows, indent=1, default=str))
+        if res.status != "ok" and os.environ.get("STOP_ON_FAIL") == "1":
+            print("[extra] STOP_ON_FAIL: log tail follows\n" + row["log_tail"], flush=True)
+            raise SystemExit(3)
         return res
 
     runner.run_budgeted = wrapped
@@ -113,8 +120,22 @@ def run(argv: list[str]) -> None:
     gpu.main(argv)
 
 
+def landlock_info() -> None:
+    from autoresearch_kit import landlock, sandbox
+
+    try:
+        lsm = Path("/sys/kernel/security/lsm").read_text().strip()
+    except OSError as e:
+        lsm = f"unreadable ({e})"
+    print("lsm:", lsm, "| landlock abi:", landlock.abi(), "| bwrap:", sandbox._bwrap(),
+          "| forked_isolation:", sandbox.forked_isolation(), "| CC", os.environ.get("CC"),
+          "CXX", os.environ.get("CXX"), "| tool dirs:", sandbox._tool_dirs(dict(os.environ)), flush=True)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["probe"]:
+    if sys.argv[1:2] == ["landlock"]:
+        landlock_info()
+    elif sys.argv[1:2] == ["probe"]:
         probe()
     else:
         run(sys.argv[1:])
