@@ -499,7 +499,9 @@ class Run:
         s.last_loss = loss
         self._check_divergence(loss, rec["step"], rec["index"])
         now = time.perf_counter()
-        if _CONN is not None and (last or now - s.last_event_t >= 1.0 / _STEP_EVENTS_PER_S or rec.get("late")):
+        # the first steps always (a live curve starts at once), then at most 10 a second, and the last
+        if _CONN is not None and (last or rec["index"] < 3 or now - s.last_event_t >= 1.0 / _STEP_EVENTS_PER_S
+                                  or rec.get("late")):
             # `late`: logged after the runner ended the budget (it counts those as work after it)
             _CONN.send("log", {**event, "late": bool(rec.get("late"))})
             s.last_event_t, s.last_sent = now, event

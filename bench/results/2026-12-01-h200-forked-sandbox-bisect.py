@@ -1,7 +1,7 @@
 """Why a child of the sandboxed fork server sees no CUDA (error 304) on the H200: a bisect.
 
 Run on the H200 on 2026-12-01 (output: 2026-12-01-h200-forked-sandbox-bisect.log): only a writable "/" made CUDA work, which led to the fix (/proc writable: the driver writes /proc/self/task/<tid>/comm).
-2026-12-01-h200-forked-sandbox.txt). Run on the device, bwrap unpacked as before:
+Run on the device, bwrap unpacked as before:
 
     PATH=/tmp/bw/usr/bin:$PATH python3 bench/results/2026-12-01-h200-forked-sandbox-bisect.py
 
