@@ -53,7 +53,7 @@ from autoresearch_kit.config import Budget  # noqa: E402
 from autoresearch_kit.data.loader import TokenLoader  # noqa: E402
 from autoresearch_kit.data.shards import PreparedData, encoding_from_json  # noqa: E402
 from autoresearch_kit.device import Device, detect  # noqa: E402
-from autoresearch_kit.metric import causality_probe, evaluate_bpb_detail  # noqa: E402
+from autoresearch_kit.metric import _logits, causality_probe, evaluate_bpb_detail  # noqa: E402
 
 EXIT_DIVERGED = 3
 EXIT_INVALID = 4
@@ -619,7 +619,7 @@ class Run:
                         ids = torch.from_numpy(np.frombuffer(payload, dtype=np.uint16).astype(np.int64)
                                                .reshape(rows, seq)).to(dev.torch_device)
                         with self.autocast():
-                            logits = _model_logits(model, ids, s.vocab_size)
+                            logits = _logits(model, ids, s.vocab_size)
                         self._send_logits(logits)
                     elif kind == "score":
                         break
@@ -808,12 +808,6 @@ class _ServedLoader(TokenLoader):
                 raise RuntimeError(msg)
             s.remote_tokens = int(h.get("tokens", s.remote_tokens))
         return np.frombuffer(payload, dtype=np.uint16).reshape(self.batch_size, self.seq_len + 1)
-
-
-def _model_logits(model, ids, vocab_size):
-    from autoresearch_kit.metric import _logits
-
-    return _logits(model, ids, vocab_size)
 
 
 __all__ = ["EXIT_DIVERGED", "EXIT_INVALID", "Run", "start"]

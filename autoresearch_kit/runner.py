@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autoresearch_kit import config, forkserver, integrity
+from autoresearch_kit import sandbox as _sandbox
 
 log = logging.getLogger(__name__)
 
@@ -601,8 +602,6 @@ def prestart(device: str | None = None, env: dict[str, Any] | None = None,
     device = device or config.env("DEVICE") or None
     if not forkserver.enabled(device or "cuda"):  # off for this device, or (no device yet) for all
         return None
-    from autoresearch_kit import sandbox as _sandbox
-
     try:
         isolated = _sandbox.isolation(sandbox).isolated
     except RuntimeError:  # sandbox required but missing: the run itself will say so
@@ -701,8 +700,6 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
         budget = config.default_budget(device_type)
     data_path = Path(data_dir).expanduser() if data_dir is not None else config.data_dir()
     data = _open_data(data_path)
-    from autoresearch_kit import sandbox as _sandbox
-
     iso = _sandbox.isolation(sandbox)
     seed = int(seed) if seed is not None else int(config.env("SEED") or config.DEFAULT_SEED)
     extra_env = {str(k): str(v) for k, v in (env or {}).items()}
@@ -796,7 +793,6 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
                extra_env: dict[str, str], on_event, stop: threading.Event | None) -> RunResult:
     import socket
 
-    from autoresearch_kit import sandbox as _sandbox
     from autoresearch_kit.serve import RunServer
     from autoresearch_kit.wire import FD_VAR, Conn
 

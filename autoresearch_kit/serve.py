@@ -46,6 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from autoresearch_kit import config
+from autoresearch_kit.data.loader import draw_windows
 from autoresearch_kit.data.shards import PreparedData
 from autoresearch_kit.wire import Conn, WireError
 
@@ -293,8 +294,7 @@ class RunServer:
             rng = self.loaders.get(loader)
             if rng is None:
                 rng = self.loaders[loader] = np.random.default_rng(self.seed + loader)
-            offsets = rng.integers(0, len(self.data.train) - (seq + 1) + 1, size=bsz)
-            rows = self.data.train[offsets[:, None] + np.arange(seq + 1, dtype=np.int64)]
+            rows = draw_windows(self.data.train, rng, bsz, seq)
             self.batches += 1
             self.tokens += n
             if self.t_clock is None:
@@ -371,10 +371,10 @@ class RunServer:
 
     def _on_finish(self, h: dict, _p) -> None:
         now = self._now()
-        for k in ("params", "peak_memory_gb", "flops_per_token"):
-            v = _num(h.get(k))
-            if v is not None and v >= 0:
-                self.reported.setdefault(k, v) if k != "peak_memory_gb" else self.reported.__setitem__(k, v)
+        self._on_watch(h, _p)  # params and FLOPs/token, if run.watch did not send them
+        peak = _num(h.get("peak_memory_gb"))
+        if peak is not None and peak >= 0:
+            self.reported["peak_memory_gb"] = peak
         with self.lock:
             if self.finished:
                 self._violate("called run.finish twice")

@@ -21,6 +21,17 @@ import numpy as np
 import torch
 
 
+def draw_windows(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int) -> np.ndarray:
+    """B windows of T+1 tokens at random offsets, in one gather: (B, T+1), the stream's dtype.
+
+    The one place training windows are drawn: TokenLoader (standalone runs) and the
+    runner's server (serve.py, which hands them to a candidate) call it, so both give the
+    same windows for the same seed.
+    """
+    offsets = rng.integers(0, len(tokens) - (seq_len + 1) + 1, size=batch_size)
+    return tokens[offsets[:, None] + np.arange(seq_len + 1, dtype=np.int64)]
+
+
 class TokenLoader:
     """Infinite iterator of random training windows.
 
@@ -61,8 +72,6 @@ class TokenLoader:
             raise ValueError(msg)
         self.tokens = tokens
         self._rng = np.random.default_rng(seed)
-        self._window = np.arange(self.seq_len + 1, dtype=np.int64)
-        self._max_offset = len(tokens) - (self.seq_len + 1)  # inclusive
 
     def _setup(self, batch_size: int, seq_len: int, device) -> None:
         """Sizes, counters and the pinned staging ring (also for the runner-served loader)."""
@@ -85,8 +94,7 @@ class TokenLoader:
         return self
 
     def _gather(self) -> np.ndarray:
-        offsets = self._rng.integers(0, self._max_offset + 1, size=self.batch_size)
-        return self.tokens[offsets[:, None] + self._window]  # (B, T+1) in one gather
+        return draw_windows(self.tokens, self._rng, self.batch_size, self.seq_len)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._gather()
