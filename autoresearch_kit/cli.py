@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import os
 import shlex
 import shutil
@@ -558,7 +559,7 @@ def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
     return Lab(path, budget=args.budget, proposer=args.proposer, data_dir=args.data,
                seed=args.seed, device=args.device, threshold=args.threshold, proposer_kwargs=kw,
                verbose=verbose, rebaseline=getattr(args, "rebaseline", False),
-               noise_runs=getattr(args, "noise_runs", None))
+               noise_runs=getattr(args, "noise_runs", None), cluster=getattr(args, "cluster", None))
 
 
 def _save_refused(lab_path: Path, error) -> Path | None:
@@ -647,6 +648,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             approve = _announce if args.yes else _interactive_approve(lab)
             failures, last_reason = 0, None
             done = 0
+            while args.parallel > 1 and args.steps - done > 1:   # a last single one runs as below
+                try:
+                    done += _run_batch(lab, args, approve, min(args.parallel, args.steps - done), first=done == 0)
+                except _Quit:
+                    print("stopped")
+                    break
             while done < args.steps:
                 bar = ProgressBar(f"exp {len(lab.ledger) + 1:04d}")
                 try:
@@ -705,6 +712,84 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"best: {best['id']} val_bpb {best['val_bpb']:.6f}  {best['description']}")
         _write_report(lab.path, quiet=False, records=lab.ledger.records(curves=False))
     return 0
+
+
+def _run_batch(lab, args: argparse.Namespace, approve, n: int, *, first: bool) -> int:
+    """One batch of `n` experiments (--parallel): every proposal approved first, then all run.
+
+    The batch is decided by the rule (its best that beats the parent beyond noise is
+    kept); `autoresearch decide ID --keep` overrides afterwards. Returns how many ran
+    or were rejected.
+    """
+    from autoresearch_kit.lab import format_record
+    from autoresearch_kit.propose.base import ProposalError
+
+    where = args.cluster or f"{n} local workers"
+    print(f"batch of {n} on {where}")
+    bar = BatchProgress()
+    try:
+        recs = lab.step(approve=approve, on_event=bar, feedback=args.feedback if first else "", parallel=n)
+    except ProposalError as e:
+        raise UserError(f"the proposer gave up: {e.reason}") from None
+    finally:
+        bar.close()
+    for rec in recs:
+        print(format_record(lab.ledger.get(rec["id"])))
+    return max(1, len(recs))
+
+
+class BatchProgress:
+    """The progress of a batch's runs: one line for all on a terminal, quarter lines per run in a log."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.bars: dict[str, ProgressBar] = {}
+        self._mu = threading.Lock()
+        self._closed = threading.Event()
+        self._last = 0.0
+        if self.tty:
+            threading.Thread(target=self._tick, name="autoresearch-batch-progress", daemon=True).start()
+
+    def __call__(self, event: dict) -> None:
+        exp = str(event.get("exp_id", "?"))
+        with self._mu:
+            bar = self.bars.get(exp)
+            if bar is None:   # on a terminal the per-run bars only keep state; this draws them together
+                bar = ProgressBar(f"exp {exp}", stream=io.StringIO() if self.tty else self.stream)
+                bar.start()
+                self.bars[exp] = bar
+        bar(event)
+        if self.tty and time.monotonic() - self._last > 0.25:
+            self._draw()
+
+    def line(self) -> str:
+        """'0004 37% training 21s | 0005 35% training 21s'."""
+        parts = []
+        for exp, bar in list(self.bars.items()):
+            p = float((bar._events[-1][1] if bar._events else {}).get("progress") or 0.0)
+            name, detail = bar.phase()
+            parts.append(f"{exp} {min(p, 1.0) * 100:3.0f}% {name} {detail.split(' ')[0]}")
+        return " | ".join(parts)
+
+    def _draw(self) -> None:
+        with self._mu:
+            self._last = time.monotonic()
+            if self.bars and not self._closed.is_set():
+                self.stream.write(f"\r{self.line()}\033[K")
+                self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self._closed.wait(1.0):
+            self._draw()
+
+    def close(self) -> None:
+        self._closed.set()
+        for bar in self.bars.values():
+            bar.close()
+        if self.tty and self.bars:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _settle_undecided(lab, autopilot: bool) -> bool:
@@ -966,6 +1051,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--noise-runs", type=int, default=None, metavar="K",
                    help="reruns of the baseline that measure the noise before the first candidate (default 2, "
                         "AUTORESEARCH_NOISE_RUNS; 0 skips); gains within 2 sigma are not kept")
+    q.add_argument("--parallel", type=_positive(int), default=1, metavar="N",
+                   help="run N proposals at once, one per Dask worker (one per GPU locally); the best that beats "
+                        "the parent beyond noise is kept (default 1: one at a time)")
+    q.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="a Dask scheduler to run on, e.g. tcp://host:8786 (default: local workers)")
     q.set_defaults(func=cmd_run)
 
     q = sub.add_parser("decide", help="keep or discard an experiment that ran and was not decided")

@@ -271,6 +271,14 @@ class Lab:
         within 2 sigma / sqrt(n) is not kept. Default AUTORESEARCH_NOISE_RUNS, else 2
         (each costs one budget); 0 skips (then gains above `threshold` are kept until
         `measure_noise` runs). A lab that has no sigma yet measures it before its next run.
+    sandbox : str, optional
+        "auto", "require" or "off" (default AUTORESEARCH_SANDBOX, else "auto").
+    cluster : str, distributed.Client or Dask cluster, optional
+        Where the runs train: a scheduler address ("tcp://host:8786"), a Client, or a
+        cluster object (dask-jobqueue, dask-kubernetes). None (default): runs train in
+        this machine's processes, one at a time; `step(parallel=N)` / `autopilot(parallel=N)`
+        then start N local Dask workers (one per GPU). The ledger, git and the decisions
+        stay here; workers get the prepared data shipped (checked by its manifest hash).
 
     Raises
     ------
@@ -285,7 +293,7 @@ class Lab:
                  proposer: Any = "auto", data_dir: str | os.PathLike | None = None, seed: int = 42,
                  device: str | None = None, threshold: float = 0.0, *, proposer_kwargs: dict | None = None,
                  verbose: bool = True, rebaseline: bool = False, noise_runs: int | None = None,
-                 sandbox: str | None = None) -> None:
+                 sandbox: str | None = None, cluster: Any = None) -> None:
         self.path = Path(path).expanduser().resolve()
         noise_runs = _noise_runs(noise_runs)     # a bad value fails before anything is opened
         from autoresearch_kit import sandbox as _sandbox
@@ -349,6 +357,8 @@ class Lab:
         self.running: dict | None = None
         self._watchers: list[Callable[[dict], Any]] = []
         self.noise_runs = noise_runs
+        self.cluster = cluster                  # where runs train (None: here; see parallel.py)
+        self._engine = None                     # parallel.Engine, made at the first run that needs one
         self.recheck_below = RECHECK_BELOW      # sigmas; see recheck()
         self._noise_tried = False               # measure the noise once per session at most
         try:
@@ -777,12 +787,14 @@ class Lab:
 
     # ---- proposing ----------------------------------------------------------------------------
 
-    def context(self, feedback: str = "") -> ProposalContext:
+    def context(self, feedback: str = "", siblings: "list[Proposal] | tuple" = ()) -> ProposalContext:
         """What the proposer sees: program.md, the parent, the history, the last crash.
 
         The history lists every proposal (run or rejected) oldest first, with the
         decision and the human's reason; `seen_hashes` holds every train.py ever
-        proposed, so none is proposed twice.
+        proposed, so none is proposed twice. `siblings`: proposals of the same batch made
+        before this one (see `step(parallel=)`): listed last in the history as running,
+        their train.py counted as seen, and the seed moved on, so the next one differs.
         """
         recs = self.ledger.records(curves=False)
         parent_id = self.parent_id
@@ -802,6 +814,11 @@ class Lab:
             history.append(HistoryEntry(exp_id=r["id"], description=r["description"], status=r["status"],
                                         decision=r["decision"], val_bpb=r["val_bpb"], reason=reason,
                                         source_hash=r["source_hash"], diff=r["diff"]))
+        for i, sib in enumerate(siblings):
+            history.append(HistoryEntry(exp_id=f"batch-{i + 1}", description=sib.description, status="running",
+                                        decision=None, reason="in this batch: it runs beside the next proposal, "
+                                        "so propose something different", source_hash=sib.source_hash,
+                                        diff=sib.diff))
         crashes = [r for r in recs if r["status"] in _FAILED_RUNS and r["log_tail"]]
         best = self.best()
         parent_scores = self._scores(parent_id) if parent_id else []
@@ -812,10 +829,11 @@ class Lab:
             parent_val_bpb=statistics.fmean(parent_scores) if parent_scores else None,
             best_val_bpb=best["val_bpb"] if best else None, history=history,
             last_crash_log=crashes[-1]["log_tail"] if crashes else "", feedback=text,
-            seen_hashes={r["source_hash"] for r in recs if r["source_hash"]},
-            seed=self.seed * 100_003 + len(recs))
+            seen_hashes={r["source_hash"] for r in recs if r["source_hash"]} | {p.source_hash for p in siblings},
+            seed=self.seed * 100_003 + len(recs) + 7_919 * len(siblings))
 
-    def propose(self, feedback: str = "", *, on_token: Callable[[str], None] | None = None) -> Proposal:
+    def propose(self, feedback: str = "", *, on_token: Callable[[str], None] | None = None,
+                siblings: "list[Proposal] | tuple" = ()) -> Proposal:
         """Ask the proposer for the next candidate (not run, not recorded).
 
         Parameters
@@ -824,6 +842,8 @@ class Lab:
             Free text the agent reads with this request (added to any pending feedback).
         on_token : callable, optional
             Receives the proposer's streamed text (LLM proposers), e.g. to show it typing.
+        siblings : list of Proposal
+            Proposals already made for the same batch (see `context`).
 
         Raises
         ------
@@ -831,7 +851,7 @@ class Lab:
             When the proposer gives up; its `reason` says why.
         """
         self._start_ahead()
-        edit = self.hand_edit()
+        edit = self.hand_edit() if not siblings else None   # a batch takes a hand edit as its first
         if edit is not None:   # a person edited lab/train.py: that is the next experiment
             description = self._hand_description or HAND_EDIT
             try:
@@ -849,7 +869,7 @@ class Lab:
                 print(f"lab {self.path.name}: {self.path / 'train.py'} was edited by hand: proposing your edit "
                       f"({description}) before asking {getattr(self.proposer, 'name', 'the proposer')}")
             return proposal
-        ctx = self.context(feedback)
+        ctx = self.context(feedback, siblings)
         if on_token is not None and "on_token" in inspect.signature(self.proposer.propose).parameters:
             proposal = self.proposer.propose(ctx, on_token=on_token)
         else:
@@ -924,11 +944,20 @@ class Lab:
         self._watchers.append(fn)
         return lambda: self._watchers.remove(fn) if fn in self._watchers else None
 
-    def stop_run(self) -> bool:
-        """End the lab's run in progress as ``aborted`` (whoever started it); False if none is running."""
+    def stop_run(self, exp_id: str | None = None) -> bool:
+        """End the lab's run in progress as ``aborted`` (whoever started it); False if none is running.
+
+        In a batch (`step(parallel=N)`), `exp_id` stops that run only; without it, all of them.
+        """
         now = self.running
         if now is None:
             return False
+        if exp_id is not None and now.get("batch"):
+            one = now["batch"].get(exp_id)
+            if one is None:
+                return False
+            one["stop"].set()
+            return True
         now["stop"].set()
         return True
 
@@ -958,12 +987,9 @@ class Lab:
                             raise
         return emit
 
-    def _run_one(self, source: str, *, parent_id: str | None, kind: str, description: str, proposer: str,
-                 diff: str = "", meta: dict | None = None, seed: int | None = None,
-                 on_event: Callable[[dict], Any] | None = None, stop: threading.Event | None = None) -> RunResult:
-        """Record, commit, run and record again. Raises KeyboardInterrupt after recording one."""
-        from autoresearch_kit import runner
-
+    def _begin(self, source: str, *, parent_id: str | None, kind: str, description: str, proposer: str,
+               diff: str = "", meta: dict | None = None) -> str:
+        """Check the data and the parent, then record the experiment as ``running``; its id."""
         self._check_data()
         data = self._check_pin(kind)
         if parent_id is not None and not self._on_current_data(self.ledger.get(parent_id)):
@@ -977,27 +1003,73 @@ class Lab:
         exp_id = self.ledger.start(parent_id, source_hash(source), diff, description, proposer, budget, hardware,
                                    proposal_meta=meta, kind=kind)
         self._last_id = exp_id
-        import time
+        return exp_id
 
+    def _commit_run(self, exp_id: str, source: str, parent_id: str | None, description: str) -> str:
+        """Commit the candidate (refs/experiments/<id>) and reserve room for its result; the commit."""
+        sha = self.workspace.commit_experiment(exp_id, source, parent_id, description)
+        self._reserve_pending(exp_id)
+        return sha
+
+    def _run_kwargs(self, seed: int | None) -> dict:
+        """What run_budgeted gets besides the source and budget (the same here and on a worker)."""
+        kw: dict[str, Any] = {"seed": self.seed if seed is None else seed, "device": self.device,
+                              "sandbox": self.sandbox}
+        limit = self._sized_hard_limit()
+        if limit is not None:
+            kw["hard_limit"] = limit
+        return kw
+
+    def _launch(self, exp_id: str, source: str, *, seed: int | None, on_event: Callable[[dict], Any],
+                stop: threading.Event) -> RunResult:
+        """Train and score one run: here (the default), or on the lab's cluster when it has one."""
+        workdir = self.path / RUNS / exp_id
+        if self._engine is None and self.cluster is None:
+            return runner.run_budgeted(source, self.budget, workdir=workdir, data_dir=self.data_dir,
+                                       on_event=on_event, stop=stop, **self._run_kwargs(seed))
+        engine = self._engine_for(1)
+        data = self._data_path()
+        digest = engine.ensure_data(data)
+        return engine.run(exp_id, source, self.budget, stop=stop, data_path=data, digest=digest, workdir=workdir,
+                          run_kwargs=self._run_kwargs(seed), on_event=on_event)
+
+    def _engine_for(self, n: int):
+        """The lab's parallel.Engine: its cluster, or n local workers (a bigger one when n grew)."""
+        from autoresearch_kit import parallel
+
+        if self._engine is not None:
+            if self.cluster is not None or len(self._engine.workers()) >= n:
+                return self._engine
+            self._engine.close()
+            self._engine = None
+        self._engine = parallel.connect(self.cluster, workers=n, device=self._device_type())
+        return self._engine
+
+    def _aborted(self, e: BaseException) -> RunResult:
+        why = "interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        return RunResult(status="aborted", reason=why, budget=str(self.budget))
+
+    def _run_one(self, source: str, *, parent_id: str | None, kind: str, description: str, proposer: str,
+                 diff: str = "", meta: dict | None = None, seed: int | None = None,
+                 on_event: Callable[[dict], Any] | None = None, stop: threading.Event | None = None) -> RunResult:
+        """Record, commit, run and record again. Raises KeyboardInterrupt after recording one."""
+        exp_id = self._begin(source, parent_id=parent_id, kind=kind, description=description, proposer=proposer,
+                             diff=diff, meta=meta)
         stop = stop if stop is not None else threading.Event()   # so stop_run() can end any run
         self.running = {"exp_id": exp_id, "description": description, "kind": kind, "started": time.time(),
                         "events": [], "stop": stop}
         on_event = self._fan_out(on_event)
-        result: RunResult | None = None
         sha: str | None = None
         try:
-            sha = self.workspace.commit_experiment(exp_id, source, parent_id, description)
-            workdir = self.path / RUNS / exp_id
-            self._reserve_pending(exp_id)
-            limit = self._sized_hard_limit()
-            kw = {"hard_limit": limit} if limit is not None else {}
-            result = runner.run_budgeted(source, budget, workdir=workdir, data_dir=self.data_dir,
-                                         seed=self.seed if seed is None else seed, device=self.device,
-                                         on_event=on_event, stop=stop, sandbox=self.sandbox, **kw)
+            sha = self._commit_run(exp_id, source, parent_id, description)
+            result = self._launch(exp_id, source, seed=seed, on_event=on_event, stop=stop)
         except BaseException as e:  # a broken setup or a Ctrl-C outside the runner's wait
-            why = "interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-            self._finish(exp_id, RunResult(status="aborted", reason=why, budget=str(budget)), sha)
+            self._finish(exp_id, self._aborted(e), sha)
             raise
+        return self._end(exp_id, result, sha, stop)
+
+    def _end(self, exp_id: str, result: RunResult, sha: str | None, stop: threading.Event | None) -> RunResult:
+        """Record a finished run; KeyboardInterrupt after recording one that Ctrl-C ended."""
         result.extra["exp_id"] = exp_id
         phase = timeout_phase(result)
         if phase in _PHASE_NOTE:   # say whose fault it was, for the person and the proposer alike
@@ -1009,6 +1081,103 @@ class Lab:
             self._say(self.ledger.get(exp_id))
             raise KeyboardInterrupt(f"experiment {exp_id} interrupted and recorded as aborted")
         return result
+
+    def _run_batch(self, proposals: list[Proposal], on_event: Callable[[dict], Any] | None,
+                   stop: threading.Event | None) -> list[str]:
+        """Run proposals at the same time on the lab's cluster; record each as it finishes.
+
+        One batch (or run) per lab at a time, as for `_run`. The data is checked on every
+        worker (and shipped where missing) before anything is recorded. Returns the
+        experiment ids in proposal order. A Ctrl-C stops every run, records them as
+        ``aborted`` and raises KeyboardInterrupt.
+        """
+        if not self._run_mu.acquire(blocking=False):
+            now = self.running or {}
+            msg = (f"experiment {now.get('exp_id', '?')} ({now.get('description', '')}) is running in this lab: one "
+                   f"run (or batch) at a time. Wait for it (lab.running shows it) or stop it, then run again.")
+            raise RuntimeError(msg)
+        try:
+            return self._run_batch_locked(proposals, on_event, stop)
+        finally:
+            self.running = None
+            self._run_mu.release()
+
+    def _run_batch_locked(self, proposals: list[Proposal], on_event, stop) -> list[str]:
+        engine = self._engine_for(len(proposals))
+        data = self._data_path()
+        digest = engine.ensure_data(data)   # before anything is recorded: a failure here records nothing
+        stop = stop if stop is not None else threading.Event()
+        self.running = {"exp_id": None, "description": f"a batch of {len(proposals)}", "kind": "batch",
+                        "started": time.time(), "events": [], "stop": stop, "batch": {}}
+        emit = self._fan_out(on_event)
+        runs: dict[str, dict] = {}   # exp_id -> {handle, sha, stop}
+        ids: list[str] = []
+        done: set[str] = set()
+        try:
+            for p in proposals:
+                parent = p.parent_id or self.parent_id
+                exp_id = self._begin(p.source, parent_id=parent, kind="candidate", description=p.description,
+                                     proposer=p.proposer, diff=p.diff,
+                                     meta={**p.metadata, "rationale": p.rationale, "batch": len(proposals)})
+                ids.append(exp_id)
+                sha = None
+                try:
+                    sha = self._commit_run(exp_id, p.source, parent, p.description)
+                    handle = engine.submit(exp_id, p.source, self.budget, data_path=data, digest=digest,
+                                           workdir=self.path / RUNS / exp_id, run_kwargs=self._run_kwargs(None),
+                                           on_event=lambda e, i=exp_id: emit({**e, "exp_id": i}))
+                except BaseException as e:
+                    self._finish(exp_id, self._aborted(e), sha)
+                    done.add(exp_id)
+                    raise
+                runs[exp_id] = {"handle": handle, "sha": sha, "stop": threading.Event()}
+                self.running["batch"][exp_id] = {"description": p.description, "stop": runs[exp_id]["stop"]}
+                self.running["exp_id"] = self.running["exp_id"] or exp_id
+            watcher = threading.Thread(target=self._watch_stops, args=(engine, runs, stop, done),
+                                       name="autoresearch-batch-stops", daemon=True)
+            watcher.start()
+            for handle in engine.wait([r["handle"] for r in runs.values()]):
+                exp_id = handle.exp_id
+                result = engine.result(handle, self.path / RUNS / exp_id)
+                run_stop = runs[exp_id]["stop"]
+                self._end(exp_id, result, runs[exp_id]["sha"], stop if stop.is_set() else run_stop)
+                done.add(exp_id)
+                self._say(self.ledger.get(exp_id))
+        except BaseException as e:
+            self._abort_batch(engine, runs, done, e)
+            raise
+        finally:
+            done.update(runs)   # ends the watcher
+        return ids
+
+    def _watch_stops(self, engine, runs: dict[str, dict], stop: threading.Event, done: set[str]) -> None:
+        """Pass the batch's Stop (all runs) and each run's Stop to the workers."""
+        sent: set[str] = set()
+        while not set(runs) <= done:
+            for exp_id, r in runs.items():
+                if exp_id not in sent and exp_id not in done and (stop.is_set() or r["stop"].is_set()):
+                    engine.stop(r["handle"])
+                    sent.add(exp_id)
+            time.sleep(0.2)
+
+    def _abort_batch(self, engine, runs: dict[str, dict], done: set[str], error: BaseException) -> None:
+        """Stop every run of a batch not yet recorded, and record it (its result if it comes back in time)."""
+        left = [i for i in runs if i not in done]
+        for exp_id in left:
+            engine.stop(runs[exp_id]["handle"])
+        deadline = time.monotonic() + 20.0
+        for exp_id in left:
+            handle = runs[exp_id]["handle"]
+            try:
+                handle.future.result(timeout=max(0.1, deadline - time.monotonic()))
+                result = engine.result(handle, self.path / RUNS / exp_id)
+                if result.status == "aborted":
+                    result.reason = self._aborted(error).reason
+            except BaseException:  # noqa: BLE001 - not back in time, or the cluster is gone
+                result = self._aborted(error)
+            result.extra["exp_id"] = exp_id
+            self._finish(exp_id, result, runs[exp_id]["sha"])
+            done.add(exp_id)
 
     def _finish(self, exp_id: str, result: RunResult, sha: str | None) -> None:
         """Record a run's result, even when Ctrl-C lands meanwhile (re-raised after) or the disk is full.
@@ -1349,8 +1518,16 @@ class Lab:
         raise TypeError(msg)
 
     def step(self, approve: Callable[[Proposal], Any] | None = None, on_event: Callable[[dict], Any] | None = None,
-             *, feedback: str = "", stop: threading.Event | None = None, decide: bool = True) -> dict:
+             *, feedback: str = "", stop: threading.Event | None = None, decide: bool = True,
+             parallel: int = 1) -> "dict | list[dict]":
         """One experiment: propose -> approve -> run -> decide -> record.
+
+        With ``parallel=N`` (N > 1) one batch instead: N different proposals from the
+        current parent (each proposer sees the ones before it), each approved before
+        anything runs, trained at the same time on N workers (see `Lab(cluster=)`),
+        recorded as each finishes; then the best of them that beats the parent beyond
+        noise (after the narrow-win recheck) is kept and the others are discarded (they
+        stay in the tree). Returns the list of records then, in proposal order.
 
         Parameters
         ----------
@@ -1368,12 +1545,17 @@ class Lab:
         decide : bool
             Apply the rule after the run (default); False leaves the decision to
             ``lab.decide``.
+        parallel : int
+            Proposals in the batch (1, the default: the sequential step).
 
         Returns
         -------
         dict
-            The ledger record of the experiment (or of the rejected proposal).
+            The ledger record of the experiment (or of the rejected proposal); a list of
+            them with ``parallel`` > 1.
         """
+        if int(parallel) != 1:
+            return self._batch_step(int(parallel), approve, on_event, feedback=feedback, stop=stop, decide=decide)
         self._ensure_baseline(on_event, stop)
         proposal = self.propose(feedback)
         if approve is not None:
@@ -1390,8 +1572,83 @@ class Lab:
         self.recheck(exp_id, on_event=on_event, stop=stop)
         return self.decide(exp_id, keep=None, decided_by="autopilot" if self._autopilot else "rule")
 
+    def propose_batch(self, n: int, feedback: str = "") -> list[Proposal]:
+        """`n` different proposals from the current parent, each made knowing the ones before it.
+
+        Raises ProposalError only when not even one could be made (fewer than n is fine:
+        a proposer that ran out of ideas).
+        """
+        out: list[Proposal] = []
+        for i in range(int(n)):
+            try:
+                out.append(self.propose(feedback if i == 0 else "", siblings=out))
+            except ProposalError:
+                if not out:
+                    raise
+                break
+        return out
+
+    def _batch_step(self, n: int, approve, on_event, *, feedback: str, stop, decide: bool) -> list[dict]:
+        if n < 1:
+            msg = f"parallel must be 1 or more, got {n}."
+            raise ValueError(msg)
+        self._ensure_baseline(on_event, stop)
+        records: list[dict] = []
+        to_run: list[Proposal] = []
+        for proposal in self.propose_batch(n, feedback):
+            if approve is not None:   # every proposal of the batch is reviewed before anything runs
+                what, value = self._answer(proposal, approve(proposal))
+                if what == "reject":
+                    records.append(self.reject(proposal, value))
+                    continue
+                proposal = value
+            to_run.append(proposal)
+        if not to_run:
+            return records
+        ids = self._run_batch(to_run, on_event, stop)
+        if decide:
+            self.decide_batch(ids, on_event=on_event, stop=stop)
+        return records + [self.ledger.get(i) for i in ids]
+
+    def decide_batch(self, ids: list[str], on_event: Callable[[dict], Any] | None = None,
+                     stop: threading.Event | None = None) -> list[dict]:
+        """Decide a batch by the rule: keep its best candidate that beats the parent beyond noise.
+
+        The candidates the rule would keep are tried best first (lowest val_bpb); a
+        narrow win is rerun once (`recheck`) and the first that still wins is kept. The
+        others are discarded (a candidate that won alone but lost to a sibling says so in
+        its reason). Decided by ``autopilot`` during autopilot, else ``rule``.
+        """
+        by = "autopilot" if self._autopilot else "rule"
+        todo = [i for i in ids if self.ledger.get(i)["decision"] is None]
+        verdicts = {i: self.verdict(i) for i in todo}
+        ranked = sorted((v for v in verdicts.values() if v["keep"]), key=lambda v: v["val_bpb"])
+        winner = None
+        for v in ranked:
+            if not (stop is not None and stop.is_set()):
+                self.recheck(v["exp_id"], on_event=on_event, stop=stop)
+            again = self.verdict(v["exp_id"])
+            verdicts[v["exp_id"]] = again
+            if again["keep"]:
+                winner = again
+                break
+        out = []
+        for i in todo:
+            if winner is not None and i == winner["exp_id"]:
+                continue
+            v = verdicts[i]
+            if v["keep"] and winner is not None:
+                reason = (f"{v['reason']}; but {winner['exp_id']} of the same batch scored "
+                          f"{winner['val_bpb']:.6f}: a batch keeps only its best")
+                out.append(self.decide(i, keep=False, reason=reason, decided_by=by))
+            else:   # the rule's own verdict (also for a win that did not survive its recheck)
+                out.append(self.decide(i, keep=None, decided_by=by))
+        if winner is not None:
+            out.append(self.decide(winner["exp_id"], keep=None, decided_by=by))
+        return out
+
     def autopilot(self, steps: int = 10, on_event: Callable[[dict], Any] | None = None, *,
-                  confirm: int = 0, max_failures: int = 3) -> list[dict]:
+                  confirm: int = 0, max_failures: int = 3, parallel: int = 1) -> list[dict]:
         """Run `steps` experiments unattended, each decided by the rule (``autopilot``).
 
         Parameters
@@ -1402,6 +1659,8 @@ class Lab:
             Reruns of a within-noise candidate before the final decision (0: none).
         max_failures : int
             Stop after this many proposer failures in a row (re-raising the last).
+        parallel : int
+            Experiments per batch (see `step(parallel=)`); `steps` counts experiments.
 
         Returns
         -------
@@ -1422,6 +1681,12 @@ class Lab:
             self._ensure_baseline(on_event)  # a failed baseline stops the loop here, after one try
             while len(out) < steps:
                 try:
+                    n = min(int(parallel), steps - len(out))
+                    if n > 1:
+                        batch = self.step(on_event=on_event, parallel=n)
+                        failures = 0
+                        out.extend(batch)
+                        continue
                     rec = self.step(on_event=on_event)
                 except ProposalError as e:
                     failures += 1
@@ -1602,7 +1867,10 @@ class Lab:
             print(format_record(rec))
 
     def close(self) -> None:
-        """Release the lab (its lock). Safe to call twice."""
+        """Release the lab (its lock) and the local cluster it started, if any. Safe to call twice."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         self.ledger.close()
 
     def __enter__(self) -> "Lab":
