@@ -228,3 +228,53 @@ def test_cli_run_parallel_records_every_run_of_each_batch(lab_dir):
         assert all(x["decided_by"] == "autopilot" for x in cands)
     rows = (lab_dir / TSV_NAME).read_text().splitlines()
     assert len(rows) == 1 + 1 + 3                                          # header, baseline, 3 runs
+
+
+_DRIVER = """
+import sys
+from autoresearch_kit.lab import Lab
+from test_lab import LRProposer
+
+if __name__ == "__main__":
+    with Lab(sys.argv[1], budget="30s", proposer=LRProposer(), verbose=False) as lab:
+        lab.step(parallel=2)
+"""
+
+
+def _strays(marker: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker in (p / "cmdline").read_bytes().decode(errors="replace") or \
+                        marker in (p / "environ").read_bytes().decode(errors="replace"):
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_a_killed_driver_leaves_its_batch_aborted_and_no_process_behind(lab_dir, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER)
+    marker = f"AR_TEST_DRIVER_{os.getpid()}_{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "AR_TEST_MARKER": marker}
+    p = subprocess.Popen([sys.executable, str(script), str(lab_dir)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    try:   # wait until both runs train (their logs have steps), then kill -9 the driver
+        while sum("step" in (f.read_text(errors="replace")) for f in (lab_dir / "runs").glob("*/run.log")) < 2:
+            assert p.poll() is None and time.monotonic() - t0 < 120, "the batch never started"
+            time.sleep(0.5)
+    finally:
+        p.kill()
+        p.wait()
+    t1 = time.monotonic()
+    while _strays(marker) and time.monotonic() - t1 < 30:    # workers and runs end once the driver is gone
+        time.sleep(0.5)
+    assert not _strays(marker), "processes of the killed driver's batch are still running"
+    with Lab(lab_dir, verbose=False) as lab:
+        assert len(lab.recovered) == 2
+        for exp_id in lab.recovered:
+            assert lab.ledger.get(exp_id)["status"] == "aborted"
