@@ -542,7 +542,8 @@ def run_on_worker(spec: dict) -> tuple[Any, bytes]:
                                   stop=stop, **spec["run_kwargs"])
     finally:
         done.set()
-    res.extra.update(worker=here, worker_data=where, worker_began=began, worker_ended=time.time())
+    res.extra.update(worker=here, worker_data=where, worker_began=began, worker_ended=time.time(),
+                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     if stop.is_set() and res.status == "aborted" and not res.reason:
         res.reason = "stopped from the driver"
     log = b""
