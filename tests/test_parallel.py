@@ -278,3 +278,35 @@ def test_a_killed_driver_leaves_its_batch_aborted_and_no_process_behind(lab_dir,
         assert len(lab.recovered) == 2
         for exp_id in lab.recovered:
             assert lab.ledger.get(exp_id)["status"] == "aborted"
+
+
+def _line(src: str, name: str) -> str:
+    return next(ln for ln in src.splitlines() if ln.startswith(f"{name} = "))
+
+
+def test_a_batch_llm_sees_the_proposals_before_it_and_mutate_draws_different_moves(tmp_path, kit_env):
+    """propose_batch makes N different proposals; the LLM's second prompt lists the first (no run needed)."""
+    from fake_openai import FakeOpenAI, Reply
+
+    from conftest import tiny_train_source
+
+    src = tiny_train_source()
+    (tmp_path / "train.py").write_text(src)
+    a, b = _line(src, "MATRIX_LR"), _line(src, "EMBED_LR")
+    replies = [Reply(f"DESCRIPTION: MARKER-ONE matrix lr up\nRATIONALE: r.\n\ntrain.py\n<<<<<<< SEARCH\n{a}\n=======\n"
+                     f"{a.replace('0.02', '0.03', 1)}\n>>>>>>> REPLACE\n"),
+               Reply(f"DESCRIPTION: embed lr down\nRATIONALE: r.\n\ntrain.py\n<<<<<<< SEARCH\n{b}\n=======\n"
+                     f"{b.replace('0.2', '0.1', 1)}\n>>>>>>> REPLACE\n")]
+    with FakeOpenAI(replies) as server:
+        kw = {"base_url": server.url, "model": "fake-model", "api_key": "sk-test", "edit_mode": "edits",
+              "retry_delay": 0.01, "timeout": 5.0}
+        with Lab(tmp_path / "lab", train=tmp_path / "train.py", proposer="llm", proposer_kwargs=kw,
+                 verbose=False) as lab:
+            got = lab.propose_batch(2)
+        second = json.dumps(server.chats[1]["body"]["messages"])
+    assert [p.description for p in got] == ["MARKER-ONE matrix lr up", "embed lr down"]
+    assert "MARKER-ONE" not in json.dumps(server.chats[0]["body"]["messages"])
+    assert "MARKER-ONE" in second                    # the first of the batch, shown to the second
+    with Lab(tmp_path / "lab2", train=tmp_path / "train.py", proposer="mutate", verbose=False) as lab:
+        batch = lab.propose_batch(4)
+    assert len({p.source_hash for p in batch}) == 4 and len({p.description for p in batch}) == 4
