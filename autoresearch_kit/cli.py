@@ -888,8 +888,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def _status_table(records: list[dict]) -> str:
     from autoresearch_kit.sandbox import isolation_label
 
-    cols = ("id", "parent", "kind", "status", "val_bpb", "delta", "decision", "by", "isolation", "proposer",
-            "description")
+    cols = ("id", "parent", "kind", "status", "val_bpb", "delta", "train s", "decision", "by", "isolation",
+            "proposer", "description")
     by_id = {r["id"]: r for r in records}
     rows = []
     for r in records:
@@ -905,9 +905,13 @@ def _status_table(records: list[dict]) -> str:
             desc += f"  (rejected: {r['decision_reason']})"
         elif r["status"] not in ("ok", "rejected") and r["reason"]:
             desc += f"  ({r['reason'][:60]})"
+        secs = r["training_seconds"]
+        ratio = ""   # compute against the parent's: a token-budget gain bought with a slower model shows
+        if secs and parent and parent["training_seconds"] and r["kind"] != "baseline":
+            ratio = f" x{secs / parent['training_seconds']:.1f}"
         rows.append((r["id"], r["parent_id"] or "-", r["kind"], r["status"],
                      f"{r['val_bpb']:.6f}" if r["val_bpb"] is not None else "-", delta or "-",
-                     decision or "-", r["decided_by"] or "-", isolation_label(r), r["proposer"] or "-", desc))
+                     f"{secs:.1f}{ratio}" if secs else "-", decision or "-", r["decided_by"] or "-", isolation_label(r), r["proposer"] or "-", desc))
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols[:-1])]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols[:-1], widths)) + "  " + cols[-1]]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]

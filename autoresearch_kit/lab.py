@@ -1916,9 +1916,26 @@ class Lab:
                 f"{best_txt}{more}<table style='font-size:12px'><tr>{head}</tr>{''.join(rows)}</table></div>")
 
 
+def compute_note(rec: dict) -> str:
+    """"12.3 s, 4.1e+12 FLOPs": the compute a run used, shown beside scores that a token or
+    FLOP budget made (there a gain can be bought with a bigger, slower model); "" otherwise."""
+    try:
+        kind = config.Budget.parse(rec.get("budget") or "").kind
+    except (ValueError, TypeError):
+        return ""
+    if kind == "seconds" or rec.get("val_bpb") is None:
+        return ""
+    secs, flops = rec.get("training_seconds"), rec.get("flops")
+    parts = [f"{secs:.1f} s" if secs else "", f"{flops:.2g} FLOPs" if flops else ""]
+    return ", ".join(p for p in parts if p)
+
+
 def format_record(rec: dict) -> str:
     """One line for a ledger record: id, status, val_bpb, decision (by whom), description."""
     bpb = f"val_bpb {rec['val_bpb']:.6f}" if rec.get("val_bpb") is not None else f"{rec['status']}"
+    compute = compute_note(rec)
+    if compute:
+        bpb += f" ({compute})"
     if rec["status"] not in ("ok", "rejected") and rec.get("reason"):
         bpb += f" ({rec['reason'][:80]})"
     decision = rec.get("decision") or ("rejected" if rec["status"] == "rejected" else

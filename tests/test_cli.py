@@ -573,3 +573,14 @@ def test_run_with_a_local_llm_shows_the_request_and_keeps_the_refused_reply(cli_
     meta = rec["proposal_meta"]
     assert meta["edit_mode"] == "knobs" and meta["tokens"] is None and meta["prompt_tokens"] is None
     assert [r["reply"] for r in meta["refused"]] == ["PROSE-MARKER: a higher learning rate"]
+
+
+def test_status_shows_training_seconds_and_the_compute_against_the_parent(cli_lab, tmp_path, kit_env, capsys):
+    d = _copy(cli_lab, tmp_path)
+    assert main(["status", "--lab", str(d)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "train s" in lines[0]
+    col = lines[0].index("train s")
+    cells = [ln[col:].split()[0] for ln in lines[1:4]]
+    assert cells[0][0].isdigit() and all(c.startswith(tuple("0123456789")) for c in cells)
+    assert all(" x" in ln[col:col + 16] for ln in lines[2:4])   # candidates: a ratio to the parent's seconds

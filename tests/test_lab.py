@@ -1051,3 +1051,11 @@ def test_a_lab_with_no_scored_run_follows_new_data_and_relative_paths_resolve(tm
     with _open(tmp_path / "lab", data_dir=other_data.name) as lab:   # a relative --data, other data
         assert lab.data_dir == other_data and lab.data_pin["manifest_hash"] == manifest_hash(other_data)
         assert lab.data_pin["history"]                                # the move is recorded, not silent
+
+
+def test_token_budget_scores_show_the_compute_they_used():
+    base = {"id": "0002", "kind": "candidate", "status": "ok", "val_bpb": 1.5, "training_seconds": 12.34,
+            "flops": 4.1e12, "description": "wider", "decision": "keep", "decided_by": "rule", "extra": {}}
+    assert "val_bpb 1.500000 (12.3 s, 4.1e+12 FLOPs)" in format_record({**base, "budget": "100k-tokens"})
+    assert "(12.3 s, 4.1e+12 FLOPs)" in format_record({**base, "budget": "1e15-flops"})
+    assert "FLOPs" not in format_record({**base, "budget": "60s"})   # the clock is the budget: nothing to add
