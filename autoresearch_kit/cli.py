@@ -559,7 +559,8 @@ def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
     return Lab(path, budget=args.budget, proposer=args.proposer, data_dir=args.data,
                seed=args.seed, device=args.device, threshold=args.threshold, proposer_kwargs=kw,
                verbose=verbose, rebaseline=getattr(args, "rebaseline", False),
-               noise_runs=getattr(args, "noise_runs", None), cluster=getattr(args, "cluster", None))
+               noise_runs=getattr(args, "noise_runs", None), cluster=getattr(args, "cluster", None),
+               calibrate=getattr(args, "calibrate", False))
 
 
 def _save_refused(lab_path: Path, error) -> Path | None:
@@ -1055,6 +1056,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--noise-runs", type=int, default=None, metavar="K",
                    help="reruns of the baseline that measure the noise before the first candidate (default 2, "
                         "AUTORESEARCH_NOISE_RUNS; 0 skips); gains within 2 sigma are not kept")
+    q.add_argument("--calibrate", action="store_true",
+                   help="a new lab turns its seconds budget into the tokens its baseline trains in it (one extra "
+                        "run), so later runs do not depend on the machine's load")
     q.add_argument("--parallel", type=_positive(int), default=1, metavar="N",
                    help="run N proposals at once, one per Dask worker (one per GPU locally); the best that beats "
                         "the parent beyond noise is kept (default 1: one at a time)")

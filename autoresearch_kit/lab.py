@@ -273,6 +273,12 @@ class Lab:
         `measure_noise` runs). A lab that has no sigma yet measures it before its next run.
     sandbox : str, optional
         "auto", "require" or "off" (default AUTORESEARCH_SANDBOX, else "auto").
+    calibrate : bool
+        A budget that does not depend on the machine's load: with a seconds budget, a new
+        lab first runs its train.py once under it (kind ``calibration``, never a parent)
+        and then uses the tokens that run trained as the budget of every run, the
+        baseline included ("what fits in 60 s here", measured once). Later sessions keep
+        that token budget. A token budget's scores show the compute each run used.
     cluster : str, distributed.Client or Dask cluster, optional
         Where the runs train: a scheduler address ("tcp://host:8786"), a Client, or a
         cluster object (dask-jobqueue, dask-kubernetes). None (default): runs train in
@@ -293,7 +299,7 @@ class Lab:
                  proposer: Any = "auto", data_dir: str | os.PathLike | None = None, seed: int = 42,
                  device: str | None = None, threshold: float = 0.0, *, proposer_kwargs: dict | None = None,
                  verbose: bool = True, rebaseline: bool = False, noise_runs: int | None = None,
-                 sandbox: str | None = None, cluster: Any = None) -> None:
+                 sandbox: str | None = None, cluster: Any = None, calibrate: bool = False) -> None:
         self.path = Path(path).expanduser().resolve()
         noise_runs = _noise_runs(noise_runs)     # a bad value fails before anything is opened
         from autoresearch_kit import sandbox as _sandbox
@@ -358,6 +364,7 @@ class Lab:
         self._watchers: list[Callable[[dict], Any]] = []
         self.noise_runs = noise_runs
         self.cluster = cluster                  # where runs train (None: here; see parallel.py)
+        self.calibrate = bool(calibrate)        # a seconds budget becomes the tokens the baseline trains in it
         self._engine = None                     # parallel.Engine, made at the first run that needs one
         self.recheck_below = RECHECK_BELOW      # sigmas; see recheck()
         self._noise_tried = False               # measure the noise once per session at most
@@ -385,7 +392,10 @@ class Lab:
         if self._budget is None:
             from autoresearch_kit.config import Budget
 
-            if self._budget_arg is not None:
+            base = self._baseline_record()
+            if self._calibration_record() is not None and base and base["budget"]:
+                self._budget = Budget.parse(base["budget"])   # calibrated once: the lab keeps its tokens
+            elif self._budget_arg is not None:
                 self._budget = Budget.parse(self._budget_arg)
             else:
                 base = self._baseline_record()
@@ -401,7 +411,7 @@ class Lab:
 
     def _warn_budget_change(self) -> None:
         base = self._baseline_record()
-        if self._budget_arg is None or base is None or not base["budget"]:
+        if self._budget_arg is None or base is None or not base["budget"] or self._calibration_record() is not None:
             return
         from autoresearch_kit.config import Budget
 
@@ -760,6 +770,28 @@ class Lab:
             return self._last_id
         recs = self.ledger.records(curves=False)
         return recs[-1]["id"] if recs else None
+
+    def _calibration_record(self) -> dict | None:
+        """The last calibration run that ran ok (see `Lab(calibrate=)`), or None."""
+        cal = [r for r in self.ledger.records(curves=False) if r["kind"] == "calibration" and r["status"] == "ok"]
+        return cal[-1] if cal else None
+
+    def _calibrate_budget(self, source: str, on_event=None, stop=None) -> None:
+        """Run train.py once under the seconds budget; the tokens it trained become the lab's budget."""
+        from autoresearch_kit.config import Budget
+
+        seconds = self.budget
+        result = self._run(source, parent_id=None, kind="calibration", proposer="baseline", on_event=on_event,
+                           stop=stop, description=f"calibration: tokens trained in {seconds}")
+        if not result.ok or not result.tokens:
+            msg = (f"the calibration run did not run ({result.status}: {result.reason or 'no tokens trained'}); "
+                   f"fix {self.path / 'train.py'}, or run without calibrate (a seconds budget).")
+            raise RuntimeError(msg)
+        self._budget = Budget.parse(f"{int(result.tokens)}-tokens")
+        if self.verbose:
+            rate = result.tokens / result.training_seconds if result.training_seconds else float("nan")
+            print(f"lab {self.path.name}: calibrated: {seconds} trained {result.tokens:,} tokens here "
+                  f"({rate:,.0f} tok/s); every run now gets {self._budget} (whatever the machine's load)")
 
     def _baseline_record(self) -> dict | None:
         base = [r for r in self.ledger.records(curves=False) if r["kind"] == "baseline"]
@@ -1286,6 +1318,8 @@ class Lab:
         if done is not None and done["status"] == "ok":
             return self._learn_noise(done, on_event, stop)
         source = read_text(self.path / "train.py")
+        if self.calibrate and self._calibration_record() is None and self.budget.kind == "seconds":
+            self._calibrate_budget(source, on_event, stop)
         result = self._run(source, parent_id=None, kind="baseline", description="baseline", proposer="baseline",
                            on_event=on_event, stop=stop)
         rec = self._decide_baseline(result, "baseline")

@@ -67,7 +67,7 @@ LOCK_NAME = ".lock"
 TSV_HEADER = ("commit", "val_bpb", "memory_gb", "status", "description")
 SCHEMA_VERSION = 1
 
-KINDS = ("baseline", "candidate", "noise", "rerun")
+KINDS = ("baseline", "candidate", "noise", "rerun", "calibration")
 STATUSES = ("running", "ok", "crash", "timeout", "diverged", "invalid", "aborted", "rejected")
 RUN_STATUSES = ("ok", "crash", "timeout", "diverged", "invalid", "aborted")  # what finish() accepts
 CRASH_LIKE = ("crash", "timeout", "diverged", "invalid", "aborted")
@@ -593,7 +593,7 @@ class Ledger:
             Fingerprint (device name, torch version, ...), stored as JSON.
         proposal_meta : dict, optional
             The proposal's metadata; credential-looking keys are dropped before storing.
-        kind : {"baseline", "candidate", "noise", "rerun"}
+        kind : {"baseline", "candidate", "noise", "rerun", "calibration"}
         commit : str, optional
             The workspace commit of this experiment, if already made.
         """

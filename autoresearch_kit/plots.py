@@ -76,7 +76,7 @@ def load_results(data: Any):
     status = df["status"].astype(str).str.strip().str.lower() if "status" in df else pd.Series("ok", index=df.index)
     decision = (df["decision"].astype(object).where(df["decision"].notna(), "").astype(str).str.lower()
                 if "decision" in df else pd.Series("", index=df.index))
-    repeat = (df["kind"].astype(str).isin(["noise", "rerun"]) if "kind" in df
+    repeat = (df["kind"].astype(str).isin(["noise", "rerun", "calibration"]) if "kind" in df
               else pd.Series(False, index=df.index))
     df = df[~status.isin(["rejected", "running"]) & ~repeat].copy()
     status, decision = status[df.index], decision[df.index]

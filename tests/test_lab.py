@@ -1059,3 +1059,38 @@ def test_token_budget_scores_show_the_compute_they_used():
     assert "val_bpb 1.500000 (12.3 s, 4.1e+12 FLOPs)" in format_record({**base, "budget": "100k-tokens"})
     assert "(12.3 s, 4.1e+12 FLOPs)" in format_record({**base, "budget": "1e15-flops"})
     assert "FLOPs" not in format_record({**base, "budget": "60s"})   # the clock is the budget: nothing to add
+
+
+def test_calibrate_turns_a_seconds_budget_into_the_tokens_the_baseline_trains(tmp_path, kit_env):
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    with Lab(tmp_path / "lab", train=tmp_path / "train.py", budget="3s", proposer=LRProposer(), verbose=False,
+             calibrate=True) as lab:
+        base = lab.baseline()
+        assert base["status"] == "ok", base["reason"]
+        recs = lab.ledger.records(curves=False)
+        cal, first = recs[0], recs[1]
+        assert [cal["kind"], first["kind"]] == ["calibration", "baseline"]
+        assert cal["budget"] == "3s" and cal["status"] == "ok" and cal["tokens"] > 0
+        assert lab.budget.kind == "tokens" and lab.budget.tokens == cal["tokens"]
+        assert first["budget"] == str(lab.budget) and first["tokens"] == cal["tokens"]
+        assert lab.parent_id == first["id"]                       # the calibration is never a parent
+        rows = (lab.path / "results.tsv").read_text().splitlines()
+        assert len(rows) == 2 and "baseline" in rows[1]            # and no results.tsv row
+    with _no_warning():                                            # reopened with the same flags: no budget warning
+        with Lab(tmp_path / "lab", budget="3s", proposer=LRProposer(), verbose=False, calibrate=True) as lab:
+            assert str(lab.budget) == first["budget"]
+            assert len(lab.ledger) == 2
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings(record=True)
+        self.got = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+        assert not [w for w in self.got if "budget" in str(w.message)], [str(w.message) for w in self.got]
