@@ -1637,12 +1637,24 @@ class Lab:
                     continue
                 proposal = value
             to_run.append(proposal)
-        if not to_run:
-            return records
-        ids = self._run_batch(to_run, on_event, stop)
+        return records + self.run_batch(to_run, on_event=on_event, stop=stop, decide=decide)
+
+    def run_batch(self, proposals: list[Proposal], on_event: Callable[[dict], Any] | None = None,
+                  stop: threading.Event | None = None, decide: bool = True) -> list[dict]:
+        """Run approved proposals at the same time (see `step(parallel=)`); their records, in order.
+
+        For a view that shows a batch (`propose_batch`) and asks before running it: the
+        proposals run on the lab's cluster (N local workers by default), each event carries
+        its ``exp_id``, `stop_run(exp_id)` stops one, and with `decide` the batch's best that
+        beats the parent beyond noise is kept (`decide_batch`).
+        """
+        if not proposals:
+            return []
+        self._ensure_baseline(on_event, stop)
+        ids = self._run_batch(list(proposals), on_event, stop)
         if decide:
             self.decide_batch(ids, on_event=on_event, stop=stop)
-        return records + [self.ledger.get(i) for i in ids]
+        return [self.ledger.get(i) for i in ids]
 
     def decide_batch(self, ids: list[str], on_event: Callable[[dict], Any] | None = None,
                      stop: threading.Event | None = None) -> list[dict]:
@@ -1882,6 +1894,12 @@ class Lab:
 
         self._start_ahead()
         return _panel.Panel(self, **kwargs)
+
+    def batch_panel(self, n: int = 2, **kwargs):
+        """The batch panel (ipywidgets): review `n` proposals, run them at once, watch every curve."""
+        from autoresearch_kit.ui.batch import BatchPanel
+
+        return BatchPanel(self, n, **kwargs)
 
     def _start_ahead(self) -> None:
         """Start the runner's fork server in the background, once (runner.prestart).

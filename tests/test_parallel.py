@@ -310,3 +310,30 @@ def test_a_batch_llm_sees_the_proposals_before_it_and_mutate_draws_different_mov
     with Lab(tmp_path / "lab2", train=tmp_path / "train.py", proposer="mutate", verbose=False) as lab:
         batch = lab.propose_batch(4)
     assert len({p.source_hash for p in batch}) == 4 and len({p.description for p in batch}) == 4
+
+
+def test_the_batch_panel_reviews_runs_and_decides_a_batch(lab_dir):
+    """Three proposals shown with their diffs; one skipped with a reason; two run at once, live, decided."""
+    from autoresearch_kit.ui import BatchPanel
+
+    with Lab(lab_dir, budget=BUDGET, proposer=LRProposer(), verbose=False) as lab:
+        panel = BatchPanel(lab, 3)
+        panel.wait(60)
+        assert len(panel.cards) == 3, panel.message.value
+        assert all("MATRIX_LR" in c.widget.children[1].value for c in panel.cards)     # each card shows its diff
+        skipped = panel.cards[2].proposal
+        panel.cards[2].choice.value = "skip"
+        panel.cards[2].reason.value = "SKIP-REASON too close to the others"
+        panel.run_button.click()
+        panel.wait(400)
+        assert "batch done" in panel.message.value, panel.message.value
+        recs = panel.records
+        assert len(recs) == 2 and all(r["status"] == "ok" and r["decision"] for r in recs)
+        assert set(panel.events) == {r["id"] for r in recs}            # both curves arrived live
+        assert panel.image.value[:4] == b"\x89PNG"
+        assert all(row.stop.disabled for row in panel.rows.values())  # per-run Stop, done now
+        rejected = [r for r in lab.ledger.records(curves=False) if r["status"] == "rejected"]
+        assert rejected[-1]["source_hash"] == skipped.source_hash
+        assert "SKIP-REASON" in rejected[-1]["decision_reason"]
+        kept = [r["id"] for r in recs if r["decision"] == "keep"]
+        assert (f"kept {kept[0]}" if kept else "nothing kept") in panel.outcome.value

@@ -20,6 +20,7 @@ import importlib
 
 _EXPORTS = {
     "Panel": "autoresearch_kit.ui.panel",
+    "BatchPanel": "autoresearch_kit.ui.batch",
     "LiveCurve": "autoresearch_kit.ui.curves",
     "diff_html": "autoresearch_kit.ui.diff",
     "proposal_html": "autoresearch_kit.ui.render",

@@ -27,6 +27,8 @@ MPL_LOCK = threading.RLock()
 
 # (label, curve, colour, linestyle) per reference; the live run is drawn last, on top.
 _PALETTE = {"run": "#0969da", "parent": "#6e7781", "best": "#1a7f37", "other": "#bf8700"}
+# role "batch<i>": the i-th run of a batch drawn beside its siblings (solid, one colour each)
+_BATCH = ("#0969da", "#cf222e", "#8250df", "#bf8700", "#1a7f37", "#e16f24", "#0598bc", "#bf3989")
 
 
 def _budget(budget: Any):
@@ -124,12 +126,13 @@ def _curves_png(series, *, budget, title, width, height, dpi, x_max) -> bytes:
         xs, ys = curve_xy(curve, key)
         if not xs:
             continue
-        color = _PALETTE.get(role, _PALETTE["other"])
+        batch = role.startswith("batch") and role[5:].isdigit()
+        color = _BATCH[int(role[5:]) % len(_BATCH)] if batch else _PALETTE.get(role, _PALETTE["other"])
         if key == "progress":
             xs = [100 * x for x in xs]
         sm = smooth(ys)
         x_hi = max(x_hi, max(xs))
-        if role == "run":
+        if role == "run" or batch:
             ax.plot(xs, ys, color=color, alpha=0.2, linewidth=0.8)
             ax.plot(xs, sm, color=color, linewidth=2.0, label=label)
         else:
