@@ -418,7 +418,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 _LLM_FLAGS = (("extra_body", "--extra-body"), ("max_tokens", "--max-tokens"), ("timeout", "--timeout"),
-              ("edit_mode", "--edit-mode"), ("context_size", "--context"))
+              ("edit_mode", "--edit-mode"), ("context_size", "--context"), ("max_wait", "--max-wait"))
 
 
 class _LLMWatch:
@@ -1037,6 +1037,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-tokens", type=_positive(int), default=None, metavar="N", help="LLM: reply length cap")
     q.add_argument("--timeout", type=_positive(float), default=None, metavar="S",
                    help="LLM: seconds to wait for the server (default 120)")
+    q.add_argument("--max-wait", type=_positive(float), default=None, metavar="S",
+                   help="LLM: seconds one proposal may take in all, retries included (default 600, "
+                        "AUTORESEARCH_LLM_MAX_WAIT); past it the run stops with what to do")
     q.add_argument("--context", type=_positive(int), default=None, metavar="N", dest="context_size",
                    help="LLM: the server's context in tokens, when it does not report it (AUTORESEARCH_CONTEXT)")
     q.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",

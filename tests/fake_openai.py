@@ -42,6 +42,7 @@ class Reply:
     headers: dict = field(default_factory=dict)
     usage: tuple[int, int] | None = (120, 30)   # prompt, completion tokens; None: the server reports none
     chunk: int = 16                # characters per streamed chunk
+    chunk_delay: float = 0.0       # seconds between streamed chunks (a reply that trickles in)
 
 
 class FakeOpenAI:
@@ -183,6 +184,8 @@ class FakeOpenAI:
                 send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]})
                 for i in range(0, len(reply.text), reply.chunk):
+                    if reply.chunk_delay:
+                        time.sleep(reply.chunk_delay)
                     send({**base, "choices": [{"index": 0, "delta": {"content": reply.text[i:i + reply.chunk]},
                                                "finish_reason": None}]})
                 send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})

@@ -629,3 +629,22 @@ def test_cli_keeps_a_give_ups_replies_in_the_lab(tmp_path):
     rec = json.loads(path.read_text().splitlines()[-1])
     assert path == tmp_path / "runs" / "refused.jsonl" and rec["reason"] == err.reason
     assert [r["reply"] for r in rec["refused"]] == ["PROSE-MARKER only"] * 2 and KEY not in path.read_text()
+
+
+@pytest.mark.parametrize("reply, stream", [
+    (Reply(GOOD, delay=30), False),                          # a server that never answers
+    (Reply(GOOD, delay=30), True),
+    (Reply(GOOD, chunk=1, chunk_delay=0.3), True),          # one that trickles a character at a time
+])
+def test_a_hung_endpoint_is_given_up_on_within_max_wait_with_what_to_do(reply, stream):
+    t0 = time.monotonic()
+    out, server, secs, _ = _run([reply], stream=stream, timeout=1.0, max_retries=10, max_wait=2.5)
+    assert isinstance(out, ProposalError), out
+    assert secs < 6 and time.monotonic() - t0 < 8
+    assert "within 2.5 s" in out.reason and "--max-wait" in out.reason and server.url.split("/v1")[0] in out.reason
+    assert "mutate" in out.reason                             # the offline alternative
+
+
+def test_max_wait_must_be_positive():
+    with pytest.raises(ValueError, match="max_wait"):
+        LLMProposer(base_url="http://127.0.0.1:9/v1", model="m", max_wait=0)

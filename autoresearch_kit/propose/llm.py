@@ -52,6 +52,13 @@ KNOB_MAX_TOKENS = 256        # a knob reply is ~40 tokens; the cap stops a small
 MAX_SAVED_REPLY = 4000       # characters of each refused reply kept in the metadata
 
 
+DEFAULT_MAX_WAIT = 600.0   # seconds one proposal may take in all (LLMProposer(max_wait=))
+
+
+class _OutOfTime(Exception):
+    """Raised inside a streamed reply when the proposal's total wait is over."""
+
+
 def _endpoint_label(url: str) -> str:
     """scheme://host[:port]/path of an endpoint, without credentials or query."""
     parts = urlsplit(url)
@@ -103,6 +110,11 @@ class LLMProposer:
         Seconds to wait for the server (per read while streaming).
     max_retries
         Extra tries per request after a timeout, dropped connection, HTTP 429 or 5xx.
+    max_wait
+        Seconds one proposal may take in all (requests, retries, backoff, a reply that
+        trickles in; default AUTORESEARCH_LLM_MAX_WAIT, else 600): past it the proposer
+        gives up with a message that names the endpoint and this setting, so a hung
+        server never holds the loop for longer.
     retry_delay, max_retry_delay
         Backoff: retry_delay * 2**i seconds, capped (Retry-After is honoured up to the cap).
     temperature, max_tokens
@@ -140,7 +152,7 @@ class LLMProposer:
                  max_tokens: int | None = None, system_prompt: str | None = None,
                  max_history: int = prompts.MAX_HISTORY, extra_body: dict | None = None,
                  edit_mode: str | None = None, context_size: int | None = None, structured: str = "auto",
-                 on_progress: Callable[[dict], Any] | None = None) -> None:
+                 on_progress: Callable[[dict], Any] | None = None, max_wait: float | None = None) -> None:
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         key = api_key or os.environ.get("OPENAI_API_KEY") or None
         if key is None and self.base_url is None:
@@ -154,6 +166,15 @@ class LLMProposer:
             raise ValueError(msg)
         self.max_attempts, self.stream, self.on_token = max_attempts, stream, on_token
         self.timeout, self.max_retries = timeout, max_retries
+        wait = max_wait if max_wait is not None else os.environ.get("AUTORESEARCH_LLM_MAX_WAIT") or DEFAULT_MAX_WAIT
+        try:
+            self.max_wait = float(wait)
+        except ValueError:
+            self.max_wait = -1.0
+        if not self.max_wait > 0:
+            msg = f"max_wait must be a number of seconds > 0 (AUTORESEARCH_LLM_MAX_WAIT / --max-wait), got {wait!r}"
+            raise ValueError(msg)
+        self._deadline: float | None = None   # time.monotonic() by which the proposal in progress must end
         self.retry_delay, self.max_retry_delay = retry_delay, max_retry_delay
         self.temperature, self.max_tokens = temperature, max_tokens
         self.system_prompt, self.max_history, self.extra_body = system_prompt, max_history, extra_body
@@ -212,16 +233,32 @@ class LLMProposer:
         return ProposalError(self._scrub(reason), metadata={k: self._scrub(v) if isinstance(v, str) else v
                                                             for k, v in meta.items()})
 
+    def _left(self) -> float:
+        """Seconds left of `max_wait` for the proposal in progress (inf outside one)."""
+        return float("inf") if self._deadline is None else self._deadline - time.monotonic()
+
+    def _out_of_time(self, what: str, last: str) -> ProposalError:
+        return self._fail(f"no usable reply from {self.model or 'the model'} at {self.endpoint} within "
+                          f"{self.max_wait:g} s ({what}{': ' + last if last else ''}). The server may be hung or "
+                          f"too slow for this prompt: check it, raise the cap (--max-wait S, "
+                          f"AUTORESEARCH_LLM_MAX_WAIT), use a faster model, or {OFFLINE_HINT}")
+
     def _with_retries(self, what: str, call: Callable[[], Any], on_token: Callable[[str], Any] | None):
-        """Run `call`, retrying timeouts, dropped connections, 429 and 5xx with backoff."""
+        """Run `call`, retrying timeouts, dropped connections, 429 and 5xx with backoff, within max_wait."""
         import openai
 
         last = ""
         for i in range(self.max_retries + 1):
             delay = min(self.max_retry_delay, self.retry_delay * 2**i)
+            if self._left() <= 0:
+                raise self._out_of_time(what, last)
             try:
                 return call()
+            except _OutOfTime:
+                raise self._out_of_time(what, "the reply was still coming") from None
             except openai.APITimeoutError:
+                if self._left() <= 0.05:
+                    raise self._out_of_time(what, last or "no answer yet") from None
                 last = f"no answer within {self.timeout:g}s (timeout)"
             except openai.APIConnectionError as e:
                 if _unreachable(e):
@@ -253,6 +290,7 @@ class LLMProposer:
                                  f"check that base_url is the server's /v1 endpoint, or {OFFLINE_HINT}") from None
             self._network_retries += i < self.max_retries
             if i < self.max_retries:
+                delay = max(0.0, min(delay, self._left()))
                 if on_token is not None:
                     on_token(f"\n[{last}; retrying in {delay:.2g}s]\n")
                 time.sleep(delay)
@@ -307,6 +345,9 @@ class LLMProposer:
         stream = self.stream if stream is None else stream
 
         def create(**more):
+            left = self._left()   # a request never outlives the proposal's total wait
+            if left != float("inf"):
+                more.setdefault("timeout", max(0.05, min(self.timeout, left)))
             try:
                 return client.chat.completions.create(**kw, **more)
             except openai.BadRequestError as e:
@@ -340,6 +381,11 @@ class LLMProposer:
                 chunks = create(stream=True)
             parts, usage = [], {}
             for chunk in chunks:
+                if self._left() <= 0:   # a reply that trickles in forever (each read within the timeout)
+                    close = getattr(chunks, "close", None)
+                    if close is not None:
+                        close()
+                    raise _OutOfTime
                 if getattr(chunk, "usage", None):
                     usage = _usage(chunk.usage)
                 for choice in chunk.choices or ():
@@ -480,7 +526,13 @@ class LLMProposer:
             prompt cannot fit the server's context, or when the endpoint fails (the reason
             names its URL, never the key). Its metadata keeps each refused reply.
         """
-        on_token = on_token or self.on_token
+        self._deadline = time.monotonic() + self.max_wait
+        try:
+            return self._propose(context, on_token or self.on_token)
+        finally:
+            self._deadline = None
+
+    def _propose(self, context: ProposalContext, on_token) -> Proposal:
         t0 = time.perf_counter()
         self._network_retries = 0
         model = self._resolve_model(on_token)
