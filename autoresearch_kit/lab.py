@@ -995,13 +995,17 @@ class Lab:
 
     def _run(self, source: str, **kw) -> RunResult:
         """Record, commit, run and record again, one run per lab at a time (RuntimeError for a second)."""
+        return self._exclusive(self._run_one, source, **kw)
+
+    def _exclusive(self, fn: Callable, *args, **kw):
+        """fn(*args, **kw) holding the lab's run lock: one run or batch per lab at a time."""
         if not self._run_mu.acquire(blocking=False):
             now = self.running or {}
             msg = (f"experiment {now.get('exp_id', '?')} ({now.get('description', '')}) is running in this lab: one "
-                   f"run at a time. Wait for it (lab.running shows it) or stop it, then run again.")
+                   f"run at a time (a batch counts as one). Wait for it (lab.running shows it) or stop it, then run again.")
             raise RuntimeError(msg)
         try:
-            return self._run_one(source, **kw)
+            return fn(*args, **kw)
         finally:
             self.running = None
             self._run_mu.release()
@@ -1123,16 +1127,7 @@ class Lab:
         experiment ids in proposal order. A Ctrl-C stops every run, records them as
         ``aborted`` and raises KeyboardInterrupt.
         """
-        if not self._run_mu.acquire(blocking=False):
-            now = self.running or {}
-            msg = (f"experiment {now.get('exp_id', '?')} ({now.get('description', '')}) is running in this lab: one "
-                   f"run (or batch) at a time. Wait for it (lab.running shows it) or stop it, then run again.")
-            raise RuntimeError(msg)
-        try:
-            return self._run_batch_locked(proposals, on_event, stop)
-        finally:
-            self.running = None
-            self._run_mu.release()
+        return self._exclusive(self._run_batch_locked, proposals, on_event, stop)
 
     def _run_batch_locked(self, proposals: list[Proposal], on_event, stop) -> list[str]:
         engine = self._engine_for(len(proposals))
