@@ -232,6 +232,15 @@ class Engine:
         todo = [w for w in workers if w not in known]
         if not todo:
             return digest
+        mine = kit_fingerprint()
+        theirs = self.client.run(kit_fingerprint, workers=todo)
+        other = {w: f for w, f in theirs.items() if (f["version"], f["code"]) != (mine["version"], mine["code"])}
+        if other:   # a run must go through the same runner and sandbox code as a local one
+            w, f = next(iter(other.items()))
+            msg = (f"worker {w} runs another autoresearch_kit ({f['version']}, code {f['code']} at {f['path']}) than "
+                   f"this driver ({mine['version']}, code {mine['code']}): install the same kit on every worker "
+                   f"(e.g. pip install -e <this checkout>), then run again.")
+            raise ClusterError(msg)
         have = self.client.run(worker_has_data, digest, str(path), workers=todo)
         missing = [w for w, where in have.items() if not where]
         if missing:
@@ -397,6 +406,27 @@ def _takes_n_workers(client: Any) -> bool:
 
 # ---- on the worker ----------------------------------------------------------------------------------
 # These run inside Dask workers (client.run / client.submit): the kit is installed there.
+
+_FINGERPRINT: dict | None = None
+
+
+def kit_fingerprint() -> dict:
+    """{"version", "code", "path"}: the kit's version and a hash of its Python sources (the runner,
+    the sandbox, the scoring), so the driver can refuse a worker that would run other code."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        import hashlib
+
+        import autoresearch_kit
+
+        root = Path(autoresearch_kit.__file__).resolve().parent
+        h = hashlib.sha256()
+        for p in sorted(root.rglob("*.py")):
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+        _FINGERPRINT = {"version": getattr(autoresearch_kit, "__version__", "?"), "code": h.hexdigest()[:12],
+                        "path": str(root)}
+    return dict(_FINGERPRINT)
+
 
 def _shipped_root() -> Path:
     return config.cache_dir() / SHIPPED

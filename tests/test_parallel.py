@@ -337,3 +337,15 @@ def test_the_batch_panel_reviews_runs_and_decides_a_batch(lab_dir):
         assert "SKIP-REASON" in rejected[-1]["decision_reason"]
         kept = [r["id"] for r in recs if r["decision"] == "keep"]
         assert (f"kept {kept[0]}" if kept else "nothing kept") in panel.outcome.value
+
+
+def test_a_worker_with_other_kit_code_is_refused_before_anything_is_recorded(lab_dir, monkeypatch):
+    """The driver compares its kit's code hash with each worker's: another runner must not score."""
+    with Lab(lab_dir, budget=BUDGET, proposer=LRProposer(), verbose=False) as lab:
+        n = len(lab.ledger)
+        engine = lab._engine_for(2)
+        monkeypatch.setattr(parallel, "_FINGERPRINT", {"version": "0.1.0", "code": "not-the-same", "path": "/x"})
+        engine._shipped.clear()
+        with pytest.raises(parallel.ClusterError, match="runs another autoresearch_kit"):
+            lab.step(parallel=2)
+        assert len(lab.ledger) == n
