@@ -28,9 +28,12 @@ Decisions. The rule keeps a candidate when its val_bpb beats its parent's (the t
 kept line it edits, as the original autoresearch compares with the current best of its
 branch) by more than `threshold`. Right after the baseline (`noise_runs`, default 2) and
 after any `measure_noise(k)` (k reruns of the parent with other seeds) the Lab knows
-sigma, the run-to-run standard deviation; a gain above the
-threshold but within 2 sigma / sqrt(n) (n = the candidate's runs) is flagged
-"within noise" and not kept by the rule; `confirm(exp_id)` reruns it to check. The
+sigma, the run-to-run standard deviation; a gain above the threshold but within 2
+standard errors is flagged "within noise" and not kept by the rule; `confirm(exp_id)`
+reruns it to check. A candidate whose runs are at seeds its parent also ran with (one
+run: seed 42) is compared with the parent at those seeds (paired); its standard error is
+the lab's pooled paired-difference SD (`paired_noise`) / sqrt(m) once measured, else
+sigma * sqrt(2 / m); see `verdict`. The
 human has the last word: `decide(keep=True/False)` overrides, and the ledger records
 who decided (`human`, `rule` or `autopilot`).
 

@@ -43,7 +43,8 @@ def _spread(values: list[float], m: int, stat) -> tuple[float, float]:
     """(stat over the first m values, relative stdev of stat over every m-subset)."""
     subsets = [stat(list(c)) for c in itertools.combinations(values, m)]
     full = stat(values)
-    return stat(values[:m]), (statistics.stdev(subsets) / full if full else float("nan"))
+    spread = statistics.stdev(subsets) / full if full and len(subsets) >= 2 else 0.0   # m = S: one subset
+    return stat(values[:m]), spread
 
 
 def measure(budget: str, seeds: int, edit: str) -> dict:
