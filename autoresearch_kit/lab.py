@@ -28,9 +28,12 @@ Decisions. The rule keeps a candidate when its val_bpb beats its parent's (the t
 kept line it edits, as the original autoresearch compares with the current best of its
 branch) by more than `threshold`. Right after the baseline (`noise_runs`, default 2) and
 after any `measure_noise(k)` (k reruns of the parent with other seeds) the Lab knows
-sigma, the run-to-run standard deviation; a gain above the
-threshold but within 2 sigma / sqrt(n) (n = the candidate's runs) is flagged
-"within noise" and not kept by the rule; `confirm(exp_id)` reruns it to check. The
+sigma, the run-to-run standard deviation; a gain above the threshold but within 2
+standard errors is flagged "within noise" and not kept by the rule; `confirm(exp_id)`
+reruns it to check. A candidate whose runs are at seeds its parent also ran with (one
+run: seed 42) is compared with the parent at those seeds (paired); its standard error is
+the lab's pooled paired-difference SD (`paired_noise`) / sqrt(m) once measured, else
+sigma * sqrt(2 / m); see `verdict`. The
 human has the last word: `decide(keep=True/False)` overrides, and the ledger records
 who decided (`human`, `rule` or `autopilot`).
 
@@ -89,6 +92,23 @@ NOISE_RUNS = 2   # default reruns of the baseline that measure sigma (AUTORESEAR
 _SIGMA_NOTE = re.compile(r"(sigma \d[\d.e-]*, gain [+-][\d.]+ sigma)")
 RECHECK_BELOW = 3.0   # a one-run win by less than this many sigma is rerun once before it is kept
 PAIRED_MIN = 3   # common seeds (candidate and parent) from which the rule decides on paired differences
+PAIRED_SD_MIN_DF = 2   # degrees of freedom a pooled paired-difference SD needs before one-seed verdicts use it
+
+
+def _all_seed_scores(recs: list[dict]) -> dict[str, dict[int, float]]:
+    """{experiment id: {seed: val_bpb}} of every ok proposal (baseline, candidate) and its
+    noise/rerun records of the same source: `Lab._seed_scores` for all of them in one pass."""
+    by_id = {r["id"]: r for r in recs}
+    scores: dict[str, dict[int, float]] = {}
+    for r in recs:
+        if r["kind"] in _PROPOSAL_KINDS and r["status"] == "ok" and r["val_bpb"] is not None and r["seed"] is not None:
+            scores.setdefault(r["id"], {})[int(r["seed"])] = r["val_bpb"]
+    for r in recs:
+        owner = by_id.get(r["parent_id"]) if r["kind"] in ("noise", "rerun") else None
+        if (owner is not None and owner["id"] in scores and r["status"] == "ok" and r["val_bpb"] is not None
+                and r["seed"] is not None and r["source_hash"] == owner["source_hash"]):
+            scores[owner["id"]].setdefault(int(r["seed"]), r["val_bpb"])
+    return scores
 
 
 def _noise_runs(value: int | None) -> int:
@@ -809,13 +829,20 @@ class Lab:
         return vals
 
     def _sigma_from_ledger(self) -> float | None:
-        """sigma of the most recent measure_noise (its parent's runs), if any."""
-        noise = [r for r in self.ledger.records(curves=False) if r["kind"] == "noise" and r["status"] == "ok"
-                 and self._on_current_data(r)]   # noise measured on the data before a re-baseline says nothing
-        if not noise:
-            return None
-        vals = self._scores(noise[-1]["parent_id"])
-        return statistics.stdev(vals) if len(vals) >= 2 else None
+        """sigma pooled over every experiment run with 2 or more seeds on the lab's current
+        data (noise measured before a re-baseline says nothing): sqrt(sum (n-1) s^2 / sum (n-1)).
+
+        Pooling keeps every rerun's information: the baseline's 3 seeds alone give sigma to
+        about +-50%; each confirm, recheck and measure_noise narrows it.
+        """
+        recs = self.ledger.records(curves=False)
+        current = {r["id"] for r in recs if self._on_current_data(r)}
+        ss, df = 0.0, 0
+        for eid, by_seed in _all_seed_scores(recs).items():
+            if eid in current and len(by_seed) >= 2:
+                ss += statistics.variance(by_seed.values()) * (len(by_seed) - 1)
+                df += len(by_seed) - 1
+        return math.sqrt(ss / df) if df else None
 
     # ---- proposing ----------------------------------------------------------------------------
 
@@ -1393,6 +1420,35 @@ class Lab:
         cand, par = self._seed_scores(exp_id), self._seed_scores(parent_id)
         return [(s, par[s], cand[s]) for s in sorted(cand) if s in par]
 
+    def paired_noise(self) -> dict:
+        """The lab's pooled standard deviation of paired differences (parent minus candidate
+        at the same seed), measured wherever a candidate has 2 or more seeds in common with
+        its parent (after `recheck`, `confirm`, or a paired `measure_noise`).
+
+        Returns
+        -------
+        dict
+            ``sd`` (None until ``df`` reaches `PAIRED_SD_MIN_DF`), ``df`` (the pooled degrees
+            of freedom: sum of m - 1 over those experiments), ``experiments`` (how many) and
+            ``sd_any`` (the pooled value whatever ``df``; None without any).
+        """
+        recs = self.ledger.records(curves=False)
+        scores = _all_seed_scores(recs)
+        ss, df, n = 0.0, 0, 0
+        for r in recs:
+            if r["kind"] != "candidate" or r["id"] not in scores or r["parent_id"] not in scores:
+                continue
+            if not self._on_current_data(r):
+                continue
+            cand, par = scores[r["id"]], scores[r["parent_id"]]
+            diffs = [par[s] - cand[s] for s in cand if s in par]
+            if len(diffs) >= 2:
+                ss += statistics.variance(diffs) * (len(diffs) - 1)
+                df += len(diffs) - 1
+                n += 1
+        sd_any = math.sqrt(ss / df) if df else None
+        return {"sd": sd_any if df >= PAIRED_SD_MIN_DF else None, "df": df, "experiments": n, "sd_any": sd_any}
+
     def _paired_verdict(self, out: dict, rec: dict, pairs: list[tuple[int, float, float]]) -> dict:
         """The rule on paired differences: gain = mean(parent - candidate) over the common
         seeds, band = 2 standard errors of that mean (stdev of the differences / sqrt(m)).
@@ -1404,7 +1460,7 @@ class Lab:
         m = len(diffs)
         gain, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(m)
         band = 2 * se
-        out.update(gain=gain, band=band, paired=True, pairs=m, paired_se=se,
+        out.update(gain=gain, band=band, paired=True, pairs=m, paired_se=se, se=se,
                    val_bpb=statistics.fmean(c for _, _, c in pairs),
                    parent_val_bpb=statistics.fmean(p for _, p, _ in pairs))
         what = f"paired over {m} seeds: gain {gain:+.6f} +- {se:.6f}" + self._sigma_note(gain, ", ")
@@ -1432,15 +1488,25 @@ class Lab:
         dict
             ``keep`` (bool), ``within_noise`` (bool), ``gain`` (parent minus candidate
             val_bpb, means over reruns; None for a failed run), ``val_bpb``,
-            ``parent_val_bpb``, ``sigma``, ``band`` (2 sigma / sqrt(n)), ``threshold``
-            and a readable ``reason``. With `PAIRED_MIN` (3) or more seeds both the
-            candidate and its parent ran with (after `confirm`), the rule is paired:
-            ``paired`` True, ``pairs`` (m), ``gain`` the mean of parent minus candidate
-            at those seeds, ``paired_se`` its standard error, ``band`` 2 ``paired_se``.
+            ``parent_val_bpb``, ``sigma``, ``se`` (the standard error of ``gain``),
+            ``band`` (2 ``se``: a gain within it is ``within_noise``), ``threshold``,
+            ``paired``, ``pairs`` and a readable ``reason`` that names sigma.
+
+            When every run of the candidate is at a seed its parent also ran with (one
+            run right after a proposal: seed 42, which the baseline and every kept
+            candidate have), the comparison is paired: ``paired`` True, ``pairs`` (m),
+            ``gain`` the mean of parent minus candidate at those seeds (not the mean of
+            the parent's noise runs), ``paired_se`` = ``se``. With fewer than
+            `PAIRED_MIN` (3) pairs the SE is the lab's pooled paired-difference SD /
+            sqrt(m) (``paired_sd``; see `paired_noise`) once one is measured, else
+            sigma * sqrt(2 / m); from `PAIRED_MIN` pairs on (after `confirm`) it is the
+            SD of this experiment's own differences / sqrt(m). A candidate with seeds its
+            parent lacks is compared unpaired: the two means, SE sigma * sqrt(1/n + 1/n_parent).
         """
         rec = self.ledger.get(exp_id or self.last_id)
         out = {"exp_id": rec["id"], "keep": False, "within_noise": False, "gain": None, "val_bpb": None,
-               "parent_val_bpb": None, "sigma": self.sigma, "band": None, "threshold": self.threshold}
+               "parent_val_bpb": None, "sigma": self.sigma, "band": None, "threshold": self.threshold,
+               "se": None, "paired": False, "pairs": 0}
         if rec["kind"] not in _PROPOSAL_KINDS:
             msg = f"Experiment {rec['id']} is a {rec['kind']} rerun of {rec['parent_id']}: only proposals are decided."
             raise ValueError(msg)
@@ -1462,24 +1528,77 @@ class Lab:
         pairs = self._pairs(rec["id"], rec["parent_id"])
         if len(pairs) >= PAIRED_MIN:   # candidate and parent at the same seeds: decide on the differences
             return self._paired_verdict(out, rec, pairs)
+        cand_seeds = self._seed_scores(rec["id"])
+        if pairs and len(pairs) == len(cand_seeds):   # every candidate run has a parent run at its seed
+            return self._few_pairs_verdict(out, rec, pairs)
         runs = f" (mean of {len(cand)} runs)" if len(cand) > 1 else ""
+        vs = f" vs {len(ref)}" if len(ref) > 1 else ""
         if gain <= self.threshold:
             out["reason"] = (f"val_bpb {out['val_bpb']:.6f}{runs} does not beat parent {rec['parent_id']} "
                              f"({out['parent_val_bpb']:.6f}) by more than {self.threshold:g}: "
                              + (f"worse by {-gain:.6f}" if gain < 0 else f"better by only {gain:.6f}")
                              + self._sigma_note(gain))
             return out
-        if self.sigma:
-            band = 2 * self.sigma / math.sqrt(len(cand))
-            out["band"] = band
+        if self.sigma:   # different seeds on the two sides: two independent means
+            se = self.sigma * math.sqrt(1 / len(cand) + 1 / len(ref))
+            band = 2 * se
+            out.update(band=band, se=se)
+            what = f"2 SE = {band:.6f}, SE = sigma*sqrt(1/{len(cand)} + 1/{len(ref)}), unpaired"
             if gain <= band:
                 out.update(within_noise=True, reason=(
-                    f"gain {gain:+.6f}{runs} is within noise "
-                    f"(2 sigma/sqrt(n) = {band:.6f}{self._sigma_note(gain, ', ')}): "
+                    f"gain {gain:+.6f}{runs}{vs} is within noise ({what}{self._sigma_note(gain, ', ')}): "
                     f"not kept; lab.confirm({rec['id']!r}) reruns it to check"))
                 return out
+            out.update(keep=True, reason=(f"val_bpb {out['val_bpb']:.6f}{runs} beats parent {rec['parent_id']} "
+                                          f"({out['parent_val_bpb']:.6f}{vs}) by {gain:.6f} ({what})"
+                                          + self._sigma_note(gain)))
+            return out
         out.update(keep=True, reason=(f"val_bpb {out['val_bpb']:.6f}{runs} beats parent {rec['parent_id']} "
                                       f"({out['parent_val_bpb']:.6f}) by {gain:.6f}" + self._sigma_note(gain)))
+        return out
+
+    def _few_pairs_verdict(self, out: dict, rec: dict, pairs: list[tuple[int, float, float]]) -> dict:
+        """The rule for a candidate with fewer than `PAIRED_MIN` runs, each at a seed its parent
+        also ran with (one seed right after a run: the parent's score at that seed, not the
+        mean of its noise runs). gain = mean(parent - candidate) over those m seeds; its
+        standard error is the lab's pooled paired-difference SD / sqrt(m) where one was
+        measured (`paired_noise`), else sigma * sqrt(2 / m): the SE of a difference of two
+        independent runs, the most a shared seed can leave (conservative)."""
+        m = len(pairs)
+        diffs = [p - c for _, p, c in pairs]
+        gain = statistics.fmean(diffs)
+        out.update(gain=gain, paired=True, pairs=m, val_bpb=statistics.fmean(c for _, _, c in pairs),
+                   parent_val_bpb=statistics.fmean(p for _, p, _ in pairs))
+        seeds = ", ".join(str(s) for s, _, _ in pairs)
+        at = f"at the same seed{'s' if m > 1 else ''} {seeds}" + (f" (mean of {m} runs)" if m > 1 else "")
+        pooled = self.paired_noise()
+        if pooled["sd"] is not None:
+            se = pooled["sd"] / math.sqrt(m)
+            how = (f"SE {se:.6f}: paired SD {pooled['sd']:.6f} pooled from {pooled['experiments']} experiment"
+                   f"{'s' if pooled['experiments'] != 1 else ''}, {pooled['df']} df")
+            out.update(paired_sd=pooled["sd"])
+        elif self.sigma:
+            se = self.sigma * math.sqrt(2 / m)
+            how = f"SE {se:.6f} = sigma*sqrt(2/{m}): no paired SD measured yet"
+        else:
+            se = None
+            how = ""
+        if se is not None:
+            out.update(band=2 * se, se=se, paired_se=se)
+        if gain <= self.threshold:
+            out["reason"] = (f"val_bpb {out['val_bpb']:.6f} does not beat parent {rec['parent_id']} "
+                             f"({out['parent_val_bpb']:.6f}) {at} by more than {self.threshold:g}: "
+                             + (f"worse by {-gain:.6f}" if gain < 0 else f"better by only {gain:.6f}")
+                             + self._sigma_note(gain))
+        elif se is not None and gain <= 2 * se:
+            out.update(within_noise=True, reason=(
+                f"gain {gain:+.6f} {at} is within noise (2 SE = {2 * se:.6f}; {how}{self._sigma_note(gain, ', ')}): "
+                f"not kept; lab.confirm({rec['id']!r}) reruns it to check"))
+        else:
+            band = f" ({how}; 2 SE = {2 * se:.6f})" if se is not None else ""
+            out.update(keep=True, reason=(f"val_bpb {out['val_bpb']:.6f} beats parent {rec['parent_id']} "
+                                          f"({out['parent_val_bpb']:.6f}) {at} by {gain:.6f}{band}"
+                                          + self._sigma_note(gain)))
         return out
 
     def decide(self, exp_id: str | None = None, keep: bool | None = None, reason: str = "",
@@ -1777,45 +1896,71 @@ class Lab:
         return self._scores(exp_id)
 
     def measure_noise(self, k: int = 3, on_event: Callable[[dict], Any] | None = None,
-                      stop: threading.Event | None = None) -> dict:
-        """Rerun the current parent with k other seeds and set `sigma` (run-to-run std).
+                      stop: threading.Event | None = None, *, paired: bool = True) -> dict:
+        """Rerun the current parent with k other seeds and set `sigma` (run-to-run std,
+        pooled over every experiment of the lab that has 2 or more seeds).
+
+        Paired (the default): when the current parent is a kept candidate, its own parent
+        is run at the same seeds where it lacks them, so the last keep is checked on k + 1
+        pairs and the lab measures its paired-difference SD (`paired_noise`), which the
+        one-seed verdicts then use. This costs up to 2k runs (k right after the baseline,
+        which has no parent).
+
+        Parameters
+        ----------
+        k : int
+            New seeds for the parent.
+        paired : bool
+            Also run the parent's parent at those seeds (default True).
 
         Returns
         -------
         dict
-            ``exp_id``, ``values`` (the parent's val_bpb and the reruns'), ``mean`` and
-            ``sigma`` (sample standard deviation).
+            ``exp_id``, ``values`` (the parent's val_bpb and the reruns'), ``mean``,
+            ``sigma`` (the lab's pooled run-to-run standard deviation, see below), ``pairs`` (seeds the parent shares with
+            its own parent; 0 for a baseline) and ``paired_sd`` (the lab's pooled paired
+            SD after this, None until measured).
         """
         self._ensure_baseline()
         parent = self.parent_id
         values = self._rerun(parent, k, "noise", on_event, stop)
-        self.sigma = statistics.stdev(values) if len(values) >= 2 else None
-        return {"exp_id": parent, "values": values, "mean": statistics.fmean(values), "sigma": self.sigma}
+        grand = self.ledger.get(parent)["parent_id"]
+        if paired and grand is not None and self.ledger.get(grand)["status"] == "ok":
+            missing = sorted(set(self._seed_scores(parent)) - set(self._seed_scores(grand)))
+            if missing:
+                self._rerun(grand, len(missing), "noise", on_event, stop, seeds=missing)
+        self.sigma = self._sigma_from_ledger()
+        pairs = len(self._pairs(parent, grand)) if grand is not None else 0
+        return {"exp_id": parent, "values": values, "mean": statistics.fmean(values), "sigma": self.sigma,
+                "pairs": pairs, "paired_sd": self.paired_noise()["sd"]}
 
     def recheck(self, exp_id: str | None = None, on_event: Callable[[dict], Any] | None = None,
                 stop: threading.Event | None = None) -> bool:
         """Rerun a narrow win once before the rule keeps it; returns whether it reran.
 
-        A one-run candidate that the rule would keep by less than `recheck_below` sigma
-        (default 3; 0 turns it off) is rerun with the next seed, and its parent at that
-        seed if it lacks it (as `confirm(exp_id, 1)`, without deciding): a 2-3 sigma win
-        of one run is what luck most often looks like. `step` calls it before deciding.
+        A one-run candidate that the rule would keep by less than `recheck_below`
+        standard errors of its gain (default 3; 0 turns it off; the verdict's ``se``:
+        the pooled paired SD, else sigma * sqrt(2)) is rerun with the next seed, and its
+        parent at that seed if it lacks it (as `confirm(exp_id, 1)`, without deciding):
+        a 2-3 SE win of one run is what luck most often looks like. Each recheck also adds
+        a pair to the lab's paired-difference SD (`paired_noise`). `step` calls it before
+        deciding.
         """
         v = self.verdict(exp_id)
         exp_id = v["exp_id"]
-        if not (v["keep"] and self.sigma and self.recheck_below and v["gain"] is not None and not v.get("paired")
-                and v["gain"] < self.recheck_below * self.sigma and len(self._scores(exp_id)) == 1
+        if not (v["keep"] and v["se"] and self.recheck_below and v["gain"] is not None
+                and v["gain"] < self.recheck_below * v["se"] and len(self._scores(exp_id)) == 1
                 and not (stop is not None and stop.is_set())):
             return False
         if self.verbose:
-            print(f"{exp_id}: wins by {v['gain'] / self.sigma:.1f} sigma (< {self.recheck_below:g}): "
+            print(f"{exp_id}: wins by {v['gain'] / v['se']:.1f} SE (< {self.recheck_below:g}): "
                   f"one more seed first")
         self._rerun(exp_id, 1, "rerun", on_event, stop)
         parent = self.ledger.get(exp_id)["parent_id"]
         missing = sorted(set(self._seed_scores(exp_id)) - set(self._seed_scores(parent)))
         if missing:
             self._rerun(parent, len(missing), "noise", on_event, stop, seeds=missing)
-            self.sigma = self._sigma_from_ledger() or self.sigma
+        self.sigma = self._sigma_from_ledger() or self.sigma   # the reruns add to the pooled sigma
         return True
 
     def confirm(self, exp_id: str | None = None, k: int = 1, on_event: Callable[[dict], Any] | None = None) -> dict:
@@ -1836,7 +1981,7 @@ class Lab:
             missing = sorted(set(self._seed_scores(exp_id)) - set(self._seed_scores(parent)))
             if missing:   # pair every candidate seed with a parent run at the same seed
                 self._rerun(parent, len(missing), "noise", on_event, seeds=missing)
-                self.sigma = self._sigma_from_ledger() or self.sigma
+        self.sigma = self._sigma_from_ledger() or self.sigma      # the reruns add to the pooled sigma
         rec = self.ledger.get(exp_id)
         if rec["decided_by"] != "human" and rec["parent_id"] == self.parent_id:
             by = rec["decided_by"] or ("autopilot" if self._autopilot else "rule")

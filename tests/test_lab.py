@@ -442,17 +442,18 @@ def test_within_noise_rule_with_synthetic_scores(tmp_path, kit_env):
 
     lab = _open(path)
     assert lab.sigma == pytest.approx(0.01)
-    v = lab.verdict(small)
-    assert v["within_noise"] and not v["keep"] and v["band"] == pytest.approx(0.02)
+    v = lab.verdict(small)   # at seed 42, the parent's run at 42; SE of a two-run difference: sigma * sqrt(2)
+    assert v["within_noise"] and not v["keep"] and v["band"] == pytest.approx(0.02 * 2**0.5)
     assert "within noise" in v["reason"] and f"lab.confirm({small!r})" in v["reason"]
     assert lab.verdict(big)["keep"] and not lab.verdict(big)["within_noise"]
     assert not lab.verdict(worse)["keep"] and not lab.verdict(worse)["within_noise"]
 
-    # a confirmation rerun: the mean of the candidate's runs, band 2 sigma / sqrt(2)
-    _fake_run(lab.ledger, small, "rerun", 0.975, seed=43, src="small")
+    # a confirmation rerun at seed 43: the mean of the two paired differences, band 2 sigma * sqrt(2/2)
+    _fake_run(lab.ledger, small, "rerun", 0.965, seed=43, src="small")
     v2 = lab.verdict(small)
-    assert v2["val_bpb"] == pytest.approx(0.985) and v2["band"] == pytest.approx(0.02 / 2**0.5)
-    assert v2["keep"] and not v2["within_noise"]                  # gain 0.015 > 0.0141
+    assert v2["val_bpb"] == pytest.approx(0.98) and v2["band"] == pytest.approx(0.02)
+    assert v2["gain"] == pytest.approx(0.025) and v2["pairs"] == 2
+    assert v2["keep"] and not v2["within_noise"]                  # gain 0.025 > 0.02
 
     # without noise measurements the same small gain is simply kept
     lab.sigma = None
@@ -915,14 +916,20 @@ def test_a_new_lab_measures_its_noise_and_keeps_no_within_noise_gain(tmp_path, k
         assert [r["kind"] for r in recs] == ["baseline", "noise", "noise"] and [r["seed"] for r in recs] == [42, 43, 44]
         assert lab.sigma == pytest.approx(statistics.stdev(r["val_bpb"] for r in recs)) and lab.sigma > 0
         assert lab.baseline()["id"] == base["id"] and len(lab.ledger) == 3          # measured once
-        # two tiny LR nudges: with ~15 steps the score moves smoothly, far less than between seeds,
-        # and the two go opposite ways, so one of them "wins" by a gain that is pure noise
+        # tiny LR nudges: with ~15 steps the score moves far less than between seeds; the verdict
+        # compares each with the parent at the same seed, so a nudge that "wins" there wins by a
+        # gain far inside the noise (up to four nudges until one wins at seed 42)
         src = lab.workspace.source(base["id"])
         lr = float(next(l for l in src.splitlines() if l.startswith("MATRIX_LR =")).split("=")[1].split("#")[0])
-        ids = [lab.run_budgeted(Proposal.from_source(src, _lr_edit(src, lr * f), f"MATRIX_LR x{f}",
-                                                     parent_id=base["id"])).extra["exp_id"] for f in (1.0001, 0.9999)]
-        verdicts = [lab.verdict(i) for i in ids]
+        verdicts = []
+        for f in (1.0001, 0.9999, 1.001, 0.999):
+            eid = lab.run_budgeted(Proposal.from_source(src, _lr_edit(src, lr * f), f"MATRIX_LR x{f}",
+                                                        parent_id=base["id"])).extra["exp_id"]
+            verdicts.append(lab.verdict(eid))
+            if verdicts[-1]["gain"] > 0:
+                break
         gains = [v["gain"] for v in verdicts]
+        assert all(v["paired"] and v["pairs"] == 1 for v in verdicts)     # at the parent's seed 42
         assert max(gains) > 0 and max(abs(g) for g in gains) < lab.sigma, (gains, lab.sigma)
         win = verdicts[gains.index(max(gains))]
         assert win["within_noise"] and not win["keep"] and "sigma" in win["reason"]
@@ -931,7 +938,7 @@ def test_a_new_lab_measures_its_noise_and_keeps_no_within_noise_gain(tmp_path, k
         lab.sigma = None                       # what the old default (threshold 0, no noise) did with it
         assert lab.verdict(win["exp_id"])["keep"]
     with _open(tmp_path / "lab") as again:     # sigma is the lab's: it survives a restart, nothing reruns
-        assert again.sigma and len(again.ledger) == 5
+        assert again.sigma and len(again.ledger) == 3 + len(verdicts)
 
 
 def test_noise_runs_is_configurable_skippable_and_checked(tmp_path, kit_env, lab_dir, monkeypatch):
@@ -1004,13 +1011,13 @@ def test_the_one_line_record_shows_sigma_beside_the_rules_decision(tmp_path, kit
     lab.close()
     with _open(tmp_path / "lab") as lab:
         line = format_record(lab.decide(cand, keep=None))
-        assert "discard (within noise) (sigma 0.014142, gain +1.4 sigma) [rule]" in line
+        assert "discard (within noise) (sigma 0.014142, gain +0.7 sigma) [rule]" in line   # vs the parent's seed 42
         human = format_record(lab.decide(cand, keep=False, reason="not convinced"))
         assert "sigma" not in human and "discard (within noise) [human]" in human
 
 
 def test_a_narrow_win_is_rerun_once_before_it_is_kept(tmp_path, kit_env):
-    """Made-up scores for the parent's three seeds (sigma 0.01) and a 2.5-sigma one-run win;
+    """Made-up scores for the parent's three seeds (sigma 0.01) and a 2.5-SE one-run win;
     recheck reruns the candidate for real at seed 43 (the parent has it), and the rule then
     judges the mean of both runs."""
     (tmp_path / "train.py").write_text(tiny_train_source())
@@ -1023,8 +1030,8 @@ def test_a_narrow_win_is_rerun_once_before_it_is_kept(tmp_path, kit_env):
     lab.ledger.decide(base, "keep", "baseline", decided_by="rule", tip=base)
     _fake_run(lab.ledger, base, "noise", 1.01, seed=43, src=h)
     _fake_run(lab.ledger, base, "noise", 0.99, seed=44, src=h)
-    narrow = _committed_run(lab, base, _lr_edit(src, 0.0201), 0.975)   # gain 0.025 = 2.5 sigma
-    wide = _committed_run(lab, base, _lr_edit(src, 0.0199), 0.90)      # 10 sigma
+    narrow = _committed_run(lab, base, _lr_edit(src, 0.0201), 0.965)   # gain 0.035 = 2.5 SE (sigma * sqrt 2)
+    wide = _committed_run(lab, base, _lr_edit(src, 0.0199), 0.90)      # 7 SE
     lab.close()
     with _open(tmp_path / "lab") as lab:
         assert lab.sigma == pytest.approx(0.01) and lab.verdict(narrow)["keep"]
@@ -1037,7 +1044,7 @@ def test_a_narrow_win_is_rerun_once_before_it_is_kept(tmp_path, kit_env):
         new = lab.ledger.records(curves=False)[n:]
         assert [(r["kind"], r["parent_id"], r["seed"], r["status"]) for r in new] == [("rerun", narrow, 43, "ok")]
         v = lab.verdict(narrow)                   # the real rerun scores nothing like the made-up 0.975
-        assert v["val_bpb"] == pytest.approx((0.975 + new[0]["val_bpb"]) / 2) and not v["keep"]
+        assert v["val_bpb"] == pytest.approx((0.965 + new[0]["val_bpb"]) / 2) and not v["keep"]
         assert lab.recheck(narrow) is False       # once: it has two runs now
 
 
@@ -1094,3 +1101,103 @@ class _no_warning:
     def __exit__(self, *exc):
         self._cm.__exit__(*exc)
         assert not [w for w in self.got if "budget" in str(w.message)], [str(w.message) for w in self.got]
+
+
+# ---- one-seed verdicts: paired at the parent's seed, a standard error for the runs on each side ------
+
+
+def test_a_one_seed_candidate_is_compared_with_its_parent_at_the_same_seed(tmp_path, kit_env):
+    """After the noise runs the parent has seeds 42-44; a one-run candidate (seed 42) is compared
+    with the parent's seed-42 score, not with the mean of its three runs, and its SE is that of
+    a difference of two runs; a candidate at a seed the parent lacks is compared unpaired."""
+    from autoresearch_kit.lab import _SIGMA_NOTE
+
+    path = tmp_path / "lab"
+    lab = _open(path, train=ROOT / "train.py")
+    led = lab.ledger
+    base = _fake_run(led, None, "baseline", 1.00, src="base")
+    _fake_run(led, base, "noise", 0.97, seed=43, src="base")
+    _fake_run(led, base, "noise", 0.97, seed=44, src="base")           # mean 0.98, sigma 0.01732
+    same = _fake_run(led, base, "candidate", 0.985, src="same")         # seed 42: better than 1.00
+    other = _fake_run(led, base, "candidate", 0.90, seed=45, src="other")
+    lab.close()
+    with _open(path) as lab:
+        sigma = statistics.stdev([1.00, 0.97, 0.97])
+        assert lab.sigma == pytest.approx(sigma) and lab.paired_noise()["sd"] is None
+        v = lab.verdict(same)
+        assert v["paired"] and v["pairs"] == 1 and v["parent_val_bpb"] == pytest.approx(1.00)
+        assert v["gain"] == pytest.approx(0.015)              # vs the 3-seed mean it would be -0.005: "worse"
+        assert v["se"] == pytest.approx(sigma * 2**0.5) and v["band"] == pytest.approx(2 * sigma * 2**0.5)
+        assert v["within_noise"] and not v["keep"] and "at the same seed 42" in v["reason"]
+        assert "sigma*sqrt(2/1)" in v["reason"] and _SIGMA_NOTE.search(v["reason"])
+        u = lab.verdict(other)                                # seed 45: the parent never ran it
+        assert not u["paired"] and u["pairs"] == 0 and u["parent_val_bpb"] == pytest.approx(0.98)
+        assert u["se"] == pytest.approx(sigma * (1 + 1 / 3) ** 0.5) and u["keep"]
+        assert "unpaired" in u["reason"] and _SIGMA_NOTE.search(u["reason"])
+        line = format_record(lab.decide(same))
+        assert "discard (within noise) (sigma 0.017321, gain +0.9 sigma) [rule]" in line
+
+
+def test_a_measured_paired_sd_sets_the_one_seed_band(tmp_path, kit_env):
+    """Two candidates confirmed at 2 and 3 seeds measure the lab's paired-difference SD (pooled,
+    3 df); a new one-seed candidate's band is 2 of it, narrower than the sigma fallback, so a
+    gain the fallback calls noise is kept, and the reason says where its SE came from."""
+    path = tmp_path / "lab"
+    lab = _open(path, train=ROOT / "train.py")
+    led = lab.ledger
+    base = _fake_run(led, None, "baseline", 1.00, src="base")
+    _fake_run(led, base, "noise", 1.02, seed=43, src="base")
+    _fake_run(led, base, "noise", 0.98, seed=44, src="base")            # sigma 0.02
+    a = _fake_run(led, base, "candidate", 0.99, src="a")                 # diffs 0.010, 0.012
+    _fake_run(led, a, "rerun", 1.008, seed=43, src="a")
+    lab.close()
+    with _open(path) as lab:
+        one = lab.paired_noise()                          # 1 df: measured, but too few to use
+        assert one["df"] == 1 and one["sd"] is None and one["sd_any"] == pytest.approx(statistics.stdev([0.01, 0.012]))
+    lab = _open(path)
+    b = _fake_run(lab.ledger, base, "candidate", 0.995, src="b")         # diffs 0.005, 0.006, 0.003
+    _fake_run(lab.ledger, b, "rerun", 1.014, seed=43, src="b")
+    _fake_run(lab.ledger, b, "rerun", 0.977, seed=44, src="b")
+    new = _fake_run(lab.ledger, base, "candidate", 0.99, src="new")      # one seed, gain 0.01 = 0.5 sigma
+    lab.close()
+    with _open(path) as lab:
+        pooled = lab.paired_noise()
+        var = (statistics.variance([0.01, 0.012]) + 2 * statistics.variance([0.005, 0.006, 0.003])) / 3
+        assert pooled["df"] == 3 and pooled["experiments"] == 2 and pooled["sd"] == pytest.approx(var ** 0.5)
+        v = lab.verdict(new)
+        assert v["paired"] and v["pairs"] == 1 and v["paired_sd"] == pytest.approx(pooled["sd"])
+        assert v["se"] == pytest.approx(pooled["sd"]) and v["band"] == pytest.approx(2 * pooled["sd"])
+        assert v["keep"] and v["gain"] == pytest.approx(0.01) and v["gain"] < 2 * lab.sigma * 2**0.5
+        assert "paired SD" in v["reason"] and "pooled from 2 experiments, 3 df" in v["reason"]
+        assert "sigma" in v["reason"] and "gain +" in v["reason"]
+        assert lab.verdict(b)["pairs"] == 3 and "paired over 3 seeds" in lab.verdict(b)["reason"]
+
+
+def test_sigma_is_pooled_over_every_experiment_with_reruns(tmp_path, kit_env):
+    path = tmp_path / "lab"
+    lab = _open(path, train=ROOT / "train.py")
+    base = _fake_run(lab.ledger, None, "baseline", 1.00, src="base")
+    _fake_run(lab.ledger, base, "noise", 1.02, seed=43, src="base")
+    c = _fake_run(lab.ledger, base, "candidate", 0.95, src="c")
+    _fake_run(lab.ledger, c, "rerun", 0.96, seed=43, src="c")
+    _fake_run(lab.ledger, c, "rerun", 0.93, seed=44, src="c")
+    lab.close()
+    with _open(path) as lab:    # sqrt((1 * var(base) + 2 * var(c)) / 3), not the last measurement's alone
+        want = ((statistics.variance([1.00, 1.02]) + 2 * statistics.variance([0.95, 0.96, 0.93])) / 3) ** 0.5
+        assert lab.sigma == pytest.approx(want)
+
+
+def test_measure_noise_on_a_kept_candidate_reruns_its_parent_at_the_same_seeds(lab_dir):
+    with _open(lab_dir, threshold=-1.0, noise_runs=0) as lab:     # keeps anything: the tip is a candidate
+        cand = lab.step()
+        assert cand["decision"] == "keep" and lab.parent_id == cand["id"]
+        n = lab.measure_noise(k=1)
+        new = [(r["kind"], r["parent_id"], r["seed"]) for r in lab.ledger.records(curves=False)[2:]]
+        assert new == [("noise", cand["id"], 43), ("noise", "0001", 43)]
+        assert n["exp_id"] == cand["id"] and n["pairs"] == 2 and len(n["values"]) == 2
+        assert n["paired_sd"] is None and lab.paired_noise()["df"] == 1       # measured, 1 df
+        assert lab.sigma == pytest.approx(n["sigma"]) and n["sigma"] > 0
+        v = lab.verdict(cand["id"])
+        assert v["paired"] and v["pairs"] == 2
+        unpaired = lab.measure_noise(k=1, paired=False)                 # seed 44 for the tip only
+        assert unpaired["pairs"] == 2 and len(lab.ledger) == 5
