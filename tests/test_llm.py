@@ -386,6 +386,17 @@ def test_a_server_that_refuses_response_format_is_asked_with_a_grammar_then_the_
     assert out.metadata["structured"] == "none"
 
 
+def test_a_refused_response_format_as_llama_cpp_python_answers_it_gets_a_grammar():
+    # llama-cpp-python 0.3.36 answers response_format json_schema with HTTP 500 (a pydantic
+    # validation error naming the field): a refused constraint, not a broken server to retry
+    with FakeOpenAI([Reply(_knob("MATRIX_LR", 0.05))], constraints=("grammar",), refuse_status=500) as server:
+        out = LLMProposer(base_url=server.url, model="m", edit_mode="knobs", retry_delay=0.01).propose(context())
+    assert [("response_format" in c["body"], "grammar" in c["body"]) for c in server.chats] == [(True, False),
+                                                                                              (False, True)]
+    assert out.description == "MATRIX_LR 0.04 -> 0.05" and out.metadata["structured"] == "grammar"
+    assert out.metadata["network_retries"] == 0
+
+
 def test_grammar_mode_sends_a_gbnf_that_names_every_knob():
     from autoresearch_kit.propose import knobs
 

@@ -287,7 +287,8 @@ class LLMProposer:
 
         `extra` adds request fields (response_format, max_tokens, extra_body entries).
         Raises _ContextOverflow for a 400 that says the prompt is too long, and
-        _ConstraintRefused for another 400 to a request with a response_format or grammar.
+        _ConstraintRefused for another 400 to a request with a response_format or grammar
+        (and for a 422 or 500 whose message names one of them: llama-cpp-python's answer).
         """
         import openai
 
@@ -314,6 +315,14 @@ class LLMProposer:
                 if _context_error(message):
                     raise _ContextOverflow(message, _context_in(message)) from None
                 if constrained and not more.get("stream_options"):
+                    raise _ConstraintRefused(message) from None
+                raise
+            except openai.APIStatusError as e:
+                # llama-cpp-python answers a response_format type it does not take (json_schema)
+                # with HTTP 500, a validation error naming the field; FastAPI servers with 422.
+                # The constraint was refused, not the server broken: step down, do not retry.
+                message = self._scrub(str(e.message))
+                if constrained and e.status_code in (422, 500) and _names_constraint(message):
                     raise _ConstraintRefused(message) from None
                 raise
 
@@ -725,6 +734,11 @@ def _context_in(message: str) -> int | None:
     return None
 
 
+def _names_constraint(message: str) -> bool:
+    """Whether a server error is about the request's response_format or grammar field."""
+    return bool(re.search(r"response_format|grammar", message or "", re.IGNORECASE))
+
+
 class _ContextOverflow(Exception):
     """The server refused the prompt as longer than its context (HTTP 400)."""
 
@@ -734,7 +748,7 @@ class _ContextOverflow(Exception):
 
 
 class _ConstraintRefused(Exception):
-    """HTTP 400 to a request carrying a response_format or grammar (the server does not take it)."""
+    """HTTP 400 (or a 422/500 naming the field) to a request carrying a response_format or grammar."""
 
 
 class _NoFit(Exception):
