@@ -397,6 +397,24 @@ def test_a_refused_response_format_as_llama_cpp_python_answers_it_gets_a_grammar
     assert out.metadata["network_retries"] == 0
 
 
+def test_knob_mode_offers_only_the_training_devices_knobs():
+    from pathlib import Path
+
+    from autoresearch_kit.propose import knobs
+
+    train = (Path(__file__).resolve().parents[1] / "train.py").read_text()
+    every = {k.name for k in knobs.find_knobs(train)}
+    cpu, gpu = ({k.name for k in knobs.find_knobs(train, d)} for d in ("cpu", "cuda"))
+    assert {"CPU_DEPTH", "GPU_DEPTH", "MATRIX_LR"} <= every
+    assert "CPU_DEPTH" in cpu and "MATRIX_LR" in cpu and not any(n.startswith("GPU_") for n in cpu)
+    assert "GPU_DEPTH" in gpu and "MATRIX_LR" in gpu and not any(n.startswith("CPU_") for n in gpu)
+    with FakeOpenAI([Reply(_knob("MATRIX_LR", 0.03))]) as server:
+        LLMProposer(base_url=server.url, model="m", edit_mode="knobs", device="cpu").propose(context(train))
+    body = server.chats[0]["body"]
+    enum = set(body["response_format"]["json_schema"]["schema"]["properties"]["knob"]["enum"])
+    assert enum == cpu and "GPU_BATCH_SIZE" not in body["messages"][-1]["content"]
+
+
 def test_grammar_mode_sends_a_gbnf_that_names_every_knob():
     from autoresearch_kit.propose import knobs
 

@@ -121,11 +121,14 @@ def _literal(node: ast.AST) -> tuple[Any, str] | None:
     return None
 
 
-def find_knobs(source: str) -> list[Knob]:
+def find_knobs(source: str, device: str | None = None) -> list[Knob]:
     """The knobs a model may change: module-level UPPER_CASE constants with a scalar literal value.
 
     Seeds, logging cadence, paths, devices and compile flags are left out (the offline
-    proposer's rule), and so are values that are expressions, tuples or dicts.
+    proposer's rule), and so are values that are expressions, tuples or dicts. With
+    `device` ("cpu", "mps" or "cuda") the other device's knobs are left out too: on a CPU
+    the GPU_* ones change nothing that trains (SmolLM2-135M on llama.cpp picked GPU_DEPTH
+    and GPU_BATCH_SIZE for a CPU lab), and the reverse on a GPU.
 
     Raises
     ------
@@ -133,6 +136,7 @@ def find_knobs(source: str) -> list[Knob]:
         When train.py does not parse.
     """
     tree = ast.parse(source)
+    other = () if device is None else ("CPU_", "MPS_") if device.split(":")[0] == "cuda" else ("GPU_", "CUDA_")
     lines = source.splitlines(keepends=True)
     starts, pos = [], 0
     for line in lines:
@@ -148,7 +152,7 @@ def find_knobs(source: str) -> list[Knob]:
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             continue
         name = node.targets[0].id
-        if not _UPPER.match(name) or _SKIP.search(name) or name in seen:
+        if not _UPPER.match(name) or _SKIP.search(name) or name in seen or name.startswith(other):
             continue
         lit = _literal(node.value)
         if lit is None:

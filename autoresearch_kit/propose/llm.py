@@ -129,6 +129,10 @@ class LLMProposer:
         Called with a dict per event, for a person watching: {"event": "ask", "model",
         "endpoint", "prompt_tokens", "method", "context", ...}, "reply", "refused"
         (with the reply text), "accepted", "structured" (a fallback), "switch" (to knobs).
+    device
+        The knob mode offers the shared knobs and only this device's CPU_*/GPU_* ones:
+        "cpu", "mps", "cuda", "auto" (default: the device training runs on, as the offline
+        proposer resolves it; a Lab sets its own) or None (all of them).
     """
 
     name = "llm"
@@ -140,7 +144,7 @@ class LLMProposer:
                  max_tokens: int | None = None, system_prompt: str | None = None,
                  max_history: int = prompts.MAX_HISTORY, extra_body: dict | None = None,
                  edit_mode: str | None = None, context_size: int | None = None, structured: str = "auto",
-                 on_progress: Callable[[dict], Any] | None = None) -> None:
+                 on_progress: Callable[[dict], Any] | None = None, device: str | None = "auto") -> None:
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         key = api_key or os.environ.get("OPENAI_API_KEY") or None
         if key is None and self.base_url is None:
@@ -168,6 +172,7 @@ class LLMProposer:
             msg = f"extra_body must be a dict of JSON fields, got {type(extra_body).__name__}"
             raise ValueError(msg)
         self.edit_mode, self.structured, self.on_progress = edit_mode, structured, on_progress
+        self.device = device
         self._structured = "json_schema" if structured == "auto" else structured   # the level in use now
         self._switched = False         # auto mode moved to knobs after free-form edits failed
         self._context_arg = context_setting(context_size)
@@ -501,7 +506,7 @@ class LLMProposer:
         ks = None
         if mode == "knobs":
             try:
-                ks = knobs.find_knobs(context.parent_source)
+                ks = knobs.find_knobs(context.parent_source, self._device())
             except SyntaxError as e:
                 raise self._fail(f"the parent train.py does not parse ({e.msg}, line {e.lineno}); fix it first",
                                  **meta) from None
@@ -527,7 +532,7 @@ class LLMProposer:
                 self._note(on_token, "\n\n[free-form edits did not work with this model: switching to the knob mode "
                                      "(one UPPER_CASE constant per experiment, as JSON)]\n\n")
                 self._progress(event="switch", to="knobs", why=why)
-                ks = knobs.find_knobs(context.parent_source)
+                ks = knobs.find_knobs(context.parent_source, self._device())
             try:
                 return self._run(context, on_token, meta, t0, "knobs", ks)
             except _GaveUp as e:
@@ -542,9 +547,17 @@ class LLMProposer:
             e.metadata = {**self._finish(meta, t0), **e.metadata}
             raise
 
+    def _device(self) -> str | None:
+        """The device whose CPU_*/GPU_* knobs the knob mode offers ("auto" resolved once)."""
+        if self.device == "auto":
+            from autoresearch_kit.propose.mutate import training_device
+
+            self.device = training_device()
+        return self.device
+
     def _knobs_possible(self, context: ProposalContext) -> bool:
         try:
-            return bool(knobs.find_knobs(context.parent_source))
+            return bool(knobs.find_knobs(context.parent_source, self._device()))
         except SyntaxError:
             return False
 
