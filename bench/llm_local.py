@@ -278,6 +278,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--url", help="an OpenAI-compatible server already running (e.g. llama_cpp.server): "
                                   "measure it instead of the built-in one")
+    ap.add_argument("--no-stream", action="store_true",
+                    help="ask without streaming (llama-cpp-python reports usage, the prompt tokens, only then)")
+    ap.add_argument("--device", default="cpu", help="the device whose CPU_*/GPU_* knobs the knob mode offers")
     ap.add_argument("--out", type=Path, help="write the per-proposal rows and the summary here (JSON)")
     args = ap.parse_args()
 
@@ -307,7 +310,8 @@ def main() -> None:
     train = (ROOT / "autoresearch_kit" / "templates" / "train.py").read_text()
     program = (ROOT / "autoresearch_kit" / "templates" / "program.md").read_text()
     proposer = LLMProposer(base_url=url, edit_mode=args.mode, structured=args.structured,
-                           max_tokens=args.max_tokens, timeout=900, max_retries=0, on_progress=on_progress)
+                           max_tokens=args.max_tokens, timeout=900, max_retries=0, on_progress=on_progress,
+                           stream=not args.no_stream, device=args.device)
     history, seen, rows = [], {source_hash(train)}, []
     for k in range(args.proposals):
         ctx = context(train, program=program, parent_id="0001", parent_val_bpb=1.9, best_val_bpb=1.9,

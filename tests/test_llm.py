@@ -367,7 +367,7 @@ def test_a_server_that_ignores_the_schema_gets_a_grammar_next():
     p, server, _, streamed = _run([Reply(prose), Reply(_knob("MATRIX_LR", 0.05))], edit_mode="knobs")
     first, second = (c["body"] for c in server.chats)
     assert "response_format" in first and "grammar" not in first
-    assert "response_format" not in second and 'knob ::= "\\"DEPTH\\""' in second["grammar"]
+    assert "response_format" not in second and '"\\"DEPTH\\"" ws "," ws' in second["grammar"]
     assert p.metadata["structured"] == "grammar" and p.metadata["attempts"] == 2
     assert p.metadata["refused"][0]["reply"] == prose and "ignored the JSON schema" in streamed
 
@@ -423,7 +423,28 @@ def test_grammar_mode_sends_a_gbnf_that_names_every_knob():
     assert g == knobs.grammar(knobs.find_knobs(SYNTHETIC_TRAIN)) and g.startswith("root ::= ")
     for k in knobs.find_knobs(SYNTHETIC_TRAIN):
         assert f'"\\"{k.name}\\""' in g
-    assert "value ::= number | \"true\" | \"false\" | string" in g
+    assert 'ws ("5" | "3" | "6" | "2" | "8")' in g   # DEPTH = 4: whole numbers near it, never 4 itself
+
+
+def test_grammar_values_are_new_in_range_and_of_the_knobs_type():
+    from pathlib import Path
+
+    from autoresearch_kit.propose import knobs
+
+    train = (Path(__file__).resolve().parents[1] / "train.py").read_text()
+    ks = knobs.find_knobs(train, "cpu")
+    g = knobs.grammar(ks)
+    for k in ks:
+        values = knobs.candidates(k)
+        assert len(values) >= 2, k.name
+        for v in values:
+            assert knobs.check_value(k, v) == v and v != k.value   # accepted as is: a grammar reply is valid
+            assert type(v) is type(k.value) or (k.kind == "float" and isinstance(v, float))
+            if k.kind == "int" and k.value >= 8:
+                assert v % 2 == 0, (k.name, v)                     # HEAD_DIM 43 would break the rotary halves
+        assert f'"\\"{k.name}\\"" ws "," ws "\\"value\\"" ws ":" ws (' in g
+    change = knobs.parse_reply('{"knob": "MATRIX_LR", "value": 0.03, "why": "a bit faster"}', ks)
+    assert knobs.describe(change) == "MATRIX_LR 0.02 -> 0.03"
 
 
 @pytest.mark.parametrize("model, url, small", [

@@ -414,21 +414,63 @@ def response_format(knobs: list[Knob]) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "knob_change", "strict": True, "schema": schema(knobs)}}
 
 
-def grammar(knobs: list[Knob]) -> str:
-    """The same shape as `schema`, as a GBNF grammar (llama.cpp's `grammar` field).
+def candidates(knob: Knob) -> list:
+    """New values a grammar offers for `knob`: steps around the current value, each one accepted.
 
+    The kit's own menu (its suggestions, then a few more steps of the same kind), every
+    value passed through `check_value`: of the right type, in range, and not the current
+    value. SmolLM2-135M under a grammar that only said "a number" had 23 of 26 replies
+    refused on llama.cpp, mostly the current value again or a value out of range.
+    """
+    v = knob.value
+    if knob.kind == "bool":
+        raw: list = [not v]
+    elif knob.kind == "str":
+        raw = [c for c in knob.choices if c != v]
+    else:
+        lo, hi, _ = _range(knob)
+        if _BETA.search(knob.name) and 0 < v < 1:
+            raw = [1 - (1 - v) * f for f in (2, 0.5, 1.5, 0.75, 3)]
+        elif knob.kind == "int":   # sizes stay even: a head dimension of 43 would break the rotary halves
+            raw = ([v * 2, v // 2] + ([v * 3 // 2] if v % 2 == 0 else []) + ([v * 3 // 4] if v % 4 == 0 else [])
+                   if v >= 8 else [v + 1, v - 1, v + 2, v - 2, v * 2])
+        elif _FRACTION.search(knob.name) and 0 <= v <= 1:
+            raw = [v + 0.1, v - 0.1, v + 0.2, v - 0.2, v + 0.05, v - 0.05]
+        elif v == 0:
+            raw = [x for x in (0.1, 1.0, 0.01, 0.05, 0.2, 0.5) if x <= hi]
+        else:
+            raw = [v * f for f in (1.5, 1 / 1.5, 2, 0.5, 1.25, 0.8)]
+        raw = [int(c) if knob.kind == "int" else float(f"{c:.3g}") for c in raw]
+    out: list = []
+    for c in raw:
+        try:
+            new = check_value(knob, c)
+        except EditError:
+            continue
+        if new not in out:
+            out.append(new)
+    return out
+
+
+def grammar(knobs: list[Knob]) -> str:
+    """The reply as a GBNF grammar (llama.cpp's `grammar` field): a knob and one of its `candidates`.
+
+    Each knob has its own rule, so the value is always of its type, in range and new.
     Whitespace is at most one space between tokens and `why` is one line: a small model
     constrained by a looser grammar was seen to pad with newlines until max_tokens.
     """
-    types = _value_types(knobs)
-    alts = {"number": "number", "boolean": '"true" | "false"', "string": "string"}
-    names = " | ".join(f'"\\"{k.name}\\""' for k in knobs)
+    rules, alts = [], []
+    for i, k in enumerate(knobs):
+        values = candidates(k)
+        if not values:
+            continue
+        alts.append(f"k{i}")
+        lits = " | ".join(json.dumps(json.dumps(x)) for x in values)
+        rules.append(f'k{i} ::= "\\"{k.name}\\"" ws "," ws "\\"value\\"" ws ":" ws ({lits})')
     return "\n".join([
-        'root ::= "{" ws "\\"knob\\"" ws ":" ws knob ws "," ws "\\"value\\"" ws ":" ws value ws "," ws '
-        '"\\"why\\"" ws ":" ws string ws "}"',
-        f"knob ::= {names}",
-        f"value ::= {' | '.join(alts[t] for t in types)}",
-        'number ::= "-"? [0-9]+ ("." [0-9]+)? ([eE] [-+]? [0-9]+)?',
+        'root ::= "{" ws "\\"knob\\"" ws ":" ws knob ws "," ws "\\"why\\"" ws ":" ws string ws "}"',
+        f"knob ::= {' | '.join(alts)}",
+        *rules,
         'string ::= "\\"" ([^"\\\\\\x00-\\x1F] | "\\\\" ["\\\\/nt])* "\\""',
         'ws ::= " "?',
     ]) + "\n"
