@@ -445,6 +445,14 @@ def test_grammar_values_are_new_in_range_and_of_the_knobs_type():
         assert f'"\\"{k.name}\\"" ws "," ws "\\"value\\"" ws ":" ws (' in g
     change = knobs.parse_reply('{"knob": "MATRIX_LR", "value": 0.03, "why": "a bit faster"}', ks)
     assert knobs.describe(change) == "MATRIX_LR 0.02 -> 0.03"
+    # a value whose train.py already ran is left out of the menu sent to the server
+    tried = source_hash(knobs.apply(train, change))
+    with FakeOpenAI([Reply(_knob("MATRIX_LR", 0.04))]) as server:
+        LLMProposer(base_url=server.url, model="m", edit_mode="knobs", structured="grammar",
+                    device="cpu").propose(context(train, seen_hashes={source_hash(train), tried}))
+    sent = server.chats[0]["body"]["grammar"]
+    rule = next(line for line in sent.splitlines() if '"\\"MATRIX_LR\\""' in line)
+    assert '"0.03"' not in rule and '"0.04"' in rule and '"0.03"' in g
 
 
 @pytest.mark.parametrize("model, url, small", [

@@ -35,7 +35,7 @@ import tokenize
 from dataclasses import dataclass
 from typing import Any
 
-from autoresearch_kit.propose.base import HistoryEntry, ProposalContext
+from autoresearch_kit.propose.base import HistoryEntry, ProposalContext, source_hash
 from autoresearch_kit.propose.edits import EditError
 # The same "not a research knob" rule and categorical choices as the offline proposer.
 from autoresearch_kit.propose.mutate import _SKIP, KNOWN_CHOICES
@@ -452,16 +452,20 @@ def candidates(knob: Knob) -> list:
     return out
 
 
-def grammar(knobs: list[Knob]) -> str:
+def grammar(knobs: list[Knob], source: str | None = None, seen: set[str] | frozenset = frozenset()) -> str:
     """The reply as a GBNF grammar (llama.cpp's `grammar` field): a knob and one of its `candidates`.
 
     Each knob has its own rule, so the value is always of its type, in range and new.
+    Given the parent `source` and the hashes of the train.py files already run (`seen`),
+    values that would repeat one of them are left out (a knob with none left, too).
     Whitespace is at most one space between tokens and `why` is one line: a small model
     constrained by a looser grammar was seen to pad with newlines until max_tokens.
     """
     rules, alts = [], []
     for i, k in enumerate(knobs):
         values = candidates(k)
+        if source is not None and seen:
+            values = [v for v in values if source_hash(apply(source, KnobChange(k, v))) not in seen]
         if not values:
             continue
         alts.append(f"k{i}")

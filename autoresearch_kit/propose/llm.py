@@ -173,6 +173,7 @@ class LLMProposer:
             raise ValueError(msg)
         self.edit_mode, self.structured, self.on_progress = edit_mode, structured, on_progress
         self.device = device
+        self._menu: tuple[str | None, set] = (None, set())   # (parent source, hashes run) for the grammar
         self._structured = "json_schema" if structured == "auto" else structured   # the level in use now
         self._switched = False         # auto mode moved to knobs after free-form edits failed
         self._context_arg = context_setting(context_size)
@@ -577,7 +578,8 @@ class LLMProposer:
         if self._structured == "json_schema":
             extra["response_format"] = knobs.response_format(ks)
         elif self._structured == "grammar":
-            extra["extra_body"] = {"grammar": knobs.grammar(ks)}
+            source, seen = self._menu   # values whose train.py already ran are left out of the menu
+            extra["extra_body"] = {"grammar": knobs.grammar(ks, source, seen)}
         return extra
 
     def _downgrade(self, on_token, why: str) -> bool:
@@ -595,6 +597,7 @@ class LLMProposer:
              ks: list | None = None) -> Proposal:
         """The attempt loop of one mode: ask, parse, feed the error back, up to max_attempts."""
         if mode == "knobs":
+            self._menu = (context.parent_source, context.seen_hashes)
             def fit():
                 return self._fit_knobs(context, ks)
             retry = knobs.retry_message
