@@ -15,7 +15,7 @@ import time
 import pytest
 
 from autoresearch_kit.propose.base import ProposalError, source_hash
-from autoresearch_kit.propose.edits import validate
+from autoresearch_kit.propose.edits import EditError, validate
 from autoresearch_kit.propose.llm import LLMProposer
 from fake_openai import FakeOpenAI, Reply, free_port
 from propose_samples import SYNTHETIC_TRAIN, context, entry
@@ -424,6 +424,18 @@ def test_grammar_mode_sends_a_gbnf_that_names_every_knob():
     for k in knobs.find_knobs(SYNTHETIC_TRAIN):
         assert f'"\\"{k.name}\\""' in g
     assert 'ws ("5" | "3" | "6" | "2" | "8")' in g   # DEPTH = 4: whole numbers near it, never 4 itself
+
+
+def test_a_knob_reply_cut_off_inside_why_is_read():
+    from autoresearch_kit.propose import knobs
+
+    ks = knobs.find_knobs(SYNTHETIC_TRAIN)
+    # what SmolLM2-135M wrote on llama.cpp under the grammar: "why" ran until max_tokens
+    cut = '{"knob": "MATRIX_LR", "value": 0.05, "why": "}; # The best possible output from a given input of a model'
+    change = knobs.parse_reply(cut, ks)
+    assert knobs.describe(change) == "MATRIX_LR 0.04 -> 0.05" and change.why.startswith("}; # The best")
+    with pytest.raises(EditError, match="is not JSON"):
+        knobs.parse_reply('{"knob": "MATRIX_LR", "value": 0.0', ks)            # the value itself is cut: refused
 
 
 def test_grammar_values_are_new_in_range_and_of_the_knobs_type():

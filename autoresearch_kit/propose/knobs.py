@@ -344,11 +344,32 @@ def _json_objects(text: str):
                 yield text[start:i + 1]
 
 
+_CUT_OFF = re.compile(r'\{\s*"knob"\s*:\s*"([A-Za-z0-9_]+)"\s*,\s*"value"\s*:\s*'
+                      r'(-?[0-9][0-9.eE+-]*|true|false|"[^"\n]{0,40}")\s*,\s*"why"\s*:\s*"([^"]*)$', re.DOTALL)
+
+
+def _cut_off(text: str) -> dict | None:
+    """The object of a reply cut off inside "why" (the model rambled until max_tokens).
+
+    Under a grammar, SmolLM2-135M on llama.cpp wrote a 1,100-character "why" that never
+    closed: the knob and the value were complete, so the change is read and the reason cut.
+    """
+    m = _CUT_OFF.match(text)
+    if m is None:
+        return None
+    try:
+        value = json.loads(m.group(2))
+    except ValueError:
+        return None
+    return {"knob": m.group(1), "value": value, "why": m.group(3)}
+
+
 def parse_reply(text: str, knobs: list[Knob]) -> KnobChange:
     """Read `{"knob": ..., "value": ..., "why": ...}` from a reply and check it.
 
     JSON inside prose or a ```json fence is found too (a server that ignored the schema);
-    `name`/`parameter` and `reason` are accepted for `knob` and `why`.
+    `name`/`parameter` and `reason` are accepted for `knob` and `why`; a reply cut off
+    inside `why` (max_tokens reached) still gives its complete knob and value.
 
     Raises
     ------
@@ -366,6 +387,8 @@ def parse_reply(text: str, knobs: list[Knob]) -> KnobChange:
         if isinstance(cand, dict):
             obj = cand
             break
+    if obj is None:
+        obj = _cut_off(text)
     if obj is None:
         shown = (text[:60] + "...") if len(text) > 60 else text
         msg = f"the reply is not JSON ({shown!r}): reply with one JSON object only, like {example}"
