@@ -13,6 +13,7 @@ Environment variables (the runner sets the RUN ones for the child; users may set
     AUTORESEARCH_BUDGET       budget for train.py, e.g. "60s", "50M-tokens", "1e15-flops"
     AUTORESEARCH_SEED         training seed (default 42)
     AUTORESEARCH_DEVICE       force a device: cuda | mps | cpu
+    AUTORESEARCH_PRECISION    force the autocast dtype: bf16 | fp16 | fp32 (device.py)
     AUTORESEARCH_EVAL_TOKENS  pinned validation tokens scored by evaluate_bpb
     AUTORESEARCH_WARMUP_STEPS first N steps not counted against a seconds budget
     AUTORESEARCH_CHANNEL_FD   (runner -> child) fd of the trusted result channel

@@ -4,7 +4,9 @@
 
 `detect()` returns a `Device` with the torch device type, a readable name, the autocast
 dtype, the dense bf16 peak FLOP/s where the card is known (for MFU), whether
-torch.compile pays off, and a one-sentence reason. AUTORESEARCH_DEVICE forces a type.
+torch.compile pays off, and a one-sentence reason. AUTORESEARCH_DEVICE forces a type,
+AUTORESEARCH_PRECISION (bf16 | fp16 | fp32) the autocast dtype: fp16 is what GPUs without
+bf16 (T4, P100, V100) get, and forcing it on a bf16 GPU tests that path.
 Imported by the training child through the harness: torch and stdlib only.
 """
 
@@ -37,7 +39,13 @@ _PEAK_BF16 = (
     ("l4", 121e12),
     ("rtx 4090", 165e12),
     ("rtx 3090", 71e12),
+    # Cards without bf16 (compute capability < 8.0) train in fp16: their dense fp16 peak.
+    ("v100", 125e12),  # SXM2; the PCIe card is 112e12
+    ("p100", 18.7e12),  # PCIe, no tensor cores
+    ("t4", 65e12),
 )
+_PRECISIONS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "half": "float16", "fp32": "fp32", "float32": "fp32"}
 
 _announced = False
 
@@ -55,7 +63,7 @@ class Device:
     autocast_dtype : torch.dtype or None
         Dtype for torch.autocast (None: train in float32).
     peak_flops : float or None
-        Dense bf16 peak FLOP/s for MFU, when the card is known.
+        Dense bf16 peak FLOP/s for MFU, when the card is known (fp16 for cards without bf16).
     compile : bool
         Whether torch.compile is worth its cold-start cost on this device.
     reason : str
@@ -103,13 +111,49 @@ def _mps_available() -> bool:
     return bool(mps and mps.is_available())
 
 
+def precision() -> str | None:
+    """The autocast dtype AUTORESEARCH_PRECISION asks for: "bfloat16", "float16", "fp32" or None (unset).
+
+    Raises
+    ------
+    ValueError
+        If the value is not one of bf16, fp16, fp32.
+    """
+    raw = (config.env("PRECISION") or "").strip().lower()
+    if not raw:
+        return None
+    if raw not in _PRECISIONS:
+        msg = f"AUTORESEARCH_PRECISION={raw!r} is not a precision: use bf16, fp16 or fp32 (or leave it unset)."
+        raise ValueError(msg)
+    return _PRECISIONS[raw]
+
+
+def _apply(default: torch.dtype | None, asked: str | None) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype and its name for the reason: `asked` (precision()) wins over `default`."""
+    dtype = default if asked is None else (None if asked == "fp32" else getattr(torch, asked))
+    label = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast", None: "float32"}[dtype]
+    return dtype, label + (" (AUTORESEARCH_PRECISION)" if asked is not None else "")
+
+
 def _cuda(index: int = 0) -> Device:
     name = torch.cuda.get_device_name(index)
-    bf16 = torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float16
-    reason = (f"CUDA available: training on {name} with {'bf16' if bf16 else 'fp16'} autocast"
-              " and torch.compile")
-    return Device("cuda", name, dtype, peak_flops_for(name), True, reason)
+    major, minor = torch.cuda.get_device_capability(index)
+    # Native bf16 needs compute capability 8.0 (A100 and later). torch.cuda.is_bf16_supported()
+    # also says yes where bf16 is only emulated (a T4 on torch >= 2.3), and Triton cannot
+    # compile bf16 there, so the capability decides. T4 (7.5), V100 (7.0), P100 (6.0): fp16.
+    native_bf16 = bool(torch.version.hip) or major >= 8
+    asked = precision()
+    if asked == "bfloat16" and not native_bf16:
+        msg = (f"AUTORESEARCH_PRECISION=bf16 but {name} (compute capability {major}.{minor}) has no native bf16: "
+               "use fp16, or leave AUTORESEARCH_PRECISION unset.")
+        raise ValueError(msg)
+    dtype, label = _apply(torch.bfloat16 if native_bf16 else torch.float16, asked)
+    # torch.compile's GPU backend (Triton) needs compute capability 7.0: a P100 runs eager.
+    compile_ok = bool(torch.version.hip) or major >= 7
+    reason = (f"CUDA available: training on {name} with {label}"
+              + (" and torch.compile" if compile_ok else
+                 f" without torch.compile (Triton needs compute capability 7.0, this is {major}.{minor})"))
+    return Device("cuda", name, dtype, peak_flops_for(name), compile_ok, reason)
 
 
 def _mps() -> Device:
@@ -117,16 +161,17 @@ def _mps() -> Device:
     # autocast without a grad scaler risks underflow in the gradients, so MPS trains
     # in float32, which is what works everywhere. No compile: inductor has no MPS path
     # worth its start-up cost in a 60 s budget.
-    return Device("mps", "Apple GPU (" + platform.machine() + ")", None, None, False,
-                  "no CUDA: training on Apple MPS in float32 (no torch.compile)")
+    dtype, label = _apply(None, precision())
+    return Device("mps", "Apple GPU (" + platform.machine() + ")", dtype, None, False,
+                  f"no CUDA: training on Apple MPS in {label} (no torch.compile)")
 
 
 def _cpu(why: str) -> Device:
     # bf16 autocast measured on the dev box (2-core EPYC with avx512_bf16): 7.5k tok/s
     # vs 4.4-5.0k fp32 for a 4M-param GPT. A cold torch.compile cost 18-31 s there, more
     # than it saves in a 60 s budget, so no compile on CPU.
-    return Device("cpu", _cpu_name(), torch.bfloat16, None, False,
-                  f"{why}: training on CPU with bf16 autocast (no torch.compile)")
+    dtype, label = _apply(torch.bfloat16, precision())
+    return Device("cpu", _cpu_name(), dtype, None, False, f"{why}: training on CPU with {label} (no torch.compile)")
 
 
 def detect(prefer: str | None = None, *, announce: bool = True) -> Device:
@@ -182,7 +227,7 @@ def detect(prefer: str | None = None, *, announce: bool = True) -> Device:
 
 
 def hardware_fingerprint(device: Device | None = None) -> dict:
-    """What a result depends on: device type and name, torch, CPU count, python.
+    """What a result depends on: device type and name, autocast dtype, torch, CPU count, python.
 
     Stored with every experiment so numbers from different machines are never compared
     blindly.
@@ -191,6 +236,7 @@ def hardware_fingerprint(device: Device | None = None) -> dict:
     return {
         "device": dev.type,
         "device_name": dev.name,
+        "precision": str(dev.autocast_dtype).removeprefix("torch.") if dev.autocast_dtype else "float32",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cpu_count": os.cpu_count(),

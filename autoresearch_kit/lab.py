@@ -452,7 +452,8 @@ class Lab:
                 from autoresearch_kit.propose import make_proposer
 
                 self._proposer = make_proposer(self._proposer_arg, **self._proposer_kwargs)
-            if getattr(self._proposer, "name", None) == "mutate" and getattr(self._proposer, "device", None) == "auto":
+            if (getattr(self._proposer, "name", None) in ("mutate", "llm")
+                    and getattr(self._proposer, "device", None) == "auto"):
                 self._proposer.device = self._device_type()   # edit only the knobs of the device the lab runs on
         return self._proposer
 

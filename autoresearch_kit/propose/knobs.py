@@ -35,7 +35,7 @@ import tokenize
 from dataclasses import dataclass
 from typing import Any
 
-from autoresearch_kit.propose.base import HistoryEntry, ProposalContext
+from autoresearch_kit.propose.base import HistoryEntry, ProposalContext, source_hash
 from autoresearch_kit.propose.edits import EditError
 # The same "not a research knob" rule and categorical choices as the offline proposer.
 from autoresearch_kit.propose.mutate import _SKIP, KNOWN_CHOICES
@@ -121,11 +121,14 @@ def _literal(node: ast.AST) -> tuple[Any, str] | None:
     return None
 
 
-def find_knobs(source: str) -> list[Knob]:
+def find_knobs(source: str, device: str | None = None) -> list[Knob]:
     """The knobs a model may change: module-level UPPER_CASE constants with a scalar literal value.
 
     Seeds, logging cadence, paths, devices and compile flags are left out (the offline
-    proposer's rule), and so are values that are expressions, tuples or dicts.
+    proposer's rule), and so are values that are expressions, tuples or dicts. With
+    `device` ("cpu", "mps" or "cuda") the other device's knobs are left out too: on a CPU
+    the GPU_* ones change nothing that trains (SmolLM2-135M on llama.cpp picked GPU_DEPTH
+    and GPU_BATCH_SIZE for a CPU lab), and the reverse on a GPU.
 
     Raises
     ------
@@ -133,6 +136,7 @@ def find_knobs(source: str) -> list[Knob]:
         When train.py does not parse.
     """
     tree = ast.parse(source)
+    other = () if device is None else ("CPU_", "MPS_") if device.split(":")[0] == "cuda" else ("GPU_", "CUDA_")
     lines = source.splitlines(keepends=True)
     starts, pos = [], 0
     for line in lines:
@@ -148,7 +152,7 @@ def find_knobs(source: str) -> list[Knob]:
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             continue
         name = node.targets[0].id
-        if not _UPPER.match(name) or _SKIP.search(name) or name in seen:
+        if not _UPPER.match(name) or _SKIP.search(name) or name in seen or name.startswith(other):
             continue
         lit = _literal(node.value)
         if lit is None:
@@ -340,11 +344,32 @@ def _json_objects(text: str):
                 yield text[start:i + 1]
 
 
+_CUT_OFF = re.compile(r'\{\s*"knob"\s*:\s*"([A-Za-z0-9_]+)"\s*,\s*"value"\s*:\s*'
+                      r'(-?[0-9][0-9.eE+-]*|true|false|"[^"\n]{0,40}")\s*,\s*"why"\s*:\s*"([^"]*)$', re.DOTALL)
+
+
+def _cut_off(text: str) -> dict | None:
+    """The object of a reply cut off inside "why" (the model rambled until max_tokens).
+
+    Under a grammar, SmolLM2-135M on llama.cpp wrote a 1,100-character "why" that never
+    closed: the knob and the value were complete, so the change is read and the reason cut.
+    """
+    m = _CUT_OFF.match(text)
+    if m is None:
+        return None
+    try:
+        value = json.loads(m.group(2))
+    except ValueError:
+        return None
+    return {"knob": m.group(1), "value": value, "why": m.group(3)}
+
+
 def parse_reply(text: str, knobs: list[Knob]) -> KnobChange:
     """Read `{"knob": ..., "value": ..., "why": ...}` from a reply and check it.
 
     JSON inside prose or a ```json fence is found too (a server that ignored the schema);
-    `name`/`parameter` and `reason` are accepted for `knob` and `why`.
+    `name`/`parameter` and `reason` are accepted for `knob` and `why`; a reply cut off
+    inside `why` (max_tokens reached) still gives its complete knob and value.
 
     Raises
     ------
@@ -362,6 +387,8 @@ def parse_reply(text: str, knobs: list[Knob]) -> KnobChange:
         if isinstance(cand, dict):
             obj = cand
             break
+    if obj is None:
+        obj = _cut_off(text)
     if obj is None:
         shown = (text[:60] + "...") if len(text) > 60 else text
         msg = f"the reply is not JSON ({shown!r}): reply with one JSON object only, like {example}"
@@ -410,21 +437,67 @@ def response_format(knobs: list[Knob]) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "knob_change", "strict": True, "schema": schema(knobs)}}
 
 
-def grammar(knobs: list[Knob]) -> str:
-    """The same shape as `schema`, as a GBNF grammar (llama.cpp's `grammar` field).
+def candidates(knob: Knob) -> list:
+    """New values a grammar offers for `knob`: steps around the current value, each one accepted.
 
+    The kit's own menu (its suggestions, then a few more steps of the same kind), every
+    value passed through `check_value`: of the right type, in range, and not the current
+    value. SmolLM2-135M under a grammar that only said "a number" had 23 of 26 replies
+    refused on llama.cpp, mostly the current value again or a value out of range.
+    """
+    v = knob.value
+    if knob.kind == "bool":
+        raw: list = [not v]
+    elif knob.kind == "str":
+        raw = [c for c in knob.choices if c != v]
+    else:
+        lo, hi, _ = _range(knob)
+        if _BETA.search(knob.name) and 0 < v < 1:
+            raw = [1 - (1 - v) * f for f in (2, 0.5, 1.5, 0.75, 3)]
+        elif knob.kind == "int":   # sizes stay even: a head dimension of 43 would break the rotary halves
+            raw = ([v * 2, v // 2] + ([v * 3 // 2] if v % 2 == 0 else []) + ([v * 3 // 4] if v % 4 == 0 else [])
+                   if v >= 8 else [v + 1, v - 1, v + 2, v - 2, v * 2])
+        elif _FRACTION.search(knob.name) and 0 <= v <= 1:
+            raw = [v + 0.1, v - 0.1, v + 0.2, v - 0.2, v + 0.05, v - 0.05]
+        elif v == 0:
+            raw = [x for x in (0.1, 1.0, 0.01, 0.05, 0.2, 0.5) if x <= hi]
+        else:
+            raw = [v * f for f in (1.5, 1 / 1.5, 2, 0.5, 1.25, 0.8)]
+        raw = [int(c) if knob.kind == "int" else float(f"{c:.3g}") for c in raw]
+    out: list = []
+    for c in raw:
+        try:
+            new = check_value(knob, c)
+        except EditError:
+            continue
+        if new not in out:
+            out.append(new)
+    return out
+
+
+def grammar(knobs: list[Knob], source: str | None = None, seen: set[str] | frozenset = frozenset()) -> str:
+    """The reply as a GBNF grammar (llama.cpp's `grammar` field): a knob and one of its `candidates`.
+
+    Each knob has its own rule, so the value is always of its type, in range and new.
+    Given the parent `source` and the hashes of the train.py files already run (`seen`),
+    values that would repeat one of them are left out (a knob with none left, too).
     Whitespace is at most one space between tokens and `why` is one line: a small model
     constrained by a looser grammar was seen to pad with newlines until max_tokens.
     """
-    types = _value_types(knobs)
-    alts = {"number": "number", "boolean": '"true" | "false"', "string": "string"}
-    names = " | ".join(f'"\\"{k.name}\\""' for k in knobs)
+    rules, alts = [], []
+    for i, k in enumerate(knobs):
+        values = candidates(k)
+        if source is not None and seen:
+            values = [v for v in values if source_hash(apply(source, KnobChange(k, v))) not in seen]
+        if not values:
+            continue
+        alts.append(f"k{i}")
+        lits = " | ".join(json.dumps(json.dumps(x)) for x in values)
+        rules.append(f'k{i} ::= "\\"{k.name}\\"" ws "," ws "\\"value\\"" ws ":" ws ({lits})')
     return "\n".join([
-        'root ::= "{" ws "\\"knob\\"" ws ":" ws knob ws "," ws "\\"value\\"" ws ":" ws value ws "," ws '
-        '"\\"why\\"" ws ":" ws string ws "}"',
-        f"knob ::= {names}",
-        f"value ::= {' | '.join(alts[t] for t in types)}",
-        'number ::= "-"? [0-9]+ ("." [0-9]+)? ([eE] [-+]? [0-9]+)?',
+        'root ::= "{" ws "\\"knob\\"" ws ":" ws knob ws "," ws "\\"why\\"" ws ":" ws string ws "}"',
+        f"knob ::= {' | '.join(alts)}",
+        *rules,
         'string ::= "\\"" ([^"\\\\\\x00-\\x1F] | "\\\\" ["\\\\/nt])* "\\""',
         'ws ::= " "?',
     ]) + "\n"

@@ -141,6 +141,10 @@ class LLMProposer:
         Called with a dict per event, for a person watching: {"event": "ask", "model",
         "endpoint", "prompt_tokens", "method", "context", ...}, "reply", "refused"
         (with the reply text), "accepted", "structured" (a fallback), "switch" (to knobs).
+    device
+        The knob mode offers the shared knobs and only this device's CPU_*/GPU_* ones:
+        "cpu", "mps", "cuda", "auto" (default: the device training runs on, as the offline
+        proposer resolves it; a Lab sets its own) or None (all of them).
     """
 
     name = "llm"
@@ -152,7 +156,8 @@ class LLMProposer:
                  max_tokens: int | None = None, system_prompt: str | None = None,
                  max_history: int = prompts.MAX_HISTORY, extra_body: dict | None = None,
                  edit_mode: str | None = None, context_size: int | None = None, structured: str = "auto",
-                 on_progress: Callable[[dict], Any] | None = None, max_wait: float | None = None) -> None:
+                 on_progress: Callable[[dict], Any] | None = None, max_wait: float | None = None,
+                 device: str | None = "auto") -> None:
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         key = api_key or os.environ.get("OPENAI_API_KEY") or None
         if key is None and self.base_url is None:
@@ -189,6 +194,8 @@ class LLMProposer:
             msg = f"extra_body must be a dict of JSON fields, got {type(extra_body).__name__}"
             raise ValueError(msg)
         self.edit_mode, self.structured, self.on_progress = edit_mode, structured, on_progress
+        self.device = device
+        self._menu: tuple[str | None, set] = (None, set())   # (parent source, hashes run) for the grammar
         self._structured = "json_schema" if structured == "auto" else structured   # the level in use now
         self._switched = False         # auto mode moved to knobs after free-form edits failed
         self._context_arg = context_setting(context_size)
@@ -325,7 +332,8 @@ class LLMProposer:
 
         `extra` adds request fields (response_format, max_tokens, extra_body entries).
         Raises _ContextOverflow for a 400 that says the prompt is too long, and
-        _ConstraintRefused for another 400 to a request with a response_format or grammar.
+        _ConstraintRefused for another 400 to a request with a response_format or grammar
+        (and for a 422 or 500 whose message names one of them: llama-cpp-python's answer).
         """
         import openai
 
@@ -355,6 +363,14 @@ class LLMProposer:
                 if _context_error(message):
                     raise _ContextOverflow(message, _context_in(message)) from None
                 if constrained and not more.get("stream_options"):
+                    raise _ConstraintRefused(message) from None
+                raise
+            except openai.APIStatusError as e:
+                # llama-cpp-python answers a response_format type it does not take (json_schema)
+                # with HTTP 500, a validation error naming the field; FastAPI servers with 422.
+                # The constraint was refused, not the server broken: step down, do not retry.
+                message = self._scrub(str(e.message))
+                if constrained and e.status_code in (422, 500) and _names_constraint(message):
                     raise _ConstraintRefused(message) from None
                 raise
 
@@ -544,7 +560,7 @@ class LLMProposer:
         ks = None
         if mode == "knobs":
             try:
-                ks = knobs.find_knobs(context.parent_source)
+                ks = knobs.find_knobs(context.parent_source, self._device())
             except SyntaxError as e:
                 raise self._fail(f"the parent train.py does not parse ({e.msg}, line {e.lineno}); fix it first",
                                  **meta) from None
@@ -570,7 +586,7 @@ class LLMProposer:
                 self._note(on_token, "\n\n[free-form edits did not work with this model: switching to the knob mode "
                                      "(one UPPER_CASE constant per experiment, as JSON)]\n\n")
                 self._progress(event="switch", to="knobs", why=why)
-                ks = knobs.find_knobs(context.parent_source)
+                ks = knobs.find_knobs(context.parent_source, self._device())
             try:
                 return self._run(context, on_token, meta, t0, "knobs", ks)
             except _GaveUp as e:
@@ -585,9 +601,17 @@ class LLMProposer:
             e.metadata = {**self._finish(meta, t0), **e.metadata}
             raise
 
+    def _device(self) -> str | None:
+        """The device whose CPU_*/GPU_* knobs the knob mode offers ("auto" resolved once)."""
+        if self.device == "auto":
+            from autoresearch_kit.propose.mutate import training_device
+
+            self.device = training_device()
+        return self.device
+
     def _knobs_possible(self, context: ProposalContext) -> bool:
         try:
-            return bool(knobs.find_knobs(context.parent_source))
+            return bool(knobs.find_knobs(context.parent_source, self._device()))
         except SyntaxError:
             return False
 
@@ -607,7 +631,8 @@ class LLMProposer:
         if self._structured == "json_schema":
             extra["response_format"] = knobs.response_format(ks)
         elif self._structured == "grammar":
-            extra["extra_body"] = {"grammar": knobs.grammar(ks)}
+            source, seen = self._menu   # values whose train.py already ran are left out of the menu
+            extra["extra_body"] = {"grammar": knobs.grammar(ks, source, seen)}
         return extra
 
     def _downgrade(self, on_token, why: str) -> bool:
@@ -625,6 +650,7 @@ class LLMProposer:
              ks: list | None = None) -> Proposal:
         """The attempt loop of one mode: ask, parse, feed the error back, up to max_attempts."""
         if mode == "knobs":
+            self._menu = (context.parent_source, context.seen_hashes)
             def fit():
                 return self._fit_knobs(context, ks)
             retry = knobs.retry_message
@@ -777,6 +803,11 @@ def _context_in(message: str) -> int | None:
     return None
 
 
+def _names_constraint(message: str) -> bool:
+    """Whether a server error is about the request's response_format or grammar field."""
+    return bool(re.search(r"response_format|grammar", message or "", re.IGNORECASE))
+
+
 class _ContextOverflow(Exception):
     """The server refused the prompt as longer than its context (HTTP 400)."""
 
@@ -786,7 +817,7 @@ class _ContextOverflow(Exception):
 
 
 class _ConstraintRefused(Exception):
-    """HTTP 400 to a request carrying a response_format or grammar (the server does not take it)."""
+    """HTTP 400 (or a 422/500 naming the field) to a request carrying a response_format or grammar."""
 
 
 class _NoFit(Exception):

@@ -13,7 +13,8 @@ no biases, causal SDPA, logit soft-capping. Optimizer: Muon (Newton-Schulz ortho
 momentum) for the 2-D matrices inside the blocks, AdamW for the embedding and lm_head.
 LR schedule from run.progress: warm-up, constant, linear warm-down.
 
-Speed on a GPU (docs/PERFORMANCE.md has the numbers): bf16 autocast, cuDNN attention first,
+Speed on a GPU (docs/PERFORMANCE.md has the numbers): bf16 autocast (fp16 with loss scaling on
+GPUs without bf16: T4, P100, V100), cuDNN attention first,
 regional torch.compile (one graph shared by the blocks, one for head + loss), fused AdamW,
 Muon batched over same-shape matrices, and no host sync in the loop (the harness reads the
 loss one step late).
@@ -62,6 +63,12 @@ SEQ_LEN = GPU_SEQ_LEN if ON_GPU else CPU_SEQ_LEN
 BATCH_SIZE = GPU_BATCH_SIZE if ON_GPU else CPU_BATCH_SIZE
 WIDTH = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 N_HEAD = WIDTH // HEAD_DIM
+# fp16 (GPUs without bf16) flushes gradients below ~6e-8 to zero: the scaler multiplies the loss
+# before backward, unscales the gradients at the optimizers' step and skips a step whose
+# gradients overflowed (halving the scale). In bf16 and float32 it is off and does nothing.
+FP16 = run.autocast_dtype == torch.float16
+scaler = torch.amp.GradScaler(run.device_type, enabled=FP16)
+NS_DTYPE = torch.float16 if FP16 else torch.bfloat16  # Newton-Schulz: bf16 where the GPU has it
 if ON_GPU:
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
 # Attention kernels in order of preference; the first that supports the inputs runs. On an
@@ -170,13 +177,13 @@ class GPT(nn.Module):
 # --- optimizer ----------------------------------------------------------------------------
 def newton_schulz(G, steps):
     """Approximately orthogonalise each matrix of the stack G (n, rows, cols), i.e. the U V^T
-    of its SVD, with a quintic iteration in bf16."""
+    of its SVD, with a quintic iteration in NS_DTYPE (bf16, or fp16 on GPUs without bf16)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    # normalised in float32 before the cast: small gradients would underflow in fp16
+    X = (G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(NS_DTYPE)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A in one kernel
@@ -273,11 +280,14 @@ while run.training(tokens=BATCH_SIZE * SEQ_LEN):
     x, y = next(loader)
     with run.autocast():
         loss = train_loss(x, y)
-    loss.backward()
+    scaler.scale(loss).backward()  # loss * scale in fp16, the loss itself otherwise
     if GRAD_CLIP > 0:
+        for opt in optimizers:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
     for opt in optimizers:
-        opt.step()
+        scaler.step(opt)  # skipped in fp16 when this optimizer's gradients are not finite
+    scaler.update()
     model.zero_grad(set_to_none=True)
     run.log(step=step, loss=loss.detach(), lr=lrm)
     step += 1
