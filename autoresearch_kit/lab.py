@@ -477,11 +477,31 @@ class Lab:
     def _pin_to(self, current: dict, previous: dict | None = None, baseline_id: str | None = None) -> dict:
         pin = {**current, "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "baseline": baseline_id,
                "history": []}
+        # the scored set moves with the data only by hand: a re-baseline keeps the context
+        pin["eval"] = (previous or {}).get("eval") or self._eval_settings()
         if previous is not None:
             old = {k: previous.get(k) for k in ("manifest_hash", "data", "data_dir", "pinned_at", "baseline")}
             pin["history"] = [*previous.get("history", []), old]
         self._write_pin(pin)
         return pin
+
+    def _eval_settings(self) -> dict:
+        """The scored set this lab pins when it is created: runner.eval_settings of its train.py."""
+        from autoresearch_kit import runner
+
+        path = self.path / "train.py"
+        source = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+        return runner.eval_settings(source, self._device_type())
+
+    def _eval_pin(self) -> dict:
+        """The pinned scored set {tokens, seq_len, seq_len_from}; a pin from before gets one now."""
+        pin = self._read_pin()
+        if pin is None:
+            return self._eval_settings()
+        if not pin.get("eval"):
+            pin["eval"] = self._eval_settings()
+            self._write_pin(pin)
+        return pin["eval"]
 
     def _mismatch(self, pin: dict, current: dict) -> str:
         return (f"lab {self.path.name} is pinned to {pin['data']} [{pin['manifest_hash']}], but the prepared data "
@@ -991,9 +1011,11 @@ class Lab:
             self._reserve_pending(exp_id)
             limit = self._sized_hard_limit()
             kw = {"hard_limit": limit} if limit is not None else {}
+            scored = self._eval_pin()   # one scored set for every run of the lab (data.json)
             result = runner.run_budgeted(source, budget, workdir=workdir, data_dir=self.data_dir,
                                          seed=self.seed if seed is None else seed, device=self.device,
-                                         on_event=on_event, stop=stop, sandbox=self.sandbox, **kw)
+                                         on_event=on_event, stop=stop, sandbox=self.sandbox,
+                                         eval_tokens=scored.get("tokens") or "all", eval_seq_len=scored.get("seq_len"), **kw)
         except BaseException as e:  # a broken setup or a Ctrl-C outside the runner's wait
             why = "interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
             self._finish(exp_id, RunResult(status="aborted", reason=why, budget=str(budget)), sha)
@@ -1669,7 +1691,22 @@ def format_record(rec: dict) -> str:
         decision += f" ({extra['epochs']:.0f} epochs of the training data)"
     by = f" [{rec['decided_by']}]" if rec.get("decided_by") else ""
     why = f": {rec['decision_reason']}" if rec["status"] == "rejected" and rec.get("decision_reason") else ""
-    return f"{rec['id']}  {rec['kind']:<9} {bpb:<22} {decision}{by}  {rec['description']}{why}"
+    scored = scored_set(rec)
+    scored = f" [{scored}]" if scored and rec.get("val_bpb") is not None else ""
+    return f"{rec['id']}  {rec['kind']:<9} {bpb:<22}{scored} {decision}{by}  {rec['description']}{why}"
+
+
+def scored_set(rec: dict) -> str:
+    """What a record's score was computed on, in words: "val 120,544 tok, ctx 256" ("" if unknown).
+
+    From ``extra["eval"]`` (the runner's): the scored targets (all of the val split, or the
+    first N), and the evaluation context. Two scores compare only when these agree.
+    """
+    ev = (rec.get("extra") or {}).get("eval") or {}
+    if not ev.get("seq_len") or ev.get("tokens") is None:
+        return ""
+    span = "all" if ev.get("scored", "all") == "all" else "first"
+    return f"val {span} {int(ev['tokens']):,} tok, ctx {int(ev['seq_len'])}"
 
 
 def recover_ledger(path: str | os.PathLike) -> dict:

@@ -849,6 +849,31 @@ def test_a_lab_is_pinned_to_the_data_it_was_created_with(lab_dir, tiny_data, oth
         assert lab.data_pin["manifest_hash"] == pin["manifest_hash"]
 
 
+def test_a_lab_pins_its_scored_set_and_every_record_shows_it(lab_dir, monkeypatch):
+    # issue 11: the scored text and the evaluation context are pinned when the lab is made
+    # (from the baseline train.py's CPU_SEQ_LEN, 32 in the tiny one) and are the same for a
+    # candidate that lowers SEQ_LEN, or runs after someone changed the environment.
+    pin = __import__("json").loads((lab_dir / "data.json").read_text())
+    assert pin["eval"] == {"tokens": 4096, "seq_len": 32,
+                           "seq_len_from": "CPU_SEQ_LEN of the baseline train.py (cpu)"}
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "1000")
+    monkeypatch.setenv("AUTORESEARCH_EVAL_SEQ_LEN", "8")
+    with _open(lab_dir) as lab:
+        base = lab.ledger.get("0001")
+        assert base["extra"]["eval"]["seq_len"] == 32 and base["extra"]["eval"]["tokens"] == 4096
+        assert "[val first 4,096 tok, ctx 32]" in format_record(base)
+        src = lab.workspace.source("0001").replace("CPU_SEQ_LEN = 32", "CPU_SEQ_LEN = 16")
+        lab.run_budgeted(lab.submit(src, "shorter context"))
+        rec = lab.ledger.records(curves=False)[-1]
+        assert rec["status"] == "ok", rec["reason"]
+        assert (rec["extra"]["eval"]["seq_len"], rec["extra"]["eval"]["tokens"]) == (32, 4096)
+        assert "ctx 32" in format_record(rec)
+    (lab_dir / "data.json").write_text(__import__("json").dumps({k: v for k, v in pin.items() if k != "eval"}))
+    with _open(lab_dir) as lab:                      # a pin from before scored sets: it gets one at its next run
+        lab.run_budgeted(lab.submit(src.replace("MATRIX_LR = 0.02", "MATRIX_LR = 0.021"), "lr"))
+        assert lab.data_pin["eval"]["tokens"] == 1000 and lab.data_pin["eval"]["seq_len"] == 8
+
+
 def test_prepare_on_other_data_while_a_lab_is_open_stops_the_next_run(lab_dir, other_data, monkeypatch):
     with _open(lab_dir) as lab:
         monkeypatch.setenv("AUTORESEARCH_DATA", str(other_data))   # `prepare` moved LATEST meanwhile

@@ -695,3 +695,94 @@ def test_ctrl_c_while_the_child_is_starting_aborts_and_leaves_nothing(tiny_data,
                        sandbox="off")
     assert res.status == "aborted" and "starting" in res.reason
     assert started[0].wait(timeout=5) == -signal.SIGKILL
+
+
+# --------------------------------------------------------------------------- the scored set (issue 11)
+
+BIGRAM_TRAIN = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+    from autoresearch_kit import harness
+
+    class Bigram(nn.Module):   # logits of a row do not depend on the rest of its batch
+        def __init__(self, vocab):
+            super().__init__()
+            g = torch.Generator().manual_seed(7)
+            self.table = nn.Parameter(torch.randn(vocab, vocab, generator=g) * 2.0)
+
+        def forward(self, idx):
+            return self.table[idx]
+
+    run = harness.start()
+    model = Bigram(run.vocab_size)
+    loader = run.train_loader(4, 32)
+    step = 0
+    while run.training(tokens=128):
+        x, y = next(loader)
+        run.log(step=step, loss=1.0)
+        step += 1
+    run.finish(model)
+''')
+
+
+def test_the_runners_score_is_the_metrics_to_the_bit(kit_env, tmp_path, monkeypatch):
+    # The runner (secret order, probes mixed in, pipelined batches, chunked float32
+    # cross-entropy) and metric.evaluate_bpb_detail (in order, no probes) give the same
+    # bits on the same model: one scored set, one arithmetic. Whole val split by default.
+    from autoresearch_kit.data.shards import PreparedData
+    from autoresearch_kit.metric import evaluate_bpb_detail
+
+    monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS")
+    monkeypatch.setattr(integrity, "check_source", lambda source: [])
+    monkeypatch.setattr("autoresearch_kit.serve.LOGIT_BUDGET", {"cpu": 40 * 32 * 257})  # many batches
+    res = run(BIGRAM_TRAIN, tmp_path, budget="512-tokens", hard_limit=120)
+    assert res.status == "ok", res.reason + res.log_tail
+    data = PreparedData.open(kit_env)
+    ns: dict = {}
+    exec(BIGRAM_TRAIN.split("run = harness.start()")[0], ns)
+    ref = evaluate_bpb_detail(ns["Bigram"](data.vocab_size), data, seq_len=32)
+    assert res.eval_tokens == len(data.val) - 1 == ref["tokens"]           # the whole split
+    assert res.extra["eval"]["scored"] == "all" and res.extra["eval"]["seq_len"] == 32
+    assert res.extra["eval"]["nats"] == ref["nats"] and res.extra["eval"]["bytes"] == ref["bytes"]
+    assert res.val_bpb == ref["bpb"]
+    assert res.extra["eval"]["probes"] > 5                                   # it did use several batches
+    again = run(BIGRAM_TRAIN, tmp_path, budget="512-tokens", hard_limit=120)
+    assert again.val_bpb == res.val_bpb                                      # another secret order, same bits
+
+
+def test_the_pinned_context_is_the_one_scored_whatever_train_py_trains_at(kit_env, tmp_path):
+    # An agent lowering SEQ_LEN does not change the evaluation context; the real train.py
+    # builds its RoPE table for max(SEQ_LEN, run.eval_seq_len) and is scored at the pin.
+    src = tiny_train().replace("CPU_SEQ_LEN = 32", "CPU_SEQ_LEN = 16")
+    res = run(src, tmp_path, budget="640-tokens", hard_limit=120, eval_seq_len=48)
+    assert res.status == "ok", res.reason + "\n" + res.log_tail
+    assert res.extra["eval"]["seq_len"] == 48 and res.extra["eval"]["seq_len_from"] == "pinned"
+    plain = run(src, tmp_path, budget="640-tokens", hard_limit=120)          # no pin: the last loader's, as before
+    assert plain.status == "ok" and plain.extra["eval"]["seq_len"] == 16
+    assert plain.extra["eval"]["seq_len_from"] == "train.py's last loader"
+
+
+def test_a_model_that_cannot_take_the_pinned_context_says_so(kit_env, tmp_path):
+    src = tiny_train(**{"max(SEQ_LEN, run.eval_seq_len)": "SEQ_LEN"})        # RoPE only for its own SEQ_LEN
+    res = run(src, tmp_path, budget="640-tokens", hard_limit=120, eval_seq_len=64)
+    assert res.status == "crash"
+    assert "pinned evaluation context" in res.reason and "64" in res.reason, res.reason
+    assert "max(SEQ_LEN, run.eval_seq_len)" in res.reason
+
+
+def test_eval_settings_a_lab_pins_come_from_the_baseline_train_py(monkeypatch):
+    src = (REPO / "train.py").read_text()
+    monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS", raising=False)
+    monkeypatch.delenv("AUTORESEARCH_EVAL_SEQ_LEN", raising=False)
+    assert runner.eval_settings(src, "cpu") == {"tokens": None, "seq_len": 256,
+                                                "seq_len_from": "CPU_SEQ_LEN of the baseline train.py (cpu)"}
+    assert runner.eval_settings(src, "cuda")["seq_len"] == 2048
+    assert runner.eval_settings("SEQ_LEN = 512\n", "cuda")["seq_len"] == 512
+    assert runner.eval_settings("x = 1\n", "cpu")["seq_len_from"] == "the default for cpu"
+    monkeypatch.setenv("AUTORESEARCH_EVAL_SEQ_LEN", "128")
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "1000")
+    assert runner.eval_settings(src, "cpu") == {"tokens": 1000, "seq_len": 128,
+                                                "seq_len_from": "AUTORESEARCH_EVAL_SEQ_LEN"}
+    monkeypatch.setenv("AUTORESEARCH_EVAL_SEQ_LEN", "-3")
+    with pytest.raises(ValueError, match="AUTORESEARCH_EVAL_SEQ_LEN must be a positive"):
+        runner.eval_settings(src, "cpu")
