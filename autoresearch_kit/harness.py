@@ -691,10 +691,13 @@ class Run:
                 print(f"invalid: {reason}", flush=True)
                 sys.exit(EXIT_INVALID)
             if s.shm is not None:
+                _unpin(s.shm)
                 s.shm.close()
             s.shm = mmap.mmap(fds[0], int(h["bytes"]))
             for fd in fds:
                 os.close(fd)
+            if logits.device.type == "cuda":
+                _pin(s.shm)
         dst = torch.frombuffer(s.shm, dtype=logits.dtype, count=logits.numel()).view(logits.shape)
         dst.copy_(logits)
         del dst
@@ -711,6 +714,34 @@ class Run:
                 "setup_seconds": first - s.t_start,               # model, FLOP count, optimizer
                 "warmup_seconds": clock - first,                  # warm-up steps, compile included
                 "finish_seconds": time.perf_counter() - stop}     # causality probe + evaluation
+
+
+_PINNED: dict[int, tuple[int, torch.Tensor]] = {}   # id(mmap) -> (address, the view that holds it)
+
+
+def _pin(buf: mmap.mmap) -> None:
+    """Page-lock the runner's logits buffer for CUDA, so the device-to-host copy is one DMA.
+
+    Into pageable memory the driver stages the copy through its own pinned buffers (the
+    H200's 2 GB of bf16 logits took a good part of a second that way). Best effort: any
+    failure leaves the buffer pageable, which only costs time.
+    """
+    try:
+        view = torch.frombuffer(buf, dtype=torch.uint8)
+        ptr = view.data_ptr()
+        if int(torch.cuda.cudart().cudaHostRegister(ptr, len(buf), 0)) == 0:
+            _PINNED[id(buf)] = (ptr, view)
+    except Exception:  # noqa: BLE001 - an old driver, no cudart binding: pageable it is
+        pass
+
+
+def _unpin(buf: mmap.mmap) -> None:
+    got = _PINNED.pop(id(buf), None)
+    if got is not None:
+        try:
+            torch.cuda.cudart().cudaHostUnregister(got[0])
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _context_error(e: Exception, L: int, seq_len: int | None) -> None:

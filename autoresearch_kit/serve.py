@@ -63,12 +63,35 @@ WARMUP_BATCHES_PER_STEP = 8
 FINISH_GRACE_STEPS = 2.0
 FINISH_GRACE_FLOOR_SECONDS = 2.0
 FINISH_GRACE_MAX_FRACTION = 0.1
-# Elements of logits per evaluation batch (as metric.py): CPU 2**25 (128 MB in float32).
-LOGIT_BUDGET = {"cuda": 2**28, "mps": 2**26, "cpu": 2**25}
+# Elements of logits per evaluation batch: CPU 2**25 (128 MB in float32). On CUDA 2**27
+# (8 rows of 2048 x 8192, 256 MB of bf16): the scoring of a batch overlaps the child's next
+# one, so more, smaller batches hide more of it (the whole built-in split: 7 batches, not 4),
+# while a batch still keeps the GPU busy and the probe share stays 1 row in 8.
+LOGIT_BUDGET = {"cuda": 2**27, "mps": 2**26, "cpu": 2**25}
 PROBE_SHARE = 8             # one probe row per this many scored rows in a batch (at least one)
 MAX_LOADERS = 64
 MAX_BATCH_TOKENS = 1 << 26  # one training batch of more ids than this is not a batch
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def score_threads_for(device_type: str) -> int:
+    """torch threads the runner scores with: AUTORESEARCH_SCORE_THREADS, else 1 on a CPU run,
+    else the CPUs this process may use less two (the child's copy and Python), at most 16.
+
+    On a CPU run the child's cores are the runner's: on the busy 2-core dev box one thread
+    scored 33.5M bf16 logits in 0.05 s and two in 0.17-0.93 s (a barrier per parallel
+    region waits for a thread another process holds; docs/PERFORMANCE.md).
+    """
+    forced = config.env("SCORE_THREADS")
+    if forced:
+        return max(1, int(forced))
+    if device_type == "cpu":
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(16, cpus - 2))
 
 
 def _num(x: Any) -> float | None:
@@ -99,17 +122,22 @@ class RunServer:
         Steps before the clock starts.
     on_event : callable, optional
         Called (on this thread) with each step event for live curves.
+    score_threads : int, optional
+        torch threads of the scoring (set on the serving thread only: the notebook's own
+        torch threads are not touched). Default: `score_threads(device_type)`.
     """
 
     def __init__(self, conn: Conn, data: PreparedData, *, budget: config.Budget, seed: int, device_type: str,
                  eval_tokens: int | None = None, eval_seq_len: int | None = None,
                  warmup_steps: int = config.DEFAULT_WARMUP_STEPS,
-                 on_event: Callable[[dict], Any] | None = None, t0: float | None = None) -> None:
+                 on_event: Callable[[dict], Any] | None = None, t0: float | None = None,
+                 score_threads: int | None = None) -> None:
         self.conn, self.data, self.budget, self.seed = conn, data, budget, int(seed)
         self.device_type, self.warmup_steps = device_type, int(warmup_steps)
         self.eval_tokens = None if eval_tokens is None else int(eval_tokens)
         self.eval_seq_len = None if eval_seq_len is None else int(eval_seq_len)
         self.on_event = on_event
+        self.score_threads = int(score_threads) if score_threads else score_threads_for(device_type)
         self.t0 = time.monotonic() if t0 is None else t0
         self.lock = threading.RLock()  # _violate and _stop run inside locked sections
         self.hello: dict | None = None
@@ -453,6 +481,7 @@ class RunServer:
         from autoresearch_kit.metric import eval_rows, probe_mismatch, token_ce, total_nats
 
         t0 = self._now()
+        torch.set_num_threads(self.score_threads)   # this thread's OpenMP team only
         d = self.data
         L = int(self.eval_seq_len if self.eval_seq_len is not None else self.seq_len)
         n = self._scored_tokens()
@@ -465,6 +494,7 @@ class RunServer:
         rng = np.random.default_rng(secrets.randbits(64))  # an order train.py cannot predict
         probes, worst, dtype = 0, 0.0, None
         timing = {"wait": 0.0, "copy": 0.0, "probes": 0.0, "ce": 0.0}
+        pipelined = self.device_type != "cpu"
         batches = self._eval_batches(x_all, L, rng)
         nxt = next(batches)
         self._send_val(nxt[1], L)
@@ -473,10 +503,11 @@ class RunServer:
             logits = self._recv_logits(len(sent), L, timing)   # a private copy
             if logits is None:
                 return
-            # Pipelined: the child computes the next batch while this one is scored (the
-            # shared buffer was copied out: the child may overwrite it now).
+            # Pipelined on a GPU: the child computes the next batch while this one is scored
+            # (the shared buffer was copied out: the child may overwrite it now). Not on a
+            # CPU, where both sides would fight for the same cores (2 on the dev box).
             nxt = next(batches, None)
-            if nxt is not None:
+            if nxt is not None and pipelined:
                 self._send_val(nxt[1], L)
             dtype = logits.dtype
             if logits.shape[-1] < d.vocab_size:
@@ -510,6 +541,8 @@ class RunServer:
             for a, b in zip(edges[0::2], edges[1::2]):   # runs of scored rows (probes skipped)
                 token_ce(logits[a:b], y_sent[a:b], out=ce_sent[a:b].view(-1))
             ce_all[torch.from_numpy(idx)] = ce_sent[torch.from_numpy(pos)]
+            if nxt is not None and not pipelined:
+                self._send_val(nxt[1], L)
             timing["ce"] += self._now() - t1
             del logits
         nats, nbytes = total_nats(ce_all.numpy(), y_all, m_all, d.token_bytes)

@@ -145,11 +145,20 @@ def one(args, data) -> dict:
     theirs.close()
     kw = {"budget": config.Budget(tokens=10**9), "seed": 42, "device_type": args.device,
           "eval_tokens": args.tokens if not args.data else (args.tokens or len(data.val) - 1)}
-    if "eval_seq_len" in inspect.signature(RunServer.__init__).parameters:
+    params = inspect.signature(RunServer.__init__).parameters
+    if "eval_seq_len" in params:
         kw["eval_seq_len"] = args.seq_len
-    torch.set_num_threads(args.threads)
+    if "score_threads" in params and args.threads:
+        kw["score_threads"] = args.threads
     server = RunServer(Conn(ours), data, **kw)
-    t = threading.Thread(target=server.serve, daemon=True)
+    threads = args.threads or getattr(server, "score_threads", None) or torch.get_num_threads()
+    args.used_threads = threads
+
+    def serve() -> None:
+        torch.set_num_threads(threads)   # (a kit from before score_threads scores with these)
+        server.serve()
+
+    t = threading.Thread(target=serve, daemon=True)
     t.start()
     child.wait(timeout=600)
     ours.shutdown(socket.SHUT_RDWR)
@@ -175,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--threads", type=int, default=None, help="the runner's torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the runner's scoring threads (default: serve.score_threads_for(--device))")
     ap.add_argument("--child-threads", type=int, default=1)
     ap.add_argument("--device", default="cuda", choices=("cuda", "mps", "cpu"),
                     help="the device the runner sizes its batches for (its LOGIT_BUDGET), not where anything runs")
@@ -188,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.tokens is None and not args.data:
         args.tokens = 112_399
-    args.threads = args.threads or torch.get_num_threads()
     data = _data(args)
-    print(f"hardware: {_cpu_model()}, {os.cpu_count()} CPUs, runner torch threads {args.threads}, child threads "
-          f"{args.child_threads}, torch {torch.__version__}, Python {platform.python_version()}")
     runs = [one(args, data) for _ in range(args.repeat)]
+    print(f"hardware: {_cpu_model()}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), runner "
+          f"scoring threads {args.used_threads}, child threads {args.child_threads}, torch {torch.__version__}, "
+          f"Python {platform.python_version()}")
     r0 = runs[0]
     print(f"shape: {r0['tokens']:,} scored tokens, vocab {args.vocab}, seq {args.seq_len}, {args.dtype} logits, "
           f"batches sized for {args.device}: {r0['batches']} batches, {r0['probes']} probe rows, "
