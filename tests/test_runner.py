@@ -786,3 +786,85 @@ def test_eval_settings_a_lab_pins_come_from_the_baseline_train_py(monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_EVAL_SEQ_LEN", "-3")
     with pytest.raises(ValueError, match="AUTORESEARCH_EVAL_SEQ_LEN must be a positive"):
         runner.eval_settings(src, "cpu")
+
+
+def _serve_eval(data, device_type: str, peek_from: int | None = None) -> tuple[dict, list[str]]:
+    """The runner's evaluation (a RunServer on a real socketpair) against a bigram child on a thread.
+
+    From batch `peek_from` on, the child's logits at t look at the input at t + 1 (it sees
+    the target). Returns the server's outcome and what the child saw, in order.
+    """
+    import mmap as _mmap
+    import socket
+
+    import numpy as np
+    import torch
+
+    from autoresearch_kit import config
+    from autoresearch_kit.serve import RunServer
+    from autoresearch_kit.wire import Conn
+
+    ours, theirs = socket.socketpair()
+    V = data.vocab_size
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(3))
+    seen: list[str] = []
+
+    def child() -> None:
+        ch = Conn(theirs)
+        ch.send("hello", {"device": device_type, "pid": os.getpid()})
+        ch.recv()
+        ch.send("finish", {"params": 1})
+        shm, batch = None, 0
+        while True:
+            kind, h, p = ch.recv()
+            seen.append(kind)
+            if kind != "val":
+                break
+            rows, L = h["rows"], h["seq_len"]
+            ids = torch.from_numpy(np.frombuffer(p, dtype=np.uint16).astype(np.int64)).view(rows, L)
+            if peek_from is not None and batch >= peek_from:
+                ids = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+            n = rows * L * V * 4
+            if shm is None:
+                ch.send("need", {"bytes": n})
+                kind2, h2, _p, fds = ch.recv(with_fds=True)
+                if kind2 != "buffer":
+                    seen.append(kind2)
+                    break
+                shm = _mmap.mmap(fds[0], h2["bytes"])
+            torch.frombuffer(shm, dtype=torch.float32, count=rows * L * V).view(rows * L, V).copy_(table[ids.reshape(-1)])
+            ch.send("logits", {"shape": [rows, L, V], "dtype": "float32"})
+            batch += 1
+        theirs.close()
+
+    server = RunServer(Conn(ours), data, budget=config.Budget(tokens=10**6), seed=1, device_type=device_type,
+                       eval_tokens=None, eval_seq_len=32)
+    t = threading.Thread(target=child, daemon=True)
+    t.start()
+    server.serve()
+    t.join(10)
+    ours.close()
+    return server.outcome(), seen
+
+
+@pytest.mark.parametrize("peek_from", [None, 0, 3])
+def test_the_pipelined_gpu_evaluation_scores_and_catches_what_the_cpu_one_does(tiny_data, monkeypatch, peek_from):
+    # On a GPU run the runner sends batch i+1 before scoring batch i; the score must be the
+    # same bits as the CPU run's (one batch at a time), and a model that starts peeking in a
+    # later batch is still caught, with the batch already sent answered and ignored.
+    from autoresearch_kit.data.shards import PreparedData
+
+    data = PreparedData.open(tiny_data)
+    monkeypatch.setattr("autoresearch_kit.serve.LOGIT_BUDGET", {"cpu": 64 * 32 * 257, "cuda": 64 * 32 * 257})
+    gpu, seen = _serve_eval(data, "cuda", peek_from)
+    cpu, seen_cpu = _serve_eval(data, "cpu", peek_from)
+    if peek_from is None:
+        assert gpu["result"] and cpu["result"] and seen[-1] == "score"
+        assert gpu["result"]["val_bpb"] == cpu["result"]["val_bpb"]
+        assert gpu["result"]["eval_tokens"] == len(data.val) - 1 and gpu["result"]["probes"] >= 5
+    else:
+        for out in (gpu, cpu):
+            assert out["result"] is None and "not causal" in out["invalid"]
+        assert seen[-1] == "invalid" and not gpu["violations"]
+        # pipelined: the next batch had gone out before the bad one was scored; not on a CPU run
+        assert seen.count("val") == peek_from + 2 and seen_cpu.count("val") == peek_from + 1
