@@ -1257,14 +1257,17 @@ class Lab:
             ``keep`` (bool), ``within_noise`` (bool), ``gain`` (parent minus candidate
             val_bpb, means over reruns; None for a failed run), ``val_bpb``,
             ``parent_val_bpb``, ``sigma``, ``band`` (2 sigma / sqrt(n)), ``threshold``
-            and a readable ``reason``. With `PAIRED_MIN` (3) or more seeds both the
+            and a readable ``reason``; ``throughput_note`` ("" or e.g. "1.2k tok/s vs the
+            parent's 2.4k (x0.5): ...") on a seconds budget when the candidate trained
+            more than 1.5x faster or slower than its parent. With `PAIRED_MIN` (3) or more seeds both the
             candidate and its parent ran with (after `confirm`), the rule is paired:
             ``paired`` True, ``pairs`` (m), ``gain`` the mean of parent minus candidate
             at those seeds, ``paired_se`` its standard error, ``band`` 2 ``paired_se``.
         """
         rec = self.ledger.get(exp_id or self.last_id)
         out = {"exp_id": rec["id"], "keep": False, "within_noise": False, "gain": None, "val_bpb": None,
-               "parent_val_bpb": None, "sigma": self.sigma, "band": None, "threshold": self.threshold}
+               "parent_val_bpb": None, "sigma": self.sigma, "band": None, "threshold": self.threshold,
+               "throughput_note": ""}
         if rec["kind"] not in _PROPOSAL_KINDS:
             msg = f"Experiment {rec['id']} is a {rec['kind']} rerun of {rec['parent_id']}: only proposals are decided."
             raise ValueError(msg)
@@ -1281,6 +1284,9 @@ class Lab:
             out.update(keep=True, reason=f"parent {rec['parent_id']} has no score to beat")
             return out
         out["parent_val_bpb"] = statistics.fmean(ref)
+        # a seconds-budget run much faster or slower than its parent: the machine's load may
+        # have decided the score (the CLI, the panel and the API all read it here)
+        out["throughput_note"] = throughput_note(rec, self.ledger.get(rec["parent_id"]), self.budget)
         gain = out["parent_val_bpb"] - out["val_bpb"]
         out["gain"] = gain
         pairs = self._pairs(rec["id"], rec["parent_id"])
@@ -1668,6 +1674,28 @@ class Lab:
         return (f"<div><b>Lab</b> <code>{html.escape(str(self.path))}</code>: {len(recs)} experiments, "
                 f"parent {html.escape(str(self.parent_id))}, budget {html.escape(str(self._budget or self._budget_arg or 'default'))}, "
                 f"{best_txt}{more}<table style='font-size:12px'><tr>{head}</tr>{''.join(rows)}</table></div>")
+
+
+def _tok_per_s(rec: dict | None) -> float | None:
+    if not rec or rec.get("status") != "ok" or not rec.get("tokens") or not rec.get("training_seconds"):
+        return None
+    return rec["tokens"] / rec["training_seconds"]
+
+
+def throughput_note(rec: dict, parent: dict | None, budget) -> str:
+    """A note when a seconds-budget run trained much faster or slower than its parent ("" if not).
+
+    On a wall-clock budget a busy machine (other jobs, thermal throttling) changes how
+    many tokens fit and so val_bpb, whatever the edit did: seen on a shared 2-core VM,
+    where the same train.py ran at 1.2k and 4.2k tok/s minutes apart.
+    """
+    if budget is None or getattr(budget, "kind", None) != "seconds" or parent is None:
+        return ""
+    this, ref = _tok_per_s(rec), _tok_per_s(parent)
+    if not this or not ref or 1 / 1.5 < this / ref < 1.5:
+        return ""
+    return (f"{this / 1000:.1f}k tok/s vs the parent's {ref / 1000:.1f}k (x{this / ref:.1f}): on a seconds budget "
+            f"the machine's load counts as much as the edit; --budget N-tokens leaves load out")
 
 
 def format_record(rec: dict) -> str:

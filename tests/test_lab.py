@@ -1076,3 +1076,24 @@ def test_a_lab_with_no_scored_run_follows_new_data_and_relative_paths_resolve(tm
     with _open(tmp_path / "lab", data_dir=other_data.name) as lab:   # a relative --data, other data
         assert lab.data_dir == other_data and lab.data_pin["manifest_hash"] == manifest_hash(other_data)
         assert lab.data_pin["history"]                                # the move is recorded, not silent
+
+
+def test_the_verdict_says_when_a_seconds_budget_run_trained_at_another_speed(tmp_path, kit_env):
+    # issue 11 item 7: the throughput check is the verdict's, so the panel and the API see it
+    lab = _open(tmp_path / "lab", train=ROOT / "train.py", budget="15s")
+    led = lab.ledger
+
+    def run(parent, val, tokens, src):
+        eid = led.start(parent, src, "", f"run {val}", "test", "15s", {}, kind="baseline" if parent is None else "candidate")
+        led.finish(eid, RunResult(status="ok", val_bpb=val, seed=42, tokens=tokens, training_seconds=15.0))
+        return eid
+
+    base = run(None, 1.0, 36_000, "base")               # 2.4k tok/s
+    slow = run(base, 0.99, 18_000, "slow")               # 1.2k tok/s
+    same = run(base, 0.99, 40_000, "same")
+    v = lab.verdict(slow)
+    assert v["throughput_note"].startswith("1.2k tok/s vs the parent's 2.4k (x0.5)")
+    assert lab.verdict(same)["throughput_note"] == ""
+    lab.close()
+    with _open(tmp_path / "lab", budget="36k-tokens") as lab:   # a token budget is not affected by load
+        assert lab.verdict(slow)["throughput_note"] == ""
