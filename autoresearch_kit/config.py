@@ -16,6 +16,7 @@ Environment variables (the runner sets the RUN ones for the child; users may set
     AUTORESEARCH_EVAL_TOKENS  score only the first N validation targets (default: the whole val split)
     AUTORESEARCH_EVAL_SEQ_LEN the evaluation context (a Lab pins it; default: train.py's SEQ_LEN)
     AUTORESEARCH_WARMUP_STEPS first N steps not counted against a seconds budget
+    AUTORESEARCH_SCORE_THREADS torch threads of the runner's scoring (serve.score_threads_for)
     AUTORESEARCH_CHANNEL_FD   (runner -> child) fd of the trusted result channel
     AUTORESEARCH_CHANNEL_KEY  (runner -> child) HMAC key for that channel, hex
     AUTORESEARCH_RUN_ID       (runner -> child) id used to find stray children
