@@ -304,26 +304,14 @@ def _interactive_approve(lab) -> Any:
     return approve
 
 
-def _tok_per_s(rec: dict | None) -> float | None:
-    if not rec or rec.get("status") != "ok" or not rec.get("tokens") or not rec.get("training_seconds"):
-        return None
-    return rec["tokens"] / rec["training_seconds"]
-
-
 def _throughput_note(lab, rec: dict) -> str:
-    """A hint when a seconds-budget run trained much faster or slower than its parent.
+    """Lab.verdict's throughput note (lab.throughput_note), indented as a CLI note line."""
+    from autoresearch_kit.lab import throughput_note
 
-    On a wall-clock budget a busy machine (other jobs, thermal throttling) changes how
-    many tokens fit and so val_bpb, whatever the edit did: seen on a shared 2-core VM,
-    where the same train.py ran at 1.2k and 4.2k tok/s minutes apart.
-    """
-    if lab.budget.kind != "seconds" or not rec.get("parent_id"):
+    if not rec.get("parent_id"):
         return ""
-    this, parent = _tok_per_s(rec), _tok_per_s(lab.ledger.get(rec["parent_id"]))
-    if not this or not parent or 1 / 1.5 < this / parent < 1.5:
-        return ""
-    return (f"      note: {this / 1000:.1f}k tok/s vs the parent's {parent / 1000:.1f}k (x{this / parent:.1f}): on a "
-            f"seconds budget the machine's load counts as much as the edit; --budget N-tokens leaves load out")
+    note = throughput_note(rec, lab.ledger.get(rec["parent_id"]), lab.budget)
+    return f"      note: {note}" if note else ""
 
 
 def _timeout_note(lab, rec: dict) -> str:
@@ -366,9 +354,8 @@ def _interactive_decide(lab, exp_id: str) -> dict:
     if rec["status"] != "ok":
         return lab.decide(exp_id, keep=None)
     default = "keep" if v["keep"] else "discard"
-    note = _throughput_note(lab, rec)
-    if note:
-        print(note.strip())
+    if v.get("throughput_note"):
+        print(f"note: {v['throughput_note']}")
     print(f"rule: {default}: {v['reason']}")
     while True:
         answer = _ask(f"decision? [k]eep / [d]iscard (enter = {default}): ").strip().lower()

@@ -14,10 +14,11 @@ Environment variables (the runner sets the RUN ones for the child; users may set
     AUTORESEARCH_SEED         training seed (default 42)
     AUTORESEARCH_DEVICE       force a device: cuda | mps | cpu
     AUTORESEARCH_PRECISION    force the autocast dtype: bf16 | fp16 | fp32 (device.py)
-    AUTORESEARCH_EVAL_TOKENS  pinned validation tokens scored by evaluate_bpb
+    AUTORESEARCH_EVAL_TOKENS  score only the first N validation targets (default: the whole val split)
+    AUTORESEARCH_EVAL_SEQ_LEN the evaluation context (a Lab pins it; default: train.py's SEQ_LEN)
     AUTORESEARCH_WARMUP_STEPS first N steps not counted against a seconds budget
-    AUTORESEARCH_CHANNEL_FD   (runner -> child) fd of the trusted result channel
-    AUTORESEARCH_CHANNEL_KEY  (runner -> child) HMAC key for that channel, hex
+    AUTORESEARCH_SCORE_THREADS torch threads of the runner's scoring (serve.score_threads_for)
+    AUTORESEARCH_CHANNEL_FD   (runner -> child) fd of the socket to the runner (wire.py)
     AUTORESEARCH_RUN_ID       (runner -> child) id used to find stray children
 """
 
@@ -37,9 +38,12 @@ DEFAULT_SEED = 42
 DEFAULT_WARMUP_STEPS = 3
 DEFAULT_DATASET = "builtin"
 DEFAULT_VOCAB_SIZE = 4096
-# Pinned validation tokens scored for every candidate. 2**16 on CPU evaluates in a
-# few seconds for a small model; the GPU default is larger for a lower-noise metric.
-DEFAULT_EVAL_TOKENS = {"cuda": 2**21, "mps": 2**17, "cpu": 2**16}
+# The scored validation set is the whole val split on every device (issue 11: a CPU run
+# used to score its first 65,536 tokens and a GPU run all of them, so the same model got
+# two numbers). AUTORESEARCH_EVAL_TOKENS=N scores a fixed span instead: the first N targets.
+# The evaluation context when neither a Lab pin nor AUTORESEARCH_EVAL_SEQ_LEN says: the
+# default train.py's SEQ_LEN on that device.
+DEFAULT_EVAL_SEQ_LEN = {"cuda": 2048, "mps": 256, "cpu": 256}
 
 # The most one experiment may spend: about 11.6 days whatever the kind (1e6 s; 1e12 tokens
 # at 1M tok/s; 1e21 FLOPs at an H100's ~1e15 FLOP/s). Beyond that a typo, not a budget.
@@ -185,5 +189,41 @@ def default_budget(device_type: str) -> Budget:
     return Budget.parse(text) if text else Budget(seconds=DEFAULT_SECONDS.get(device_type, 60.0))
 
 
-def default_eval_tokens(device_type: str) -> int:
-    return int(env("EVAL_TOKENS") or DEFAULT_EVAL_TOKENS.get(device_type, 2**16))
+def default_eval_tokens(device_type: str | None = None) -> int | None:
+    """Validation targets to score: AUTORESEARCH_EVAL_TOKENS, else None (the whole val split).
+
+    The same on every device (`device_type` is accepted for callers of old). "all" or 0
+    in the variable also means the whole split.
+    """
+    text = (env("EVAL_TOKENS") or "").strip().lower()
+    return parse_eval_tokens(text)
+
+
+def parse_eval_tokens(value) -> int | None:
+    """None, "all", 0 -> None (the whole split); a positive count -> int; else ValueError."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "all")):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        msg = f"eval tokens must be a positive count or 'all', got {value!r}."
+        raise ValueError(msg) from None
+    if n < 0:
+        msg = f"eval tokens must be a positive count or 'all', got {value!r}."
+        raise ValueError(msg)
+    return n or None
+
+
+def eval_seq_len_setting() -> int | None:
+    """AUTORESEARCH_EVAL_SEQ_LEN as a positive int, or None when unset."""
+    text = (env("EVAL_SEQ_LEN") or "").strip()
+    if not text:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        msg = f"AUTORESEARCH_EVAL_SEQ_LEN must be a positive number of tokens, got {text!r}."
+        raise ValueError(msg)
+    return n

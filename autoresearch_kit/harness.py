@@ -75,7 +75,7 @@ class _State:
     by accident (Run refuses attribute writes)."""
 
     __slots__ = (
-        "device", "budget", "seed", "data", "eval_tokens", "warmup_steps", "loaders", "seq_len",
+        "device", "budget", "seed", "data", "eval_tokens", "eval_seq_len", "warmup_steps", "loaders", "seq_len",
         "params", "flops_per_token", "calls", "steps", "t_train", "tokens_at_train", "train_seconds",
         "done", "claimed", "last_step_tokens", "pending", "first_loss", "last_event_t", "last_print_t",
         "last_sent", "last_loss", "failed", "finished", "tokens_at_call", "pending_claim",
@@ -83,10 +83,11 @@ class _State:
         "vocab_size", "bos_id", "remote_progress", "remote_tokens", "last_loader", "tokenizer", "shm",
     )
 
-    def __init__(self, device: Device, budget: Budget, seed: int, data: PreparedData | None, eval_tokens: int,
-                 warmup_steps: int, vocab_size: int, bos_id: int) -> None:
+    def __init__(self, device: Device, budget: Budget, seed: int, data: PreparedData | None, eval_tokens: int | None,
+                 warmup_steps: int, vocab_size: int, bos_id: int, eval_seq_len: int | None = None) -> None:
         self.device, self.budget, self.seed, self.data = device, budget, seed, data
         self.eval_tokens, self.warmup_steps = eval_tokens, warmup_steps
+        self.eval_seq_len = eval_seq_len  # the pinned evaluation context, if any
         self.vocab_size, self.bos_id = int(vocab_size), int(bos_id)
         self.remote_progress = 0.0  # served runs: what the runner's last answer said
         self.remote_tokens = 0
@@ -233,6 +234,17 @@ class Run:
         return self._s.bos_id
 
     @property
+    def eval_seq_len(self) -> int:
+        """The context length the model is evaluated at: build the model for at least this.
+
+        The lab's pinned evaluation context (the runner's, or AUTORESEARCH_EVAL_SEQ_LEN on
+        its own); without a pin, the seq_len of the last train_loader made so far (0 before
+        the first). train.py sizes its RoPE table for max(SEQ_LEN, run.eval_seq_len).
+        """
+        s = self._s
+        return s.eval_seq_len if s.eval_seq_len is not None else (s.seq_len or 0)
+
+    @property
     def tokenizer(self):
         """The data's tiktoken.Encoding (from the runner under it, else the prepared data)."""
         s = self._s
@@ -274,7 +286,8 @@ class Run:
     def train_loader(self, batch_size: int, seq_len: int) -> TokenLoader:
         """Random (x, y) training windows on run.device, from the TRAIN split only.
 
-        The seq_len of the last loader made is the context length used for evaluation.
+        The evaluation context is `run.eval_seq_len` (the lab's pin); without one, the
+        seq_len of the last loader made.
         """
         s = self._s
         if _CONN is not None:
@@ -575,20 +588,29 @@ class Run:
             "device": dev.describe(), "torch": torch.__version__, "seed": s.seed, "budget": str(s.budget),
             "seq_len": s.seq_len, "flops_per_token": s.flops_per_token,
         }
-        probe = causality_probe(model, vocab_size=s.data.vocab_size, seq_len=s.seq_len, device=dev.torch_device)
+        L = self.eval_seq_len
+        try:
+            probe = causality_probe(model, vocab_size=s.data.vocab_size, seq_len=L, device=dev.torch_device)
+        except Exception as e:
+            _context_error(e, L, s.seq_len)
+            raise
         result["causal"] = probe["causal"]
         if not probe["causal"]:
             reason = (f"the model is not causal: its logits at position {probe['position']} changed by "
                       f"{probe['max_diff']:.3g} when only later tokens changed, so it can see the targets")
             result.update(status="invalid", reason=reason, total_seconds=time.perf_counter() - _T_IMPORT)
             self._fail("invalid", reason, EXIT_INVALID, result)
-        ev = evaluate_bpb_detail(model, s.data, seq_len=s.seq_len, eval_tokens=s.eval_tokens,
-                                 device=dev.torch_device, autocast_dtype=dev.autocast_dtype)
+        try:
+            ev = evaluate_bpb_detail(model, s.data, seq_len=L, eval_tokens=s.eval_tokens,
+                                     device=dev.torch_device, autocast_dtype=dev.autocast_dtype)
+        except Exception as e:
+            _context_error(e, L, s.seq_len)
+            raise
         timed_tokens = tokens - s.tokens_at_train
         mfu = None
         if dev.peak_flops and s.flops_per_token and s.train_seconds:
             mfu = s.flops_per_token * timed_tokens / (s.train_seconds * dev.peak_flops)
-        result.update(val_bpb=ev["bpb"], eval_seconds=ev["seconds"], eval_tokens=ev["tokens"],
+        result.update(val_bpb=ev["bpb"], eval_seconds=ev["seconds"], eval_tokens=ev["tokens"], eval_seq_len=L,
                       peak_memory_gb=_peak_memory_gb(dev), mfu=mfu,
                       total_seconds=time.perf_counter() - _T_IMPORT, **self._timeline())
         # where the wall time outside the budget went, before the original's summary block
@@ -618,8 +640,12 @@ class Run:
                         rows, seq = int(h["rows"]), int(h["seq_len"])
                         ids = torch.from_numpy(np.frombuffer(payload, dtype=np.uint16).astype(np.int64)
                                                .reshape(rows, seq)).to(dev.torch_device)
-                        with self.autocast():
-                            logits = _logits(model, ids, s.vocab_size)
+                        try:
+                            with self.autocast():
+                                logits = _logits(model, ids, s.vocab_size)
+                        except Exception as e:
+                            _context_error(e, seq, s.seq_len)
+                            raise
                         self._send_logits(logits)
                     elif kind == "score":
                         break
@@ -639,8 +665,8 @@ class Run:
             "total_seconds": time.perf_counter() - _T_IMPORT, "eval_seconds": time.perf_counter() - t_eval,
             "eval_tokens": int(h.get("eval_tokens", 0)), "peak_memory_gb": _peak_memory_gb(dev), "mfu": None,
             "flops": s.remote_tokens * s.flops_per_token if s.flops_per_token else 0.0,
-            "seq_len": s.seq_len, "device": dev.describe(), "budget": str(s.budget), "seed": s.seed,
-            **self._timeline(),
+            "seq_len": s.seq_len, "eval_seq_len": self.eval_seq_len, "device": dev.describe(),
+            "budget": str(s.budget), "seed": s.seed, **self._timeline(),
         }
         if dev.peak_flops and s.flops_per_token and s.train_seconds:
             result["mfu"] = s.flops_per_token * (s.remote_tokens - s.tokens_at_train) / (s.train_seconds * dev.peak_flops)
@@ -665,10 +691,13 @@ class Run:
                 print(f"invalid: {reason}", flush=True)
                 sys.exit(EXIT_INVALID)
             if s.shm is not None:
+                _unpin(s.shm)
                 s.shm.close()
             s.shm = mmap.mmap(fds[0], int(h["bytes"]))
             for fd in fds:
                 os.close(fd)
+            if logits.device.type == "cuda":
+                _pin(s.shm)
         dst = torch.frombuffer(s.shm, dtype=logits.dtype, count=logits.numel()).view(logits.shape)
         dst.copy_(logits)
         del dst
@@ -685,6 +714,45 @@ class Run:
                 "setup_seconds": first - s.t_start,               # model, FLOP count, optimizer
                 "warmup_seconds": clock - first,                  # warm-up steps, compile included
                 "finish_seconds": time.perf_counter() - stop}     # causality probe + evaluation
+
+
+_PINNED: dict[int, tuple[int, torch.Tensor]] = {}   # id(mmap) -> (address, the view that holds it)
+
+
+def _pin(buf: mmap.mmap) -> None:
+    """Page-lock the runner's logits buffer for CUDA, so the device-to-host copy is one DMA.
+
+    Into pageable memory the driver stages the copy through its own pinned buffers (the
+    H200's 2 GB of bf16 logits took a good part of a second that way). Best effort: any
+    failure leaves the buffer pageable, which only costs time.
+    """
+    try:
+        view = torch.frombuffer(buf, dtype=torch.uint8)
+        ptr = view.data_ptr()
+        if int(torch.cuda.cudart().cudaHostRegister(ptr, len(buf), 0)) == 0:
+            _PINNED[id(buf)] = (ptr, view)
+    except Exception:  # noqa: BLE001 - an old driver, no cudart binding: pageable it is
+        pass
+
+
+def _unpin(buf: mmap.mmap) -> None:
+    got = _PINNED.pop(id(buf), None)
+    if got is not None:
+        try:
+            torch.cuda.cudart().cudaHostUnregister(got[0])
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _context_error(e: Exception, L: int, seq_len: int | None) -> None:
+    """A model that fails at the evaluation context: say which context, and what to build for."""
+    if isinstance(e, (TypeError, ValueError)) and "logits" in str(e):
+        return  # the model's output, not its context: _logits' own message says it
+    if seq_len is not None and L > seq_len:
+        msg = (f"the model failed on validation rows of {L} tokens, the lab's pinned evaluation context "
+               f"(run.eval_seq_len = {L}; it trains at seq_len {seq_len}): build the model for "
+               f"max(SEQ_LEN, run.eval_seq_len) tokens, e.g. its RoPE table ({type(e).__name__}: {e})")
+        raise RuntimeError(msg) from e
 
 
 def _print_summary(r: dict) -> None:
@@ -719,7 +787,7 @@ def start() -> Run:
     """Begin the run: take the budget, seed and data from the runner (or the defaults), seed, announce.
 
     Under the runner everything comes over its socket. On its own (`python train.py`) it
-    reads AUTORESEARCH_BUDGET, _SEED, _DEVICE, _DATA, _EVAL_TOKENS and _WARMUP_STEPS
+    reads AUTORESEARCH_BUDGET, _SEED, _DEVICE, _DATA, _EVAL_TOKENS, _EVAL_SEQ_LEN and _WARMUP_STEPS
     (docs/CONTRACTS.md); without them: 60 s on CPU/MPS or 300 s on CUDA, seed 42, the
     device autodetected, the last prepared dataset.
 
@@ -755,11 +823,13 @@ def _start_served(device: Device) -> _State:
         msg = f"the runner answered {kind!r} instead of the run's settings"
         raise RuntimeError(msg)
     budget = Budget.parse(cfg["budget"])
+    pinned = cfg.get("eval_seq_len")
     state = _State(device, budget, int(cfg["seed"]), None, int(cfg["eval_tokens"]), int(cfg["warmup_steps"]),
-                   int(cfg["vocab_size"]), int(cfg["bos_id"]))
+                   int(cfg["vocab_size"]), int(cfg["bos_id"]), int(pinned) if pinned else None)
+    context = f"context {state.eval_seq_len}" if state.eval_seq_len else "context: the last loader's seq_len"
     print(f"run: budget {budget} | seed {state.seed} | data {cfg.get('data')} (vocab {state.vocab_size}, "
           f"{int(cfg.get('train_tokens', 0)) / 1e6:.2f}M train tokens, served by the runner) | "
-          f"eval {state.eval_tokens:,} val tokens, scored by the runner", flush=True)
+          f"eval {state.eval_tokens:,} val tokens, {context}, scored by the runner", flush=True)
     return state
 
 
@@ -770,7 +840,8 @@ def _start_local(device: Device) -> _State:
     if warmup < 0:
         msg = f"AUTORESEARCH_WARMUP_STEPS must be >= 0, got {warmup}."
         raise ValueError(msg)
-    eval_tokens = config.default_eval_tokens(device.type)
+    eval_tokens = config.default_eval_tokens()
+    eval_seq_len = config.eval_seq_len_setting()
     data_dir = config.data_dir()
     try:
         data = PreparedData.open(data_dir)
@@ -782,9 +853,13 @@ def _start_local(device: Device) -> _State:
             print(f"error: {msg}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         raise FileNotFoundError(msg) from e
+    from autoresearch_kit.metric import scored_count
+
+    scored = scored_count(len(data.val), eval_tokens)
+    context = f", context {eval_seq_len}" if eval_seq_len else ""
     print(f"run: budget {budget} | seed {seed} | data {data.path} (vocab {data.vocab_size}, "
-          f"{len(data.train) / 1e6:.2f}M train tokens) | eval {eval_tokens:,} val tokens", flush=True)
-    return _State(device, budget, seed, data, eval_tokens, warmup, data.vocab_size, data.bos_id)
+          f"{len(data.train) / 1e6:.2f}M train tokens) | eval {scored:,} val tokens{context}", flush=True)
+    return _State(device, budget, seed, data, eval_tokens, warmup, data.vocab_size, data.bos_id, eval_seq_len)
 
 
 class _ServedLoader(TokenLoader):

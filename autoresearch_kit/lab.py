@@ -518,11 +518,31 @@ class Lab:
     def _pin_to(self, current: dict, previous: dict | None = None, baseline_id: str | None = None) -> dict:
         pin = {**current, "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "baseline": baseline_id,
                "history": []}
+        # the scored set moves with the data only by hand: a re-baseline keeps the context
+        pin["eval"] = (previous or {}).get("eval") or self._eval_settings()
         if previous is not None:
             old = {k: previous.get(k) for k in ("manifest_hash", "data", "data_dir", "pinned_at", "baseline")}
             pin["history"] = [*previous.get("history", []), old]
         self._write_pin(pin)
         return pin
+
+    def _eval_settings(self) -> dict:
+        """The scored set this lab pins when it is created: runner.eval_settings of its train.py."""
+        from autoresearch_kit import runner
+
+        path = self.path / "train.py"
+        source = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+        return runner.eval_settings(source, self._device_type())
+
+    def _eval_pin(self) -> dict:
+        """The pinned scored set {tokens, seq_len, seq_len_from}; a pin from before gets one now."""
+        pin = self._read_pin()
+        if pin is None:
+            return self._eval_settings()
+        if not pin.get("eval"):
+            pin["eval"] = self._eval_settings()
+            self._write_pin(pin)
+        return pin["eval"]
 
     def _mismatch(self, pin: dict, current: dict) -> str:
         return (f"lab {self.path.name} is pinned to {pin['data']} [{pin['manifest_hash']}], but the prepared data "
@@ -1077,8 +1097,10 @@ class Lab:
 
     def _run_kwargs(self, seed: int | None) -> dict:
         """What run_budgeted gets besides the source and budget (the same here and on a worker)."""
+        scored = self._eval_pin()   # one scored set for every run of the lab (data.json)
         kw: dict[str, Any] = {"seed": self.seed if seed is None else seed, "device": self.device,
-                              "sandbox": self.sandbox}
+                              "sandbox": self.sandbox, "eval_tokens": scored.get("tokens") or "all",
+                              "eval_seq_len": scored.get("seq_len")}
         limit = self._sized_hard_limit()
         if limit is not None:
             kw["hard_limit"] = limit
@@ -1503,11 +1525,14 @@ class Lab:
             sigma * sqrt(2 / m); from `PAIRED_MIN` pairs on (after `confirm`) it is the
             SD of this experiment's own differences / sqrt(m). A candidate with seeds its
             parent lacks is compared unpaired: the two means, SE sigma * sqrt(1/n + 1/n_parent).
+            ``throughput_note`` ("" or e.g. "1.2k tok/s vs the parent's 2.4k (x0.5): ...") on a
+            seconds budget when the candidate trained more than 1.5x faster or slower than its parent.
         """
         rec = self.ledger.get(exp_id or self.last_id)
         out = {"exp_id": rec["id"], "keep": False, "within_noise": False, "gain": None, "val_bpb": None,
                "parent_val_bpb": None, "sigma": self.sigma, "band": None, "threshold": self.threshold,
-               "se": None, "paired": False, "pairs": 0}
+               "se": None, "paired": False, "pairs": 0,
+               "throughput_note": ""}
         if rec["kind"] not in _PROPOSAL_KINDS:
             msg = f"Experiment {rec['id']} is a {rec['kind']} rerun of {rec['parent_id']}: only proposals are decided."
             raise ValueError(msg)
@@ -1524,6 +1549,9 @@ class Lab:
             out.update(keep=True, reason=f"parent {rec['parent_id']} has no score to beat")
             return out
         out["parent_val_bpb"] = statistics.fmean(ref)
+        # a seconds-budget run much faster or slower than its parent: the machine's load may
+        # have decided the score (the CLI, the panel and the API all read it here)
+        out["throughput_note"] = throughput_note(rec, self.ledger.get(rec["parent_id"]), self.budget)
         gain = out["parent_val_bpb"] - out["val_bpb"]
         out["gain"] = gain
         pairs = self._pairs(rec["id"], rec["parent_id"])
@@ -2123,6 +2151,28 @@ def compute_note(rec: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _tok_per_s(rec: dict | None) -> float | None:
+    if not rec or rec.get("status") != "ok" or not rec.get("tokens") or not rec.get("training_seconds"):
+        return None
+    return rec["tokens"] / rec["training_seconds"]
+
+
+def throughput_note(rec: dict, parent: dict | None, budget) -> str:
+    """A note when a seconds-budget run trained much faster or slower than its parent ("" if not).
+
+    On a wall-clock budget a busy machine (other jobs, thermal throttling) changes how
+    many tokens fit and so val_bpb, whatever the edit did: seen on a shared 2-core VM,
+    where the same train.py ran at 1.2k and 4.2k tok/s minutes apart.
+    """
+    if budget is None or getattr(budget, "kind", None) != "seconds" or parent is None:
+        return ""
+    this, ref = _tok_per_s(rec), _tok_per_s(parent)
+    if not this or not ref or 1 / 1.5 < this / ref < 1.5:
+        return ""
+    return (f"{this / 1000:.1f}k tok/s vs the parent's {ref / 1000:.1f}k (x{this / ref:.1f}): on a seconds budget "
+            f"the machine's load counts as much as the edit; --budget N-tokens leaves load out")
+
+
 def format_record(rec: dict) -> str:
     """One line for a ledger record: id, status, val_bpb, decision (by whom), description."""
     bpb = f"val_bpb {rec['val_bpb']:.6f}" if rec.get("val_bpb") is not None else f"{rec['status']}"
@@ -2147,7 +2197,22 @@ def format_record(rec: dict) -> str:
         decision += f" ({extra['epochs']:.0f} epochs of the training data)"
     by = f" [{rec['decided_by']}]" if rec.get("decided_by") else ""
     why = f": {rec['decision_reason']}" if rec["status"] == "rejected" and rec.get("decision_reason") else ""
-    return f"{rec['id']}  {rec['kind']:<9} {bpb:<22} {decision}{by}  {rec['description']}{why}"
+    scored = scored_set(rec)
+    scored = f" [{scored}]" if scored and rec.get("val_bpb") is not None else ""
+    return f"{rec['id']}  {rec['kind']:<9} {bpb:<22}{scored} {decision}{by}  {rec['description']}{why}"
+
+
+def scored_set(rec: dict) -> str:
+    """What a record's score was computed on, in words: "val 120,544 tok, ctx 256" ("" if unknown).
+
+    From ``extra["eval"]`` (the runner's): the scored targets (all of the val split, or the
+    first N), and the evaluation context. Two scores compare only when these agree.
+    """
+    ev = (rec.get("extra") or {}).get("eval") or {}
+    if not ev.get("seq_len") or ev.get("tokens") is None:
+        return ""
+    span = "all" if ev.get("scored", "all") == "all" else "first"
+    return f"val {span} {int(ev['tokens']):,} tok, ctx {int(ev['seq_len'])}"
 
 
 def recover_ledger(path: str | os.PathLike) -> dict:

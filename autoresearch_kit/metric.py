@@ -1,16 +1,29 @@
 """The metric: validation bits per byte, and a probe that the model is causal. Trusted code.
 
     from autoresearch_kit.metric import evaluate_bpb, causality_probe
-    bpb = evaluate_bpb(model, data_dir, seq_len=256, eval_tokens=65536)
+    bpb = evaluate_bpb(model, data_dir, seq_len=256)          # the whole val split, context 256
     causality_probe(model, vocab_size=4096, seq_len=256, device="cpu")["causal"]
 
 Bits per byte is independent of the tokenizer: the summed cross-entropy (nats) over the
 scored target tokens, divided by ln 2 times the UTF-8 bytes those tokens stand for.
 Special tokens (BOS) have 0 bytes and are left out of both sums, as in the original
 autoresearch. The cross-entropy is computed here, in float32, from the model's logits:
-a loss the model returns is never used. Every candidate is scored on the same pinned
-validation tokens: the first `eval_tokens` targets of the val split, in non-overlapping
-rows of seq_len (the last row padded at its end, which a causal model cannot see).
+a loss the model returns is never used.
+
+The scored set is two settings, the same here and in the runner (serve.py), which a Lab
+pins when it is created (`data.json`, and every ledger record's `extra["eval"]`):
+
+- the scored text: the targets val[1 : n + 1], where n is the whole val split by default
+  on every device, or a fixed span of the first `eval_tokens` targets
+  (AUTORESEARCH_EVAL_TOKENS);
+- the evaluation context `seq_len`: the targets are cut into non-overlapping rows of
+  seq_len, each row's inputs the tokens before its targets (the last row padded at its
+  end, which a causal model cannot see). A different context is a different score.
+
+Each target's cross-entropy is float32 (`token_ce`, the same bits as
+`F.cross_entropy(logits.float(), y, reduction="none")`); the total is one float64 sum over
+the scored targets in their order in the split (`total_nats`), so the number does not
+depend on batch sizes or on the order the runner scores rows in.
 
 A model that peeks at later tokens would get an absurdly low bpb; `causality_probe`
 catches it by changing the tokens after a position and checking the logits up to that
@@ -93,22 +106,77 @@ def eval_rows(val: np.ndarray, eval_tokens: int, seq_len: int, pad_id: int) -> t
     return x.reshape(rows, seq_len), y.reshape(rows, seq_len), mask.reshape(rows, seq_len)
 
 
+# Elements per float32 chunk in token_ce, per torch thread: 2**20 (4 MB) a thread stays in
+# cache between the conversion, the log-softmax and the gather; a chunk per thread keeps
+# the number of parallel regions (a barrier each) low. Measured on the 2-core dev box
+# (bench/eval.py): 0.05 s for 33.5M bf16 logits on one thread, 0.28 s for F.cross_entropy.
+_CE_CHUNK_ELEMENTS = 2**20
+
+
+def token_ce(logits: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 cross-entropy of each position: logits (..., V), targets y (...) -> (N,) float32.
+
+    The same bits as ``F.cross_entropy(logits.float(), y, reduction="none")`` (log-softmax,
+    then the target's entry, negated), computed on the CPU in chunks of a few MB: each
+    chunk is converted to float32 and log-softmaxed in place while it is in cache, instead
+    of writing the whole float32 copy and a whole log-softmax of it. Off the CPU it is
+    that call. `out`, if given, receives the result.
+    """
+    V = logits.size(-1)
+    flat, yf = logits.reshape(-1, V), y.reshape(-1).to(logits.device)
+    if logits.device.type != "cpu":
+        ce = F.cross_entropy(flat.float(), yf, reduction="none")
+        return out.copy_(ce) if out is not None else ce
+    n = flat.size(0)
+    res = out if out is not None else torch.empty(n, dtype=torch.float32)
+    step = max(1, _CE_CHUNK_ELEMENTS * max(1, torch.get_num_threads()) // max(V, 1))
+    buf = torch.empty(min(step, n), V, dtype=torch.float32)
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        b = buf[: j - i]
+        b.copy_(flat[i:j])                                  # bf16/fp16 -> float32 (exact)
+        torch.ops.aten._log_softmax.out(b, 1, False, out=b)  # in place: the row is read first
+        torch.gather(b, 1, yf[i:j, None], out=res[i:j, None]).neg_()
+    return res
+
+
+def total_nats(ce: np.ndarray, y: np.ndarray, mask: np.ndarray, token_bytes: np.ndarray) -> tuple[float, int]:
+    """The score's two sums over the scored targets, in their order: nats (float64) and bytes.
+
+    ce, y, mask: arrays of one shape (the evaluation rows); token_bytes: bytes per token id.
+    A target counts when it is real (mask) and stands for bytes (BOS does not).
+    """
+    w = np.asarray(token_bytes, dtype=np.int64)[np.asarray(y).reshape(-1)] * np.asarray(mask).reshape(-1)
+    scored = w > 0
+    nats = float(np.sum(np.asarray(ce, dtype=np.float32).reshape(-1)[scored], dtype=np.float64))
+    return nats, int(w.sum())
+
+
 def score_logits(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, token_bytes: torch.Tensor) -> tuple[float, int]:
     """Summed cross-entropy (nats, float32 per token, float64 sum) and bytes of the scored targets.
 
-    The one place a score is computed: `evaluate_bpb_detail` and the runner's evaluation
-    (serve.py, on logits the candidate sent) both call it. Targets whose token stands for
-    no bytes (BOS) or that are padding (mask False) count in neither sum.
+    `token_ce` then `total_nats` on one batch. `evaluate_bpb_detail` and the runner
+    (serve.py) keep each target's cross-entropy and sum once over the whole set instead.
+    Targets whose token stands for no bytes (BOS) or that are padding (mask False) count
+    in neither sum.
     """
-    dev = logits.device
-    logits = logits.float()
-    y = y.to(dev)
-    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-    w = token_bytes.to(dev)[y.reshape(-1)] * mask.to(dev).reshape(-1)  # bytes per target; 0 for BOS, padding
-    scored = w > 0
-    # float64 accumulation where the device has it (MPS does not)
-    acc = ce[scored].double() if dev.type != "mps" else ce[scored].cpu().double()
-    return float(acc.sum()), int(w.sum())
+    ce = token_ce(logits, y).cpu().numpy()
+    return total_nats(ce, y.cpu().numpy(), mask.cpu().numpy(), token_bytes.cpu().numpy())
+
+
+# Integer views of float logits, and the exponent bits that make a value inf or NaN.
+_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+         torch.float32: (torch.int32, 0x7F800000)}
+
+
+def _same_finite_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two CPU logit blocks are bit for bit the same and all finite (numpy: a few
+    GB/s even on a busy 2-core machine, where small torch reductions took 10-70 ms)."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.dtype not in _BITS or a.device.type != "cpu":
+        return False
+    kind, mask = _BITS[a.dtype]
+    x, y = a.contiguous().view(kind).numpy(), b.contiguous().view(kind).numpy()
+    return bool(np.array_equal(x, y)) and not bool(np.any((x & mask) == mask))
 
 
 def probe_mismatch(a: torch.Tensor, b: torch.Tensor, tol: float | None = None) -> dict:
@@ -126,6 +194,8 @@ def probe_mismatch(a: torch.Tensor, b: torch.Tensor, tol: float | None = None) -
     dict
         causal (bool), max_diff (float), position (int or None: first position that moved).
     """
+    if _same_finite_bits(a, b):
+        return {"causal": True, "max_diff": 0.0, "position": None}   # an honest model, to the bit
     low = a.dtype in (torch.bfloat16, torch.float16) or b.dtype in (torch.bfloat16, torch.float16)
     rel = tol if tol is not None else (4e-3 if low else 1e-4)
     a, b = a.float(), b.float()
@@ -140,11 +210,22 @@ def probe_mismatch(a: torch.Tensor, b: torch.Tensor, tol: float | None = None) -
     return {"causal": True, "max_diff": d, "position": None}
 
 
+def scored_count(val_len: int, eval_tokens: int | None) -> int:
+    """Targets scored in a val split of `val_len` tokens: all of them, or the first eval_tokens."""
+    available = max(int(val_len) - 1, 0)
+    return available if eval_tokens is None else min(int(eval_tokens), available)
+
+
 def evaluate_bpb_detail(model: torch.nn.Module, data: "PreparedData | str | os.PathLike | None" = None, *,
                         seq_len: int, batch_size: int | None = None, eval_tokens: int | None = None,
                         device: "torch.device | str | None" = None,
                         autocast_dtype: torch.dtype | None = None, verbose: bool = True) -> dict:
-    """Score a model on the pinned validation tokens; the full record.
+    """Score a model on the scored validation set; the full record.
+
+    The same scored set and the same arithmetic as the runner's evaluation (serve.py):
+    the targets val[1 : n + 1] (n: the whole split, or `eval_tokens`) in rows of
+    `seq_len`, float32 cross-entropy per target, one float64 sum in split order. On the
+    same logits the runner and this function give the same bits.
 
     Parameters
     ----------
@@ -153,12 +234,14 @@ def evaluate_bpb_detail(model: torch.nn.Module, data: "PreparedData | str | os.P
     data : PreparedData, path or None
         The prepared data (default: `config.data_dir()`).
     seq_len : int
-        Context length of each evaluation row.
+        The evaluation context: length of each evaluation row. A Lab pins it
+        (`lab.data_pin["eval"]["seq_len"]`); pass the same to compare with its scores.
     batch_size : int, optional
         Rows per forward pass (default: from a memory budget). Does not change the result.
     eval_tokens : int, optional
-        Target tokens to score (default: `config.default_eval_tokens`). Clamped, with a
-        message, to what the val split holds.
+        Score only the first `eval_tokens` targets (a fixed span). Default:
+        AUTORESEARCH_EVAL_TOKENS, else the whole val split. Clamped, with a message, to
+        what the split holds.
     device : torch.device or str, optional
         Default: the device of the model's parameters.
     autocast_dtype : torch.dtype, optional
@@ -170,7 +253,7 @@ def evaluate_bpb_detail(model: torch.nn.Module, data: "PreparedData | str | os.P
     Returns
     -------
     dict
-        bpb, nats, bytes, tokens (targets scored, specials included), seconds.
+        bpb, nats, bytes, tokens (targets scored, specials included), seq_len, seconds.
     """
     t0 = time.perf_counter()
     data = _open(data)
@@ -179,50 +262,48 @@ def evaluate_bpb_detail(model: torch.nn.Module, data: "PreparedData | str | os.P
     if seq_len < 1:
         msg = f"seq_len must be positive, got {seq_len}."
         raise ValueError(msg)
-    n = int(eval_tokens if eval_tokens is not None else config.default_eval_tokens(dev.type))
+    asked = config.parse_eval_tokens(eval_tokens) if eval_tokens is not None else config.default_eval_tokens()
     available = len(data.val) - 1
     if available < 1:
         msg = f"The val split of {data.path} is empty; prepare the data again (`python prepare.py --force`)."
         raise ValueError(msg)
-    if n > available:
-        if verbose:
-            print(f"eval: the val split has {available:,} target tokens; scoring all of them "
-                  f"instead of the {n:,} asked for", flush=True)
-        n = available
+    if asked is not None and asked > available and verbose:
+        print(f"eval: the val split has {available:,} target tokens; scoring all of them "
+              f"instead of the {asked:,} asked for", flush=True)
+    n = scored_count(len(data.val), asked)
     x_all, y_all, m_all = eval_rows(data.val, n, seq_len, data.bos_id)
-    tb = torch.as_tensor(np.asarray(data.token_bytes, dtype=np.int64), device=dev)
+    ce_all = np.zeros(x_all.shape, dtype=np.float32)
     if batch_size is None:
         batch_size = max(1, _LOGIT_BUDGET.get(dev.type, 2**25) // (seq_len * max(data.vocab_size, 1)))
     amp = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     was_training = model.training
     model.eval()
-    nats, nbytes = 0.0, 0
     try:
         # no_grad rather than inference_mode: a model that caches tensors lazily (e.g. RoPE
         # tables) would otherwise keep inference tensors that break later training.
         with torch.no_grad():
             for i in range(0, len(x_all), batch_size):
                 x = torch.from_numpy(x_all[i : i + batch_size]).to(dev)
-                y = torch.from_numpy(y_all[i : i + batch_size]).to(dev)
-                m = torch.from_numpy(m_all[i : i + batch_size]).to(dev)
+                y = torch.from_numpy(y_all[i : i + batch_size])
                 with amp:
                     logits = _logits(model, x, data.vocab_size)
-                a_nats, a_bytes = score_logits(logits, y, m, tb)
-                nats += a_nats
-                nbytes += a_bytes
+                ce = token_ce(logits, y.to(dev))
+                ce_all[i : i + batch_size] = ce.cpu().numpy().reshape(len(y), seq_len)
     finally:
         model.train(was_training)
+    nats, nbytes = total_nats(ce_all, y_all, m_all, data.token_bytes)
     if nbytes == 0:
         msg = "The scored validation tokens carry no bytes (only special tokens?): cannot compute bits per byte."
         raise ValueError(msg)
     bpb = nats / (math.log(2) * nbytes)
-    return {"bpb": bpb, "nats": nats, "bytes": nbytes, "tokens": n, "seconds": time.perf_counter() - t0}
+    return {"bpb": bpb, "nats": nats, "bytes": nbytes, "tokens": n, "seq_len": seq_len,
+            "seconds": time.perf_counter() - t0}
 
 
 def evaluate_bpb(model: torch.nn.Module, data: "PreparedData | str | os.PathLike | None" = None, *,
                  seq_len: int, batch_size: int | None = None, eval_tokens: int | None = None,
                  device: "torch.device | str | None" = None, autocast_dtype: torch.dtype | None = None) -> float:
-    """Validation bits per byte of `model` on the pinned validation tokens.
+    """Validation bits per byte of `model` on the scored validation set (module docstring).
 
     See `evaluate_bpb_detail` for the parameters; this returns only the number.
     """

@@ -496,8 +496,9 @@ def _fill_from_outcome(res: RunResult, out: dict) -> None:
     if r:
         res.eval_tokens = int(r["eval_tokens"])
         res.eval_seconds = float(r["eval_seconds"])
-        res.extra["eval"] = {k: r[k] for k in ("nats", "bytes", "seq_len", "probes", "probe_max_diff", "logits_bytes",
-                                                 "logits_dtype") if k in r}
+        res.extra.setdefault("eval", {}).update({k: r[k] for k in ("nats", "bytes", "seq_len", "probes",
+                                                                   "probe_max_diff", "logits_bytes", "logits_dtype",
+                                                                   "timing") if k in r})
     res.extra["epochs"] = round(float(out.get("epochs") or 0.0), 4)
     res.extra["warmup_tokens"] = int(out.get("warmup_tokens") or 0)
     if out.get("flops_per_token") is not None:
@@ -629,12 +630,45 @@ def prestart(device: str | None = None, env: dict[str, Any] | None = None,
     return thread
 
 
+def eval_settings(source: str | None, device_type: str) -> dict:
+    """The scored set a new lab pins: {tokens, seq_len, seq_len_from} (docs/CONTRACTS.md).
+
+    tokens: AUTORESEARCH_EVAL_TOKENS, else None (the whole val split). seq_len:
+    AUTORESEARCH_EVAL_SEQ_LEN, else the baseline train.py's literal `GPU_SEQ_LEN` (CUDA) or
+    `CPU_SEQ_LEN` (CPU/MPS), else its `SEQ_LEN`, else config.DEFAULT_EVAL_SEQ_LEN for the
+    device: the context the original evaluates at, fixed before the agent edits anything.
+    """
+    import ast
+
+    tokens = config.default_eval_tokens()
+    setting = config.eval_seq_len_setting()
+    if setting is not None:
+        return {"tokens": tokens, "seq_len": setting, "seq_len_from": "AUTORESEARCH_EVAL_SEQ_LEN"}
+    names = ("GPU_SEQ_LEN" if device_type == "cuda" else "CPU_SEQ_LEN", "SEQ_LEN")
+    found: dict[str, int] = {}
+    try:
+        tree = ast.parse(source or "")
+    except (SyntaxError, ValueError):
+        tree = ast.Module(body=[], type_ignores=[])
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and isinstance(node.value, ast.Constant) and type(node.value.value) is int and node.value.value > 0):
+            found.setdefault(node.targets[0].id, node.value.value)
+    for name in names:
+        if name in found:
+            return {"tokens": tokens, "seq_len": found[name],
+                    "seq_len_from": f"{name} of the baseline train.py ({device_type})"}
+    return {"tokens": tokens, "seq_len": config.DEFAULT_EVAL_SEQ_LEN.get(device_type, 256),
+            "seq_len_from": f"the default for {device_type}"}
+
+
 def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = None, *,
                  workdir: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
                  seed: int | None = None, device: str | None = None,
                  on_event: Callable[[dict], Any] | None = None, log_path: str | os.PathLike | None = None,
                  hard_limit: float | None = None, stop: threading.Event | None = None,
-                 env: dict[str, str] | None = None, sandbox: str | None = None) -> RunResult:
+                 env: dict[str, str] | None = None, sandbox: str | None = None,
+                 eval_tokens: "int | str | None" = None, eval_seq_len: int | None = None) -> RunResult:
     """Train a candidate train.py under a fixed budget in a supervised subprocess.
 
     Parameters
@@ -666,13 +700,20 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
     stop
         A threading.Event; setting it kills the run, which ends as `aborted`.
     env
-        Extra environment variables for the child. AUTORESEARCH_EVAL_TOKENS and
-        AUTORESEARCH_WARMUP_STEPS given here set those for the runner's side; the socket,
-        run id and device are always the runner's.
+        Extra environment variables for the child. AUTORESEARCH_EVAL_TOKENS,
+        AUTORESEARCH_EVAL_SEQ_LEN and AUTORESEARCH_WARMUP_STEPS given here set those for
+        the runner's side; the socket, run id and device are always the runner's.
     sandbox
         "auto" (default: AUTORESEARCH_SANDBOX, else bubblewrap where it works), "require"
         (raise RuntimeError where no sandbox works) or "off". The isolation a run got is
         in ``extra["isolation"]``.
+    eval_tokens
+        The scored validation text: the first N targets of the val split, or None / "all"
+        for the whole split (default: AUTORESEARCH_EVAL_TOKENS, else the whole split).
+    eval_seq_len
+        The evaluation context (a Lab passes its pinned one; the child sees it as
+        `run.eval_seq_len`). Default: AUTORESEARCH_EVAL_SEQ_LEN, else the seq_len of the
+        last training batch the child asked for. Both are in ``extra["eval"]``.
 
     Returns
     -------
@@ -703,7 +744,16 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
     iso = _sandbox.isolation(sandbox)
     seed = int(seed) if seed is not None else int(config.env("SEED") or config.DEFAULT_SEED)
     extra_env = {str(k): str(v) for k, v in (env or {}).items()}
-    eval_tokens = int(extra_env.get(config.ENV_PREFIX + "EVAL_TOKENS") or config.default_eval_tokens(device_type))
+    if eval_tokens is None:
+        eval_tokens = extra_env.get(config.ENV_PREFIX + "EVAL_TOKENS") or config.env("EVAL_TOKENS")
+    eval_tokens = config.parse_eval_tokens(eval_tokens)
+    if eval_seq_len is None:
+        text = extra_env.get(config.ENV_PREFIX + "EVAL_SEQ_LEN")
+        eval_seq_len = int(text) if text else config.eval_seq_len_setting()
+    if eval_seq_len is not None and int(eval_seq_len) < 1:
+        msg = f"eval_seq_len must be a positive number of tokens, got {eval_seq_len}."
+        raise ValueError(msg)
+    eval_seq_len = None if eval_seq_len is None else int(eval_seq_len)
     warmup = int(extra_env.get(config.ENV_PREFIX + "WARMUP_STEPS") or config.env("WARMUP_STEPS")
                  or config.DEFAULT_WARMUP_STEPS)
     limit = _hard_limit(budget, hard_limit, device_type)
@@ -734,7 +784,8 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
         return res
     return _supervise(res, wd=wd, logfile=logfile, budget=budget, data=data, seed=seed,
                       device_type=device_type, warmup=warmup, iso=iso, source=source,
-                      eval_tokens=eval_tokens, limit=limit, extra_env=extra_env, on_event=on_event, stop=stop)
+                      eval_tokens=eval_tokens, eval_seq_len=eval_seq_len, limit=limit, extra_env=extra_env,
+                      on_event=on_event, stop=stop)
 
 
 _FIXED_CHILD_ENV = {"PYTHONUNBUFFERED": "1"}  # what every run sets beyond AUTORESEARCH_* (see prestart)
@@ -789,7 +840,8 @@ def _child_command(inner: list[str] | None = None) -> list[str]:
 
 
 def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget, data, seed: int,
-               device_type: str, warmup: int, iso, source: str, eval_tokens: int, limit: float,
+               device_type: str, warmup: int, iso, source: str, eval_tokens: int | None,
+               eval_seq_len: int | None, limit: float,
                extra_env: dict[str, str], on_event, stop: threading.Event | None) -> RunResult:
     import socket
 
@@ -798,7 +850,13 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
 
     run_id = uuid.uuid4().hex
     staged = None  # a run of the sandboxed fork server (sandbox.stage), moved into workdir/files at the end
-    res.eval_tokens = min(eval_tokens, max(len(data.val) - 1, 0))
+    from autoresearch_kit.metric import scored_count
+
+    res.eval_tokens = scored_count(len(data.val), eval_tokens)
+    # the scored set, recorded with every run (scored or not): issue 11's one scored set
+    res.extra["eval"] = {"scored": "all" if eval_tokens is None else eval_tokens, "tokens": res.eval_tokens,
+                         "seq_len": eval_seq_len,
+                         "seq_len_from": "pinned" if eval_seq_len is not None else "train.py's last loader"}
     res.extra["run_id"] = run_id
 
     try:
@@ -877,7 +935,8 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
     readers: list[threading.Thread] = []
     try:
         server = RunServer(Conn(ours), data, budget=budget, seed=seed, device_type=device_type,
-                           eval_tokens=eval_tokens, warmup_steps=warmup, on_event=on_event, t0=t0)
+                           eval_tokens=eval_tokens, eval_seq_len=eval_seq_len, warmup_steps=warmup,
+                           on_event=on_event, t0=t0)
         readers += [threading.Thread(target=_pump, args=(out_r, sink.feed, done), name="autoresearch-log",
                                      daemon=True),
                     threading.Thread(target=server.serve, name="autoresearch-serve", daemon=True)]
@@ -936,7 +995,7 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
             aborted = aborted or "interrupted (KeyboardInterrupt)"
     if server is None:  # Ctrl-C before the server existed: nothing was received
         server = RunServer(Conn(ours), data, budget=budget, seed=seed, device_type=device_type,
-                           eval_tokens=eval_tokens, warmup_steps=warmup, t0=t0)
+                           eval_tokens=eval_tokens, eval_seq_len=eval_seq_len, warmup_steps=warmup, t0=t0)
     out = server.outcome()
     returncode = _sandbox.returncode(proc.returncode, iso)
     if killed:

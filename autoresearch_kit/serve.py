@@ -3,7 +3,7 @@
 `runner.run_budgeted` starts a candidate train.py in a sandbox and gives it one end of a
 socket (wire.py); a `RunServer` on the runner's side answers everything on the other end:
 
-    server = RunServer(conn, data, budget=..., seed=42, device_type="cpu", eval_tokens=65536)
+    server = RunServer(conn, data, budget=..., seed=42, device_type="cpu", eval_tokens=None, eval_seq_len=256)
     server.serve()          # on a thread, until the child closes its end
     server.outcome()        # {"status": ..., "reason": ..., "val_bpb": ..., "tokens": ...}
 
@@ -18,13 +18,15 @@ What the candidate cannot do from its side of the socket:
   candidate must then reach `run.finish` within a grace measured from its own step times
   (about two steps, plus a second for the last sync): training after the budget, a
   batch asked for after it, or a step logged after it make the run `invalid`.
-- **Score itself.** At `finish` this side sends the pinned validation rows in an order
-  the child cannot predict, mixed with probe rows (a scored row whose tokens after a
-  random position are replaced by training text); the child answers with logits in
-  shared memory, which are copied out before use; the cross-entropy against targets the
-  child never receives, in float32 with a float64 sum, is computed here (metric.py). A
-  model whose logits at or before the cut differ between a row and its probe sees the
-  future: `invalid`.
+- **Score itself.** At `finish` this side sends the scored validation rows (the lab's
+  pinned set and context: metric.py's docstring) in an order the child cannot predict,
+  mixed with probe rows (a scored row whose tokens after a random position are replaced
+  by training text); the child answers with logits in shared memory, which are copied
+  out (one pass, the buffer is never read again) before use; the cross-entropy against
+  targets the child never receives, in float32 with a float64 sum, is computed here
+  (metric.py). A model whose logits at or before the cut differ between a row and its
+  probe sees the future: `invalid`. The next batch is sent as soon as a batch is copied
+  out, so the child's forward pass overlaps this side's scoring.
 
 The child's own reports (its loss curve, FLOPs per token, parameters, peak memory) are
 kept as what train.py reported; the tokens on the curve are this side's count.
@@ -61,12 +63,35 @@ WARMUP_BATCHES_PER_STEP = 8
 FINISH_GRACE_STEPS = 2.0
 FINISH_GRACE_FLOOR_SECONDS = 2.0
 FINISH_GRACE_MAX_FRACTION = 0.1
-# Elements of logits per evaluation batch (as metric.py): CPU 2**25 (128 MB in float32).
-LOGIT_BUDGET = {"cuda": 2**28, "mps": 2**26, "cpu": 2**25}
+# Elements of logits per evaluation batch: CPU 2**25 (128 MB in float32). On CUDA 2**27
+# (8 rows of 2048 x 8192, 256 MB of bf16): the scoring of a batch overlaps the child's next
+# one, so more, smaller batches hide more of it (the whole built-in split: 7 batches, not 4),
+# while a batch still keeps the GPU busy and the probe share stays 1 row in 8.
+LOGIT_BUDGET = {"cuda": 2**27, "mps": 2**26, "cpu": 2**25}
 PROBE_SHARE = 8             # one probe row per this many scored rows in a batch (at least one)
 MAX_LOADERS = 64
 MAX_BATCH_TOKENS = 1 << 26  # one training batch of more ids than this is not a batch
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def score_threads_for(device_type: str) -> int:
+    """torch threads the runner scores with: AUTORESEARCH_SCORE_THREADS, else 1 on a CPU run,
+    else the CPUs this process may use less two (the child's copy and Python), at most 16.
+
+    On a CPU run the child's cores are the runner's: on the busy 2-core dev box one thread
+    scored 33.5M bf16 logits in 0.05 s and two in 0.17-0.93 s (a barrier per parallel
+    region waits for a thread another process holds; docs/PERFORMANCE.md).
+    """
+    forced = config.env("SCORE_THREADS")
+    if forced:
+        return max(1, int(forced))
+    if device_type == "cpu":
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(16, cpus - 2))
 
 
 def _num(x: Any) -> float | None:
@@ -88,20 +113,31 @@ class RunServer:
     seed : int
     device_type : str
         Sizes the evaluation batches.
-    eval_tokens : int
-        Validation targets to score (clamped to the split).
+    eval_tokens : int or None
+        Score the first this many validation targets (clamped to the split); None: the
+        whole val split.
+    eval_seq_len : int or None
+        The evaluation context (a Lab's pin); None: the seq_len of the last training batch.
     warmup_steps : int
         Steps before the clock starts.
     on_event : callable, optional
         Called (on this thread) with each step event for live curves.
+    score_threads : int, optional
+        torch threads of the scoring (set on the serving thread only: the notebook's own
+        torch threads are not touched). Default: `score_threads(device_type)`.
     """
 
     def __init__(self, conn: Conn, data: PreparedData, *, budget: config.Budget, seed: int, device_type: str,
-                 eval_tokens: int, warmup_steps: int = config.DEFAULT_WARMUP_STEPS,
-                 on_event: Callable[[dict], Any] | None = None, t0: float | None = None) -> None:
+                 eval_tokens: int | None = None, eval_seq_len: int | None = None,
+                 warmup_steps: int = config.DEFAULT_WARMUP_STEPS,
+                 on_event: Callable[[dict], Any] | None = None, t0: float | None = None,
+                 score_threads: int | None = None) -> None:
         self.conn, self.data, self.budget, self.seed = conn, data, budget, int(seed)
-        self.device_type, self.eval_tokens, self.warmup_steps = device_type, int(eval_tokens), int(warmup_steps)
+        self.device_type, self.warmup_steps = device_type, int(warmup_steps)
+        self.eval_tokens = None if eval_tokens is None else int(eval_tokens)
+        self.eval_seq_len = None if eval_seq_len is None else int(eval_seq_len)
         self.on_event = on_event
+        self.score_threads = int(score_threads) if score_threads else score_threads_for(device_type)
         self.t0 = time.monotonic() if t0 is None else t0
         self.lock = threading.RLock()  # _violate and _stop run inside locked sections
         self.hello: dict | None = None
@@ -133,6 +169,7 @@ class RunServer:
         self._shm: mmap.mmap | None = None
         self._shm_fd = -1
         self._shm_size = 0
+        self._private = None              # the runner's own copy of one batch of logits
         self.logits_bytes = 0             # moved through shared memory at finish
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -177,7 +214,7 @@ class RunServer:
         self.conn.send("config", {"budget": str(self.budget), "seed": self.seed, "vocab_size": d.vocab_size,
                                   "bos_id": d.bos_id, "warmup_steps": self.warmup_steps,
                                   "train_tokens": int(len(d.train)), "data": d.path.name,
-                                  "eval_tokens": self._scored_tokens()})
+                                  "eval_tokens": self._scored_tokens(), "eval_seq_len": self.eval_seq_len})
 
     def _on_tokenizer(self, _h, _p) -> None:
         self.conn.send("tokenizer", {}, self.data.tokenizer_bytes())
@@ -367,7 +404,9 @@ class RunServer:
         return FINISH_GRACE_FLOOR_SECONDS + extra
 
     def _scored_tokens(self) -> int:
-        return max(0, min(self.eval_tokens, len(self.data.val) - 1))
+        from autoresearch_kit.metric import scored_count
+
+        return scored_count(len(self.data.val), self.eval_tokens)
 
     def _on_finish(self, h: dict, _p) -> None:
         now = self._now()
@@ -405,31 +444,21 @@ class RunServer:
             self.invalid = "; ".join(problems)
             self.conn.send("invalid", {"reason": self.invalid})
             return
-        if self.seq_len is None:
+        if self.seq_len is None and self.eval_seq_len is None:
             self.invalid = "run.finish was called before any training batch: nothing to evaluate at"
             self.conn.send("invalid", {"reason": self.invalid})
             return
         self._evaluate()
 
-    def _evaluate(self) -> None:
-        import torch
+    def _eval_batches(self, x_all: np.ndarray, L: int, rng: np.random.Generator):
+        """Yield each evaluation batch as sent: (idx, sent ids, where, probe_of, cuts).
 
-        from autoresearch_kit.metric import eval_rows, probe_mismatch, score_logits
-
-        t0 = self._now()
-        d, L = self.data, int(self.seq_len)
-        n = self._scored_tokens()
-        if n < 1:
-            self.invalid = f"the val split of {d.path} is empty; prepare the data again"
-            self.conn.send("invalid", {"reason": self.invalid})
-            return
-        x_all, y_all, m_all = eval_rows(d.val, n, L, d.bos_id)
-        tb = torch.as_tensor(np.asarray(d.token_bytes, dtype=np.int64))
-        rng = np.random.default_rng(secrets.randbits(64))  # an order train.py cannot predict
+        idx: the evaluation rows it scores; sent: those rows and their probes, shuffled;
+        where[i]: the position in `sent` of batch row i (rows first, then probes).
+        """
+        d, train = self.data, self.data.train
         order = rng.permutation(len(x_all))
         per = max(1, LOGIT_BUDGET.get(self.device_type, 2**25) // (L * max(d.vocab_size, 1)))
-        nats, nbytes, probes, worst = 0.0, 0, 0, 0.0
-        train = d.train
         for start in range(0, len(order), per):
             idx = order[start:start + per]
             k = max(1, len(idx) // PROBE_SHARE) if L >= 2 else 0
@@ -442,17 +471,51 @@ class RunServer:
                 alts[j, t + 1:] = train[off:off + L - t - 1]
             batch = np.concatenate([rows, alts]) if k else rows
             perm = rng.permutation(len(batch))          # probes sit anywhere in the batch
-            sent = batch[perm]
             where = np.empty_like(perm)
             where[perm] = np.arange(len(perm))          # where[i]: position of batch row i in `sent`
-            logits = self._ask_logits(sent, L)
+            yield idx, batch[perm], where, probe_of, cuts
+
+    def _evaluate(self) -> None:
+        import torch
+
+        from autoresearch_kit.metric import eval_rows, probe_mismatch, token_ce, total_nats
+
+        t0 = self._now()
+        torch.set_num_threads(self.score_threads)   # this thread's OpenMP team only
+        d = self.data
+        L = int(self.eval_seq_len if self.eval_seq_len is not None else self.seq_len)
+        n = self._scored_tokens()
+        if n < 1:
+            self.invalid = f"the val split of {d.path} is empty; prepare the data again"
+            self.conn.send("invalid", {"reason": self.invalid})
+            return
+        x_all, y_all, m_all = eval_rows(d.val, n, L, d.bos_id)
+        ce_all = torch.zeros(x_all.shape, dtype=torch.float32)  # each target's cross-entropy, split order
+        rng = np.random.default_rng(secrets.randbits(64))  # an order train.py cannot predict
+        probes, worst, dtype = 0, 0.0, None
+        timing = {"wait": 0.0, "copy": 0.0, "probes": 0.0, "ce": 0.0}
+        pipelined = self.device_type != "cpu"
+        batches = self._eval_batches(x_all, L, rng)
+        nxt = next(batches)
+        self._send_val(nxt[1], L)
+        while nxt is not None:
+            idx, sent, where, probe_of, cuts = nxt
+            logits = self._recv_logits(len(sent), L, timing)   # a private copy
             if logits is None:
                 return
+            # Pipelined on a GPU: the child computes the next batch while this one is scored
+            # (the shared buffer was copied out: the child may overwrite it now). Not on a
+            # CPU, where both sides would fight for the same cores (2 on the dev box).
+            nxt = next(batches, None)
+            if nxt is not None and pipelined:
+                self._send_val(nxt[1], L)
+            dtype = logits.dtype
             if logits.shape[-1] < d.vocab_size:
                 self._invalid(f"the model's logits have {logits.shape[-1]} classes but the vocabulary has "
                               f"{d.vocab_size} tokens")
                 return
-            for j in range(k):
+            t = self._now()
+            for j in range(len(probe_of)):
                 a = logits[where[probe_of[j]], : cuts[j] + 1]
                 b = logits[where[len(idx) + j], : cuts[j] + 1]
                 bad = probe_mismatch(a, b)
@@ -463,19 +526,34 @@ class RunServer:
                                   f"{bad['position']} changed by {bad['max_diff']:.3g} when only later tokens "
                                   "changed, so it can see the targets")
                     return
-            scored = logits[where[: len(idx)]]
-            y = torch.from_numpy(y_all[idx])
-            m = torch.from_numpy(m_all[idx])
-            a_nats, a_bytes = score_logits(scored, y, m, tb)
-            nats += a_nats
-            nbytes += a_bytes
+            t1 = self._now()
+            timing["probes"] += t1 - t
+            # Score the rows in the order they lie in the buffer, each straight into its
+            # place in the split: no gathered copy, no whole float32 copy.
+            pos = where[: len(idx)]
+            y_sent = np.zeros((len(sent), L), dtype=np.int64)
+            y_sent[pos] = y_all[idx]
+            y_sent = torch.from_numpy(y_sent)
+            ce_sent = torch.empty(len(sent), L, dtype=torch.float32)
+            is_scored = np.zeros(len(sent) + 1, dtype=bool)
+            is_scored[pos] = True
+            edges = np.flatnonzero(np.diff(np.concatenate([[False], is_scored]).astype(np.int8)))
+            for a, b in zip(edges[0::2], edges[1::2]):   # runs of scored rows (probes skipped)
+                token_ce(logits[a:b], y_sent[a:b], out=ce_sent[a:b].view(-1))
+            ce_all[torch.from_numpy(idx)] = ce_sent[torch.from_numpy(pos)]
+            if nxt is not None and not pipelined:
+                self._send_val(nxt[1], L)
+            timing["ce"] += self._now() - t1
+            del logits
+        nats, nbytes = total_nats(ce_all.numpy(), y_all, m_all, d.token_bytes)
         if nbytes == 0:
             self._invalid("the scored validation tokens carry no bytes (only special tokens?)")
             return
         bpb = nats / (math.log(2) * nbytes)
         self.result = {"val_bpb": bpb, "nats": nats, "bytes": nbytes, "eval_tokens": n, "seq_len": L,
                        "eval_seconds": self._now() - t0, "probes": probes, "probe_max_diff": worst,
-                       "logits_bytes": self.logits_bytes, "logits_dtype": str(logits.dtype).removeprefix("torch.")}
+                       "logits_bytes": self.logits_bytes, "logits_dtype": str(dtype).removeprefix("torch."),
+                       "timing": {k: round(v, 4) for k, v in timing.items()}}
         if not math.isfinite(bpb):
             self._invalid(f"the model's logits gave a non-finite val_bpb ({bpb})")
             return
@@ -487,18 +565,21 @@ class RunServer:
         self.result = None
         self.conn.send("invalid", {"reason": reason})
 
-    def _ask_logits(self, ids: np.ndarray, L: int):
-        """Send one batch of validation inputs; return a private copy of the logits (torch)."""
+    def _send_val(self, ids: np.ndarray, L: int) -> None:
+        self.conn.send("val", {"rows": int(len(ids)), "seq_len": L}, np.ascontiguousarray(ids, dtype=np.uint16).tobytes())
+
+    def _recv_logits(self, rows: int, L: int, timing: dict):
+        """Wait for the logits of the batch sent last; return a private copy of them (torch)."""
         import torch
 
-        self.conn.send("val", {"rows": int(len(ids)), "seq_len": L}, np.ascontiguousarray(ids, dtype=np.uint16).tobytes())
+        t = self._now()
         while True:
             kind, h, _p = self.conn.recv()
             if kind == "need":
                 size = int(h.get("bytes", 0))
-                limit = 4 * len(ids) * L * max(self.data.vocab_size, 1) * 4
+                limit = 4 * rows * L * max(self.data.vocab_size, 1) * 4
                 if not 0 < size <= limit:
-                    self._invalid(f"asked for a logits buffer of {size} bytes for {len(ids)} rows")
+                    self._invalid(f"asked for a logits buffer of {size} bytes for {rows} rows")
                     return None
                 self._new_shm(size)
                 self.conn.send("buffer", {"bytes": self._shm_size}, fds=[self._shm_fd])
@@ -509,10 +590,12 @@ class RunServer:
             else:
                 self._invalid(f"answered the validation batch with {kind!r}, not logits")
                 return None
+        t1 = self._now()
+        timing["wait"] += t1 - t
         shape, dtype = h.get("shape"), str(h.get("dtype"))
-        if (not isinstance(shape, list) or len(shape) != 3 or shape[:2] != [len(ids), L]
+        if (not isinstance(shape, list) or len(shape) != 3 or shape[:2] != [rows, L]
                 or dtype not in _DTYPES or not all(isinstance(s, int) and s > 0 for s in shape)):
-            self._invalid(f"answered with logits of shape {shape} ({dtype}) for ids of shape ({len(ids)}, {L}): "
+            self._invalid(f"answered with logits of shape {shape} ({dtype}) for ids of shape ({rows}, {L}): "
                           "the model must map ids (B, T) to logits (B, T, vocab)")
             return None
         count = shape[0] * shape[1] * shape[2]
@@ -520,9 +603,25 @@ class RunServer:
             self._invalid("answered with more logits than its buffer holds")
             return None
         # A copy first: the child still maps the buffer and could change it while it is read.
-        raw = torch.frombuffer(self._shm, dtype=getattr(torch, dtype), count=count).clone()
-        self.logits_bytes += count * _DTYPES[dtype]
+        # Into memory of this process kept from batch to batch: a fresh allocation per batch
+        # costs its page faults again (on the 2-core dev box a third of the copy's time).
+        nbytes = count * _DTYPES[dtype]
+        if self._private is None or self._private.numel() < nbytes:
+            self._private = torch.empty(nbytes, dtype=torch.uint8)
+        raw = self._private[:nbytes].view(getattr(torch, dtype))
+        raw.copy_(torch.frombuffer(self._shm, dtype=getattr(torch, dtype), count=count))
+        self.logits_bytes += nbytes
+        timing["copy"] += self._now() - t1
         return raw.view(*shape)
+
+    def _on_need(self, _h, _p) -> None:
+        # the child answering a batch sent before the evaluation ended (pipelined): nothing to do
+        if not self.finished:
+            self._violate("asked for a logits buffer outside the evaluation")
+
+    def _on_logits(self, _h, _p) -> None:
+        if not self.finished:
+            self._violate("sent logits outside the evaluation")
 
     def _new_shm(self, size: int) -> None:
         self._free_shm()
@@ -532,6 +631,7 @@ class RunServer:
         self._shm = mmap.mmap(fd, size)
 
     def _free_shm(self) -> None:
+        self._private = None
         if self._shm is not None:
             try:
                 self._shm.close()

@@ -850,6 +850,31 @@ def test_a_lab_is_pinned_to_the_data_it_was_created_with(lab_dir, tiny_data, oth
         assert lab.data_pin["manifest_hash"] == pin["manifest_hash"]
 
 
+def test_a_lab_pins_its_scored_set_and_every_record_shows_it(lab_dir, monkeypatch):
+    # issue 11: the scored text and the evaluation context are pinned when the lab is made
+    # (from the baseline train.py's CPU_SEQ_LEN, 32 in the tiny one) and are the same for a
+    # candidate that lowers SEQ_LEN, or runs after someone changed the environment.
+    pin = __import__("json").loads((lab_dir / "data.json").read_text())
+    assert pin["eval"] == {"tokens": 4096, "seq_len": 32,
+                           "seq_len_from": "CPU_SEQ_LEN of the baseline train.py (cpu)"}
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "1000")
+    monkeypatch.setenv("AUTORESEARCH_EVAL_SEQ_LEN", "8")
+    with _open(lab_dir) as lab:
+        base = lab.ledger.get("0001")
+        assert base["extra"]["eval"]["seq_len"] == 32 and base["extra"]["eval"]["tokens"] == 4096
+        assert "[val first 4,096 tok, ctx 32]" in format_record(base)
+        src = lab.workspace.source("0001").replace("CPU_SEQ_LEN = 32", "CPU_SEQ_LEN = 16")
+        lab.run_budgeted(lab.submit(src, "shorter context"))
+        rec = lab.ledger.records(curves=False)[-1]
+        assert rec["status"] == "ok", rec["reason"]
+        assert (rec["extra"]["eval"]["seq_len"], rec["extra"]["eval"]["tokens"]) == (32, 4096)
+        assert "ctx 32" in format_record(rec)
+    (lab_dir / "data.json").write_text(__import__("json").dumps({k: v for k, v in pin.items() if k != "eval"}))
+    with _open(lab_dir) as lab:                      # a pin from before scored sets: it gets one at its next run
+        lab.run_budgeted(lab.submit(src.replace("MATRIX_LR = 0.02", "MATRIX_LR = 0.021"), "lr"))
+        assert lab.data_pin["eval"]["tokens"] == 1000 and lab.data_pin["eval"]["seq_len"] == 8
+
+
 def test_prepare_on_other_data_while_a_lab_is_open_stops_the_next_run(lab_dir, other_data, monkeypatch):
     with _open(lab_dir) as lab:
         monkeypatch.setenv("AUTORESEARCH_DATA", str(other_data))   # `prepare` moved LATEST meanwhile
@@ -1201,3 +1226,22 @@ def test_measure_noise_on_a_kept_candidate_reruns_its_parent_at_the_same_seeds(l
         assert v["paired"] and v["pairs"] == 2
         unpaired = lab.measure_noise(k=1, paired=False)                 # seed 44 for the tip only
         assert unpaired["pairs"] == 2 and len(lab.ledger) == 5
+def test_the_verdict_says_when_a_seconds_budget_run_trained_at_another_speed(tmp_path, kit_env):
+    # issue 11 item 7: the throughput check is the verdict's, so the panel and the API see it
+    lab = _open(tmp_path / "lab", train=ROOT / "train.py", budget="15s")
+    led = lab.ledger
+
+    def run(parent, val, tokens, src):
+        eid = led.start(parent, src, "", f"run {val}", "test", "15s", {}, kind="baseline" if parent is None else "candidate")
+        led.finish(eid, RunResult(status="ok", val_bpb=val, seed=42, tokens=tokens, training_seconds=15.0))
+        return eid
+
+    base = run(None, 1.0, 36_000, "base")               # 2.4k tok/s
+    slow = run(base, 0.99, 18_000, "slow")               # 1.2k tok/s
+    same = run(base, 0.99, 40_000, "same")
+    v = lab.verdict(slow)
+    assert v["throughput_note"].startswith("1.2k tok/s vs the parent's 2.4k (x0.5)")
+    assert lab.verdict(same)["throughput_note"] == ""
+    lab.close()
+    with _open(tmp_path / "lab", budget="36k-tokens") as lab:   # a token budget is not affected by load
+        assert lab.verdict(slow)["throughput_note"] == ""

@@ -215,3 +215,42 @@ def test_causality_probe_catches_a_model_that_peeks(model):
     assert r["causal"] is False
     assert r["max_diff"] > 1e-3
     assert isinstance(r["position"], int)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_token_ce_has_the_bits_of_cross_entropy(dtype, monkeypatch):
+    # chunked (small chunks here, so rows straddle chunk edges), converted and log-softmaxed
+    # in place: the same float32 bits as F.cross_entropy on the whole float32 copy
+    from autoresearch_kit import metric
+
+    monkeypatch.setattr(metric, "_CE_CHUNK_ELEMENTS", 3 * 97 + 5)
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(5, 13, 97, generator=g) * 4).to(dtype)
+    y = torch.randint(0, 97, (5, 13), generator=g)
+    ref = F.cross_entropy(logits.float().reshape(-1, 97), y.reshape(-1), reduction="none")
+    assert torch.equal(metric.token_ce(logits, y), ref)
+    out = torch.full((65,), -1.0)
+    metric.token_ce(logits, y, out=out)
+    assert torch.equal(out, ref)
+
+
+def test_the_score_is_the_same_bits_whatever_the_batch_size(tiny_data, monkeypatch):
+    # one float64 sum over the targets in split order: batch sizes do not even move the last bit
+    monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS", raising=False)
+    data = PreparedData.open(tiny_data)
+    model = Bigram(data.vocab_size)
+    results = [evaluate_bpb_detail(model, data, seq_len=50, batch_size=b) for b in (1, 3, 7, None)]
+    assert len({(r["nats"], r["bytes"], r["bpb"]) for r in results}) == 1
+    assert results[0]["tokens"] == len(data.val) - 1        # the whole split by default
+
+
+def test_eval_tokens_all_or_a_span(tiny_data, monkeypatch):
+    data = PreparedData.open(tiny_data)
+    monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS", raising=False)
+    assert evaluate_bpb_detail(Bigram(data.vocab_size), data, seq_len=64)["tokens"] == len(data.val) - 1
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "1000")
+    assert evaluate_bpb_detail(Bigram(data.vocab_size), data, seq_len=64)["tokens"] == 1000
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "all")
+    assert evaluate_bpb_detail(Bigram(data.vocab_size), data, seq_len=64)["tokens"] == len(data.val) - 1
+    with pytest.raises(ValueError, match="positive count or 'all'"):
+        evaluate_bpb_detail(Bigram(data.vocab_size), data, seq_len=64, eval_tokens="lots")

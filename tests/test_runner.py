@@ -695,3 +695,176 @@ def test_ctrl_c_while_the_child_is_starting_aborts_and_leaves_nothing(tiny_data,
                        sandbox="off")
     assert res.status == "aborted" and "starting" in res.reason
     assert started[0].wait(timeout=5) == -signal.SIGKILL
+
+
+# --------------------------------------------------------------------------- the scored set (issue 11)
+
+BIGRAM_TRAIN = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+    from autoresearch_kit import harness
+
+    class Bigram(nn.Module):   # logits of a row do not depend on the rest of its batch
+        def __init__(self, vocab):
+            super().__init__()
+            g = torch.Generator().manual_seed(7)
+            self.table = nn.Parameter(torch.randn(vocab, vocab, generator=g) * 2.0)
+
+        def forward(self, idx):
+            return self.table[idx]
+
+    run = harness.start()
+    model = Bigram(run.vocab_size)
+    loader = run.train_loader(4, 32)
+    step = 0
+    while run.training(tokens=128):
+        x, y = next(loader)
+        run.log(step=step, loss=1.0)
+        step += 1
+    run.finish(model)
+''')
+
+
+def test_the_runners_score_is_the_metrics_to_the_bit(kit_env, tmp_path, monkeypatch):
+    # The runner (secret order, probes mixed in, pipelined batches, chunked float32
+    # cross-entropy) and metric.evaluate_bpb_detail (in order, no probes) give the same
+    # bits on the same model: one scored set, one arithmetic. Whole val split by default.
+    from autoresearch_kit.data.shards import PreparedData
+    from autoresearch_kit.metric import evaluate_bpb_detail
+
+    monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS")
+    monkeypatch.setattr(integrity, "check_source", lambda source: [])
+    monkeypatch.setattr("autoresearch_kit.serve.LOGIT_BUDGET", {"cpu": 40 * 32 * 257})  # many batches
+    res = run(BIGRAM_TRAIN, tmp_path, budget="512-tokens", hard_limit=120)
+    assert res.status == "ok", res.reason + res.log_tail
+    data = PreparedData.open(kit_env)
+    ns: dict = {}
+    exec(BIGRAM_TRAIN.split("run = harness.start()")[0], ns)
+    ref = evaluate_bpb_detail(ns["Bigram"](data.vocab_size), data, seq_len=32)
+    assert res.eval_tokens == len(data.val) - 1 == ref["tokens"]           # the whole split
+    assert res.extra["eval"]["scored"] == "all" and res.extra["eval"]["seq_len"] == 32
+    assert res.extra["eval"]["nats"] == ref["nats"] and res.extra["eval"]["bytes"] == ref["bytes"]
+    assert res.val_bpb == ref["bpb"]
+    assert res.extra["eval"]["probes"] > 5                                   # it did use several batches
+    again = run(BIGRAM_TRAIN, tmp_path, budget="512-tokens", hard_limit=120)
+    assert again.val_bpb == res.val_bpb                                      # another secret order, same bits
+
+
+def test_the_pinned_context_is_the_one_scored_whatever_train_py_trains_at(kit_env, tmp_path):
+    # An agent lowering SEQ_LEN does not change the evaluation context; the real train.py
+    # builds its RoPE table for max(SEQ_LEN, run.eval_seq_len) and is scored at the pin.
+    src = tiny_train().replace("CPU_SEQ_LEN = 32", "CPU_SEQ_LEN = 16")
+    res = run(src, tmp_path, budget="640-tokens", hard_limit=120, eval_seq_len=48)
+    assert res.status == "ok", res.reason + "\n" + res.log_tail
+    assert res.extra["eval"]["seq_len"] == 48 and res.extra["eval"]["seq_len_from"] == "pinned"
+    plain = run(src, tmp_path, budget="640-tokens", hard_limit=120)          # no pin: the last loader's, as before
+    assert plain.status == "ok" and plain.extra["eval"]["seq_len"] == 16
+    assert plain.extra["eval"]["seq_len_from"] == "train.py's last loader"
+
+
+def test_a_model_that_cannot_take_the_pinned_context_says_so(kit_env, tmp_path):
+    src = tiny_train(**{"max(SEQ_LEN, run.eval_seq_len)": "SEQ_LEN"})        # RoPE only for its own SEQ_LEN
+    res = run(src, tmp_path, budget="640-tokens", hard_limit=120, eval_seq_len=64)
+    assert res.status == "crash"
+    assert "pinned evaluation context" in res.reason and "64" in res.reason, res.reason
+    assert "max(SEQ_LEN, run.eval_seq_len)" in res.reason
+
+
+def test_eval_settings_a_lab_pins_come_from_the_baseline_train_py(monkeypatch):
+    src = (REPO / "train.py").read_text()
+    monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS", raising=False)
+    monkeypatch.delenv("AUTORESEARCH_EVAL_SEQ_LEN", raising=False)
+    assert runner.eval_settings(src, "cpu") == {"tokens": None, "seq_len": 256,
+                                                "seq_len_from": "CPU_SEQ_LEN of the baseline train.py (cpu)"}
+    assert runner.eval_settings(src, "cuda")["seq_len"] == 2048
+    assert runner.eval_settings("SEQ_LEN = 512\n", "cuda")["seq_len"] == 512
+    assert runner.eval_settings("x = 1\n", "cpu")["seq_len_from"] == "the default for cpu"
+    monkeypatch.setenv("AUTORESEARCH_EVAL_SEQ_LEN", "128")
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "1000")
+    assert runner.eval_settings(src, "cpu") == {"tokens": 1000, "seq_len": 128,
+                                                "seq_len_from": "AUTORESEARCH_EVAL_SEQ_LEN"}
+    monkeypatch.setenv("AUTORESEARCH_EVAL_SEQ_LEN", "-3")
+    with pytest.raises(ValueError, match="AUTORESEARCH_EVAL_SEQ_LEN must be a positive"):
+        runner.eval_settings(src, "cpu")
+
+
+def _serve_eval(data, device_type: str, peek_from: int | None = None) -> tuple[dict, list[str]]:
+    """The runner's evaluation (a RunServer on a real socketpair) against a bigram child on a thread.
+
+    From batch `peek_from` on, the child's logits at t look at the input at t + 1 (it sees
+    the target). Returns the server's outcome and what the child saw, in order.
+    """
+    import mmap as _mmap
+    import socket
+
+    import numpy as np
+    import torch
+
+    from autoresearch_kit import config
+    from autoresearch_kit.serve import RunServer
+    from autoresearch_kit.wire import Conn
+
+    ours, theirs = socket.socketpair()
+    V = data.vocab_size
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(3))
+    seen: list[str] = []
+
+    def child() -> None:
+        ch = Conn(theirs)
+        ch.send("hello", {"device": device_type, "pid": os.getpid()})
+        ch.recv()
+        ch.send("finish", {"params": 1})
+        shm, batch = None, 0
+        while True:
+            kind, h, p = ch.recv()
+            seen.append(kind)
+            if kind != "val":
+                break
+            rows, L = h["rows"], h["seq_len"]
+            ids = torch.from_numpy(np.frombuffer(p, dtype=np.uint16).astype(np.int64)).view(rows, L)
+            if peek_from is not None and batch >= peek_from:
+                ids = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+            n = rows * L * V * 4
+            if shm is None:
+                ch.send("need", {"bytes": n})
+                kind2, h2, _p, fds = ch.recv(with_fds=True)
+                if kind2 != "buffer":
+                    seen.append(kind2)
+                    break
+                shm = _mmap.mmap(fds[0], h2["bytes"])
+            torch.frombuffer(shm, dtype=torch.float32, count=rows * L * V).view(rows * L, V).copy_(table[ids.reshape(-1)])
+            ch.send("logits", {"shape": [rows, L, V], "dtype": "float32"})
+            batch += 1
+        theirs.close()
+
+    server = RunServer(Conn(ours), data, budget=config.Budget(tokens=10**6), seed=1, device_type=device_type,
+                       eval_tokens=None, eval_seq_len=32)
+    t = threading.Thread(target=child, daemon=True)
+    t.start()
+    server.serve()
+    t.join(10)
+    ours.close()
+    return server.outcome(), seen
+
+
+@pytest.mark.parametrize("peek_from", [None, 0, 3])
+def test_the_pipelined_gpu_evaluation_scores_and_catches_what_the_cpu_one_does(tiny_data, monkeypatch, peek_from):
+    # On a GPU run the runner sends batch i+1 before scoring batch i; the score must be the
+    # same bits as the CPU run's (one batch at a time), and a model that starts peeking in a
+    # later batch is still caught, with the batch already sent answered and ignored.
+    from autoresearch_kit.data.shards import PreparedData
+
+    data = PreparedData.open(tiny_data)
+    monkeypatch.setattr("autoresearch_kit.serve.LOGIT_BUDGET", {"cpu": 64 * 32 * 257, "cuda": 64 * 32 * 257})
+    gpu, seen = _serve_eval(data, "cuda", peek_from)
+    cpu, seen_cpu = _serve_eval(data, "cpu", peek_from)
+    if peek_from is None:
+        assert gpu["result"] and cpu["result"] and seen[-1] == "score"
+        assert gpu["result"]["val_bpb"] == cpu["result"]["val_bpb"]
+        assert gpu["result"]["eval_tokens"] == len(data.val) - 1 and gpu["result"]["probes"] >= 5
+    else:
+        for out in (gpu, cpu):
+            assert out["result"] is None and "not causal" in out["invalid"]
+        assert seen[-1] == "invalid" and not gpu["violations"]
+        # pipelined: the next batch had gone out before the bad one was scored; not on a CPU run
+        assert seen.count("val") == peek_from + 2 and seen_cpu.count("val") == peek_from + 1

@@ -32,7 +32,7 @@ from autoresearch_kit import harness
 # ---------------------------------------------------------------------------------------
 # Hyperparameters: simple literals, one block. CPU_* apply on CPU and MPS, GPU_* on CUDA.
 CPU_DEPTH = 3            # transformer blocks; the width follows: DEPTH * ASPECT_RATIO
-CPU_SEQ_LEN = 256        # context length (also the evaluation context)
+CPU_SEQ_LEN = 256        # training context length (the evaluation context is the lab's: run.eval_seq_len)
 CPU_BATCH_SIZE = 16      # sequences per step
 GPU_DEPTH = 12
 GPU_SEQ_LEN = 2048
@@ -233,7 +233,8 @@ def lr_multiplier(progress):
 
 # --- setup --------------------------------------------------------------------------------
 with run.device:  # initialise the weights where they train: no host-side init and copy
-    model = GPT(run.vocab_size, WIDTH, DEPTH, N_HEAD, HEAD_DIM, SEQ_LEN)
+    # RoPE table long enough for training and for the lab's pinned evaluation context
+    model = GPT(run.vocab_size, WIDTH, DEPTH, N_HEAD, HEAD_DIM, max(SEQ_LEN, run.eval_seq_len))
 loader = run.train_loader(BATCH_SIZE, SEQ_LEN)
 run.watch(model)  # params and FLOPs/token, measured by the harness
 
