@@ -172,6 +172,45 @@ def test_live_curve_takes_events_from_other_threads():
     assert len(live.events) == 150 and live.progress.bar_style == "success"
 
 
+def test_live_curve_names_the_phase_ticks_without_events_and_ends_finished():
+    live = LiveCurve("10s", max_fps=20.0)
+    live.reset([], eval_s=30.0)
+    assert live.phase()[0] == "starting" and "<b>starting</b>" in live.status.value
+    live.add_event({"step": 0, "loss": 5.0, "progress": 0.0, "elapsed": 0.0})
+    assert live.phase()[0] == "warm-up"
+    live.add_event({"step": 10, "loss": 3.0, "progress": 0.25, "elapsed": 2.5})
+    name, detail = live.phase()
+    assert name == "training" and "~8s of training left then ~30s scoring" in detail
+    live.add_event({"step": 40, "loss": 2.0, "progress": 1.0, "elapsed": 10.0})
+    time.sleep(2.3)                               # no event comes while the runner scores: the clock ticks
+    assert "<b>evaluating</b>" in live.status.value and "scoring for" in live.status.value
+    assert "left of 10s" not in live.status.value   # not "0.0 s left" while it is scored
+    live.finish("ok", "ok: val_bpb 1.2345")
+    assert live.phase() is None and "val_bpb 1.2345" in live.status.value
+    time.sleep(1.3)                               # the ticker is gone: nothing overwrites the final line
+    assert live.status.value.endswith("ok: val_bpb 1.2345</span>")
+    live.reset([], running=False)                 # a finished run redrawn: no phase at all
+    live.events.extend(_events(5))
+    live.finish("crash")
+    assert "starting" not in live.status.value and "finished (crash)" in live.status.value
+
+
+def test_live_curve_of_a_run_attached_late_counts_from_its_start():
+    live = LiveCurve("10s")
+    live.reset([], started=time.time() - 42)
+    assert live.phase() == ("starting", "42s")
+    live.finish("aborted")
+
+
+def test_notify_js_titles_a_background_tab_once():
+    from autoresearch_kit.ui.panel import notify_js
+
+    js = notify_js('experiment 0002 ok: val_bpb 1.2 "quoted"', key="k1")
+    assert "document.hidden" in js and "document.title" in js and "Notification.permission" in js
+    assert '"experiment 0002 ok: val_bpb 1.2 \\"quoted\\""' in js    # a JSON string, not spliced text
+    assert '"k1"' in js and "__arkNotified" in js
+
+
 # --- the panel on a real lab ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -221,6 +260,11 @@ def test_approve_runs_with_live_curves_then_keep_moves_the_parent(lab):
     assert any(r[2] == "parent" for r in panel.live.references)
     # the outcome: val_bpb against the parent, and the rule's verdict preselected
     assert f"{rec['val_bpb']:.4f}" in panel.outcome.value and "vs parent" in panel.outcome.value
+    # the end of the run is announced to a tab in the background (a script in the hidden output)
+    assert panel.notices[-1].startswith("experiment 0002 ok: val_bpb")
+    (out,) = panel.notifier.outputs
+    assert "document.title" in out["data"]["application/javascript"]
+    assert panel.live.phase() is None and "ok: val_bpb" in panel.live.status.value
     verdict = lab.verdict(rec["id"])
     assert (panel.keep_button.button_style == "success") == verdict["keep"]
     assert not panel.keep_button.disabled and not panel.discard_button.disabled
@@ -370,6 +414,10 @@ def test_new_panel_after_restart_offers_the_undecided_run(lab, tmp_path):
         assert panel.state == "ran" and panel.exp_id == "0002"
         assert "never decided" in panel.message.value and "MATRIX_LR" in panel.diff.value
         assert panel.live.events and not panel.discard_button.disabled
+        # a finished run is never shown as starting (nor as "0 s left")
+        status = panel.live.status.value
+        assert "finished (ok): val_bpb" in status and "starting" not in status and "left" not in status
+        assert panel.live.phase() is None
         panel.discard_button.click()
         _ready(panel)
         assert lab2.ledger.get("0002")["decision"] == "discard"

@@ -74,6 +74,25 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def notify_js(text: str, key: str) -> str:
+    """A script for the browser: if the tab is in the background, put `text` in its title (until
+    the tab is shown again) and, where the person allowed this site's notifications, show one.
+
+    It runs once per `key` (a re-rendered output, e.g. a notebook scrolled back into view, does
+    not announce again) and needs nothing beyond the browser (no extension, no package).
+    """
+    import json
+
+    return ("(function(){var k=%s,m=%s;var d=window.__arkNotified=window.__arkNotified||{};"
+            "if(d[k])return;d[k]=1;if(!document.hidden)return;"
+            "var old=document.title;document.title='\u2713 '+m+' \u2014 '+old;"
+            "var back=function(){if(!document.hidden){document.title=old;"
+            "document.removeEventListener('visibilitychange',back);}};"
+            "document.addEventListener('visibilitychange',back);"
+            "try{if(window.Notification&&Notification.permission==='granted'){"
+            "new Notification('autoresearch',{body:m});}}catch(e){}})();") % (json.dumps(key), json.dumps(text))
+
+
 class Panel(w.VBox):
     """Review, run and decide a Lab's experiments from JupyterLab.
 
@@ -197,8 +216,12 @@ class Panel(w.VBox):
         self.history_tabs = w.Tab(children=[self.table, self.plot, self.tree])
         for i, title in enumerate(("results", "progress", "tree")):
             self.history_tabs.set_title(i, title)
+        # the front end's side of "a run ended while this tab was in the background": a hidden
+        # Output whose only content is a short script (tab title, and a notification when allowed)
+        self.notifier = w.Output(layout=w.Layout(display="none"))
+        self.notices: list[str] = []         # what was announced, for tests and logs
         self.children = [self.header, self.message, self.proposal_card, self.live_card, self.outcome_card,
-                         self.history_tabs]
+                         self.history_tabs, self.notifier]
 
     # --- state ----------------------------------------------------------------------------
 
@@ -221,6 +244,14 @@ class Panel(w.VBox):
         self.decision_row.layout.display = "flex" if undecided else "none"
         self.live_card.layout.display = "flex" if state in ("running", "ran") or self.live.events else "none"
         self.outcome_card.layout.display = "flex" if self.exp_id is not None else "none"
+
+    def _announce(self, text: str) -> None:
+        """Tell a person whose tab is in the background that a run ended (see `notify_js`)."""
+        self.notices.append(text)
+        js = notify_js(text, key=f"{id(self)}-{len(self.notices)}")
+        # the output message itself (IPython's formatter would start an InteractiveShell off a kernel)
+        self.notifier.outputs = ({"output_type": "display_data", "metadata": {},
+                                  "data": {"application/javascript": js, "text/plain": ""}},)
 
     def _say(self, text: str, kind: str = "info") -> None:
         if kind == "error":
@@ -335,8 +366,10 @@ class Panel(w.VBox):
                               proposer=rec.get("proposer", ""), parent_id=rec.get("parent_id"),
                               rationale=(rec.get("proposal_meta") or {}).get("rationale", ""))
         self._show_proposal(f"experiment {exp_id} is training (started elsewhere: another panel or a cell)")
+        parent = self._record(rec.get("parent_id")) or {}
         self.live.reset(self._references(rec.get("parent_id")), budget=getattr(self.lab, "budget", None),
-                        title=f"{exp_id} {running.get('description', '')}"[:70])
+                        title=f"{exp_id} {running.get('description', '')}"[:70], started=running.get("started"),
+                        eval_s=parent.get("eval_seconds"))
         seen: set[int] = set()
         unwatch = self.lab.watch_run(lambda ev: None if id(ev) in seen else self.live.add_event(ev))
         for ev in list(running.get("events") or []):   # what this panel missed (the same dicts as live)
@@ -357,6 +390,8 @@ class Panel(w.VBox):
             status = done.get("status", "?")
             self.live.finish(status, f"{status}: val_bpb {fmt_bpb(done.get('val_bpb'))}" if status == "ok"
                              else f"{status}: {done.get('reason', '')}")
+            self._announce(f"experiment {exp_id} {status}"
+                           + (f": val_bpb {fmt_bpb(done.get('val_bpb'))}" if status == "ok" else ""))
             self.refresh()
             if done.get("decision") is None and done.get("kind") == "candidate" and status in _FINISHED:
                 self.exp_id = exp_id
@@ -387,10 +422,13 @@ class Panel(w.VBox):
                                   rationale=(last.get("proposal_meta") or {}).get("rationale", ""))
             self._show_proposal(f"ran as experiment {self.exp_id} ({last.get('status')})")
             self._show_outcome(last)
-            self.live.reset(self._references(last.get("parent_id")), title=f"{last.get('id')} (restored)")
+            self.live.reset(self._references(last.get("parent_id")), title=f"{last.get('id')} (restored)",
+                            running=False)   # it finished: no phase, no ticking clock
             for ev in last.get("curve") or []:
                 self.live.events.append(ev)
-            self.live.finish(last.get("status", "ok"))
+            st = last.get("status", "ok")
+            self.live.finish(st, f"finished ({st}): val_bpb {fmt_bpb(last.get('val_bpb'))}" if st == "ok"
+                             else f"finished ({st}): {last.get('reason') or ''}")
             self._set_state("ran")
             self._say(f"Experiment {self.exp_id} ran but was never decided: keep or discard it.", "warn")
             return
@@ -485,6 +523,7 @@ class Panel(w.VBox):
         status = rec.get("status", "?")
         self.live.finish(status, f"baseline: val_bpb {fmt_bpb(rec.get('val_bpb'))}" if status == "ok"
                          else f"baseline {status}: {rec.get('reason', '')}")
+        self._announce(f"baseline {status}" + (f": val_bpb {fmt_bpb(rec.get('val_bpb'))}" if status == "ok" else ""))
         self.refresh()
         if status == "aborted" and self._stop.is_set():
             # the person pressed Stop: nothing to fix, the baseline is simply still missing
@@ -515,8 +554,9 @@ class Panel(w.VBox):
         self._show_proposal("training...")
         self.live.budget = self.live.budget or getattr(self.lab, "budget", None)
         parent_id = getattr(proposal, "parent_id", None) or getattr(self.lab, "parent_id", None)
-        self.live.reset(self._references(parent_id),
-                        budget=getattr(self.lab, "budget", None), title=str(proposal.description)[:70])
+        parent = self._record(parent_id) or {}
+        self.live.reset(self._references(parent_id), budget=getattr(self.lab, "budget", None),
+                        title=str(proposal.description)[:70], eval_s=parent.get("eval_seconds"))
         self._set_state("running")
         self._say(f"Training: {proposal.description}", "info")
         result = self.lab.run_budgeted(proposal, on_event=self.live.add_event, stop=self._stop)
@@ -525,6 +565,8 @@ class Panel(w.VBox):
         status = getattr(result, "status", "?")
         self.live.finish(status, f"{status}: val_bpb {fmt_bpb(getattr(result, 'val_bpb', None))}"
                          if status == "ok" else f"{status}: {getattr(result, 'reason', '')}")
+        self._announce(f"experiment {self.exp_id} {status}"
+                       + (f": val_bpb {fmt_bpb(getattr(result, 'val_bpb', None))}" if status == "ok" else ""))
         self._show_proposal(f"ran as experiment {self.exp_id} ({status})")
         rec = self._record(self.exp_id) or {}
         self._show_outcome(rec or result.to_dict())
