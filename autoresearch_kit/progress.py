@@ -44,7 +44,7 @@ def run_phase(t0: float, events: Sequence[tuple[float, dict]], now: float,
     at, last = events[-1]
     p = float(last.get("progress") or 0.0)
     if p <= 0.0:
-        return "warm-up", f"{since} (compiling, steps not counted)"
+        return "warm-up", f"{since} (warm-up steps, not counted)"
     done = p >= 0.999
     if not done and len(events) >= 2:
         # the budget refuses the step after the last one: the last step event can be short of 1

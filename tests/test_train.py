@@ -80,7 +80,9 @@ def test_seconds_budget_run(kit_env, tmp_path, monkeypatch):
     assert res.wall_seconds > res.training_seconds + res.eval_seconds
     assert s["num_steps"] == res.steps > 10
     assert res.curve[0]["loss"] > res.curve[-1]["loss"]
-    assert res.curve[-1]["lr"] < 0.2  # the warm-down ran: the LR multiplier is near 0 at the end
+    assert res.curve[-1]["lr_mult"] < 0.2 and res.curve[0]["lr_mult"] == 1.0  # the warm-down ran
+    assert " | lr x1 |" in out and " | lr 1 |" not in out   # the printed line says it is a multiplier
+    assert "compile included" not in out                    # CPU: nothing compiles
 
 
 def test_token_and_flop_budgets(kit_env, tmp_path, monkeypatch):
