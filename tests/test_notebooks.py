@@ -98,6 +98,20 @@ def test_quickstart(nb_env, tmp_path, monkeypatch):
     assert recs[1]["decision"] in ("keep", "discard") and recs[1]["decided_by"] == "human"
     assert recs[1]["decision_reason"] == "quickstart: following the rule"
     assert len(recs[1]["curve"]) >= 1
+    assert "re-run this cell" in text                          # the line that outlives a page reload
+
+    # after a kernel restart, re-running only the panel cell works (it used to be NameError: lab)
+    import nbformat
+
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "lab.panel()" in c.source]
+    solo = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell.source)])
+    solo.metadata = nb.metadata
+    path = tmp_path / "solo.ipynb"
+    nbformat.write(solo, path)
+    monkeypatch.setattr("test_notebooks.NOTEBOOKS", tmp_path)
+    out = execute("solo.ipynb", tmp_path, {**nb_env, "AUTORESEARCH_NOTEBOOK_LAB": str(lab_dir)}, monkeypatch)
+    assert [o for o in outputs(out) if WIDGET_VIEW in o.get("data", {})], "the panel did not display"
+    assert not [o for o in outputs(out) if o.get("output_type") == "error"]
 
 
 def test_walkthrough(nb_env, tmp_path, monkeypatch):

@@ -89,6 +89,8 @@ def test_token_and_flop_budgets(kit_env, tmp_path, monkeypatch):
     res, out = run_served(small_train(), tmp_path / "a", "30k-tokens", monkeypatch)
     assert res.status == "ok", res.reason + out
     assert res.tokens == 117 * 256 and res.steps == 117  # a 118th step would pass 30,000: not served
+    # a token budget still reports the time it trained (item 17 saw training_seconds: 0.0)
+    assert res.training_seconds > 0 and summary(out)["training_seconds"] > 0
     fpt = res.extra["flops_per_token"]
     assert fpt > 6 * res.params * 0.5  # measured: about 6 FLOPs per parameter per token
     budget = fpt * 256 * 40  # exactly 40 steps' worth of FLOPs

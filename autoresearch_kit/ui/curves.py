@@ -26,6 +26,11 @@ from typing import Any, Iterable, Sequence
 MPL_LOCK = threading.RLock()
 
 # (label, curve, colour, linestyle) per reference; the live run is drawn last, on top.
+# ipywidgets gives each leaf widget a 2 px margin on every side: at width 100% that is 4 px
+# wider than its box (a horizontal scrollbar under the card). Full-width leaves keep only
+# the vertical margin.
+_EDGE = "2px 0"
+
 _PALETTE = {"run": "#0969da", "parent": "#6e7781", "best": "#1a7f37", "other": "#bf8700"}
 
 
@@ -226,9 +231,9 @@ class LiveCurve:
         self._lock = threading.Lock()
         self._last_draw = 0.0
         self._timer: threading.Timer | None = None
-        self.image = w.Image(format="png", layout=w.Layout(width="100%", max_width="760px"))
+        self.image = w.Image(format="png", layout=w.Layout(width="100%", margin=_EDGE, max_width="760px"))
         self.progress = w.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info",
-                                        layout=w.Layout(width="100%", max_width="760px"))
+                                        layout=w.Layout(width="100%", margin=_EDGE, max_width="760px"))
         self.status = w.HTML("")
         self.widget = w.VBox([self.progress, self.status, self.image])
         self.eval_s: float | None = None         # how long the parent's scoring took: the estimate adds it
