@@ -646,3 +646,17 @@ def test_the_editor_shows_the_diff_of_its_text_live(lab):
     panel.close_editor()
     assert panel.hunks.layout.display == "flex" and panel.hunk_boxes[0].value is False
 
+
+def test_a_run_that_raises_stops_the_phase_clock(lab, monkeypatch):
+    panel = lab.panel()
+    _ready(panel)
+
+    def broken(*a, **k):
+        raise ValueError("the data moved: run prepare again")
+
+    monkeypatch.setattr(lab, "run_budgeted", broken)
+    panel.approve_button.click()
+    _ready(panel)                                  # the proposal stays up, the error is shown
+    assert "the data moved" in panel.errors[-1] and not panel.approve_button.disabled
+    assert panel.live.phase() is None and "the run did not finish: the data moved" in panel.live.status.value
+

@@ -643,7 +643,11 @@ class Panel(w.VBox):
         self.live.reset([], budget=getattr(self.lab, "budget", None), title="baseline")
         self._set_state("running")
         self._say("No baseline yet: training the starting train.py first, to have a parent to compare with.")
-        rec = self.lab.baseline(on_event=self.live.add_event, stop=self._stop)
+        try:
+            rec = self.lab.baseline(on_event=self.live.add_event, stop=self._stop)
+        except BaseException as exc:
+            self.live.finish("crash", f"the baseline did not finish: {_error_text(exc)}")
+            raise
         status = rec.get("status", "?")
         self.live.finish(status, f"baseline: val_bpb {fmt_bpb(rec.get('val_bpb'))}" if status == "ok"
                          else f"baseline {status}: {rec.get('reason', '')}")
@@ -684,7 +688,13 @@ class Panel(w.VBox):
         self._set_state("running")
         note = self.autopilot.description if self.autopilot.value else ""
         self._say(f"{note + ': ' if note else ''}Training: {proposal.description}", "info")
-        result = self.lab.run_budgeted(proposal, on_event=self.live.add_event, stop=self._stop)
+        try:
+            result = self.lab.run_budgeted(proposal, on_event=self.live.add_event, stop=self._stop)
+        except BaseException as exc:   # the phase clock must not tick on for a run that is over
+            self.live.finish("crash", f"the run did not finish: {_error_text(exc)}")
+            self.proposal = self.shown = proposal   # nothing lost: it can be approved again
+            self._show_proposal()
+            raise
         extra = getattr(result, "extra", {}) or {}
         self.exp_id = extra.get("exp_id") or self._latest_id()
         status = getattr(result, "status", "?")
