@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from autoresearch_kit.progress import run_phase
+
 EXIT_USER = 2
 EXIT_INTERRUPT = 130
 
@@ -109,8 +111,10 @@ class ProgressBar:
     budget and one when a phase without steps begins, so logs stay short.
     """
 
-    def __init__(self, label: str, stream=None, width: int = 28, clock=time.monotonic) -> None:
+    def __init__(self, label: str, stream=None, width: int = 28, clock=time.monotonic,
+                 eval_s: float | None = None) -> None:
         self.label, self.width = label, width
+        self.eval_s = eval_s   # how long the last scoring took (the parent's): the estimate includes it
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.clock = clock
@@ -139,28 +143,9 @@ class ProgressBar:
             self.tick()
 
     def phase(self) -> tuple[str, str]:
-        """(phase, detail): starting / warm-up / training / evaluating, with times."""
+        """(phase, detail): starting / warm-up / training / evaluating, with times (see progress.run_phase)."""
         now = self.clock()
-        t0 = self._t0 if self._t0 is not None else now
-        if not self._events:
-            return "starting", f"{now - t0:.0f}s"
-        at, last = self._events[-1]
-        p = float(last.get("progress") or 0.0)
-        if p <= 0.0:
-            return "warm-up", f"{now - t0:.0f}s (compiling, steps not counted)"
-        done = p >= 0.999
-        if not done and len(self._events) >= 2:
-            prev = self._events[-2][1]
-            steps = (last.get("step") or 0) - (prev.get("step") or 0)
-            dp = p - float(prev.get("progress") or 0.0)
-            done = steps > 0 and dp > 0 and p + 2 * dp / steps >= 0.999
-        if done and now - at > 1.0:
-            return "evaluating", f"{now - t0:.0f}s, scoring for {now - at:.0f}s"
-        elapsed = last.get("elapsed")
-        left = ""
-        if isinstance(elapsed, (int, float)) and 0 < p < 1:
-            left = f", ~{elapsed / p * (1 - p):.0f}s of training left"
-        return "training", f"{now - t0:.0f}s{left}"
+        return run_phase(self._t0 if self._t0 is not None else now, self._events, now, eval_s=self.eval_s)
 
     def tick(self) -> None:
         """Redraw from the clock (no event needed): the phases without steps show their time."""
@@ -333,6 +318,15 @@ def _timeout_note(lab, rec: dict) -> str:
                 f"warm-up): this machine is busy or slow (unless train.py does slow work before training). Run "
                 f"again, or set AUTORESEARCH_HARD_LIMIT=SECONDS.")
     return ""
+
+
+def _last_eval_seconds(lab) -> float | None:
+    """How long the kept line's last scoring took (the next run's estimate includes it), or None."""
+    try:
+        rec = lab.ledger.get(lab.parent_id) if lab.parent_id else None
+    except Exception:
+        return None
+    return (rec or {}).get("eval_seconds") or None
 
 
 def _starting(approve, bar: "ProgressBar"):
@@ -643,7 +637,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     print("stopped")
                     break
             while done < args.steps:
-                bar = ProgressBar(f"exp {len(lab.ledger) + 1:04d}")
+                bar = ProgressBar(f"exp {len(lab.ledger) + 1:04d}", eval_s=_last_eval_seconds(lab))
                 try:
                     rec = lab.step(approve=_starting(approve, bar), on_event=bar, feedback=args.feedback if done == 0 else "",
                                    decide=args.yes)

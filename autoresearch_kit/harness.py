@@ -386,8 +386,10 @@ class Run:
             s.t_train = s.last_sync = time.perf_counter()
             s.tokens_at_train = counted
             if s.warmup_steps:
+                # "compile included" only where something compiles (not on CPU, not with compile off)
+                what = ", compile included" if s.device.compile else ""
                 print(f"clock: started after {s.warmup_steps} warm-up steps "
-                      f"({s.t_train - s.t_first_call:.1f}s, compile included)", flush=True)
+                      f"({s.t_train - s.t_first_call:.1f}s{what})", flush=True)
         nxt = int(tokens) if tokens is not None else s.last_step_tokens
         stop = False
         if b.kind == "seconds":
@@ -463,8 +465,11 @@ class Run:
         return min(max(frac, 0.0), 1.0)
 
     # --- logging -------------------------------------------------------------------------
-    def log(self, step: int | None = None, loss=None, lr=None, **extra) -> None:
+    def log(self, step: int | None = None, loss=None, lr=None, lr_mult=None, **extra) -> None:
         """Record one training step: loss (a float or a tensor), lr, and any extra numbers.
+
+        ``lr`` is a learning rate; a schedule that scales several base rates logs its factor
+        as ``lr_mult`` instead (printed as ``lr x0.66``, a multiplier, not a rate).
 
         A tensor loss is copied to the host without blocking and read one call later,
         waiting only for the step that made it: logging never drains the device's queue. Step events go to the runner at most 10
@@ -481,7 +486,8 @@ class Run:
             "step": s.steps - 1 if step is None else int(step),
             "loss": _to_host(loss),
             "lr": _to_host(lr),
-            "extra": {k: _to_host(v) for k, v in extra.items()},
+            "extra": {k: _to_host(v) for k, v in {**extra, **({"lr_mult": lr_mult} if lr_mult is not None
+                                                                else {})}.items()},
             "ready": None,
             "tokens": self.tokens,
             "elapsed": self._elapsed(),
@@ -522,6 +528,8 @@ class Run:
             s.last_print_t = now
             tps = f"{event['tok_per_s']:,.0f}" if event["tok_per_s"] else "-"
             lr = f" | lr {event['lr']:.3g}" if event["lr"] is not None else ""
+            if event.get("lr_mult") is not None:   # the schedule's factor of the base rates
+                lr += f" | lr x{event['lr_mult']:.3g}"
             print(f"step {rec['step']:5d} | loss {loss:.4f}{lr} | {100 * rec['progress']:5.1f}% "
                   f"| {rec['tokens'] / 1e6:.2f}M tok | {tps} tok/s | {rec['elapsed']:.1f}s", flush=True)
 

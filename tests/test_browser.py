@@ -190,9 +190,29 @@ def test_quickstart_in_jupyterlab_approve_in_the_panel(tmp_path):
                     before = len(led.records())
                 assert before == 2                                    # baseline + the hand step
 
+                # no card is wider than the panel (a 2 px side margin on 100%-wide widgets made a
+                # 4 px horizontal scrollbar under the proposal card)
+                wide = panel.evaluate("p => [...p.querySelectorAll('.ark-card')]"
+                                      ".map(c => c.scrollWidth - c.clientWidth).filter(d => d > 0)")
+                assert wide == [], f"cards overflow sideways by {wide} px"
+                # the editor: its description label is not clipped, and the edit's diff shows above it
+                panel.locator("button[title='Edit train.py yourself, then run it']").click()
+                label = panel.locator("label.widget-label", has_text="description")
+                label.wait_for(timeout=10_000)
+                assert label.evaluate("l => l.clientWidth > 0 && l.scrollWidth <= l.clientWidth"), "label clipped"
+                edit_diff = panel.locator(".ark-editor-diff .ark-diff")
+                edit_diff.wait_for(timeout=10_000)
+                assert edit_diff.is_visible() and panel.locator(".ark-editor-diff .ark-diff td").count() > 3
+                panel.locator("button[title='Back to the proposal']").click()
+                approve.wait_for(timeout=10_000)
+
+                # the tab goes to the background: the run's end shows in its title
+                page.evaluate("() => Object.defineProperty(document, 'hidden', {configurable: true, get: () => true})")
                 approve.click()
                 keep = panel.locator("button:has-text('Keep'), button:has-text('Discard')")
                 panel.locator("button:has-text('Discard'):not([disabled])").wait_for(timeout=180_000)
+                page.wait_for_function("() => document.title.startsWith('\u2713 experiment')", timeout=15_000)
+                assert "val_bpb" in page.title()
                 assert keep.count() >= 2
                 # the live loss curve: an <img> the widget filled with a PNG of real size
                 curve = panel.locator(".widget-image img, img.widget-image").first

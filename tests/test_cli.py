@@ -549,6 +549,25 @@ def test_progress_bar_says_the_phase_the_time_and_what_is_left():
     assert lines[0] == "exp 0002 starting (12s)..." and lines[-1] == "exp 0002 evaluating (50s, scoring for 30s)..."
 
 
+def test_progress_estimate_includes_the_parents_scoring_time():
+    from autoresearch_kit.progress import run_phase
+
+    now = [0.0]
+    bar = ProgressBar("exp 0003", stream=io.StringIO(), clock=lambda: now[0], eval_s=40.0)
+    bar.start()
+    bar({"step": 10, "loss": 3.0, "progress": 0.5, "elapsed": 10.0})
+    now[0] = 15.0
+    assert bar.phase() == ("training", "15s, ~10s of training left then ~40s scoring")
+    bar({"step": 20, "loss": 2.0, "progress": 1.0, "elapsed": 20.0})
+    now[0] = 45.0
+    assert bar.phase() == ("evaluating", "45s, scoring for 30s, ~10s left")
+    now[0] = 95.0
+    assert bar.phase() == ("evaluating", "95s, scoring for 80s, longer than last time")
+    bar.close()
+    # the panel's status line asks the same function
+    assert run_phase(0.0, bar._events, 95.0, eval_s=40.0) == bar.phase()
+
+
 def test_run_with_a_local_llm_shows_the_request_and_keeps_the_refused_reply(cli_lab, tmp_path, kit_env, capsys,
                                                                            monkeypatch):
     import json as _json

@@ -343,6 +343,8 @@ def test_standalone_run_writes_last_result(kit_env, tmp_path):
     assert code == 0, out
     saved = json.loads((Path(os.environ["AUTORESEARCH_CACHE"]) / "runs" / "last_result.json").read_text())
     assert saved["status"] == "ok" and f"val_bpb:          {saved['val_bpb']:.6f}" in out
+    # the warm-up line says "compile included" only where something compiles: not on CPU
+    assert "clock: started after 3 warm-up steps (" in out and "compile included" not in out
 
 
 # --- device --------------------------------------------------------------------------------------

@@ -172,6 +172,64 @@ def test_live_curve_takes_events_from_other_threads():
     assert len(live.events) == 150 and live.progress.bar_style == "success"
 
 
+def test_live_curve_names_the_phase_ticks_without_events_and_ends_finished():
+    live = LiveCurve("10s", max_fps=20.0)
+    live.reset([], eval_s=30.0)
+    assert live.phase()[0] == "starting" and "<b>starting</b>" in live.status.value
+    live.add_event({"step": 0, "loss": 5.0, "progress": 0.0, "elapsed": 0.0})
+    assert live.phase()[0] == "warm-up"
+    live.add_event({"step": 10, "loss": 3.0, "progress": 0.25, "elapsed": 2.5})
+    name, detail = live.phase()
+    assert name == "training" and "~8s of training left then ~30s scoring" in detail
+    live.add_event({"step": 40, "loss": 2.0, "progress": 1.0, "elapsed": 10.0})
+    time.sleep(2.3)                               # no event comes while the runner scores: the clock ticks
+    assert "<b>evaluating</b>" in live.status.value and "scoring for" in live.status.value
+    assert "left of 10s" not in live.status.value   # not "0.0 s left" while it is scored
+    live.finish("ok", "ok: val_bpb 1.2345")
+    assert live.phase() is None and "val_bpb 1.2345" in live.status.value
+    time.sleep(1.3)                               # the ticker is gone: nothing overwrites the final line
+    assert live.status.value.endswith("ok: val_bpb 1.2345</span>")
+    live.reset([], running=False)                 # a finished run redrawn: no phase at all
+    live.events.extend(_events(5))
+    live.finish("crash")
+    assert "starting" not in live.status.value and "finished (crash)" in live.status.value
+
+
+def test_live_curve_of_a_run_attached_late_counts_from_its_start():
+    live = LiveCurve("10s")
+    live.reset([], started=time.time() - 42)
+    assert live.phase() == ("starting", "42s")
+    live.finish("aborted")
+
+
+def test_sigma_stands_next_to_every_verdict():
+    from autoresearch_kit.ui.panel import sigma_badge
+    from autoresearch_kit.ui.render import history_table_html
+
+    kept = {"keep": True, "within_noise": False, "gain": 0.0123, "sigma": 0.005}
+    noise = {"keep": False, "within_noise": True, "gain": 0.004, "sigma": 0.005}
+    worse = {"keep": False, "within_noise": False, "gain": -0.02, "sigma": 0.005}
+    assert "gain +0.0123 = +2.5σ (σ 0.0050)" in sigma_badge(kept) and "#1a7f37" in sigma_badge(kept)
+    assert "within noise, gain +0.0040 = +0.8σ (σ 0.0050)" in sigma_badge(noise)
+    # a worse run is not "beyond noise" (the old badge said so for any run with a sigma)
+    assert "gain -0.0200 = -4.0σ" in sigma_badge(worse) and "beyond" not in sigma_badge(worse)
+    assert sigma_badge({"gain": None, "sigma": 0.005}) == ""
+    recs = [{"id": "0001", "status": "ok", "val_bpb": 2.0, "kind": "baseline"},
+            {"id": "0002", "parent_id": "0001", "status": "ok", "val_bpb": 1.9877, "kind": "candidate"}]
+    table = history_table_html(recs, verdicts={"0002": kept})
+    assert "gain (σ)" in table and "+0.0123 (+2.5σ)" in table
+    assert "gain (σ)" not in history_table_html(recs)
+
+
+def test_notify_js_titles_a_background_tab_once():
+    from autoresearch_kit.ui.panel import notify_js
+
+    js = notify_js('experiment 0002 ok: val_bpb 1.2 "quoted"', key="k1")
+    assert "document.hidden" in js and "document.title" in js and "Notification.permission" in js
+    assert '"experiment 0002 ok: val_bpb 1.2 \\"quoted\\""' in js    # a JSON string, not spliced text
+    assert '"k1"' in js and "__arkNotified" in js
+
+
 # --- the panel on a real lab ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -221,8 +279,18 @@ def test_approve_runs_with_live_curves_then_keep_moves_the_parent(lab):
     assert any(r[2] == "parent" for r in panel.live.references)
     # the outcome: val_bpb against the parent, and the rule's verdict preselected
     assert f"{rec['val_bpb']:.4f}" in panel.outcome.value and "vs parent" in panel.outcome.value
+    # the end of the run is announced to a tab in the background (a script in the hidden output)
+    assert panel.notices[-1].startswith("experiment 0002 ok: val_bpb")
+    (out,) = panel.notifier.outputs
+    assert "document.title" in out["data"]["application/javascript"]
+    assert panel.live.phase() is None and "ok: val_bpb" in panel.live.status.value
     verdict = lab.verdict(rec["id"])
     assert (panel.keep_button.button_style == "success") == verdict["keep"]
+    # sigma next to the verdict, in the outcome and in the results table's row (issue 11)
+    g = verdict["gain"]
+    assert verdict["sigma"] is None                # these tests' labs skip the noise runs
+    assert f"gain {g:+.4f}, noise not measured" in panel.outcome.value
+    assert "gain (σ)" in panel.table.value and f"{g:+.4f} (σ ?)" in panel.table.value
     assert not panel.keep_button.disabled and not panel.discard_button.disabled
 
     panel.decision_reason.value = "looks good"
@@ -353,12 +421,33 @@ def test_autopilot_runs_n_steps_decided_by_the_rule(lab):
     panel = lab.panel()
     _ready(panel)
     panel.autopilot_steps.value = 2
+    shown = []                                    # what the toggle said while it ran
+    panel.autopilot.observe(lambda ch: shown.append(ch["new"]), names="description")
+    said = []
+    panel.message.observe(lambda ch: said.append(ch["new"]), names="value")
     panel.autopilot.value = True                  # the toggle, as clicked
     _ready(panel, timeout=240)
     recs = [r for r in lab.ledger.records() if r["kind"] == "candidate"]
     assert len(recs) == 2 and all(r["decided_by"] == "autopilot" for r in recs)
     assert [r["decision"] == "keep" for r in recs] == [lab.verdict(r["id"])["keep"] for r in recs]
     assert panel.autopilot.value is False
+    # the step count was on show while it ran (the run's own message used to hide it)
+    assert shown[:2] == ["Autopilot 1/2", "Autopilot 2/2"] and panel.autopilot.description == "Autopilot"
+    assert any("Autopilot 2/2: Training:" in m for m in said)
+
+
+def test_full_width_parts_have_no_side_margin_and_the_editor_label_fits():
+    """ipywidgets' 2 px side margin on a 100%-wide leaf made the card 4 px too wide."""
+    from autoresearch_kit.ui.panel import Panel
+
+    class NoLab:
+        budget = BUDGET
+
+    panel = Panel(NoLab(), propose=False)
+    leaves = [panel.stream, panel.diff, panel.editor_description, panel.editor, panel.feedback, panel.plot,
+              panel.live.image, panel.live.progress]
+    assert all(x.layout.width == "100%" and x.layout.margin == "2px 0" for x in leaves)
+    assert panel.editor_description.style.description_width == "initial"
 
 
 def test_new_panel_after_restart_offers_the_undecided_run(lab, tmp_path):
@@ -370,6 +459,10 @@ def test_new_panel_after_restart_offers_the_undecided_run(lab, tmp_path):
         assert panel.state == "ran" and panel.exp_id == "0002"
         assert "never decided" in panel.message.value and "MATRIX_LR" in panel.diff.value
         assert panel.live.events and not panel.discard_button.disabled
+        # a finished run is never shown as starting (nor as "0 s left")
+        status = panel.live.status.value
+        assert "finished (ok): val_bpb" in status and "starting" not in status and "left" not in status
+        assert panel.live.phase() is None
         panel.discard_button.click()
         _ready(panel)
         assert lab2.ledger.get("0002")["decision"] == "discard"
@@ -492,3 +585,78 @@ def test_kept_rows_use_a_tint_with_the_themes_text_colour():
     out = history_table_html([{"id": "0001", "kind": "baseline", "status": "ok", "decision": "keep", "val_bpb": 1.0,
                                "description": "baseline"}])
     assert "rgba(46,160,67,0.18)" in out and "var(--jp-content-font-color1" in out and "#dafbe1" not in out
+
+
+class TwoKnobs:
+    """One proposal that changes two knobs far apart in train.py: a diff of two hunks."""
+
+    name = "two-knobs"
+
+    def propose(self, ctx):
+        src = ctx.parent_source
+        new = re.sub(r"^ROPE_BASE = .*$", "ROPE_BASE = 20000.0", src, count=1, flags=re.M)
+        new = re.sub(r"^WARMDOWN_FRAC = .*$", "WARMDOWN_FRAC = 0.6", new, count=1, flags=re.M)
+        return Proposal.from_source(src, new, "ROPE_BASE 20000 and WARMDOWN_FRAC 0.6", proposer=self.name,
+                                    parent_id=ctx.parent_id)
+
+
+def test_part_of_a_multi_hunk_proposal_runs_as_a_human_edit(lab):
+    lab.proposer = TwoKnobs()
+    panel = lab.panel()
+    _ready(panel)
+    assert len(panel.hunk_boxes) == 2 and panel.hunks.layout.display == "flex"
+    assert "ROPE_BASE" in panel.hunk_boxes[0].description and "WARMDOWN_FRAC" in panel.hunk_boxes[1].description
+    panel.hunk_boxes[1].value = False             # untick the warm-down hunk
+    assert panel.approve_button.description == "Approve 1 of 2 hunks"
+    assert "20000" in panel.diff.value and "WARMDOWN_FRAC" not in panel.diff.value   # the diff of the choice
+    panel.diff_mode.value = "split"               # a redraw keeps the ticks
+    assert panel.hunk_boxes[1].value is False and "WARMDOWN_FRAC" not in panel.diff.value
+    panel.approve_button.click()
+    _ready(panel, "ran")
+    rec = lab.ledger.records()[-1]
+    assert rec["proposer"] == "human" and rec["description"] == "ROPE_BASE 20000 and WARMDOWN_FRAC 0.6 (hunks 1 of 2)"
+    assert "+ROPE_BASE = 20000.0" in rec["diff"] and "WARMDOWN_FRAC" not in rec["diff"]
+    assert rec["proposal_meta"]["edited_from"] == "two-knobs"
+
+
+def test_no_hunk_ticked_runs_nothing(lab):
+    lab.proposer = TwoKnobs()
+    panel = lab.panel()
+    _ready(panel)
+    n = len(lab.ledger.records())
+    for b in panel.hunk_boxes:
+        b.value = False
+    panel.approve()
+    assert panel.state == "proposed" and len(lab.ledger.records()) == n and "tick at least one" in panel.message.value
+
+
+def test_the_editor_shows_the_diff_of_its_text_live(lab):
+    lab.proposer = TwoKnobs()
+    panel = lab.panel()
+    _ready(panel)
+    panel.hunk_boxes[0].value = False             # the editor opens on the chosen hunks
+    panel.open_editor()
+    assert "WARMDOWN_FRAC = 0.6" in panel.editor.value and "ROPE_BASE = 20000.0" not in panel.editor.value
+    assert "WARMDOWN_FRAC" in panel.editor_diff.value and "20000" not in panel.editor_diff.value
+    panel.editor.value = panel.editor.value.replace("WARMDOWN_FRAC = 0.6", "WARMDOWN_FRAC = 0.7")
+    assert "0.7" in panel.editor_diff.value and "0.6" not in panel.editor_diff.value   # redrawn as typed
+    parent = lab.workspace.source(lab.parent_id)
+    panel.editor.value = parent
+    assert "no change from the parent" in panel.editor_diff.value
+    panel.close_editor()
+    assert panel.hunks.layout.display == "flex" and panel.hunk_boxes[0].value is False
+
+
+def test_a_run_that_raises_stops_the_phase_clock(lab, monkeypatch):
+    panel = lab.panel()
+    _ready(panel)
+
+    def broken(*a, **k):
+        raise ValueError("the data moved: run prepare again")
+
+    monkeypatch.setattr(lab, "run_budgeted", broken)
+    panel.approve_button.click()
+    _ready(panel)                                  # the proposal stays up, the error is shown
+    assert "the data moved" in panel.errors[-1] and not panel.approve_button.disabled
+    assert panel.live.phase() is None and "the run did not finish: the data moved" in panel.live.status.value
+

@@ -290,7 +290,7 @@ while run.training(tokens=BATCH_SIZE * SEQ_LEN):
         scaler.step(opt)  # skipped in fp16 when this optimizer's gradients are not finite
     scaler.update()
     model.zero_grad(set_to_none=True)
-    run.log(step=step, loss=loss.detach(), lr=lrm)
+    run.log(step=step, loss=loss.detach(), lr_mult=lrm)   # printed as "lr x0.66": a factor
     step += 1
 
 run.finish(model)

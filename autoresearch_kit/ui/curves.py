@@ -26,6 +26,11 @@ from typing import Any, Iterable, Sequence
 MPL_LOCK = threading.RLock()
 
 # (label, curve, colour, linestyle) per reference; the live run is drawn last, on top.
+# ipywidgets gives each leaf widget a 2 px margin on every side: at width 100% that is 4 px
+# wider than its box (a horizontal scrollbar under the card). Full-width leaves keep only
+# the vertical margin.
+_EDGE = "2px 0"
+
 _PALETTE = {"run": "#0969da", "parent": "#6e7781", "best": "#1a7f37", "other": "#bf8700"}
 # role "batch<i>": the i-th run of a batch drawn beside its siblings (solid, one colour each)
 _BATCH = ("#0969da", "#cf222e", "#8250df", "#bf8700", "#1a7f37", "#e16f24", "#0598bc", "#bf3989")
@@ -176,8 +181,11 @@ def _fmt_amount(kind: str, amount: float) -> str:
     return f"{amount:.3g} FLOPs"
 
 
-def budget_status(event: dict, budget: Any) -> tuple[float, str]:
-    """(fraction done 0..1, one line of text) for the latest metric event under a budget."""
+def budget_status(event: dict, budget: Any, left: bool = True) -> tuple[float, str]:
+    """(fraction done 0..1, one line of text) for the latest metric event under a budget.
+
+    ``left=False`` leaves out the budget left (it reads "0 s left" while the run is scored).
+    """
     b = _budget(budget)
     progress = event.get("progress")
     kind = b.kind if b is not None else "seconds"
@@ -188,7 +196,7 @@ def budget_status(event: dict, budget: Any) -> tuple[float, str]:
     parts = [f"step {event.get('step', '?')}"]
     if isinstance(event.get("loss"), (int, float)):
         parts.append(f"loss {event['loss']:.3f}")
-    if b is not None:
+    if b is not None and left:
         parts.append(f"{_fmt_amount(kind, max(b.amount * (1 - progress), 0.0))} left of {b}")
     if isinstance(event.get("tok_per_s"), (int, float)):
         parts.append(f"{event['tok_per_s']:,.0f} tok/s")
@@ -226,24 +234,90 @@ class LiveCurve:
         self._lock = threading.Lock()
         self._last_draw = 0.0
         self._timer: threading.Timer | None = None
-        self.image = w.Image(format="png", layout=w.Layout(width="100%", max_width="760px"))
+        self.image = w.Image(format="png", layout=w.Layout(width="100%", margin=_EDGE, max_width="760px"))
         self.progress = w.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info",
-                                        layout=w.Layout(width="100%", max_width="760px"))
+                                        layout=w.Layout(width="100%", margin=_EDGE, max_width="760px"))
         self.status = w.HTML("")
         self.widget = w.VBox([self.progress, self.status, self.image])
+        self.eval_s: float | None = None         # how long the parent's scoring took: the estimate adds it
+        self._t0: float | None = None            # monotonic start of the run shown (None: not running)
+        self._arrivals: list[tuple[float, dict]] = []   # (arrival, event), the last two: for the phase
+        self._ticker: threading.Thread | None = None
+        self._ticking = threading.Event()
 
-    def reset(self, references: Sequence[tuple] = (), *, budget: Any = None, title: str = "") -> None:
-        """Start a new run: clear events, set the reference curves (parent, best), draw the empty frame."""
+    # --- the phase line (starting / warm-up / training / evaluating), ticked once a second ---
+
+    def phase(self) -> tuple[str, str] | None:
+        """(phase, detail) of the run in progress, as the CLI's progress line says it; None when none runs."""
+        from autoresearch_kit.progress import run_phase
+
+        with self._lock:
+            if self._t0 is None:
+                return None
+            return run_phase(self._t0, list(self._arrivals), time.monotonic(), eval_s=self.eval_s)
+
+    def _status_text(self, events: list[dict]) -> str:
+        ph = self.phase()
+        parts = []
+        if ph is not None:
+            parts.append(f"<b>{ph[0]}</b> {ph[1]}")
+        if events:
+            _, text = budget_status(events[-1], self.budget,
+                                    left=ph is None or ph[0] in ("warm-up", "training"))
+            parts.append(text)
+        elif ph is None:
+            parts.append("no steps")
+        return f'<span class="ark-phase" style="font-size:12px;color:var(--jp-ui-font-color1, #57606a)">' \
+               f'{" · ".join(parts)}</span>'
+
+    def tick(self) -> None:
+        """Redraw the status line from the clock (the phases without steps have no events to redraw on)."""
+        if self._t0 is None:
+            return
+        with self._lock:
+            events = self.events[-1:]
+        self.status.value = self._status_text(events)
+
+    def _tick_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            self.tick()
+
+    def _stop_ticker(self) -> None:
+        self._ticking.set()
+        self._t0 = None
+
+    def reset(self, references: Sequence[tuple] = (), *, budget: Any = None, title: str = "",
+              running: bool = True, started: float | None = None, eval_s: float | None = None) -> None:
+        """Start showing a run: clear events, set the reference curves (parent, best), draw the empty frame.
+
+        With ``running`` (the default) the status line names the phase and ticks once a second
+        until `finish`; ``started`` is the run's start as ``time.time()`` (a run this view attached
+        to late; default now), ``eval_s`` the parent's scoring time (the estimate adds it). A
+        finished run being redrawn (a restored panel) passes ``running=False``.
+        """
+        self._stop_ticker()
         with self._lock:
             self._cancel_timer()
             self.events = []
+            self._arrivals = []
             self.references = list(references)
             self.title = title
+            self.eval_s = eval_s
             if budget is not None:
                 self.budget = _budget(budget)
+            if running:
+                ago = max(time.time() - started, 0.0) if started is not None else 0.0
+                self._t0 = time.monotonic() - ago
         self.progress.value = 0.0
         self.progress.bar_style = "info"
-        self.status.value = '<span style="color:#6e7781">starting the training process...</span>'
+        if running:
+            self._ticking = stop = threading.Event()
+            self._ticker = threading.Thread(target=self._tick_loop, args=(stop,), name="autoresearch-live-phase",
+                                            daemon=True)
+            self._ticker.start()
+            self.tick()
+        else:
+            self.status.value = ""
         self.draw()
 
     def add_event(self, event: dict) -> None:
@@ -253,6 +327,7 @@ class LiveCurve:
         with self._lock:
             self.events.append(dict(event))
             now = time.monotonic()
+            self._arrivals = [*self._arrivals[-1:], (now, dict(event))]
             due = now - self._last_draw >= self.min_interval
             if not due and self._timer is None:
                 # Trailing redraw: the newest events show up even if no more arrive.
@@ -295,17 +370,27 @@ class LiveCurve:
         self.image.value = png
         self.redraws += 1
         if events:
-            frac, text = budget_status(events[-1], self.budget)
+            frac, _ = budget_status(events[-1], self.budget)
             self.progress.value = frac
-            self.status.value = f'<span style="font-size:12px;color:#57606a">{text}</span>'
+            if self._t0 is not None:
+                self.status.value = self._status_text(events)
 
     def finish(self, status: str = "ok", text: str = "") -> None:
-        """Final redraw; colour the bar by outcome (green ok, red failure, orange aborted)."""
+        """Final redraw; colour the bar by outcome (green ok, red failure, orange aborted).
+
+        The status line then says the run finished (with ``text``, or its last step), never a
+        phase: a finished run is not "starting".
+        """
+        self._stop_ticker()
         with self._lock:
             self._cancel_timer()
+            events = list(self.events)
         self.draw()
         self.progress.bar_style = {"ok": "success", "aborted": "warning"}.get(status, "danger")
         if status == "ok":
             self.progress.value = 1.0
-        if text:
-            self.status.value = f'<span style="font-size:12px;color:#57606a">{text}</span>'
+        if not text:
+            last = budget_status(events[-1], self.budget, left=False)[1] if events else "no steps"
+            text = f"finished ({status}) · {last}"
+        self.status.value = f'<span class="ark-phase" style="font-size:12px;color:var(--jp-ui-font-color1, #57606a)">' \
+                            f'{text}</span>'

@@ -88,6 +88,58 @@ def parse_unified(diff: str) -> list[Hunk]:
     return hunks
 
 
+def select_hunks(new_source: str, diff: str, keep: "set[int] | list[int]") -> str:
+    """The train.py that takes only some hunks of a proposal's diff.
+
+    Parameters
+    ----------
+    new_source : str
+        The proposal's train.py (all hunks applied).
+    diff : str
+        Its unified diff against the parent.
+    keep : set of int
+        Indices (0-based, in diff order) of the hunks to keep; the others go back to the
+        parent's lines. All of them gives `new_source`, none the parent.
+
+    Returns
+    -------
+    str
+        The train.py with the chosen hunks.
+
+    Raises
+    ------
+    ValueError
+        When the diff does not describe `new_source` (its lines are not where the hunk says).
+    """
+    keep = set(keep)
+    new = new_source.split("\n")
+    out: list[str] = []
+    pos = 0
+    for i, h in enumerate(parse_unified(diff)):
+        new_start = int(_HUNK_RE.match(h.header).group(2))
+        new_lines = [ln.text for ln in h.lines if ln.tag != "-"]
+        old_lines = [ln.text for ln in h.lines if ln.tag != "+"]
+        # a hunk with no new-side lines names the line after which it applies
+        start = new_start - 1 if new_lines else new_start
+        if start < pos or new[start:start + len(new_lines)] != new_lines:
+            msg = f"hunk {i + 1} of the diff does not match the proposal's train.py: it cannot be taken apart."
+            raise ValueError(msg)
+        out.extend(new[pos:start])
+        out.extend(new_lines if i in keep else old_lines)
+        pos = start + len(new_lines)
+    out.extend(new[pos:])
+    return "\n".join(out)
+
+
+def hunk_summary(hunk: Hunk, width: int = 48) -> str:
+    """One line naming a hunk by its first changed line (for a checkbox label)."""
+    first = next((ln for ln in hunk.lines if ln.tag != " " and ln.text.strip()), None)
+    line_no = first.new_no or first.old_no if first is not None else None
+    text = first.text.strip() if first is not None else hunk.header
+    text = text if len(text) <= width else text[:width - 1] + "…"
+    return f"line {line_no}: {first.tag}{text}" if first is not None else text
+
+
 def _highlighter():
     """Return a function text -> HTML for one line of Python, or None without pygments."""
     try:

@@ -33,8 +33,8 @@ from typing import Any, Callable
 import ipywidgets as w
 
 from autoresearch_kit.propose.base import Proposal
-from autoresearch_kit.ui.curves import LiveCurve
-from autoresearch_kit.ui.diff import diff_html
+from autoresearch_kit.ui.curves import _EDGE, LiveCurve
+from autoresearch_kit.ui.diff import diff_html, hunk_summary, parse_unified, select_hunks
 from autoresearch_kit.ui.render import (
     badge,
     delta_html,
@@ -53,7 +53,9 @@ _BOX = {"border": "1px solid #d0d7de", "padding": "8px 12px", "margin": "0 0 8px
 def _card(children: list, title: str = "") -> w.VBox:
     head = [w.HTML(f'<div style="font-weight:600;color:#57606a;font-size:12px;'
                    f'text-transform:uppercase;letter-spacing:.04em">{title}</div>')] if title else []
-    return w.VBox(head + children, layout=w.Layout(**_BOX))
+    card = w.VBox(head + children, layout=w.Layout(**_BOX))
+    card.add_class("ark-card")   # the browser test measures the cards
+    return card
 
 
 def _message_html(text: str, kind: str = "info") -> str:
@@ -72,6 +74,51 @@ def _error_text(exc: BaseException) -> str:
     if type(exc) in (ValueError, FileNotFoundError, RuntimeError):
         return str(exc)   # the kit's own messages already say what to do
     return f"{type(exc).__name__}: {exc}"
+
+
+def sigma_badge(verdict: dict) -> str:
+    """The noise next to a verdict: the gain over the parent in sigmas, and sigma itself
+    (green kept, amber within noise, grey otherwise); a hint where noise is not measured."""
+    sigma, gain = verdict.get("sigma"), verdict.get("gain")
+    if gain is None:
+        return ""
+    if not sigma:
+        return ('<span style="font-size:11px;color:#6e7781" title="lab.measure_noise() reruns the parent with '
+                'other seeds to measure run-to-run noise">gain {:+.4f}, noise not measured</span>'.format(gain))
+    colour = "#1a7f37" if verdict.get("keep") else "#9a6700" if verdict.get("within_noise") else "#6e7781"
+    noise = "within noise, " if verdict.get("within_noise") else ""
+    return badge(f"{noise}gain {gain:+.4f} = {gain / sigma:+.1f}σ (σ {sigma:.4f})", colour)
+
+
+def verdict_column(lab: Any, records: list[dict]) -> dict[str, dict]:
+    """Lab.verdict for each finished candidate among `records` (for the results table's sigma column)."""
+    out = {}
+    for r in records:
+        if r.get("kind") == "candidate" and r.get("status") == "ok" and r.get("parent_id"):
+            try:
+                out[r["id"]] = dict(lab.verdict(r["id"]) or {})
+            except Exception:  # noqa: BLE001 - a record the rule cannot judge has no column value
+                continue
+    return out
+
+
+def notify_js(text: str, key: str) -> str:
+    """A script for the browser: if the tab is in the background, put `text` in its title (until
+    the tab is shown again) and, where the person allowed this site's notifications, show one.
+
+    It runs once per `key` (a re-rendered output, e.g. a notebook scrolled back into view, does
+    not announce again) and needs nothing beyond the browser (no extension, no package).
+    """
+    import json
+
+    return ("(function(){var k=%s,m=%s;var d=window.__arkNotified=window.__arkNotified||{};"
+            "if(d[k])return;d[k]=1;if(!document.hidden)return;"
+            "var old=document.title;document.title='\u2713 '+m+' \u2014 '+old;"
+            "var back=function(){if(!document.hidden){document.title=old;"
+            "document.removeEventListener('visibilitychange',back);}};"
+            "document.addEventListener('visibilitychange',back);"
+            "try{if(window.Notification&&Notification.permission==='granted'){"
+            "new Notification('autoresearch',{body:m});}}catch(e){}})();") % (json.dumps(key), json.dumps(text))
 
 
 class Panel(w.VBox):
@@ -117,18 +164,34 @@ class Panel(w.VBox):
         self.refresh()
         self._restore(proposal)
 
+    _RELOAD_HINT = ('<div class="ark-reload-hint" style="font-size:11px;color:var(--jp-ui-font-color2, #6e7781)">'
+                    'The panel lives in the kernel: if it reads "Error displaying widget: model not found" '
+                    '(after a page reload or a kernel restart), re-run this cell.</div>')
+
+    def _ipython_display_(self) -> None:
+        """Show the panel, then one line that stays in the saved notebook: after a page reload
+        JupyterLab can only say "model not found" where the panel was, and this says what to do."""
+        from IPython.display import HTML, display
+
+        display(self._repr_mimebundle_(), raw=True)
+        display(HTML(self._RELOAD_HINT))
+
     # --- layout ---------------------------------------------------------------------------
 
     def _build(self, autopilot_steps: int) -> None:
         self.header = w.HTML()
         self.message = w.HTML()
-        self.stream = w.Textarea(disabled=True, layout=w.Layout(width="100%", height="110px", display="none"))
+        self.stream = w.Textarea(disabled=True, layout=w.Layout(width="100%", margin=_EDGE, height="110px",
+                                                                display="none"))
 
         self.proposal_head = w.HTML()
         self.diff_mode = w.ToggleButtons(options=[("unified", "unified"), ("side by side", "split")],
                                          value="unified", style={"button_width": "100px"})
         self.diff_mode.observe(lambda _: self._show_proposal(), names="value")
-        self.diff = w.HTML(layout=w.Layout(width="100%"))
+        self.diff = w.HTML(layout=w.Layout(width="100%", margin=_EDGE))
+        # per-hunk choice for a proposal of several hunks: unticked ones go back to the parent
+        self.hunk_boxes: list[w.Checkbox] = []
+        self.hunks = w.VBox(layout=w.Layout(display="none"))
 
         def button(label, style, icon, tip):
             return w.Button(description=label, button_style=style, icon=icon, tooltip=tip,
@@ -155,27 +218,32 @@ class Panel(w.VBox):
         self.autopilot.observe(self._on_autopilot, names="value")
 
         self.editor_description = w.Text(placeholder="one line: what your edit changes",
-                                         description="description", layout=w.Layout(width="100%"),
-                                         style={"description_width": "80px"})
-        self.editor = w.Textarea(layout=w.Layout(width="100%", height="360px"))
+                                         description="description", layout=w.Layout(width="100%", margin=_EDGE),
+                                         style={"description_width": "initial"})   # 80px clipped the label
+        self.editor = w.Textarea(layout=w.Layout(width="100%", margin=_EDGE, height="360px"))
+        self.editor_diff = w.HTML(layout=w.Layout(width="100%", margin=_EDGE))   # the edit's diff, live
+        self.editor_diff.add_class("ark-editor-diff")
+        self._editor_parent: str | None = None
+        self.editor.observe(lambda _: self._show_editor_diff(), names="value")
         self.editor_run = button("Run my edit", "warning", "play", "Train your edited train.py")
         self.editor_cancel = button("Cancel", "", "", "Back to the proposal")
         self.editor_run.on_click(self._guard(self.run_edit))
         self.editor_cancel.on_click(self._guard(self.close_editor))
-        self.editor_box = w.VBox([self.editor_description, self.editor,
+        self.editor_box = w.VBox([self.editor_description, self.editor_diff, self.editor,
                                   w.HBox([self.editor_run, self.editor_cancel])],
                                  layout=w.Layout(display="none", width="100%"))
 
         self.feedback = w.Textarea(placeholder="Feedback for the agent's next proposal (optional), e.g. "
                                    "'try a smaller learning rate; leave the model size alone'",
-                                   layout=w.Layout(width="100%", height="52px"))
+                                   layout=w.Layout(width="100%", margin=_EDGE, height="52px"))
 
         actions = w.HBox([self.approve_button, self.reject_button, self.reject_reason, self.edit_button,
                           self.stop_button], layout=w.Layout(flex_flow="row wrap", align_items="center",
  margin="6px 0"))
         steering = w.HBox([self.new_button, self.autopilot, self.autopilot_steps],
                           layout=w.Layout(flex_flow="row wrap", align_items="center"))
-        self.proposal_card = _card([self.stream, self.proposal_head, self.diff_mode, self.diff, self.editor_box,
+        self.proposal_card = _card([self.stream, self.proposal_head, self.diff_mode, self.hunks, self.diff,
+                                    self.editor_box,
                                     actions, self.feedback, steering], "proposal")
 
         self.live = LiveCurve(getattr(self.lab, "budget", None))
@@ -192,13 +260,17 @@ class Panel(w.VBox):
         self.outcome_card = _card([self.outcome, self.decision_row], "outcome")
 
         self.table = w.HTML(layout=w.Layout(overflow="auto"))
-        self.plot = w.Image(format="png", layout=w.Layout(width="100%", max_width="720px"))
+        self.plot = w.Image(format="png", layout=w.Layout(width="100%", margin=_EDGE, max_width="720px"))
         self.tree = w.HTML(layout=w.Layout(overflow="auto"))
         self.history_tabs = w.Tab(children=[self.table, self.plot, self.tree])
         for i, title in enumerate(("results", "progress", "tree")):
             self.history_tabs.set_title(i, title)
+        # the front end's side of "a run ended while this tab was in the background": a hidden
+        # Output whose only content is a short script (tab title, and a notification when allowed)
+        self.notifier = w.Output(layout=w.Layout(display="none"))
+        self.notices: list[str] = []         # what was announced, for tests and logs
         self.children = [self.header, self.message, self.proposal_card, self.live_card, self.outcome_card,
-                         self.history_tabs]
+                         self.history_tabs, self.notifier]
 
     # --- state ----------------------------------------------------------------------------
 
@@ -221,6 +293,14 @@ class Panel(w.VBox):
         self.decision_row.layout.display = "flex" if undecided else "none"
         self.live_card.layout.display = "flex" if state in ("running", "ran") or self.live.events else "none"
         self.outcome_card.layout.display = "flex" if self.exp_id is not None else "none"
+
+    def _announce(self, text: str) -> None:
+        """Tell a person whose tab is in the background that a run ended (see `notify_js`)."""
+        self.notices.append(text)
+        js = notify_js(text, key=f"{id(self)}-{len(self.notices)}")
+        # the output message itself (IPython's formatter would start an InteractiveShell off a kernel)
+        self.notifier.outputs = ({"output_type": "display_data", "metadata": {},
+                                  "data": {"application/javascript": js, "text/plain": ""}},)
 
     def _say(self, text: str, kind: str = "info") -> None:
         if kind == "error":
@@ -320,7 +400,8 @@ class Panel(w.VBox):
             f'<span>{best_txt}</span>'
             f'<span style="color:#57606a">{len(records)} experiment{"" if len(records) == 1 else "s"} · {n_keep} kept · budget {budget}'
             f'{" · proposer " + _html.escape(proposer) if proposer else ""}</span></div>')
-        self.table.value = history_table_html(records, best_id=best.get("id") if best else None)
+        verdicts = verdict_column(self.lab, records[-15:]) if hasattr(self.lab, "verdict") else {}
+        self.table.value = history_table_html(records, best_id=best.get("id") if best else None, verdicts=verdicts)
         if records:
             self.plot.value = progress_png(records)
         self.tree.value = tree_html(records, parent_id=getattr(self.lab, "parent_id", None))
@@ -335,8 +416,10 @@ class Panel(w.VBox):
                               proposer=rec.get("proposer", ""), parent_id=rec.get("parent_id"),
                               rationale=(rec.get("proposal_meta") or {}).get("rationale", ""))
         self._show_proposal(f"experiment {exp_id} is training (started elsewhere: another panel or a cell)")
+        parent = self._record(rec.get("parent_id")) or {}
         self.live.reset(self._references(rec.get("parent_id")), budget=getattr(self.lab, "budget", None),
-                        title=f"{exp_id} {running.get('description', '')}"[:70])
+                        title=f"{exp_id} {running.get('description', '')}"[:70], started=running.get("started"),
+                        eval_s=parent.get("eval_seconds"))
         seen: set[int] = set()
         unwatch = self.lab.watch_run(lambda ev: None if id(ev) in seen else self.live.add_event(ev))
         for ev in list(running.get("events") or []):   # what this panel missed (the same dicts as live)
@@ -357,6 +440,8 @@ class Panel(w.VBox):
             status = done.get("status", "?")
             self.live.finish(status, f"{status}: val_bpb {fmt_bpb(done.get('val_bpb'))}" if status == "ok"
                              else f"{status}: {done.get('reason', '')}")
+            self._announce(f"experiment {exp_id} {status}"
+                           + (f": val_bpb {fmt_bpb(done.get('val_bpb'))}" if status == "ok" else ""))
             self.refresh()
             if done.get("decision") is None and done.get("kind") == "candidate" and status in _FINISHED:
                 self.exp_id = exp_id
@@ -387,10 +472,13 @@ class Panel(w.VBox):
                                   rationale=(last.get("proposal_meta") or {}).get("rationale", ""))
             self._show_proposal(f"ran as experiment {self.exp_id} ({last.get('status')})")
             self._show_outcome(last)
-            self.live.reset(self._references(last.get("parent_id")), title=f"{last.get('id')} (restored)")
+            self.live.reset(self._references(last.get("parent_id")), title=f"{last.get('id')} (restored)",
+                            running=False)   # it finished: no phase, no ticking clock
             for ev in last.get("curve") or []:
                 self.live.events.append(ev)
-            self.live.finish(last.get("status", "ok"))
+            st = last.get("status", "ok")
+            self.live.finish(st, f"finished ({st}): val_bpb {fmt_bpb(last.get('val_bpb'))}" if st == "ok"
+                             else f"finished ({st}): {last.get('reason') or ''}")
             self._set_state("ran")
             self._say(f"Experiment {self.exp_id} ran but was never decided: keep or discard it.", "warn")
             return
@@ -418,7 +506,81 @@ class Panel(w.VBox):
         note_html = (f'<div style="font-size:12px;color:#57606a;margin-bottom:2px">{_html.escape(note)}</div>'
                      if note else "")
         self.proposal_head.value = note_html + proposal_header_html(p)
-        self.diff.value = diff_html(p.diff, mode=self.diff_mode.value, max_height="460px")
+        self._build_hunks(p if p is self.proposal and p.source else None)
+        self.diff.value = diff_html(self._selected_diff(), mode=self.diff_mode.value, max_height="460px")
+
+    # --- per-hunk choice ------------------------------------------------------------------
+
+    def _build_hunks(self, p: Any) -> None:
+        """One checkbox per hunk for a proposal awaiting approval that has two or more."""
+        hunks = parse_unified(p.diff) if p is not None else []
+        if len(hunks) < 2:
+            self.hunk_boxes = []
+            self.hunks.children = []
+            self.hunks.layout.display = "none"
+            self._update_approve_label()
+            return
+        if getattr(self, "_hunks_of", None) is p and len(self.hunk_boxes) == len(hunks):
+            self.hunks.layout.display = "flex"
+            return   # the same proposal redrawn (the diff mode toggled, the editor closed): keep the ticks
+        self._hunks_of = p
+        boxes = []
+        for i, h in enumerate(hunks):
+            box = w.Checkbox(value=True, description=f"hunk {i + 1}: {hunk_summary(h)}", indent=False,
+                             layout=w.Layout(width="auto", margin="0 12px 0 0"))
+            box.observe(lambda _: self._on_hunks(), names="value")
+            boxes.append(box)
+        self.hunk_boxes = boxes
+        self.hunks.children = [w.HTML('<span style="font-size:12px;color:var(--jp-ui-font-color2, #57606a)">'
+                                      'take these hunks (unticked ones keep the parent\'s lines; a partial '
+                                      'selection runs as your edit):</span>'),
+                               w.HBox(boxes, layout=w.Layout(flex_flow="row wrap"))]
+        self.hunks.layout.display = "flex"
+        self._update_approve_label()
+
+    def selected_hunks(self) -> list[int]:
+        """Indices of the ticked hunks (all of them for a one-hunk proposal)."""
+        if not self.hunk_boxes:
+            return list(range(len(parse_unified(self.proposal.diff)))) if self.proposal is not None else []
+        return [i for i, b in enumerate(self.hunk_boxes) if b.value]
+
+    def _partial(self) -> bool:
+        return bool(self.hunk_boxes) and not all(b.value for b in self.hunk_boxes)
+
+    def _selected_diff(self) -> str:
+        p = self.shown
+        if p is None or not self._partial() or self.proposal is not p:
+            return p.diff if p is not None else ""
+        from autoresearch_kit.propose.base import unified_diff
+
+        parent = select_hunks(p.source, p.diff, set())
+        return unified_diff(parent, select_hunks(p.source, p.diff, self.selected_hunks()))
+
+    def _on_hunks(self) -> None:
+        self._update_approve_label()
+        if self.shown is not None:
+            self.diff.value = diff_html(self._selected_diff(), mode=self.diff_mode.value, max_height="460px")
+
+    def _update_approve_label(self) -> None:
+        if self._partial():
+            n, total = len(self.selected_hunks()), len(self.hunk_boxes)
+            self.approve_button.description = f"Approve {n} of {total} hunks"
+        else:
+            self.approve_button.description = "Approve"
+
+    # --- the editor's live diff -----------------------------------------------------------
+
+    def _show_editor_diff(self) -> None:
+        """The diff of the editor's text against the parent, redrawn as it is typed."""
+        if self._editor_parent is None or self.editor_box.layout.display != "flex":
+            self.editor_diff.value = ""
+            return
+        from autoresearch_kit.propose.base import unified_diff
+
+        d = unified_diff(self._editor_parent, self.editor.value)
+        self.editor_diff.value = (diff_html(d, mode="unified", max_height="260px") if d.strip() else
+                                  '<div style="color:var(--jp-ui-font-color2, #6e7781)">no change from the parent '
+                                  'yet</div>')
 
     def _on_token(self, token: str) -> None:
         """Streamed proposer text (LLM): shown live, redrawn at most 5 times a second."""
@@ -481,10 +643,15 @@ class Panel(w.VBox):
         self.live.reset([], budget=getattr(self.lab, "budget", None), title="baseline")
         self._set_state("running")
         self._say("No baseline yet: training the starting train.py first, to have a parent to compare with.")
-        rec = self.lab.baseline(on_event=self.live.add_event, stop=self._stop)
+        try:
+            rec = self.lab.baseline(on_event=self.live.add_event, stop=self._stop)
+        except BaseException as exc:
+            self.live.finish("crash", f"the baseline did not finish: {_error_text(exc)}")
+            raise
         status = rec.get("status", "?")
         self.live.finish(status, f"baseline: val_bpb {fmt_bpb(rec.get('val_bpb'))}" if status == "ok"
                          else f"baseline {status}: {rec.get('reason', '')}")
+        self._announce(f"baseline {status}" + (f": val_bpb {fmt_bpb(rec.get('val_bpb'))}" if status == "ok" else ""))
         self.refresh()
         if status == "aborted" and self._stop.is_set():
             # the person pressed Stop: nothing to fix, the baseline is simply still missing
@@ -515,16 +682,26 @@ class Panel(w.VBox):
         self._show_proposal("training...")
         self.live.budget = self.live.budget or getattr(self.lab, "budget", None)
         parent_id = getattr(proposal, "parent_id", None) or getattr(self.lab, "parent_id", None)
-        self.live.reset(self._references(parent_id),
-                        budget=getattr(self.lab, "budget", None), title=str(proposal.description)[:70])
+        parent = self._record(parent_id) or {}
+        self.live.reset(self._references(parent_id), budget=getattr(self.lab, "budget", None),
+                        title=str(proposal.description)[:70], eval_s=parent.get("eval_seconds"))
         self._set_state("running")
-        self._say(f"Training: {proposal.description}", "info")
-        result = self.lab.run_budgeted(proposal, on_event=self.live.add_event, stop=self._stop)
+        note = self.autopilot.description if self.autopilot.value else ""
+        self._say(f"{note + ': ' if note else ''}Training: {proposal.description}", "info")
+        try:
+            result = self.lab.run_budgeted(proposal, on_event=self.live.add_event, stop=self._stop)
+        except BaseException as exc:   # the phase clock must not tick on for a run that is over
+            self.live.finish("crash", f"the run did not finish: {_error_text(exc)}")
+            self.proposal = self.shown = proposal   # nothing lost: it can be approved again
+            self._show_proposal()
+            raise
         extra = getattr(result, "extra", {}) or {}
         self.exp_id = extra.get("exp_id") or self._latest_id()
         status = getattr(result, "status", "?")
         self.live.finish(status, f"{status}: val_bpb {fmt_bpb(getattr(result, 'val_bpb', None))}"
                          if status == "ok" else f"{status}: {getattr(result, 'reason', '')}")
+        self._announce(f"experiment {self.exp_id} {status}"
+                       + (f": val_bpb {fmt_bpb(getattr(result, 'val_bpb', None))}" if status == "ok" else ""))
         self._show_proposal(f"ran as experiment {self.exp_id} ({status})")
         rec = self._record(self.exp_id) or {}
         self._show_outcome(rec or result.to_dict())
@@ -544,6 +721,16 @@ class Panel(w.VBox):
                 return
             self.close_editor()
         p = self.proposal
+        if self._partial():
+            keep = self.selected_hunks()
+            if not keep:
+                self._say("No hunk is ticked: tick at least one, or Reject the proposal.", "warn")
+                return
+            total = len(self.hunk_boxes)
+            source = select_hunks(p.source, p.diff, keep)
+            description = f"{p.description} (hunks {', '.join(str(i + 1) for i in keep)} of {total})"[:200]
+            self.run_edit(source, description, original=p)   # the human edit's path: submit, then run
+            return
         self._spawn("run", lambda: self._run(p))
 
     def stop(self) -> None:
@@ -596,19 +783,27 @@ class Panel(w.VBox):
         if self.proposal is None:
             self._say("Nothing to edit yet.", "warn")
             return
-        self.editor.value = self.proposal.source
-        self.editor_description.value = f"human edit: {self.proposal.description}"[:120]
+        p = self.proposal
+        try:
+            self._editor_parent = select_hunks(p.source, p.diff, set())
+        except ValueError:   # a diff that does not describe its source: no live diff, the editor still works
+            self._editor_parent = None
         self.editor_box.layout.display = "flex"
+        self.editor.value = select_hunks(p.source, p.diff, self.selected_hunks()) if self._partial() else p.source
+        self.editor_description.value = f"human edit: {p.description}"[:120]
+        self._show_editor_diff()
         self.diff.layout.display = "none"
         self.diff_mode.layout.display = "none"
+        self.hunks.layout.display = "none"
 
     def close_editor(self) -> None:
         self.editor_box.layout.display = "none"
         self.diff.layout.display = "flex"
         self._show_proposal()
 
-    def run_edit(self, source: str | None = None, description: str | None = None) -> None:
-        """Run the edited train.py (recorded as a human edit)."""
+    def run_edit(self, source: str | None = None, description: str | None = None, *,
+                 original: Any = None) -> None:
+        """Run the edited train.py (recorded as a human edit; `original`: the proposal it edits)."""
         source = source if source is not None else self.editor.value
         description = (description if description is not None else self.editor_description.value).strip()
         if not description:
@@ -619,7 +814,8 @@ class Panel(w.VBox):
             return
 
         def body():
-            human = self.lab.submit(source, description)
+            human = self.lab.submit(source, description, original=original if original is not None
+                                    else self.proposal)
             self.close_editor()
             self._run(human)
 
@@ -650,19 +846,9 @@ class Panel(w.VBox):
         verdict = self._verdict(exp_id) if exp_id else {}
         keep = verdict.get("keep")
         if verdict:
-            sigma = verdict.get("sigma")
-            if verdict.get("within_noise"):
-                noise_txt = " " + badge("within noise", "#9a6700")
-            elif sigma and status == "ok":
-                noise_txt = " " + badge(f"beyond noise (σ {sigma:.4f})", "#1a7f37")
-            elif status == "ok":
-                noise_txt = (' <span style="font-size:11px;color:#6e7781" title="lab.measure_noise() reruns the '
-                             'parent with other seeds to measure run-to-run noise">noise not measured</span>')
-            else:
-                noise_txt = ""
-            lines.append(f'<div style="margin-top:4px">rule says: <b>{"keep" if keep else "discard"}</b>'
-                         f'{noise_txt} <span style="color:#57606a">{_html.escape(str(verdict.get("reason", "")))}'
-                         f'</span></div>')
+            lines.append(f'<div style="margin-top:4px">rule says: <b>{"keep" if keep else "discard"}</b> '
+                         f'{sigma_badge(verdict) if status == "ok" else ""} <span style="color:#57606a">'
+                         f'{_html.escape(str(verdict.get("reason", "")))}</span></div>')
         decision = rec.get("decision")
         if decision:
             lines.append(f'<div style="margin-top:4px">decided: {badge(decision, "#1a7f37" if decision == "keep" else "#6e7781")}'
@@ -738,6 +924,8 @@ class Panel(w.VBox):
                 if self.state == "ran" and self.exp_id is not None:
                     self._auto_decide(self.exp_id)
                 while done < steps and not self._autopilot_stop.is_set():
+                    # the count stays on the toggle while it runs (the message line is the run's)
+                    self.autopilot.description = f"Autopilot {done + 1}/{steps}"
                     if self.proposal is None:
                         self._set_state("proposing")
                         self._say(f"Autopilot {done + 1}/{steps}: proposing...", "info")
@@ -750,6 +938,7 @@ class Panel(w.VBox):
                     self._auto_decide(self.exp_id)
                     done += 1
             finally:
+                self.autopilot.description = "Autopilot"
                 self.autopilot.value = False
             self._say(f"Autopilot finished {done} step(s).", "ok")
             if self.auto_propose and self.proposal is None and not self._stop.is_set():

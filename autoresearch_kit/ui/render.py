@@ -205,14 +205,30 @@ def _records_frame(records: Iterable[dict]):
     return pd.DataFrame(rows, columns=list(_TABLE_COLUMNS))
 
 
-def history_table_html(records: Sequence[dict], *, best_id: str | None = None, last: int | None = 15) -> str:
-    """The experiments as a pandas HTML table (newest first), kept rows green, the best bold."""
+def gain_sigma_text(verdict: dict | None) -> str:
+    """ "+0.0123 (+2.3σ)": a verdict's gain over the parent and that gain in sigmas ("" without a gain)."""
+    if not verdict or verdict.get("gain") is None:
+        return ""
+    gain, sigma = verdict["gain"], verdict.get("sigma")
+    return f"{gain:+.4f} ({gain / sigma:+.1f}σ)" if sigma else f"{gain:+.4f} (σ ?)"
+
+
+def history_table_html(records: Sequence[dict], *, best_id: str | None = None, last: int | None = 15,
+                       verdicts: dict | None = None) -> str:
+    """The experiments as a pandas HTML table (newest first), kept rows green, the best bold.
+
+    With ``verdicts`` (``{exp_id: Lab.verdict(exp_id)}``) a "gain (σ)" column shows each
+    candidate's gain over its parent and that gain in sigmas, as the rule saw it.
+    """
     df = _records_frame(records)
     if df.empty:
         return '<div style="color:#6e7781">no experiments yet</div>'
     df = df.iloc[::-1]
     if last:
         df = df.head(last)
+    if verdicts is not None:
+        df.insert(list(df.columns).index("val_bpb") + 1, "gain (σ)",
+                  [gain_sigma_text(verdicts.get(i)) for i in df["id"]])
     df["val_bpb"] = df["val_bpb"].map(fmt_bpb)
     # a run that finished but is not decided yet: say so (an empty cell reads as "nothing")
     df["decision"] = [d if isinstance(d, str) and d else ("pending" if st == "ok" else "")
