@@ -949,7 +949,7 @@ class Lab:
                 print(f"lab {self.path.name}: {self.path / 'train.py'} was edited by hand: proposing your edit "
                       f"({description}) before asking {getattr(self.proposer, 'name', 'the proposer')}")
             return proposal
-        ctx = self.context(feedback, siblings)
+        ctx = self.context(feedback, siblings) if siblings else self.context(feedback)
         if on_token is not None and "on_token" in inspect.signature(self.proposer.propose).parameters:
             proposal = self.proposer.propose(ctx, on_token=on_token)
         else:
