@@ -86,7 +86,8 @@ class Device:
         return f"{self.type}: {self.name}"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -171,7 +172,7 @@ def _cpu(why: str) -> Device:
     # vs 4.4-5.0k fp32 for a 4M-param GPT. A cold torch.compile cost 18-31 s there, more
     # than it saves in a 60 s budget, so no compile on CPU.
     dtype, label = _apply(torch.bfloat16, precision())
-    return Device("cpu", _cpu_name(), dtype, None, False, f"{why}: training on CPU with {label} (no torch.compile)")
+    return Device("cpu", cpu_name(), dtype, None, False, f"{why}: training on CPU with {label} (no torch.compile)")
 
 
 def detect(prefer: str | None = None, *, announce: bool = True) -> Device:
@@ -240,7 +241,7 @@ def hardware_fingerprint(device: Device | None = None) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cpu_count": os.cpu_count(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "python": platform.python_version(),
         "platform": sys.platform,
     }

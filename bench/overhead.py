@@ -39,23 +39,15 @@ TINY = {"CPU_DEPTH": 1, "CPU_SEQ_LEN": 64, "CPU_BATCH_SIZE": 8, "ASPECT_RATIO": 
         "GPU_DEPTH": 2, "GPU_SEQ_LEN": 256, "GPU_BATCH_SIZE": 16}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _hardware(device_type: str) -> str:
     import torch
 
     gpu = ""
     if device_type == "cuda" and torch.cuda.is_available():
         gpu = f"{torch.cuda.get_device_name(0)}, "
-    return (f"device {device_type} | {gpu}CPU {_cpu_name()} ({os.cpu_count()} cores) | torch {torch.__version__} "
+    from autoresearch_kit.device import cpu_name
+
+    return (f"device {device_type} | {gpu}CPU {cpu_name()} ({os.cpu_count()} cores) | torch {torch.__version__} "
             f"| python {platform.python_version()}")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,13 +31,9 @@ sys.path.insert(0, str(REPO))
 
 
 def _hardware(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    text = f"{os.cpu_count()} x {cpu}"
+    from autoresearch_kit.device import cpu_name
+
+    text = f"{os.cpu_count()} x {cpu_name()}"
     if device == "cuda":
         import torch
 
