@@ -664,7 +664,7 @@ def test_real_non_causal_model_is_invalid(kit_env, tmp_path):
 
 
 def test_real_nan_loss_is_diverged(kit_env, tmp_path):
-    res = run(tiny_train(**{"    loss.backward()": '    loss = loss * float("nan")\n    loss.backward()'}),
+    res = run(tiny_train(**{"    scaler.scale(loss).backward()": '    loss = loss * float("nan")\n    scaler.scale(loss).backward()'}),
               tmp_path, budget=E2E_BUDGET, hard_limit=120)
     assert res.status == "diverged", res.reason
     assert "nan" in res.reason.lower()
