@@ -1187,6 +1187,7 @@ class Lab:
         self.running = {"exp_id": None, "description": f"a batch of {len(proposals)}", "kind": "batch",
                         "started": time.time(), "events": [], "stop": stop, "batch": {}}
         emit = self._fan_out(on_event)
+        run_kwargs = self._run_kwargs(None)   # the same for every run of the batch: read the ledger once
         runs: dict[str, dict] = {}   # exp_id -> {handle, sha, stop}
         ids: list[str] = []
         done: set[str] = set()
@@ -1201,7 +1202,7 @@ class Lab:
                 try:
                     sha = self._commit_run(exp_id, p.source, parent, p.description)
                     handle = engine.submit(exp_id, p.source, self.budget, data_path=data, digest=digest,
-                                           workdir=self.path / RUNS / exp_id, run_kwargs=self._run_kwargs(None),
+                                           workdir=self.path / RUNS / exp_id, run_kwargs=run_kwargs,
                                            on_event=lambda e, i=exp_id: emit({**e, "exp_id": i}))
                 except BaseException as e:
                     self._finish(exp_id, self._aborted(e), sha)

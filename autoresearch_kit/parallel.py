@@ -171,6 +171,7 @@ class Engine:
         self._handles: dict[str, RunHandle] = {}
         self._closed = False
         self._shipped: dict[str, set[str]] = {}   # manifest hash -> workers known to have it
+        self._all_workers = _takes_n_workers(client)   # newer schedulers list 5 workers unless asked for all
         client.subscribe_topic(self.topic, self._on_log_event)
         self._dispatcher = threading.Thread(target=self._dispatch, name="autoresearch-cluster-events", daemon=True)
         self._dispatcher.start()
@@ -210,8 +211,8 @@ class Engine:
 
     def workers(self) -> dict[str, dict]:
         """{address: {"name", "nthreads"}} of the workers the scheduler knows now."""
-        info = self.client.scheduler_info(n_workers=-1)["workers"] if _takes_n_workers(self.client) \
-            else self.client.scheduler_info()["workers"]
+        info = (self.client.scheduler_info(n_workers=-1) if self._all_workers
+                else self.client.scheduler_info())["workers"]
         return {a: {"name": w.get("name"), "nthreads": w.get("nthreads")} for a, w in info.items()}
 
     def ensure_data(self, data_path: str | os.PathLike, timeout: float = 600.0) -> str:
