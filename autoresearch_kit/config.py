@@ -18,6 +18,8 @@ Environment variables (the runner sets the RUN ones for the child; users may set
     AUTORESEARCH_EVAL_SEQ_LEN the evaluation context (a Lab pins it; default: train.py's SEQ_LEN)
     AUTORESEARCH_WARMUP_STEPS first N steps not counted against a seconds budget
     AUTORESEARCH_SCORE_THREADS torch threads of the runner's scoring (serve.score_threads_for)
+    AUTORESEARCH_CPU_THREADS  a CPU run's training threads: auto (default: the cores others leave
+                              free) | N | torch (torch's own default); OMP_NUM_THREADS, if set, wins
     AUTORESEARCH_CHANNEL_FD   (runner -> child) fd of the socket to the runner (wire.py)
     AUTORESEARCH_RUN_ID       (runner -> child) id used to find stray children
 """
@@ -212,6 +214,22 @@ def parse_eval_tokens(value) -> int | None:
         msg = f"eval tokens must be a positive count or 'all', got {value!r}."
         raise ValueError(msg)
     return n or None
+
+
+def cpu_threads_setting() -> int | str:
+    """AUTORESEARCH_CPU_THREADS: "auto" (unset), "torch", or a positive int."""
+    text = (env("CPU_THREADS") or "auto").strip().lower()
+    if text in ("auto", "torch"):
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        msg = (f"AUTORESEARCH_CPU_THREADS must be auto, torch or a positive number of threads, got {text!r}; "
+               "unset it for auto (the cores other processes leave free).")
+        raise ValueError(msg)
+    return n
 
 
 def eval_seq_len_setting() -> int | None:

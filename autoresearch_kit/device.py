@@ -167,12 +167,17 @@ def _mps() -> Device:
                   f"no CUDA: training on Apple MPS in {label} (no torch.compile)")
 
 
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
 def _cpu(why: str) -> Device:
     # bf16 autocast measured on the dev box (2-core EPYC with avx512_bf16): 7.5k tok/s
     # vs 4.4-5.0k fp32 for a 4M-param GPT. A cold torch.compile cost 18-31 s there, more
     # than it saves in a 60 s budget, so no compile on CPU.
     dtype, label = _apply(torch.bfloat16, precision())
-    return Device("cpu", cpu_name(), dtype, None, False, f"{why}: training on CPU with {label} (no torch.compile)")
+    return Device("cpu", cpu_name(), dtype, None, False, f"{why}: training on CPU with {label}, {_threads()} (no torch.compile)")
 
 
 def detect(prefer: str | None = None, *, announce: bool = True) -> Device:

@@ -788,6 +788,75 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
                       on_event=on_event, stop=stop)
 
 
+def _cpu_stat(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) jiffies of the given CPUs from /proc/stat, or None where it is unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    busy = total = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit() or int(name[3:]) not in cpus:
+            continue
+        vals = [int(v) for v in rest.split()[:8]]      # user nice system idle iowait irq softirq steal
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        busy, total = busy + sum(vals) - idle, total + sum(vals)
+    return (busy, total) if total else None
+
+
+def busy_cores(seconds: float = 0.25) -> tuple[int, float] | None:
+    """(cores this process may use, how many of them other processes keep busy), sampled now.
+
+    Samples /proc/stat over `seconds` for the CPUs in this process's affinity mask and
+    subtracts this process's own CPU time; None where /proc/stat is not there (macOS).
+    """
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    first = _cpu_stat(cpus)
+    if first is None:
+        return None
+    own0 = sum(os.times()[:2])
+    time.sleep(seconds)
+    second = _cpu_stat(cpus)
+    if second is None or second[1] <= first[1]:
+        return None
+    own = (sum(os.times()[:2]) - own0) / seconds            # cores this process itself used meanwhile
+    share = (second[0] - first[0]) / (second[1] - first[1])  # busy fraction of our CPUs
+    return len(cpus), max(0.0, share * len(cpus) - own)
+
+
+def cpu_threads(extra_env: dict[str, str] | None = None) -> tuple[int | None, str]:
+    """The training threads a CPU run gets (OMP_NUM_THREADS for the child), and why.
+
+    OMP_NUM_THREADS set by the user (or in `env=`) is kept. Otherwise
+    AUTORESEARCH_CPU_THREADS: a number; "torch" leaves torch's default (every core); "auto"
+    (the default) gives the cores that other processes leave free, at least one: on the
+    2-core development machine (bench/threads.py, docs/PERFORMANCE.md) 2 threads trained at
+    15.2k tok/s idle against 9.1k for 1, but at 1.4k against 9.0k while one other process
+    kept a core busy, and the crossover was a core about half busy. The count does not
+    change what a token budget trains (val_bpb was the same to the bit for 1 and 2).
+    Returns (None, why) when the child should keep torch's default.
+    """
+    given = (extra_env or {}).get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    if given:
+        return None, f"OMP_NUM_THREADS={given} (set by you)"
+    setting = config.cpu_threads_setting()
+    if setting == "torch":
+        return None, "torch's default (AUTORESEARCH_CPU_THREADS=torch)"
+    if isinstance(setting, int):
+        return setting, f"AUTORESEARCH_CPU_THREADS={setting}"
+    sample = busy_cores()
+    if sample is None:
+        return None, "torch's default (no /proc/stat here to see what else runs)"
+    cores, busy = sample
+    n = max(1, min(cores, math.floor(cores - busy + 0.5)))
+    return n, f"{cores} cores, {busy:.1f} kept busy by other processes"
+
+
 _FIXED_CHILD_ENV = {"PYTHONUNBUFFERED": "1"}  # what every run sets beyond AUTORESEARCH_* (see prestart)
 
 
@@ -880,6 +949,13 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
         t0 = time.monotonic()
         try:
             child_env = _child_env(extra_env, runner_env)
+            if device_type == "cpu":
+                threads, why = cpu_threads(extra_env)
+                if threads is not None:
+                    child_env["OMP_NUM_THREADS"] = str(threads)
+                omp = child_env.get("OMP_NUM_THREADS", "")
+                res.extra["cpu_threads"] = int(omp) if omp.isdigit() else None
+                res.extra["cpu_threads_why"] = why
             proc = None
             hide = [data.path, config.cache_dir(), wd.parent]
             if iso.isolated and forkserver.enabled(device_type) and _sandbox.forked_isolation():

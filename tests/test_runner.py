@@ -179,6 +179,79 @@ def test_ok_run_is_scored_by_the_runner_and_streams_events(unchecked, tmp_path):
     _assert_nothing_left(res)
 
 
+SAYS_ITS_THREADS = """
+    print("OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset"))
+    step(0)
+    result()
+"""
+
+
+def _threads_seen(res: RunResult) -> str:
+    assert res.status == "ok", res.reason
+    return re.search(r"OMP_NUM_THREADS=(\S+)", Path(res.log_path).read_text()).group(1)
+
+
+def test_a_cpu_run_trains_on_the_cores_other_processes_leave_free(unchecked, tmp_path, monkeypatch):
+    # bench/threads.py: on a 2-core machine 2 threads trained 6x slower than 1 while another
+    # process kept one core busy; every core busy here, so the run must get one thread
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("AUTORESEARCH_CPU_THREADS", raising=False)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(len(os.sched_getaffinity(0)))]
+    try:
+        time.sleep(0.5)
+        res = run(fake(SAYS_ITS_THREADS), tmp_path)
+    finally:
+        for sp in spinners:
+            sp.kill()
+            sp.wait()
+    assert _threads_seen(res) == "1" and res.extra["cpu_threads"] == 1
+    assert "kept busy by other processes" in res.extra["cpu_threads_why"]
+
+
+def test_a_thread_count_the_user_sets_is_kept(unchecked, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    res = run(fake(SAYS_ITS_THREADS), tmp_path)
+    assert _threads_seen(res) == "3" and res.extra["cpu_threads"] == 3
+    assert "set by you" in res.extra["cpu_threads_why"]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("AUTORESEARCH_CPU_THREADS", "2")
+    assert _threads_seen(run(fake(SAYS_ITS_THREADS), tmp_path / "b")) == "2"
+    monkeypatch.setenv("AUTORESEARCH_CPU_THREADS", "torch")   # torch's own default: nothing set
+    res = run(fake(SAYS_ITS_THREADS), tmp_path / "c")
+    assert _threads_seen(res) == "unset" and res.extra["cpu_threads"] is None
+    monkeypatch.setenv("AUTORESEARCH_CPU_THREADS", "many")
+    with pytest.raises(ValueError, match="AUTORESEARCH_CPU_THREADS must be auto, torch or a positive number"):
+        run_budgeted(fake(SAYS_ITS_THREADS), "2s", workdir=tmp_path / "d")
+
+
+def test_busy_cores_counts_other_processes_not_this_one():
+    cores, idle_busy = runner.busy_cores(0.3)
+    assert cores == len(os.sched_getaffinity(0))
+    spin = threading.Event()
+
+    def burn():   # this process's own CPU time is not "other processes"
+        while not spin.is_set():
+            pass
+
+    t = threading.Thread(target=burn)
+    t.start()
+    try:
+        _, own_busy = runner.busy_cores(0.3)
+    finally:
+        spin.set()
+        t.join()
+    assert own_busy < idle_busy + 0.5
+    sp = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        _, other_busy = runner.busy_cores(0.3)
+    finally:
+        sp.kill()
+        sp.wait()
+    assert other_busy > 0.7
+
+
 def test_candidate_may_be_a_path_or_a_proposal(unchecked, tmp_path):
     src = fake("step(0); result()\n")
     path = tmp_path / "cand.py"
