@@ -617,6 +617,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                     f"Fix {lab.path / 'train.py'} and run again.")
             if lab.sigma is not None and not args.noise:
                 print(f"noise: sigma {lab.sigma:.6f} bpb (baseline reruns; gains within 2 sigma are not kept)")
+                if lab.load_note():
+                    print(f"noise: {lab.load_note()}")
             if args.noise:
                 bar = ProgressBar("noise")
                 bar.start()
@@ -625,6 +627,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 finally:
                     bar.close()
                 print(f"noise: val_bpb {', '.join(f'{v:.6f}' for v in n['values'])}  sigma {n['sigma']:.6f}")
+                if n["load_note"]:
+                    print(f"noise: {n['load_note']}")
             if not _settle_undecided(lab, args.yes):
                 return 0
             approve = _announce if args.yes else _interactive_approve(lab)

@@ -1395,6 +1395,8 @@ class Lab:
             if self.verbose and n["sigma"] is not None:
                 print(f"lab {self.path.name}: noise sigma {n['sigma']:.6f} bpb from {len(n['values'])} runs of "
                       f"{n['exp_id']}; gains within 2 sigma are not kept (noise_runs=0 skips this)")
+                if n["load_note"]:
+                    print(f"lab {self.path.name}: {n['load_note']}")
         return base
 
     def _run_rebaseline(self, on_event=None, stop=None) -> dict:
@@ -1961,8 +1963,23 @@ class Lab:
                 self._rerun(grand, len(missing), "noise", on_event, stop, seeds=missing)
         self.sigma = self._sigma_from_ledger()
         pairs = len(self._pairs(parent, grand)) if grand is not None else 0
+        speeds = self._throughputs(parent)
         return {"exp_id": parent, "values": values, "mean": statistics.fmean(values), "sigma": self.sigma,
-                "pairs": pairs, "paired_sd": self.paired_noise()["sd"]}
+                "pairs": pairs, "paired_sd": self.paired_noise()["sd"], "tok_per_s": speeds,
+                "load_note": load_note(speeds, self.budget)}
+
+    def _throughputs(self, exp_id: str) -> list[float]:
+        """Training tokens/s of an experiment's ok runs (it and its reruns of the same source)."""
+        rec = self.ledger.get(exp_id)
+        runs = [rec] + [r for r in self.ledger.records(curves=False)
+                        if r["kind"] in ("noise", "rerun") and r["parent_id"] == exp_id
+                        and r["source_hash"] == rec["source_hash"]]
+        return [v for v in (_tok_per_s(r) for r in runs) if v]
+
+    def load_note(self, exp_id: str | None = None) -> str:
+        """A warning when an experiment's reruns (default: the parent's) trained at very
+        different speeds on a seconds budget, i.e. the machine's load is part of sigma; "" if not."""
+        return load_note(self._throughputs(exp_id or self.parent_id), self.budget)
 
     def recheck(self, exp_id: str | None = None, on_event: Callable[[dict], Any] | None = None,
                 stop: threading.Event | None = None) -> bool:
@@ -2156,6 +2173,23 @@ def _tok_per_s(rec: dict | None) -> float | None:
     if not rec or rec.get("status") != "ok" or not rec.get("tokens") or not rec.get("training_seconds"):
         return None
     return rec["tokens"] / rec["training_seconds"]
+
+
+LOAD_SPREAD = 1.15   # tok/s max / min over reruns of one train.py beyond which load shows in sigma
+
+
+def load_note(speeds: list[float], budget) -> str:
+    """A note when reruns of one train.py on a seconds budget trained at very different
+    speeds (max / min > LOAD_SPREAD): the tokens a run fits then depend on the machine's
+    load, and sigma measures the load as much as the seeds ("" otherwise)."""
+    if budget is None or getattr(budget, "kind", None) != "seconds" or len(speeds) < 2:
+        return ""
+    lo, hi = min(speeds), max(speeds)
+    if hi / lo <= LOAD_SPREAD:
+        return ""
+    return (f"the same train.py trained at {lo / 1000:.1f}k to {hi / 1000:.1f}k tok/s over these runs (x{hi / lo:.1f}): "
+            f"on a seconds budget the machine's load is part of sigma; calibrate=True (--calibrate) or a "
+            f"token budget (--budget N-tokens) leaves it out")
 
 
 def throughput_note(rec: dict, parent: dict | None, budget) -> str:

@@ -1226,6 +1226,28 @@ def test_measure_noise_on_a_kept_candidate_reruns_its_parent_at_the_same_seeds(l
         assert v["paired"] and v["pairs"] == 2
         unpaired = lab.measure_noise(k=1, paired=False)                 # seed 44 for the tip only
         assert unpaired["pairs"] == 2 and len(lab.ledger) == 5
+def test_the_noise_measurement_says_when_a_seconds_budget_measures_the_load(tmp_path, kit_env):
+    # issue 11 item 5: reruns of one train.py at very different speeds = sigma is the machine's load
+    lab = _open(tmp_path / "lab", train=ROOT / "train.py", budget="15s")
+    led = lab.ledger
+    base = led.start(None, "base", "", "baseline", "test", "15s", {}, kind="baseline")
+    led.finish(base, RunResult(status="ok", val_bpb=1.0, seed=42, tokens=36_000, training_seconds=15.0))
+
+    def rerun(seed, tokens):
+        eid = led.start(base, "base", "", "noise", "rerun", "15s", {}, kind="noise")
+        led.finish(eid, RunResult(status="ok", val_bpb=1.0, seed=seed, tokens=tokens, training_seconds=15.0))
+
+    rerun(43, 35_000)
+    assert lab.load_note(base) == ""                              # 2.4k and 2.3k tok/s: the seeds
+    rerun(44, 18_000)                                             # 1.2k tok/s: another job took a core
+    note = lab.load_note(base)
+    assert note.startswith("the same train.py trained at 1.2k to 2.4k tok/s over these runs (x2.0)")
+    assert "--calibrate" in note
+    lab.close()
+    with _open(tmp_path / "lab", budget="36k-tokens") as lab:    # tokens fit whatever the load
+        assert lab.load_note(base) == ""
+
+
 def test_the_verdict_says_when_a_seconds_budget_run_trained_at_another_speed(tmp_path, kit_env):
     # issue 11 item 7: the throughput check is the verdict's, so the panel and the API see it
     lab = _open(tmp_path / "lab", train=ROOT / "train.py", budget="15s")
