@@ -541,7 +541,7 @@ def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
                seed=args.seed, device=args.device, threshold=args.threshold, proposer_kwargs=kw,
                verbose=verbose, rebaseline=getattr(args, "rebaseline", False),
                noise_runs=getattr(args, "noise_runs", None), cluster=getattr(args, "cluster", None),
-               calibrate=getattr(args, "calibrate", False))
+               calibrate=getattr(args, "calibrate", None))
 
 
 def _save_refused(lab_path: Path, error) -> Path | None:
@@ -608,6 +608,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 finally:
                     bar.close()
                 print(format_record(rec))
+                for note in (lab.calibration_note(), lab.eval_note(rec)):
+                    if note and rec["status"] == "ok":
+                        print(f"budget: {note}" if note.startswith("calibrated") else f"eval: {note}")
                 if rec["status"] != "ok":
                     machine = _timeout_note(lab, rec)
                     if machine:
@@ -1044,9 +1047,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--noise-runs", type=int, default=None, metavar="K",
                    help="reruns of the baseline that measure the noise before the first candidate (default 2, "
                         "AUTORESEARCH_NOISE_RUNS; 0 skips); gains within 2 sigma are not kept")
-    q.add_argument("--calibrate", action="store_true",
+    q.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
                    help="a new lab turns its seconds budget into the tokens its baseline trains in it (one extra "
-                        "run), so later runs do not depend on the machine's load")
+                        "run), so later runs do not depend on the machine's load (default: on for a CPU lab "
+                        "given no --budget; --no-calibrate keeps seconds)")
     q.add_argument("--parallel", type=_positive(int), default=1, metavar="N",
                    help="run N proposals at once, one per Dask worker (one per GPU locally); the best that beats "
                         "the parent beyond noise is kept (default 1: one at a time)")

@@ -21,11 +21,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # the kit of this checkout, installed or not
 
 
 def _edit(source: str, edit: str) -> str:

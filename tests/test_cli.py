@@ -446,12 +446,12 @@ def test_disk_full_is_one_line(cli_lab, tmp_path, kit_env, monkeypatch, capsys):
     def full(self, *a, **kw):
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(Ledger, "finish", full)
-    monkeypatch.setattr(time, "sleep", lambda s: None)
-    assert main(["run", "--lab", str(d), "--yes", "--steps", "1", "--proposer", "mutate"]) == 2
+    with monkeypatch.context() as m:   # the disk is full only here (the lab's data stays kit_env's)
+        m.setattr(Ledger, "finish", full)
+        m.setattr(time, "sleep", lambda s: None)
+        assert main(["run", "--lab", str(d), "--yes", "--steps", "1", "--proposer", "mutate"]) == 2
     err = _one_line_error(capsys)
     assert err.startswith("autoresearch: error: disk full: the result of experiment 0004 (val_bpb 0.500000)")
-    monkeypatch.undo()
     with Lab(d, verbose=False) as lab:
         assert lab.ledger.get("0004")["val_bpb"] == 0.5
 

@@ -1041,6 +1041,39 @@ def test_the_one_line_record_shows_sigma_beside_the_rules_decision(tmp_path, kit
         assert "sigma" not in human and "discard (within noise) [human]" in human
 
 
+def test_gains_inside_the_band_are_rerun_until_the_lab_knows_its_paired_noise(tmp_path, kit_env):
+    """docs/NOISE.md: without a paired SD the one-seed band is sigma * 2 * sqrt(2), several
+    times the real SE; a gain inside it is rerun (for real, at seed 43) until two reruns
+    have given the lab its paired SD, then only narrow wins are."""
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    lab = _open(tmp_path / "lab", train=tmp_path / "train.py")
+    src = lab.workspace.source("kept")
+    h = Proposal.from_source("", src, "").source_hash
+    base = lab.ledger.start(None, h, "", "baseline", "baseline", BUDGET, {}, kind="baseline")
+    sha = lab.workspace.commit_experiment(base, src, None, "baseline")
+    lab.ledger.finish(base, RunResult(status="ok", val_bpb=1.00, seed=42), commit=sha)
+    lab.ledger.decide(base, "keep", "baseline", decided_by="rule", tip=base)
+    _fake_run(lab.ledger, base, "noise", 1.01, seed=43, src=h)
+    _fake_run(lab.ledger, base, "noise", 0.99, seed=44, src=h)
+    a = _committed_run(lab, base, _lr_edit(src, 0.0201), 0.99)    # +0.01 = 0.7 SE: inside the 2 SE band
+    b = _committed_run(lab, base, _lr_edit(src, 0.0202), 0.985)
+    c = _committed_run(lab, base, _lr_edit(src, 0.0203), 0.99)
+    worse = _committed_run(lab, base, _lr_edit(src, 0.0204), 1.02)
+    lab.close()
+    with _open(tmp_path / "lab") as lab:
+        assert not lab.verdict(a)["keep"] and lab.paired_noise()["sd"] is None
+        n = len(lab.ledger)
+        assert lab.recheck(worse) is False and len(lab.ledger) == n        # a loss teaches nothing worth a run
+        lab.recheck_until_paired = False
+        assert lab.recheck(a) is False and len(lab.ledger) == n            # off: the band decides alone
+        lab.recheck_until_paired = True
+        assert lab.recheck(a) is True and lab.recheck(b) is True
+        new = lab.ledger.records(curves=False)[n:]
+        assert [(r["kind"], r["parent_id"], r["seed"]) for r in new] == [("rerun", a, 43), ("rerun", b, 43)]
+        assert lab.paired_noise()["sd"] is not None and lab.paired_noise()["df"] >= 2
+        assert lab.recheck(c) is False and len(lab.ledger) == n + 2       # known now: no more learning runs
+
+
 def test_a_narrow_win_is_rerun_once_before_it_is_kept(tmp_path, kit_env):
     """Made-up scores for the parent's three seeds (sigma 0.01) and a 2.5-SE one-run win;
     recheck reruns the candidate for real at seed 43 (the parent has it), and the rule then
@@ -1112,6 +1145,43 @@ def test_calibrate_turns_a_seconds_budget_into_the_tokens_the_baseline_trains(tm
         with Lab(tmp_path / "lab", budget="3s", proposer=LRProposer(), verbose=False, calibrate=True) as lab:
             assert str(lab.budget) == first["budget"]
             assert len(lab.ledger) == 2
+
+
+def test_a_new_cpu_lab_given_no_budget_calibrates_and_says_so(tmp_path, kit_env, monkeypatch, capsys):
+    # docs/NOISE.md: a seconds budget on a CPU measures the load; the default is its tokens
+    from autoresearch_kit import config
+
+    monkeypatch.delenv("AUTORESEARCH_BUDGET", raising=False)
+    monkeypatch.setitem(config.DEFAULT_SECONDS, "cpu", 3.0)       # the default budget, short for a test
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    assert Lab(tmp_path / "given", train=tmp_path / "train.py", budget="3s", verbose=False).calibrate is False
+    assert Lab(tmp_path / "off", train=tmp_path / "train.py", calibrate=False, verbose=False).calibrate is False
+    assert Lab(tmp_path / "gpu", train=tmp_path / "train.py", device="cuda", verbose=False).calibrate is False
+    with Lab(tmp_path / "lab", train=tmp_path / "train.py", proposer=LRProposer(), noise_runs=0) as lab:
+        assert lab.calibrate is True and str(lab.budget) == "3s"
+        base = lab.baseline()
+        assert base["status"] == "ok", base["reason"]
+        cal = lab.ledger.records(curves=False)[0]
+        assert cal["kind"] == "calibration" and cal["budget"] == "3s"
+        assert lab.budget.kind == "tokens" and base["budget"] == f"{cal['tokens']}-tokens"
+        note = lab.calibration_note()
+        assert note.startswith(f"calibrated: 3s trained {cal['tokens']:,} tokens here")
+        assert "--no-calibrate" in note
+    assert note in capsys.readouterr().out
+    monkeypatch.setenv("AUTORESEARCH_BUDGET", "3s")                # a budget asked for is used as given
+    assert Lab(tmp_path / "env", train=tmp_path / "train.py", verbose=False).calibrate is False
+
+
+def test_a_baseline_whose_scoring_takes_long_says_how_to_score_a_span(tmp_path, kit_env):
+    lab = _open(tmp_path / "lab", train=ROOT / "train.py", budget="60s")
+    eid = lab.ledger.start(None, "base", "", "baseline", "test", "60s", {}, kind="baseline")
+    lab.ledger.finish(eid, RunResult(status="ok", val_bpb=1.0, seed=42, tokens=10_000, training_seconds=60.0,
+                                     eval_seconds=48.0, eval_tokens=490_000))
+    note = lab.eval_note()
+    assert note.startswith("scoring 490,000 validation tokens took 48 s per run (training 60 s)")
+    assert "AUTORESEARCH_EVAL_TOKENS=N" in note
+    assert lab.eval_note({**lab.ledger.get(eid), "eval_seconds": 4.0}) == ""   # 4 s of 60: the default CPU lab
+    lab.close()
 
 
 class _no_warning:
