@@ -47,8 +47,8 @@ failure (the server cannot start, dies, refuses) gives None and the runner start
 `python train.py` as before. Differences from a fresh process worth knowing: all
 children of one server share its hash seed (PYTHONHASHSEED) and its import-time state;
 the server restarts whenever the environment (other than AUTORESEARCH_* and PYTEST_*
-variables) differs from the one it imported under, so import-time settings such as
-TORCHINDUCTOR_* always match.
+variables, and OMP_NUM_THREADS, which each child applies itself) differs from the one it
+imported under, so import-time settings such as TORCHINDUCTOR_* always match.
 
 Stdlib only at import: the runner imports this module. Tests:
 `python -m pytest tests/test_forkserver.py -q`.
@@ -311,17 +311,21 @@ _preload: dict[tuple, int] = {}  # env key -> how many of PRELOAD a server may i
 
 # Set per run in a sandboxed server's children (sandbox.stage), read by libraries at use, not import.
 _PER_RUN = ("HOME", "TMPDIR", "PWD", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+# Chosen per run by the runner from the machine's load (runner.cpu_threads): a child applies
+# it itself (torch.set_num_threads in _child), so one server serves every thread count.
+_THREADS_VAR = "OMP_NUM_THREADS"
 
 
 def _env_key(env: dict[str, str], sandboxed: bool = False) -> tuple:
     """What the server's imports could depend on: the environment minus per-run variables."""
     skip = _PER_RUN if sandboxed else ()
     return tuple(sorted((k, v) for k, v in env.items()
-                        if not k.startswith(("AUTORESEARCH_", "PYTEST_")) and k not in skip)) + (("sandbox", sandboxed),)
+                        if not k.startswith(("AUTORESEARCH_", "PYTEST_")) and k not in skip
+                        and k != _THREADS_VAR)) + (("sandbox", sandboxed),)
 
 
 def _server_env(env: dict[str, str]) -> dict[str, str]:
-    server_env = {k: v for k, v in env.items() if not k.startswith("AUTORESEARCH_")}
+    server_env = {k: v for k, v in env.items() if not k.startswith("AUTORESEARCH_") and k != _THREADS_VAR}
     server_env[RUN_ID_VAR] = _PLACEHOLDER_ID
     # Triton's driver check calls torch.cuda.is_available(), which initialises the CUDA driver
     # (cuInit: a driver thread, a context that does not survive fork) unless torch asks NVML.
@@ -678,6 +682,10 @@ def _child(request: dict, stdout_fd: int, channel_fd: int, sync_w: int, server_p
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(env)
+    threads = env.get(_THREADS_VAR, "")
+    if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:
+        # The server imported torch without it (its OpenMP read the variable then): set it now.
+        sys.modules["torch"].set_num_threads(int(threads))
     if request.get("landlock"):
         # Sandboxed: from here on this process (and all it starts) reads only the system,
         # Python, the kit and its run, and writes only its run and its scratch folder.

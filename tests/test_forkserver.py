@@ -256,6 +256,25 @@ def test_prestarted_server_serves_the_first_run(forked, tmp_path):
     assert forkserver.server_pid() == pid, "the first run started another server instead of using the prestarted one"
 
 
+def test_one_server_serves_runs_at_any_thread_count(forked, tmp_path, monkeypatch):
+    # The runner picks each CPU run's thread count from the load (runner.cpu_threads): a
+    # new count must not restart the server, and each child must train at its own count.
+    seen, pids = [], []
+    for n in (1, 2, 1):
+        monkeypatch.setenv("AUTORESEARCH_CPU_THREADS", str(n))
+        res = run(fake("""
+            import torch
+            open("threads.txt", "w").write(f"{os.environ['OMP_NUM_THREADS']} {torch.get_num_threads()}")
+            step(0); result()
+        """), tmp_path, name=f"t{len(seen)}")
+        assert res.status == "ok" and res.extra["forkserver"] is True, res.reason
+        assert res.extra["cpu_threads"] == n
+        seen.append((tmp_path / f"t{len(seen)}" / "threads.txt").read_text())
+        pids.append(forkserver.server_pid())
+    assert seen == ["1 1", "2 2", "1 1"]
+    assert len(set(pids)) == 1, "a new thread count restarted the fork server"
+
+
 def test_prestart_is_off_where_the_fork_server_is(kit_env, monkeypatch):
     from autoresearch_kit import runner
 
