@@ -77,7 +77,10 @@ def test_notebooks_are_committed_without_outputs():
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{path.name}: strip the outputs"
         settings = nb.cells[1].source
-        assert "AUTORESEARCH_NOTEBOOK_BUDGET" in settings and '"60s"' in settings, path.name
+        assert "AUTORESEARCH_NOTEBOOK_BUDGET" in settings, path.name
+        # the loop's notebooks use the lab's default budget (a CPU lab calibrates); the walkthrough 60 s
+        default = '"60s"' if path.name.startswith("02") else "or None"
+        assert default in settings, path.name
 
 
 def test_quickstart(nb_env, tmp_path, monkeypatch):
