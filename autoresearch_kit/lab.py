@@ -1847,16 +1847,26 @@ class Lab:
         """Decide a batch by the rule: keep its best candidate that beats the parent beyond noise.
 
         The candidates the rule would keep are tried best first (lowest val_bpb); a
-        narrow win is rerun once (`recheck`) and the first that still wins is kept. The
+        narrow win is rerun once (`recheck`) and the first that still wins is kept. Until
+        the lab knows its paired SD, a candidate that beats the parent inside the band is
+        rerun too (`recheck_until_paired`), as in the sequential `step`. The
         others are discarded (a candidate that won alone but lost to a sibling says so in
         its reason). Decided by ``autopilot`` during autopilot, else ``rule``.
         """
         by = "autopilot" if self._autopilot else "rule"
         todo = [i for i in ids if self.ledger.get(i)["decision"] is None]
         verdicts = {i: self.verdict(i) for i in todo}
-        ranked = sorted((v for v in verdicts.values() if v["keep"]), key=lambda v: v["val_bpb"])
+        # Best first: the rule's keeps, and (while the lab learns its paired SD, as in `step`)
+        # candidates that beat the parent inside the band, which `recheck` reruns.
+        ranked = sorted((v for v in verdicts.values()
+                         if v["keep"] or (v["gain"] is not None and v["gain"] > 0)), key=lambda v: v["val_bpb"])
         winner = None
         for v in ranked:
+            if not v["keep"] and not (self.recheck_until_paired and self.paired_noise()["sd"] is None):
+                again = self.verdict(v["exp_id"])   # the band may have narrowed since: judge afresh
+                verdicts[v["exp_id"]] = again
+                if not again["keep"]:
+                    continue
             if not (stop is not None and stop.is_set()):
                 self.recheck(v["exp_id"], on_event=on_event, stop=stop)
             again = self.verdict(v["exp_id"])

@@ -1074,6 +1074,36 @@ def test_gains_inside_the_band_are_rerun_until_the_lab_knows_its_paired_noise(tm
         assert lab.recheck(c) is False and len(lab.ledger) == n + 2       # known now: no more learning runs
 
 
+def test_a_batch_reruns_its_gains_inside_the_band_until_the_lab_knows_its_paired_noise(tmp_path, kit_env):
+    """decide_batch learns the paired SD as step does: its candidates that beat the parent
+    inside the band are rerun for real at seed 43, best first, until the SD is known; a
+    loss is never rerun, and the batch ends decided with at most one keep."""
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    lab = _open(tmp_path / "lab", train=tmp_path / "train.py")
+    src = lab.workspace.source("kept")
+    h = Proposal.from_source("", src, "").source_hash
+    base = lab.ledger.start(None, h, "", "baseline", "baseline", BUDGET, {}, kind="baseline")
+    sha = lab.workspace.commit_experiment(base, src, None, "baseline")
+    lab.ledger.finish(base, RunResult(status="ok", val_bpb=1.00, seed=42), commit=sha)
+    lab.ledger.decide(base, "keep", "baseline", decided_by="rule", tip=base)
+    _fake_run(lab.ledger, base, "noise", 1.01, seed=43, src=h)
+    _fake_run(lab.ledger, base, "noise", 0.99, seed=44, src=h)
+    a = _committed_run(lab, base, _lr_edit(src, 0.0201), 0.99)    # inside the band, as above
+    b = _committed_run(lab, base, _lr_edit(src, 0.0202), 0.985)   # the batch's best
+    worse = _committed_run(lab, base, _lr_edit(src, 0.0204), 1.02)
+    lab.close()
+    with _open(tmp_path / "lab") as lab:
+        assert not any(lab.verdict(i)["keep"] for i in (a, b, worse)) and lab.paired_noise()["sd"] is None
+        n = len(lab.ledger)
+        lab.decide_batch([a, b, worse])
+        reruns = [(r["parent_id"], r["seed"]) for r in lab.ledger.records(curves=False)[n:] if r["kind"] == "rerun"]
+        assert reruns[0] == (b, 43) and (worse, 43) not in reruns
+        decisions = [lab.ledger.get(i)["decision"] for i in (a, b, worse)]
+        assert None not in decisions and decisions.count("keep") <= 1 and decisions[2] == "discard"
+        if decisions.count("keep") == 0:   # neither survived: both taught the lab, which now knows its SD
+            assert reruns == [(b, 43), (a, 43)] and lab.paired_noise()["sd"] is not None
+
+
 def test_a_narrow_win_is_rerun_once_before_it_is_kept(tmp_path, kit_env):
     """Made-up scores for the parent's three seeds (sigma 0.01) and a 2.5-SE one-run win;
     recheck reruns the candidate for real at seed 43 (the parent has it), and the rule then
