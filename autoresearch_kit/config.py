@@ -27,6 +27,7 @@ Environment variables (the runner sets the RUN ones for the child; users may set
 from __future__ import annotations
 
 import os
+import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,18 @@ def parse_eval_tokens(value) -> int | None:
         msg = f"eval tokens must be a positive count or 'all', got {value!r}."
         raise ValueError(msg)
     return n or None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_threads_setting() -> int | str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from autoresearch_kit import config
+from autoresearch_kit.config import cpu_name  # noqa: F401  (torch-free, there for the Dask workers)
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s by card name, from the vendor data
 # sheets. Matched in order on the lower-cased torch.cuda.get_device_name(); first hit wins,
@@ -84,18 +85,6 @@ class Device:
     def describe(self) -> str:
         """e.g. 'cuda: NVIDIA H100 80GB HBM3' (the RunResult.device string)."""
         return f"{self.type}: {self.name}"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def peak_flops_for(name: str) -> float | None:

@@ -653,6 +653,9 @@ class Ledger:
             known = set(_RUN_COLUMNS) | {"status", "curve", "extra", "budget"}
             extra = dict(d.get("extra") or {})
             extra.update({k: v for k, v in d.items() if k not in known})  # fields a newer runner adds
+            ran_on = extra.pop("hardware", None)
+            if isinstance(ran_on, dict):   # a run elsewhere (a Dask worker): the machine it ran on
+                values["hardware"] = _dumps(scrub_secrets({**(rec["hardware"] or {}), **ran_on}))
             values["extra"] = _dumps(scrub_secrets(extra))
             if not rec["budget"] and d.get("budget"):
                 values["budget"] = str(d["budget"])

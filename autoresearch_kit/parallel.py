@@ -36,6 +36,8 @@ import math
 import os
 import queue
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -516,6 +518,43 @@ def _plain(value: Any) -> Any:
         return str(value)
 
 
+_GPU_NAMES: dict[str, str | None] = {}
+
+
+def worker_hardware(device_type: str) -> dict:
+    """What a run on this worker ran on, in `device.hardware_fingerprint`'s keys, found without
+    importing torch here (a worker process must not hold a CUDA context): the GPU's name from
+    nvidia-smi for the GPU CUDA_VISIBLE_DEVICES pins this worker to, the CPU from /proc/cpuinfo."""
+    import importlib.metadata
+    import platform
+    import socket
+
+    from autoresearch_kit.config import cpu_name
+
+    out: dict[str, Any] = {"device": device_type or None, "host": socket.gethostname(), "cpu": cpu_name(),
+                           "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                           "platform": sys.platform}
+    try:
+        out["torch"] = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if device_type == "cpu":
+        out["device_name"] = out["cpu"]
+    elif device_type.startswith("cuda"):
+        visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+        if visible not in _GPU_NAMES:
+            try:
+                done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", visible],
+                                      capture_output=True, text=True, timeout=10)
+                names = done.stdout.strip().splitlines() if done.returncode == 0 else []
+                _GPU_NAMES[visible] = names[0].strip() if names else None
+            except (OSError, subprocess.SubprocessError):
+                _GPU_NAMES[visible] = None
+        if _GPU_NAMES[visible]:
+            out["device_name"] = _GPU_NAMES[visible]
+    return out
+
+
 def run_on_worker(spec: dict) -> tuple[Any, bytes]:
     """Run one experiment here through the runner; returns (RunResult, the log if not shared)."""
     import distributed
@@ -575,6 +614,11 @@ def run_on_worker(spec: dict) -> tuple[Any, bytes]:
         done.set()
     res.extra.update(worker=here, worker_data=where, worker_began=began, worker_ended=time.time(),
                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    # The machine it ran on, not the driver's (the ledger merges it into the record's hardware).
+    hardware = {**worker_hardware(str(res.extra.get("device_type") or "")), "worker": here}
+    if "device_name" not in hardware and res.device:   # no nvidia-smi: what the run itself reported
+        hardware["device_name"] = f"{res.device} (reported by the run)"
+    res.extra["hardware"] = hardware
     if stop.is_set() and res.status == "aborted" and not res.reason:
         res.reason = "stopped from the driver"
     log = b""

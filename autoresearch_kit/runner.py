@@ -766,7 +766,8 @@ def run_budgeted(candidate: Any, budget: "config.Budget | str | float | None" = 
         raise PermissionError(msg) from e
 
     res = RunResult(status="crash", budget=str(budget), seed=seed, device=device_type, log_path=str(logfile))
-    res.extra.update(workdir=str(wd), hard_limit=limit, isolation=iso.describe(), data=str(data.path))
+    res.extra.update(workdir=str(wd), hard_limit=limit, isolation=iso.describe(), data=str(data.path),
+                     device_type=device_type)
 
     try:
         compile(source, "train.py", "exec")

@@ -169,6 +169,11 @@ def test_two_machine_cluster_ships_the_data_and_scores_there(lab_dir, remote_clu
         where = {r["extra"]["worker_data"] for r in recs}
         assert all("/shipped/" + digest in w for w in where)
         assert {r["extra"]["worker"].split(" ")[0] for r in recs} == {"machine0", "machine1"}
+        for r in recs:   # the record names the machine it ran on, not the driver's alone
+            hw = r["hardware"]
+            assert hw["worker"] == r["extra"]["worker"] and "hardware" not in r["extra"]
+            assert hw["device"] == "cpu" and hw["host"] == socket.gethostname() and hw["cpu_count"] >= 1
+            assert hw["device_name"] == hw["cpu"] and "precision" in hw     # the driver's keys stay
         for r in recs:   # the log came home with the result
             log = lab_dir / "runs" / r["id"] / "run.log"
             assert log.is_file() and "val_bpb" in log.read_text()
