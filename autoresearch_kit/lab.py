@@ -418,9 +418,11 @@ class Lab:
         if self._budget is None:
             from autoresearch_kit.config import Budget
 
-            base = self._baseline_record()
-            if self._calibration_record() is not None and base and base["budget"]:
+            base, cal = self._baseline_record(), self._calibration_record()
+            if cal is not None and base and base["budget"]:
                 self._budget = Budget.parse(base["budget"])   # calibrated once: the lab keeps its tokens
+            elif cal is not None and cal["tokens"]:           # stopped between calibration and baseline
+                self._budget = Budget.parse(f"{int(cal['tokens'])}-tokens")
             elif self._budget_arg is not None:
                 self._budget = Budget.parse(self._budget_arg)
             else:
@@ -1855,33 +1857,38 @@ class Lab:
         """
         by = "autopilot" if self._autopilot else "rule"
         todo = [i for i in ids if self.ledger.get(i)["decision"] is None]
-        verdicts = {i: self.verdict(i) for i in todo}
-        # Best first: the rule's keeps, and (while the lab learns its paired SD, as in `step`)
-        # candidates that beat the parent inside the band, which `recheck` reruns.
-        ranked = sorted((v for v in verdicts.values()
-                         if v["keep"] or (v["gain"] is not None and v["gain"] > 0)), key=lambda v: v["val_bpb"])
-        winner = None
-        for v in ranked:
-            if not v["keep"] and not (self.recheck_until_paired and self.paired_noise()["sd"] is None):
-                again = self.verdict(v["exp_id"])   # the band may have narrowed since: judge afresh
-                verdicts[v["exp_id"]] = again
-                if not again["keep"]:
-                    continue
-            if not (stop is not None and stop.is_set()):
-                self.recheck(v["exp_id"], on_event=on_event, stop=stop)
-            again = self.verdict(v["exp_id"])
-            verdicts[v["exp_id"]] = again
-            if again["keep"]:
-                winner = again
+        winner, tried = None, set()
+        # Best first, judged afresh each round: a recheck adds runs and may give the lab its
+        # paired SD, which narrows every sibling's band. Candidates: the rule's keeps, and
+        # (while the lab learns its paired SD, as in `step`) gains inside the band, which
+        # `recheck` reruns. Each is rechecked at most once; a rechecked keep is the winner.
+        while winner is None:
+            learning = self.recheck_until_paired and self.paired_noise()["sd"] is None
+            ranked = sorted((v for v in map(self.verdict, todo)
+                             if v["keep"] or (learning and v["gain"] is not None and v["gain"] > self.threshold)),
+                            key=lambda v: v["val_bpb"])
+            nxt = None
+            for v in ranked:
+                if v["exp_id"] not in tried:
+                    nxt = v
+                    break
+                if v["keep"]:
+                    winner = v
+                    break
+            if winner is not None or nxt is None:
                 break
+            tried.add(nxt["exp_id"])
+            if not (stop is not None and stop.is_set()):
+                self.recheck(nxt["exp_id"], on_event=on_event, stop=stop)
         out = []
         for i in todo:
             if winner is not None and i == winner["exp_id"]:
                 continue
-            v = verdicts[i]
-            if v["keep"] and winner is not None:
-                reason = (f"{v['reason']}; but {winner['exp_id']} of the same batch scored "
-                          f"{winner['val_bpb']:.6f}: a batch keeps only its best")
+            v = self.verdict(i)
+            if v["keep"]:   # a batch keeps at most one: its best
+                beaten = (f"but {winner['exp_id']} of the same batch scored {winner['val_bpb']:.6f}"
+                          if winner is not None else "but it did not hold up against its batch")
+                reason = f"{v['reason']}; {beaten}: a batch keeps only its best"
                 out.append(self.decide(i, keep=False, reason=reason, decided_by=by))
             else:   # the rule's own verdict (also for a win that did not survive its recheck)
                 out.append(self.decide(i, keep=None, decided_by=by))
@@ -2029,7 +2036,8 @@ class Lab:
     def load_note(self, exp_id: str | None = None) -> str:
         """A warning when an experiment's reruns (default: the parent's) trained at very
         different speeds on a seconds budget, i.e. the machine's load is part of sigma; "" if not."""
-        return load_note(self._throughputs(exp_id or self.parent_id), self.budget)
+        exp_id = exp_id or self.parent_id
+        return load_note(self._throughputs(exp_id), self.budget) if exp_id else ""
 
     def recheck(self, exp_id: str | None = None, on_event: Callable[[dict], Any] | None = None,
                 stop: threading.Event | None = None) -> bool:
@@ -2058,7 +2066,7 @@ class Lab:
         # labs was 3-10 times the real SE of a one-seed difference (docs/NOISE.md): a candidate
         # that beats its parent inside that band is rerun too, so the lab learns its paired SD
         # (two such reruns give it) instead of discarding small real gains for good.
-        learning = bool(one_run and not v["keep"] and v["gain"] > 0 and self.recheck_until_paired
+        learning = bool(one_run and not v["keep"] and v["gain"] > self.threshold and self.recheck_until_paired
                         and self.paired_noise()["sd"] is None)
         if not (narrow or learning):
             return False

@@ -1104,6 +1104,46 @@ def test_a_batch_reruns_its_gains_inside_the_band_until_the_lab_knows_its_paired
             assert reruns == [(b, 43), (a, 43)] and lab.paired_noise()["sd"] is not None
 
 
+def test_a_batch_keeps_one_even_when_its_reruns_narrow_every_siblings_band(tmp_path, kit_env, monkeypatch):
+    """Reruns (made up here: recorded, not trained) that give the lab its paired SD narrow
+    the band of every sibling, also of one rechecked earlier: the batch is judged afresh,
+    its best keep wins, and no sibling is kept beside it."""
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    lab = _open(tmp_path / "lab", train=tmp_path / "train.py")
+    src = lab.workspace.source("kept")
+    h = Proposal.from_source("", src, "").source_hash
+    base = lab.ledger.start(None, h, "", "baseline", "baseline", BUDGET, {}, kind="baseline")
+    sha = lab.workspace.commit_experiment(base, src, None, "baseline")
+    lab.ledger.finish(base, RunResult(status="ok", val_bpb=1.00, seed=42), commit=sha)
+    lab.ledger.decide(base, "keep", "baseline", decided_by="rule", tip=base)
+    _fake_run(lab.ledger, base, "noise", 1.01, seed=43, src=h)
+    _fake_run(lab.ledger, base, "noise", 0.99, seed=44, src=h)
+    ids = [_committed_run(lab, base, _lr_edit(src, 0.0201 + i / 1e4), v) for i, v in enumerate(SCORES42)]
+    lab.close()
+    later = dict(zip(ids, SCORES43))
+
+    def made_up_rerun(exp_id, k, kind, on_event=None, stop=None, seeds=None):
+        _fake_run(lab.ledger, exp_id, kind, later[exp_id], seed=43, src=lab.ledger.get(exp_id)["source_hash"])
+        return lab._scores(exp_id)
+
+    with _open(tmp_path / "lab") as lab:
+        monkeypatch.setattr(lab, "_rerun", made_up_rerun)
+        assert not any(lab.verdict(i)["keep"] for i in ids) and lab.paired_noise()["sd"] is None
+        lab.decide_batch(ids)
+        decisions = [lab.ledger.get(i)["decision"] for i in ids]
+        assert decisions.count("keep") == 1, [lab.verdict(i)["reason"] for i in ids]
+        kept = ids[decisions.index("keep")]
+        assert lab.parent_id == kept
+        for i in ids:   # every sibling the rule alone would keep now lost to the kept one
+            if i != kept and lab.verdict(i)["keep"]:
+                assert "a batch keeps only its best" in lab.ledger.get(i)["decision_reason"]
+                assert lab.verdict(i)["val_bpb"] >= lab.verdict(kept)["val_bpb"]
+
+
+SCORES42 = [0.985, 0.99, 0.99]   # the batch's seed-42 scores: each inside the one-seed band
+SCORES43 = [0.996, 0.998, None]  # their reruns at seed 43 (the parent scored 1.01 there)
+
+
 def test_a_narrow_win_is_rerun_once_before_it_is_kept(tmp_path, kit_env):
     """Made-up scores for the parent's three seeds (sigma 0.01) and a 2.5-SE one-run win;
     recheck reruns the candidate for real at seed 43 (the parent has it), and the rule then
@@ -1200,6 +1240,21 @@ def test_a_new_cpu_lab_given_no_budget_calibrates_and_says_so(tmp_path, kit_env,
     assert note in capsys.readouterr().out
     monkeypatch.setenv("AUTORESEARCH_BUDGET", "3s")                # a budget asked for is used as given
     assert Lab(tmp_path / "env", train=tmp_path / "train.py", verbose=False).calibrate is False
+
+
+def test_a_lab_stopped_between_calibration_and_baseline_keeps_the_calibrated_tokens(tmp_path, kit_env, monkeypatch):
+    monkeypatch.delenv("AUTORESEARCH_BUDGET", raising=False)
+    (tmp_path / "train.py").write_text(tiny_train_source())
+    lab = Lab(tmp_path / "lab", train=tmp_path / "train.py", proposer=LRProposer(), noise_runs=0, verbose=False)
+    cal = lab.ledger.start(None, "src", "", "calibration: tokens trained in 60s", "baseline", "60s", {},
+                           kind="calibration")
+    lab.ledger.finish(cal, RunResult(status="ok", val_bpb=1.0, seed=42, tokens=1536, training_seconds=60.0))
+    lab.close()   # killed here: no baseline yet
+    with Lab(tmp_path / "lab", proposer=LRProposer(), noise_runs=0, verbose=False) as lab:
+        assert str(lab.budget) == "1536-tokens"
+        base = lab.baseline()
+        assert base["status"] == "ok" and base["budget"] == "1536-tokens", base["reason"]
+        assert [r["kind"] for r in lab.ledger.records(curves=False)] == ["calibration", "baseline"]
 
 
 def test_a_baseline_whose_scoring_takes_long_says_how_to_score_a_span(tmp_path, kit_env):
@@ -1326,9 +1381,12 @@ def test_measure_noise_on_a_kept_candidate_reruns_its_parent_at_the_same_seeds(l
         assert v["paired"] and v["pairs"] == 2
         unpaired = lab.measure_noise(k=1, paired=False)                 # seed 44 for the tip only
         assert unpaired["pairs"] == 2 and len(lab.ledger) == 5
+
+
 def test_the_noise_measurement_says_when_a_seconds_budget_measures_the_load(tmp_path, kit_env):
     # issue 11 item 5: reruns of one train.py at very different speeds = sigma is the machine's load
     lab = _open(tmp_path / "lab", train=ROOT / "train.py", budget="15s")
+    assert lab.load_note() == ""                                  # no baseline yet: nothing to say
     led = lab.ledger
     base = led.start(None, "base", "", "baseline", "test", "15s", {}, kind="baseline")
     led.finish(base, RunResult(status="ok", val_bpb=1.0, seed=42, tokens=36_000, training_seconds=15.0))
