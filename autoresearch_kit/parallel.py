@@ -7,7 +7,7 @@ local run. This module is the engine between them:
 - `connect(cluster, workers=N, device=...)` gives an `Engine`: with no cluster, a local
   Dask cluster of N worker processes on loopback (on CUDA each pinned to one GPU through
   CUDA_VISIBLE_DEVICES, round-robin when N exceeds the GPUs; on CPU the cores are shared
-  out through OMP_NUM_THREADS); with an address ("tcp://host:8786"), a
+  out through AUTORESEARCH_CPU_THREADS); with an address ("tcp://host:8786"), a
   `distributed.Client` or a cluster object (dask-jobqueue's SLURMCluster,
   dask-kubernetes' KubeCluster, ...), that cluster. An address that does not answer
   fails within CONNECT_TIMEOUT seconds, naming it.
@@ -78,12 +78,16 @@ def _gpu_count(device: str) -> int:
         return 0
 
 
+_NANNY_PRE_SPAWN = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+
+
 def local_worker_env(n: int, device: str, gpus: int | None = None, cpus: int | None = None) -> list[dict[str, str]]:
     """The environment of each of `n` local workers: its GPU, or its share of the cores.
 
     On CUDA worker i sees GPU i mod G only (CUDA_VISIBLE_DEVICES), so a run's device 0 is
-    its own GPU. On CPU each worker's training threads (OMP_NUM_THREADS) get
-    cpus // n cores, at least one, so n runs do not fight over every core.
+    its own GPU. On CPU each worker's training threads (AUTORESEARCH_CPU_THREADS, which
+    the runner turns into the run's OMP_NUM_THREADS) get cpus // n cores, at least one, so
+    n runs do not fight over every core.
     """
     gpus = _gpu_count(device) if gpus is None else gpus
     cpus = cpus or os.cpu_count() or 1
@@ -93,7 +97,7 @@ def local_worker_env(n: int, device: str, gpus: int | None = None, cpus: int | N
         if device == "cuda" and gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         else:
-            env["OMP_NUM_THREADS"] = str(max(1, cpus // n))
+            env["AUTORESEARCH_CPU_THREADS"] = str(max(1, cpus // n))
         out.append(env)
     return out
 
@@ -193,9 +197,16 @@ class Engine:
             specs[f"autoresearch-{i}"] = {"cls": distributed.Nanny, "options": {
                 "nthreads": 1, "host": "127.0.0.1", "env": env, "local_directory": str(where),
                 "memory_limit": 0, "silence_logs": 40}}
+        # A Nanny puts its pre-spawn variables (OMP_NUM_THREADS=1, ...) into *this* process's
+        # os.environ before each spawn: the driver's later runs would train on one thread "set by
+        # you". None drops them; each run's threads come from the runner (AUTORESEARCH_CPU_THREADS).
+        import dask
+
+        keep_environ = {f"distributed.nanny.pre-spawn-environ.{k}": None for k in _NANNY_PRE_SPAWN}
         try:
-            cluster = distributed.SpecCluster(workers=specs, scheduler=scheduler, silence_logs=40,
-                                              name="autoresearch")
+            with dask.config.set(keep_environ):
+                cluster = distributed.SpecCluster(workers=specs, scheduler=scheduler, silence_logs=40,
+                                                  name="autoresearch")
             client = distributed.Client(cluster, set_as_default=False)
             client.wait_for_workers(n, timeout=120)
         except Exception as e:  # noqa: BLE001 - say it in one line

@@ -830,32 +830,102 @@ def busy_cores(seconds: float = 0.25) -> tuple[int, float] | None:
     return len(cpus), max(0.0, share * len(cpus) - own)
 
 
+def physical_cores(cpus: set[int] | None = None, sysfs: str = "/sys") -> int:
+    """The physical cores among `cpus` (default: this process's affinity), SMT siblings counted
+    once, as torch counts them for its default thread count; len(cpus) where sysfs is not there."""
+    if cpus is None:
+        try:
+            cpus = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(sysfs, f"devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")
+    return max(1, len(cores))
+
+
+def cpu_quota(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs this process's cgroup may use (cgroup v2 cpu.max, v1 cfs quota), None if unlimited."""
+    root = Path(cgroup_root)
+    try:
+        lines = Path(proc, "self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        path = path.strip("/")
+        if controllers == "":          # v2
+            for where in dict.fromkeys([root / path, root]):
+                try:
+                    quota, period = (where / "cpu.max").read_text().split()[:2]
+                except (OSError, ValueError):
+                    continue
+                if quota != "max" and float(period) > 0:
+                    return float(quota) / float(period)
+        elif "cpu" in controllers.split(","):
+            for where in dict.fromkeys([root / controllers / path, root / controllers]):
+                try:
+                    quota = float((where / "cpu.cfs_quota_us").read_text())
+                    period = float((where / "cpu.cfs_period_us").read_text())
+                except (OSError, ValueError):
+                    continue
+                if quota > 0 and period > 0:
+                    return quota / period
+    return None
+
+
+def _in_dask_worker() -> bool:
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return False
+    try:
+        distributed.get_worker()
+    except ValueError:
+        return False
+    return True
+
+
 def cpu_threads(extra_env: dict[str, str] | None = None) -> tuple[int | None, str]:
     """The training threads a CPU run gets (OMP_NUM_THREADS for the child), and why.
 
     OMP_NUM_THREADS set by the user (or in `env=`) is kept. Otherwise
-    AUTORESEARCH_CPU_THREADS: a number; "torch" leaves torch's default (every core); "auto"
-    (the default) gives the cores that other processes leave free, at least one: on the
-    2-core development machine (bench/threads.py, docs/PERFORMANCE.md) 2 threads trained at
-    15.2k tok/s idle against 9.1k for 1, but at 1.4k against 9.0k while one other process
-    kept a core busy, and the crossover was a core about half busy. The count does not
-    change what a token budget trains (val_bpb was the same to the bit for 1 and 2).
-    Returns (None, why) when the child should keep torch's default.
+    AUTORESEARCH_CPU_THREADS: a number (a local Dask worker gets its share of the cores so);
+    "torch" leaves torch's default (every physical core); "auto" (the default) gives the
+    physical cores that other processes leave free, at least one, and no more than the
+    cgroup's CPU quota: on the 2-core development machine (bench/threads.py,
+    docs/PERFORMANCE.md) 2 threads trained at 15.2k tok/s idle against 9.1k for 1, but at
+    1.4k against 9.0k while one other process kept a core busy, and the crossover was a
+    core about half busy. The count does not change what a token budget trains (val_bpb
+    was the same to the bit for 1 and 2). Returns (None, why) when the child should keep
+    torch's default.
     """
     given = (extra_env or {}).get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
     if given:
+        if not (extra_env or {}).get("OMP_NUM_THREADS") and _in_dask_worker():
+            return None, (f"OMP_NUM_THREADS={given} (this Dask worker's environment: a nanny sets 1 unless the "
+                          f"worker was started with OMP_NUM_THREADS=N)")
         return None, f"OMP_NUM_THREADS={given} (set by you)"
     setting = config.cpu_threads_setting()
     if setting == "torch":
         return None, "torch's default (AUTORESEARCH_CPU_THREADS=torch)"
     if isinstance(setting, int):
-        return setting, f"AUTORESEARCH_CPU_THREADS={setting}"
+        share = " (this local worker's share of the cores)" if config.env("WORKER_INDEX") is not None else ""
+        return setting, f"AUTORESEARCH_CPU_THREADS={setting}{share}"
     sample = busy_cores()
     if sample is None:
         return None, "torch's default (no /proc/stat here to see what else runs)"
-    cores, busy = sample
-    n = max(1, min(cores, math.floor(cores - busy + 0.5)))
-    return n, f"{cores} cores, {busy:.1f} kept busy by other processes"
+    logical, busy = sample
+    cores = min(physical_cores(), logical)
+    quota = cpu_quota()
+    free = cores - busy * cores / logical          # a busy logical CPU takes its share of a core
+    cap = min(cores, max(1, math.floor(quota + 0.5))) if quota else cores
+    n = max(1, min(cap, math.floor(free + 0.5)))
+    what = f"{logical} cores" if cores == logical else f"{cores} cores ({logical} logical)"
+    limit = f", cgroup quota {quota:g} CPUs" if quota and cap < cores else ""
+    return n, f"{what}, {busy:.1f} kept busy by other processes{limit}"
 
 
 _FIXED_CHILD_ENV = {"PYTHONUNBUFFERED": "1"}  # what every run sets beyond AUTORESEARCH_* (see prestart)
@@ -947,11 +1017,12 @@ def _supervise(res: RunResult, *, wd: Path, logfile: Path, budget: config.Budget
         out_r, out_w = os.pipe()
         fds.append(out_r)
         pipe_inodes = {os.fstat(out_r).st_ino, os.fstat(ours.fileno()).st_ino, os.fstat(theirs.fileno()).st_ino}
+        # sampled before the clock starts: the 0.25 s look at the load is not the run's time
+        threads, why = cpu_threads(extra_env) if device_type == "cpu" else (None, "")
         t0 = time.monotonic()
         try:
             child_env = _child_env(extra_env, runner_env)
             if device_type == "cpu":
-                threads, why = cpu_threads(extra_env)
                 if threads is not None:
                     child_env["OMP_NUM_THREADS"] = str(threads)
                 omp = child_env.get("OMP_NUM_THREADS", "")

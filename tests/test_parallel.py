@@ -31,6 +31,7 @@ from autoresearch_kit.ledger import TSV_NAME
 
 
 def test_a_batch_of_two_runs_at_once_on_two_local_workers(lab_dir):
+    threads_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     with Lab(lab_dir, budget=BUDGET, proposer=LRProposer(), verbose=False) as lab:
         parent = lab.parent_id
         seen: dict[str, list[float]] = {}   # exp_id -> arrival times of its step events
@@ -61,9 +62,13 @@ def test_a_batch_of_two_runs_at_once_on_two_local_workers(lab_dir):
         rows = (lab_dir / TSV_NAME).read_text().splitlines()
         assert sum(a["description"] in r or b["description"] in r for r in rows) == 2
         assert (lab_dir / "runs" / a["id"] / "run.log").is_file()
+        # each worker trains on its share of the cores, and says so
+        assert all("local worker's share" in r["extra"]["cpu_threads_why"] for r in recs), ea["cpu_threads_why"]
         # a sequential step afterwards still works (on the same workers)
         one = lab.step()
         assert isinstance(one, dict) and one["status"] == "ok"
+    # Dask's nanny leaves the driver's environment alone (it would pin every later run to one thread)
+    assert {k: os.environ.get(k) for k in threads_env} == threads_env
 
 
 def test_batch_stop_one_run_the_other_finishes(lab_dir):

@@ -252,6 +252,47 @@ def test_busy_cores_counts_other_processes_not_this_one():
     assert other_busy > 0.7
 
 
+def test_auto_threads_count_physical_cores_and_the_cgroup_quota(tmp_path, monkeypatch):
+    # torch's own default is the physical cores; a container's CPU quota caps what runs at once
+    sysfs = tmp_path / "sys"
+    for cpu in range(4):   # 2 cores x 2 SMT threads: cpu0+cpu2, cpu1+cpu3
+        topo = sysfs / f"devices/system/cpu/cpu{cpu}/topology"
+        topo.mkdir(parents=True)
+        (topo / "thread_siblings_list").write_text(f"{cpu % 2},{cpu % 2 + 2}\n")
+    assert runner.physical_cores({0, 1, 2, 3}, sysfs=str(sysfs)) == 2
+    assert runner.physical_cores({0, 2}, sysfs=str(sysfs)) == 1
+    assert runner.physical_cores({0, 1}, sysfs=str(tmp_path / "none")) == 2   # no sysfs: logical CPUs
+    proc, cg = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self/cgroup").write_text("0::/box\n")
+    (cg / "box").mkdir(parents=True)
+    (cg / "box/cpu.max").write_text("max 100000\n")
+    assert runner.cpu_quota(str(proc), str(cg)) is None
+    (cg / "box/cpu.max").write_text("150000 100000\n")
+    assert runner.cpu_quota(str(proc), str(cg)) == 1.5
+    (proc / "self/cgroup").write_text("4:cpu,cpuacct:/box\n")                   # cgroup v1
+    (cg / "cpu,cpuacct/box").mkdir(parents=True)
+    (cg / "cpu,cpuacct/box/cpu.cfs_quota_us").write_text("300000\n")
+    (cg / "cpu,cpuacct/box/cpu.cfs_period_us").write_text("100000\n")
+    assert runner.cpu_quota(str(proc), str(cg)) == 3.0
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("AUTORESEARCH_CPU_THREADS", raising=False)
+
+    def machine(logical, physical, busy, quota=None):
+        monkeypatch.setattr(runner, "busy_cores", lambda: (logical, busy))
+        monkeypatch.setattr(runner, "physical_cores", lambda: physical)
+        monkeypatch.setattr(runner, "cpu_quota", lambda: quota)
+        return runner.cpu_threads()
+
+    assert machine(16, 8, 0.0) == (8, "8 cores (16 logical), 0.0 kept busy by other processes")
+    assert machine(16, 8, 8.0)[0] == 4           # half the logical CPUs busy: half the cores
+    assert machine(2, 2, 1.0)[0] == 1
+    n, why = machine(64, 64, 30.0, quota=2.0)    # a 2-CPU container on a big host
+    assert n == 2 and "cgroup quota 2 CPUs" in why
+    assert machine(64, 64, 63.0, quota=2.0)[0] == 1
+
+
 def test_candidate_may_be_a_path_or_a_proposal(unchecked, tmp_path):
     src = fake("step(0); result()\n")
     path = tmp_path / "cand.py"
