@@ -825,7 +825,9 @@ def start() -> Run:
 
 def _start_served(device: Device) -> _State:
     _CONN.send("hello", {"device": device.type, "device_name": device.name, "torch": torch.__version__,
-                         "peak_flops": device.peak_flops, "pid": os.getpid()})
+                         "cuda": torch.version.cuda, "peak_flops": device.peak_flops, "pid": os.getpid(),
+                         "precision": (str(device.autocast_dtype).removeprefix("torch.")
+                                       if device.autocast_dtype else "float32")})
     kind, cfg, _p = _CONN.recv()
     if kind != "config":
         msg = f"the runner answered {kind!r} instead of the run's settings"

@@ -629,6 +629,9 @@ def run_on_worker(spec: dict) -> tuple[Any, bytes]:
     hardware = {**worker_hardware(str(res.extra.get("device_type") or "")), "worker": here}
     if "device_name" not in hardware and res.device:   # no nvidia-smi: what the run itself reported
         hardware["device_name"] = f"{res.device} (reported by the run)"
+    started = res.extra.get("start") or {}
+    for key in ("precision", "cuda"):   # as the run reported them (None: it never said), not the driver's
+        hardware[key] = started.get(key)
     res.extra["hardware"] = hardware
     if stop.is_set() and res.status == "aborted" and not res.reason:
         res.reason = "stopped from the driver"

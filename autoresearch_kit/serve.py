@@ -209,6 +209,9 @@ class RunServer:
         with self.lock:
             if self.hello is None:
                 self.hello = {k: h.get(k) for k in ("device", "device_name", "torch", "peak_flops", "pid")}
+                for k in ("precision", "cuda"):   # as reported (recorded with a worker's hardware): short text
+                    v = h.get(k)
+                    self.hello[k] = v[:40] if isinstance(v, str) else None
                 self.times["start"] = self._now() - self.t0
         d = self.data
         self.conn.send("config", {"budget": str(self.budget), "seed": self.seed, "vocab_size": d.vocab_size,

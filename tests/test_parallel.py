@@ -178,7 +178,9 @@ def test_two_machine_cluster_ships_the_data_and_scores_there(lab_dir, remote_clu
             hw = r["hardware"]
             assert hw["worker"] == r["extra"]["worker"] and "hardware" not in r["extra"]
             assert hw["device"] == "cpu" and hw["host"] == socket.gethostname() and hw["cpu_count"] >= 1
-            assert hw["device_name"] == hw["cpu"] and "precision" in hw     # the driver's keys stay
+            assert hw["device_name"] == hw["cpu"] and hw["cuda"] is None
+            assert hw["precision"] in ("bfloat16", "float32") and hw["precision"] == r["extra"]["start"]["precision"]
+            assert "python" in hw and "platform" in hw
         for r in recs:   # the log came home with the result
             log = lab_dir / "runs" / r["id"] / "run.log"
             assert log.is_file() and "val_bpb" in log.read_text()
