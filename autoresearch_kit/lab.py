@@ -327,6 +327,7 @@ class Lab:
                  sandbox: str | None = None, cluster: Any = None, calibrate: bool | None = None) -> None:
         self.path = Path(path).expanduser().resolve()
         noise_runs = _noise_runs(noise_runs)     # a bad value fails before anything is opened
+        config.cpu_threads_setting()             # so does a bad AUTORESEARCH_CPU_THREADS
         from autoresearch_kit import sandbox as _sandbox
 
         self.sandbox = _sandbox.mode(sandbox)    # auto | require | off (AUTORESEARCH_SANDBOX)

@@ -1257,6 +1257,13 @@ def test_a_lab_stopped_between_calibration_and_baseline_keeps_the_calibrated_tok
         assert [r["kind"] for r in lab.ledger.records(curves=False)] == ["calibration", "baseline"]
 
 
+def test_a_bad_thread_setting_fails_before_the_lab_is_made(tmp_path, kit_env, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CPU_THREADS", "many")
+    with pytest.raises(ValueError, match="AUTORESEARCH_CPU_THREADS must be auto, torch or a positive number"):
+        Lab(tmp_path / "lab", train=ROOT / "train.py", verbose=False)
+    assert not (tmp_path / "lab").exists()
+
+
 def test_a_baseline_whose_scoring_takes_long_says_how_to_score_a_span(tmp_path, kit_env):
     lab = _open(tmp_path / "lab", train=ROOT / "train.py", budget="60s")
     eid = lab.ledger.start(None, "base", "", "baseline", "test", "60s", {}, kind="baseline")
