@@ -632,6 +632,8 @@ def run_on_worker(spec: dict) -> tuple[Any, bytes]:
     started = res.extra.get("start") or {}
     for key in ("precision", "cuda"):   # as the run reported them (None: it never said), not the driver's
         hardware[key] = started.get(key)
+    if started.get("torch"):   # torch.__version__ (2.11.0+cu130), as the driver's fingerprint spells it
+        hardware["torch"] = started["torch"]
     res.extra["hardware"] = hardware
     if stop.is_set() and res.status == "aborted" and not res.reason:
         res.reason = "stopped from the driver"
