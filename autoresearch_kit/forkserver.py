@@ -666,6 +666,11 @@ def _child(request: dict, stdout_fd: int, channel_fd: int, sync_w: int, server_p
     _set_pdeathsig()
     if os.getppid() != server_pid:
         return 1  # the server is gone already
+    try:  # out of memory, the kernel kills this run first, not the server or the runner
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     os.setsid()
     env = dict(request["env"])
     _rewrite_identity(env[RUN_ID_VAR])

@@ -100,6 +100,11 @@ except (ImportError, OSError, AttributeError):
     pass  # no prctl: the runner's hard limit and stray hunt still apply
 if os.getppid() != int(sys.argv[1]):
     os._exit(1)  # the runner is gone already
+try:  # out of memory, the kernel kills the candidate (and what it starts), not the runner
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+except OSError:
+    pass
 os.execv(sys.argv[2], sys.argv[2:])  # python train.py, or bwrap ... -- python train.py
 """
 

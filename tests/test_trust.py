@@ -322,6 +322,18 @@ open("pids.txt", "w").write(str(sorted(int(p) for p in _os.listdir("/proc") if p
     assert subprocess.run(["true"]).returncode == 0
 
 
+@needs_sandbox
+def test_out_of_memory_the_kernel_kills_the_candidate_first(kit_env, tmp_path, monkeypatch, how):
+    # no cgroup caps a run's memory: a run that eats it all must be the OOM killer's first
+    # pick, not the runner, the notebook kernel or the ledger's writer
+    res = run(after_loop("""
+open("oom.txt", "w").write(open("/proc/self/oom_score_adj").read().strip())
+"""), tmp_path, unchecked=monkeypatch)
+    assert res.status == "ok", res.reason
+    assert (tmp_path / "work" / "files" / "oom.txt").read_text() == "1000"
+    assert Path("/proc/self/oom_score_adj").read_text().strip() != "1000"   # the runner's own is left alone
+
+
 # --------------------------------------------------------------------------- the data
 
 
