@@ -179,15 +179,25 @@ def _same_finite_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(np.array_equal(x, y)) and not bool(np.any((x & mask) == mask))
 
 
+PROBE_RELEVANT_LOGPROB = -30.0   # entries below this log-probability on both sides move no score
+PROBE_MAX_SCALE = 30.0           # the tolerance's scale: an honest model's largest logit, at most this
+
+
 def probe_mismatch(a: torch.Tensor, b: torch.Tensor, tol: float | None = None) -> dict:
     """Compare the logits (t+1, V) of one row and its probe up to the cut.
 
     A causal model gives the same logits at every position <= t whatever follows t: the
     row and its probe go through the model in the same batch, so an honest model's prefix
-    logits agree to the bit in practice (max difference 0.0 on CPU, bf16 autocast). The
-    tolerance is relative to the largest logit: 1e-4 for float32 logits, 4e-3 for 16-bit
-    ones (one bf16 step at the largest logit). A non-causal tiny model after 10 steps
-    moved its prefix logits by 0.03 (1% of the largest): 2e-2 let it through.
+    logits agree to the bit in practice (max difference 0.0 on CPU, bf16 autocast, and on
+    the H200). Otherwise they are compared as the score sees them: log-probabilities
+    (log-softmax in float32), over the entries that carry probability on either side (log-
+    probability above PROBE_RELEVANT_LOGPROB), with a tolerance relative to the largest of
+    those logits, counted at most PROBE_MAX_SCALE: 1e-4 for float32 logits, 4e-3 for
+    16-bit ones (half a bf16 step at the largest logit). So neither a huge logit on a
+    class that is never likely (-1e9 on a padding class or BOS) nor a shift of every logit
+    (softmax does not see it) widens the tolerance, as a scale taken from the raw logits
+    did. A non-causal tiny model after 10 steps moved its prefix logits by 0.03 (1% of the
+    largest): 2e-2 let it through.
 
     Returns
     -------
@@ -199,11 +209,18 @@ def probe_mismatch(a: torch.Tensor, b: torch.Tensor, tol: float | None = None) -
     low = a.dtype in (torch.bfloat16, torch.float16) or b.dtype in (torch.bfloat16, torch.float16)
     rel = tol if tol is not None else (4e-3 if low else 1e-4)
     a, b = a.float(), b.float()
-    scale = max(1.0, float(a.abs().max()) if a.numel() else 1.0)
-    diff = (a - b).abs().amax(dim=-1)
-    if not bool(torch.isfinite(diff).all()):
-        pos = int(torch.nonzero(~torch.isfinite(diff))[0, 0])
-        return {"causal": False, "max_diff": float("inf"), "position": pos}
+    if a.shape != b.shape:
+        return {"causal": False, "max_diff": float("inf"), "position": 0}
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        bad = ~(torch.isfinite(a).all(dim=-1) & torch.isfinite(b).all(dim=-1))
+        return {"causal": False, "max_diff": float("inf"), "position": int(torch.nonzero(bad)[0, 0])}
+    la, lb = torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1)
+    relevant = (la > PROBE_RELEVANT_LOGPROB) | (lb > PROBE_RELEVANT_LOGPROB)
+    diff = torch.where(relevant, (la - lb).abs(), torch.zeros_like(la)).amax(dim=-1)
+    # the largest logit that carries probability, at most PROBE_MAX_SCALE: neither a huge logit
+    # on an unlikely class nor a shift of every logit (a +1e6 one) widens the tolerance
+    big = torch.where(relevant, a.abs(), torch.zeros_like(a))
+    scale = min(PROBE_MAX_SCALE, max(1.0, float(big.max()) if big.numel() else 1.0))
     d = float(diff.max()) if diff.numel() else 0.0
     if d > rel * scale:
         return {"causal": False, "max_diff": d, "position": int(torch.nonzero(diff > rel * scale)[0, 0])}

@@ -69,6 +69,12 @@ FINISH_GRACE_MAX_FRACTION = 0.1
 # while a batch still keeps the GPU busy and the probe share stays 1 row in 8.
 LOGIT_BUDGET = {"cuda": 2**27, "mps": 2**26, "cpu": 2**25}
 PROBE_SHARE = 8             # one probe row per this many scored rows in a batch (at least one)
+# Rows of training text sent before any validation row and sent again inside the last batch:
+# a model that changes (trains on the rows it is sent, remembers them) answers them otherwise.
+RECHECK_ROWS = 4
+# Their tolerance (relative, as in metric.probe_mismatch): they come back in a batch of another
+# size, whose kernels may round differently (a bf16 step at most), unlike a probe's same batch.
+RECHECK_TOL = {"16-bit": 1e-2, "float32": 1e-3}
 MAX_LOADERS = 64
 MAX_BATCH_TOKENS = 1 << 26  # one training batch of more ids than this is not a batch
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -453,16 +459,18 @@ class RunServer:
             return
         self._evaluate()
 
-    def _eval_batches(self, x_all: np.ndarray, L: int, rng: np.random.Generator):
-        """Yield each evaluation batch as sent: (idx, sent ids, where, probe_of, cuts).
+    def _eval_batches(self, x_all: np.ndarray, L: int, rng: np.random.Generator, recheck: np.ndarray):
+        """Yield each evaluation batch as sent: (idx, sent ids, where, probe_of, cuts, again).
 
-        idx: the evaluation rows it scores; sent: those rows and their probes, shuffled;
-        where[i]: the position in `sent` of batch row i (rows first, then probes).
+        idx: the evaluation rows it scores; sent: those rows, their probes and (last batch
+        only) the `recheck` rows, shuffled; where[i]: the position in `sent` of batch row i
+        (rows first, then probes, then recheck rows); again: how many recheck rows it holds.
         """
         d, train = self.data, self.data.train
         order = rng.permutation(len(x_all))
         per = max(1, LOGIT_BUDGET.get(self.device_type, 2**25) // (L * max(d.vocab_size, 1)))
-        for start in range(0, len(order), per):
+        starts = list(range(0, len(order), per))
+        for start in starts:
             idx = order[start:start + per]
             k = max(1, len(idx) // PROBE_SHARE) if L >= 2 else 0
             rows = x_all[idx]
@@ -472,11 +480,18 @@ class RunServer:
             for j, (r, t) in enumerate(zip(probe_of, cuts)):
                 off = int(rng.integers(0, len(train) - L))
                 alts[j, t + 1:] = train[off:off + L - t - 1]
-            batch = np.concatenate([rows, alts]) if k else rows
+            again = recheck if start == starts[-1] else recheck[:0]
+            batch = np.concatenate([rows, alts, again])
             perm = rng.permutation(len(batch))          # probes sit anywhere in the batch
             where = np.empty_like(perm)
             where[perm] = np.arange(len(perm))          # where[i]: position of batch row i in `sent`
-            yield idx, batch[perm], where, probe_of, cuts
+            yield idx, batch[perm], where, probe_of, cuts, len(again)
+
+    def _recheck_rows(self, L: int, rng: np.random.Generator) -> np.ndarray:
+        """RECHECK_ROWS windows of training text (never scored), at offsets train.py cannot predict."""
+        train = self.data.train
+        offs = rng.integers(0, max(1, len(train) - L), size=RECHECK_ROWS)
+        return np.stack([np.asarray(train[int(o):int(o) + L]) for o in offs]).astype(np.uint16)
 
     def _evaluate(self) -> None:
         import torch
@@ -498,11 +513,22 @@ class RunServer:
         probes, worst, dtype = 0, 0.0, None
         timing = {"wait": 0.0, "copy": 0.0, "probes": 0.0, "ce": 0.0}
         pipelined = self.device_type != "cpu"
-        batches = self._eval_batches(x_all, L, rng)
+        # First, before any validation row: rows of training text, answered alone. They come
+        # again in the last batch, and must be answered the same: a model that trains on the
+        # validation rows it is sent (or otherwise changes while it is scored) answers them
+        # otherwise, and one that trains only on the first rows it sees trains on these.
+        recheck = self._recheck_rows(L, rng)
+        self._send_val(recheck, L)
+        first = self._recv_logits(len(recheck), L, timing)
+        if first is None:
+            return
+        first = first.clone()                       # _recv_logits reuses its memory
+        batches = self._eval_batches(x_all, L, rng, recheck)
         nxt = next(batches)
         self._send_val(nxt[1], L)
+        rechecked = 0
         while nxt is not None:
-            idx, sent, where, probe_of, cuts = nxt
+            idx, sent, where, probe_of, cuts, again = nxt
             logits = self._recv_logits(len(sent), L, timing)   # a private copy
             if logits is None:
                 return
@@ -529,6 +555,18 @@ class RunServer:
                                   f"{bad['position']} changed by {bad['max_diff']:.3g} when only later tokens "
                                   "changed, so it can see the targets")
                     return
+            for j in range(again):
+                b = logits[where[len(idx) + len(probe_of) + j]]
+                low = b.dtype in (torch.bfloat16, torch.float16) or first.dtype in (torch.bfloat16, torch.float16)
+                bad = probe_mismatch(first[j], b, tol=RECHECK_TOL["16-bit" if low else "float32"])
+                rechecked += 1
+                worst = max(worst, bad["max_diff"])
+                if not bad["causal"]:
+                    self._invalid(f"the model changed while it was scored: a row it answered before any "
+                                  f"validation row, sent again with the last batch, got logits that moved by "
+                                  f"{bad['max_diff']:.3g} at position {bad['position']} (a model must not train "
+                                  "on, or remember, the rows it is sent for scoring)")
+                    return
             t1 = self._now()
             timing["probes"] += t1 - t
             # Score the rows in the order they lie in the buffer, each straight into its
@@ -554,7 +592,8 @@ class RunServer:
             return
         bpb = nats / (math.log(2) * nbytes)
         self.result = {"val_bpb": bpb, "nats": nats, "bytes": nbytes, "eval_tokens": n, "seq_len": L,
-                       "eval_seconds": self._now() - t0, "probes": probes, "probe_max_diff": worst,
+                       "eval_seconds": self._now() - t0, "probes": probes, "rechecked": rechecked,
+                       "probe_max_diff": worst,
                        "logits_bytes": self.logits_bytes, "logits_dtype": str(dtype).removeprefix("torch."),
                        "timing": {k: round(v, 4) for k, v in timing.items()}}
         if not math.isfinite(bpb):

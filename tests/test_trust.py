@@ -152,6 +152,68 @@ def test_a_model_that_peeks_only_when_it_thinks_it_is_probed_is_invalid(kit_env,
     assert "not causal" in res.reason
 
 
+# A wrapper that reads the next input token (this position's target) and adds `extra`: a
+# logit that costs nothing in the score but, in a tolerance taken from the raw logits,
+# made room for the peek.
+PEEK_WITH = """
+class _Peek(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__(); self.m = m
+    def forward(self, idx):
+        lg = self.m(idx).float()
+        B, T, V = lg.shape
+        out = %s
+        peek = torch.zeros_like(out)
+        peek[:, :-1].scatter_(2, idx[:, 1:].unsqueeze(-1), 40.0)
+        return out + peek
+model = _Peek(model)
+"""
+
+
+@pytest.mark.parametrize("extra", [
+    "torch.cat([lg, torch.full((B, T, 1), -1e9)], dim=-1)",   # a class that is never likely
+    "lg + 1e6",                                               # every logit shifted: softmax does not see it
+])
+def test_a_huge_or_shifted_logit_does_not_widen_the_probe(kit_env, tmp_path, monkeypatch, extra):
+    res = run(after_loop(PEEK_WITH % extra), tmp_path, unchecked=monkeypatch)
+    assert res.status == "invalid" and res.val_bpb is None, (res.status, res.val_bpb)
+    assert "not causal" in res.reason
+
+
+# Test-time training: once the budget is over, train on the rows sent for scoring before
+# answering them (every batch, or only the first).
+TTT = """
+import torch.nn.functional as _F
+class _TTT(torch.nn.Module):
+    def __init__(self, m, every):
+        super().__init__(); self.m = m; self.every = every; self.done = False
+    def forward(self, idx):
+        if self.every or not self.done:
+            self.done = True
+            _opt = torch.optim.AdamW(self.m.parameters(), lr=1e-2)
+            with torch.enable_grad():
+                for _ in range(150):
+                    lg = self.m(idx[:, :-1]).float()
+                    loss = _F.cross_entropy(lg.reshape(-1, lg.size(-1)), idx[:, 1:].reshape(-1))
+                    loss.backward(); _opt.step(); _opt.zero_grad(set_to_none=True)
+        return self.m(idx)
+model = _TTT(model, %s)
+"""
+
+
+def test_training_on_the_rows_sent_for_scoring_does_not_pay(kit_env, tmp_path, how):
+    honest = run(tiny_train(), tmp_path, name="honest")
+    assert honest.status == "ok", honest.reason
+    every = run(after_loop(TTT % "True"), tmp_path, name="every")
+    assert every.status == "invalid" and "changed while it was scored" in every.reason, (every.status, every.reason)
+    # Training only on the first rows it is sent: those are training text, answered before
+    # any validation row is sent. Unchecked, this scored 0.09 bpb better than honest.
+    first = run(after_loop(TTT % "False"), tmp_path, name="first")
+    assert first.status in ("ok", "invalid"), first.reason
+    if first.status == "ok":
+        assert first.val_bpb > honest.val_bpb - 0.01, (first.val_bpb, honest.val_bpb)
+
+
 def test_computed_names_cannot_reach_a_score(kit_env, tmp_path, monkeypatch):
     # What the static check cannot follow: the harness's evaluation replaced through computed
     # names. The score is the runner's, so the candidate only loses its own.
