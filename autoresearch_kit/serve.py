@@ -69,12 +69,12 @@ FINISH_GRACE_MAX_FRACTION = 0.1
 # while a batch still keeps the GPU busy and the probe share stays 1 row in 8.
 LOGIT_BUDGET = {"cuda": 2**27, "mps": 2**26, "cpu": 2**25}
 PROBE_SHARE = 8             # one probe row per this many scored rows in a batch (at least one)
-# Rows of training text sent before any validation row and sent again inside the last batch:
-# a model that changes (trains on the rows it is sent, remembers them) answers them otherwise.
+# Rows of training text sent before any validation row and again after the last, each time in
+# a batch of 2 x RECHECK_ROWS rows (the same shape and places): a model that changes while it
+# is scored (trains on the rows it is sent, remembers them) answers them otherwise.
 RECHECK_ROWS = 4
-# Their tolerance (relative, as in metric.probe_mismatch): they come back in a batch of another
-# size, whose kernels may round differently (a bf16 step at most), unlike a probe's same batch.
-RECHECK_TOL = {"16-bit": 1e-2, "float32": 1e-3}
+# Their tolerance (relative, as in metric.probe_mismatch): an honest model agrees to the bit.
+RECHECK_TOL = {"16-bit": 4e-3, "float32": 1e-4}
 MAX_LOADERS = 64
 MAX_BATCH_TOKENS = 1 << 26  # one training batch of more ids than this is not a batch
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -176,6 +176,7 @@ class RunServer:
         self._shm_fd = -1
         self._shm_size = 0
         self._private = None              # the runner's own copy of one batch of logits
+        self._max_rows = 1                # rows of the largest evaluation batch (set by _evaluate)
         self.logits_bytes = 0             # moved through shared memory at finish
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -459,18 +460,16 @@ class RunServer:
             return
         self._evaluate()
 
-    def _eval_batches(self, x_all: np.ndarray, L: int, rng: np.random.Generator, recheck: np.ndarray):
-        """Yield each evaluation batch as sent: (idx, sent ids, where, probe_of, cuts, again).
+    def _eval_batches(self, x_all: np.ndarray, L: int, rng: np.random.Generator):
+        """Yield each evaluation batch as sent: (idx, sent ids, where, probe_of, cuts).
 
-        idx: the evaluation rows it scores; sent: those rows, their probes and (last batch
-        only) the `recheck` rows, shuffled; where[i]: the position in `sent` of batch row i
-        (rows first, then probes, then recheck rows); again: how many recheck rows it holds.
+        idx: the evaluation rows it scores; sent: those rows and their probes, shuffled;
+        where[i]: the position in `sent` of batch row i (rows first, then probes).
         """
         d, train = self.data, self.data.train
         order = rng.permutation(len(x_all))
-        per = max(1, LOGIT_BUDGET.get(self.device_type, 2**25) // (L * max(d.vocab_size, 1)))
-        starts = list(range(0, len(order), per))
-        for start in starts:
+        per = self._rows_per_batch(L)
+        for start in range(0, len(order), per):
             idx = order[start:start + per]
             k = max(1, len(idx) // PROBE_SHARE) if L >= 2 else 0
             rows = x_all[idx]
@@ -480,18 +479,31 @@ class RunServer:
             for j, (r, t) in enumerate(zip(probe_of, cuts)):
                 off = int(rng.integers(0, len(train) - L))
                 alts[j, t + 1:] = train[off:off + L - t - 1]
-            again = recheck if start == starts[-1] else recheck[:0]
-            batch = np.concatenate([rows, alts, again])
+            batch = np.concatenate([rows, alts]) if k else rows
             perm = rng.permutation(len(batch))          # probes sit anywhere in the batch
             where = np.empty_like(perm)
             where[perm] = np.arange(len(perm))          # where[i]: position of batch row i in `sent`
-            yield idx, batch[perm], where, probe_of, cuts, len(again)
+            yield idx, batch[perm], where, probe_of, cuts
 
-    def _recheck_rows(self, L: int, rng: np.random.Generator) -> np.ndarray:
-        """RECHECK_ROWS windows of training text (never scored), at offsets train.py cannot predict."""
+    def _rows_per_batch(self, L: int) -> int:
+        """Scored rows per evaluation batch: LOGIT_BUDGET logits for this device."""
+        return max(1, LOGIT_BUDGET.get(self.device_type, 2**25) // (L * max(self.data.vocab_size, 1)))
+
+    def _train_rows(self, L: int, rng: np.random.Generator, n: int) -> np.ndarray:
+        """`n` windows of training text (never scored), at offsets train.py cannot predict."""
         train = self.data.train
-        offs = rng.integers(0, max(1, len(train) - L), size=RECHECK_ROWS)
+        offs = rng.integers(0, max(1, len(train) - L), size=n)
         return np.stack([np.asarray(train[int(o):int(o) + L]) for o in offs]).astype(np.uint16)
+
+    def _recheck_batches(self, L: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(first, last, at): two batches of 2 x RECHECK_ROWS rows of training text that hold
+        the same RECHECK_ROWS rows at the rows `at` (the others differ): the same shape and
+        places, so an honest model answers those rows to the bit both times."""
+        n = 2 * RECHECK_ROWS
+        first, last = self._train_rows(L, rng, n), self._train_rows(L, rng, n)
+        at = rng.choice(n, size=RECHECK_ROWS, replace=False)
+        last[at] = first[at]
+        return first, last, at
 
     def _evaluate(self) -> None:
         import torch
@@ -513,22 +525,24 @@ class RunServer:
         probes, worst, dtype = 0, 0.0, None
         timing = {"wait": 0.0, "copy": 0.0, "probes": 0.0, "ce": 0.0}
         pipelined = self.device_type != "cpu"
-        # First, before any validation row: rows of training text, answered alone. They come
-        # again in the last batch, and must be answered the same: a model that trains on the
-        # validation rows it is sent (or otherwise changes while it is scored) answers them
-        # otherwise, and one that trains only on the first rows it sees trains on these.
-        recheck = self._recheck_rows(L, rng)
-        self._send_val(recheck, L)
-        first = self._recv_logits(len(recheck), L, timing)
+        # First, before any validation row: a small batch of training text. Its recheck rows
+        # come again after the last validation batch, in a batch of the same shape, and must be
+        # answered the same: a model that trains on the validation rows it is sent (or otherwise
+        # changes while it is scored) answers them otherwise, and one that trains only on the
+        # first rows it sees trains on training text.
+        before, after, at = self._recheck_batches(L, rng)
+        first_rows = min(self._rows_per_batch(L), len(x_all))
+        self._max_rows = max(first_rows + max(1, first_rows // PROBE_SHARE), len(before))
+        self._send_val(before, L)
+        first = self._recv_logits(len(before), L, timing)
         if first is None:
             return
-        first = first.clone()                       # _recv_logits reuses its memory
-        batches = self._eval_batches(x_all, L, rng, recheck)
+        first = first[torch.from_numpy(at)].clone()   # _recv_logits reuses its memory
+        batches = self._eval_batches(x_all, L, rng)
         nxt = next(batches)
         self._send_val(nxt[1], L)
-        rechecked = 0
         while nxt is not None:
-            idx, sent, where, probe_of, cuts, again = nxt
+            idx, sent, where, probe_of, cuts = nxt
             logits = self._recv_logits(len(sent), L, timing)   # a private copy
             if logits is None:
                 return
@@ -555,18 +569,6 @@ class RunServer:
                                   f"{bad['position']} changed by {bad['max_diff']:.3g} when only later tokens "
                                   "changed, so it can see the targets")
                     return
-            for j in range(again):
-                b = logits[where[len(idx) + len(probe_of) + j]]
-                low = b.dtype in (torch.bfloat16, torch.float16) or first.dtype in (torch.bfloat16, torch.float16)
-                bad = probe_mismatch(first[j], b, tol=RECHECK_TOL["16-bit" if low else "float32"])
-                rechecked += 1
-                worst = max(worst, bad["max_diff"])
-                if not bad["causal"]:
-                    self._invalid(f"the model changed while it was scored: a row it answered before any "
-                                  f"validation row, sent again with the last batch, got logits that moved by "
-                                  f"{bad['max_diff']:.3g} at position {bad['position']} (a model must not train "
-                                  "on, or remember, the rows it is sent for scoring)")
-                    return
             t1 = self._now()
             timing["probes"] += t1 - t
             # Score the rows in the order they lie in the buffer, each straight into its
@@ -586,6 +588,25 @@ class RunServer:
                 self._send_val(nxt[1], L)
             timing["ce"] += self._now() - t1
             del logits
+        # Last: the rows answered before any validation row, again, in a batch of the same shape.
+        self._send_val(after, L)
+        logits = self._recv_logits(len(after), L, timing)
+        if logits is None:
+            return
+        rechecked = 0
+        for j, row in enumerate(at):
+            b = logits[int(row)]
+            low = b.dtype in (torch.bfloat16, torch.float16) or first.dtype in (torch.bfloat16, torch.float16)
+            bad = probe_mismatch(first[j], b, tol=RECHECK_TOL["16-bit" if low else "float32"])
+            rechecked += 1
+            worst = max(worst, bad["max_diff"])
+            if not bad["causal"]:
+                self._invalid(f"the model changed while it was scored: a row of training text it answered "
+                              f"before any validation row, sent again after the last, got logits that moved by "
+                              f"{bad['max_diff']:.3g} at position {bad['position']} (a model must not train "
+                              "on, or remember, the rows it is sent for scoring)")
+                return
+        del logits
         nats, nbytes = total_nats(ce_all.numpy(), y_all, m_all, d.token_bytes)
         if nbytes == 0:
             self._invalid("the scored validation tokens carry no bytes (only special tokens?)")
@@ -623,7 +644,9 @@ class RunServer:
                 if not 0 < size <= limit:
                     self._invalid(f"asked for a logits buffer of {size} bytes for {rows} rows")
                     return None
-                self._new_shm(size)
+                # Room for the largest batch to come (the first, of recheck rows, is small):
+                # a child that asks once, for the first batch it is sent, fits them all.
+                self._new_shm(max(size, -(-size // rows) * self._max_rows))
                 self.conn.send("buffer", {"bytes": self._shm_size}, fds=[self._shm_fd])
             elif kind == "logits":
                 break
