@@ -72,6 +72,7 @@ def test_an_honest_train_py_is_scored_and_isolated(kit_env, tmp_path):
     res = run(tiny_train(), tmp_path)
     assert res.status == "ok", res.reason + res.log_tail
     assert res.tokens == 2560 and res.steps == 20
+    assert res.extra["eval"]["rechecked"] == 4 and res.extra["eval"]["probe_max_diff"] == 0.0
     assert res.extra["isolation"] == ("bwrap" if _bwrap() else res.extra["isolation"])
     again = run(tiny_train(), tmp_path, name="again")
     assert again.val_bpb == res.val_bpb  # the same served batches and the same score, to the bit
