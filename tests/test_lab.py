@@ -1041,10 +1041,9 @@ def test_the_one_line_record_shows_sigma_beside_the_rules_decision(tmp_path, kit
         assert "sigma" not in human and "discard (within noise) [human]" in human
 
 
-def test_gains_inside_the_band_are_rerun_until_the_lab_knows_its_paired_noise(tmp_path, kit_env):
-    """docs/NOISE.md: without a paired SD the one-seed band is sigma * 2 * sqrt(2), several
-    times the real SE; a gain inside it is rerun (for real, at seed 43) until two reruns
-    have given the lab its paired SD, then only narrow wins are."""
+def _lab_with_made_up_noise(tmp_path):
+    """A lab on the tiny train.py whose baseline (committed, kept) and two noise reruns
+    have made-up scores 1.00, 1.01, 0.99 (sigma 0.01): (lab, its source, the baseline id)."""
     (tmp_path / "train.py").write_text(tiny_train_source())
     lab = _open(tmp_path / "lab", train=tmp_path / "train.py")
     src = lab.workspace.source("kept")
@@ -1055,6 +1054,14 @@ def test_gains_inside_the_band_are_rerun_until_the_lab_knows_its_paired_noise(tm
     lab.ledger.decide(base, "keep", "baseline", decided_by="rule", tip=base)
     _fake_run(lab.ledger, base, "noise", 1.01, seed=43, src=h)
     _fake_run(lab.ledger, base, "noise", 0.99, seed=44, src=h)
+    return lab, src, base
+
+
+def test_gains_inside_the_band_are_rerun_until_the_lab_knows_its_paired_noise(tmp_path, kit_env):
+    """docs/NOISE.md: without a paired SD the one-seed band is sigma * 2 * sqrt(2), several
+    times the real SE; a gain inside it is rerun (for real, at seed 43) until two reruns
+    have given the lab its paired SD, then only narrow wins are."""
+    lab, src, base = _lab_with_made_up_noise(tmp_path)
     a = _committed_run(lab, base, _lr_edit(src, 0.0201), 0.99)    # +0.01 = 0.7 SE: inside the 2 SE band
     b = _committed_run(lab, base, _lr_edit(src, 0.0202), 0.985)
     c = _committed_run(lab, base, _lr_edit(src, 0.0203), 0.99)
@@ -1078,16 +1085,7 @@ def test_a_batch_reruns_its_gains_inside_the_band_until_the_lab_knows_its_paired
     """decide_batch learns the paired SD as step does: its candidates that beat the parent
     inside the band are rerun for real at seed 43, best first, until the SD is known; a
     loss is never rerun, and the batch ends decided with at most one keep."""
-    (tmp_path / "train.py").write_text(tiny_train_source())
-    lab = _open(tmp_path / "lab", train=tmp_path / "train.py")
-    src = lab.workspace.source("kept")
-    h = Proposal.from_source("", src, "").source_hash
-    base = lab.ledger.start(None, h, "", "baseline", "baseline", BUDGET, {}, kind="baseline")
-    sha = lab.workspace.commit_experiment(base, src, None, "baseline")
-    lab.ledger.finish(base, RunResult(status="ok", val_bpb=1.00, seed=42), commit=sha)
-    lab.ledger.decide(base, "keep", "baseline", decided_by="rule", tip=base)
-    _fake_run(lab.ledger, base, "noise", 1.01, seed=43, src=h)
-    _fake_run(lab.ledger, base, "noise", 0.99, seed=44, src=h)
+    lab, src, base = _lab_with_made_up_noise(tmp_path)
     a = _committed_run(lab, base, _lr_edit(src, 0.0201), 0.99)    # inside the band, as above
     b = _committed_run(lab, base, _lr_edit(src, 0.0202), 0.985)   # the batch's best
     worse = _committed_run(lab, base, _lr_edit(src, 0.0204), 1.02)
@@ -1108,16 +1106,7 @@ def test_a_batch_keeps_one_even_when_its_reruns_narrow_every_siblings_band(tmp_p
     """Reruns (made up here: recorded, not trained) that give the lab its paired SD narrow
     the band of every sibling, also of one rechecked earlier: the batch is judged afresh,
     its best keep wins, and no sibling is kept beside it."""
-    (tmp_path / "train.py").write_text(tiny_train_source())
-    lab = _open(tmp_path / "lab", train=tmp_path / "train.py")
-    src = lab.workspace.source("kept")
-    h = Proposal.from_source("", src, "").source_hash
-    base = lab.ledger.start(None, h, "", "baseline", "baseline", BUDGET, {}, kind="baseline")
-    sha = lab.workspace.commit_experiment(base, src, None, "baseline")
-    lab.ledger.finish(base, RunResult(status="ok", val_bpb=1.00, seed=42), commit=sha)
-    lab.ledger.decide(base, "keep", "baseline", decided_by="rule", tip=base)
-    _fake_run(lab.ledger, base, "noise", 1.01, seed=43, src=h)
-    _fake_run(lab.ledger, base, "noise", 0.99, seed=44, src=h)
+    lab, src, base = _lab_with_made_up_noise(tmp_path)
     ids = [_committed_run(lab, base, _lr_edit(src, 0.0201 + i / 1e4), v) for i, v in enumerate(SCORES42)]
     lab.close()
     later = dict(zip(ids, SCORES43))
@@ -1148,16 +1137,7 @@ def test_a_narrow_win_is_rerun_once_before_it_is_kept(tmp_path, kit_env):
     """Made-up scores for the parent's three seeds (sigma 0.01) and a 2.5-SE one-run win;
     recheck reruns the candidate for real at seed 43 (the parent has it), and the rule then
     judges the mean of both runs."""
-    (tmp_path / "train.py").write_text(tiny_train_source())
-    lab = _open(tmp_path / "lab", train=tmp_path / "train.py")
-    src = lab.workspace.source("kept")
-    h = Proposal.from_source("", src, "").source_hash
-    base = lab.ledger.start(None, h, "", "baseline", "baseline", BUDGET, {}, kind="baseline")
-    sha = lab.workspace.commit_experiment(base, src, None, "baseline")
-    lab.ledger.finish(base, RunResult(status="ok", val_bpb=1.00, seed=42), commit=sha)
-    lab.ledger.decide(base, "keep", "baseline", decided_by="rule", tip=base)
-    _fake_run(lab.ledger, base, "noise", 1.01, seed=43, src=h)
-    _fake_run(lab.ledger, base, "noise", 0.99, seed=44, src=h)
+    lab, src, base = _lab_with_made_up_noise(tmp_path)
     narrow = _committed_run(lab, base, _lr_edit(src, 0.0201), 0.965)   # gain 0.035 = 2.5 SE (sigma * sqrt 2)
     wide = _committed_run(lab, base, _lr_edit(src, 0.0199), 0.90)      # 7 SE
     lab.close()
