@@ -936,10 +936,30 @@ def cpu_threads(extra_env: dict[str, str] | None = None) -> tuple[int | None, st
 _FIXED_CHILD_ENV = {"PYTHONUNBUFFERED": "1"}  # what every run sets beyond AUTORESEARCH_* (see prestart)
 
 
+# What of the runner's own environment reaches a candidate: the system's, Python's, the
+# kit's and the numeric libraries' settings, by name; nothing else (API keys, tokens,
+# credentials stay out of its process and so of its log). `env=` passes anything on.
+_ENV_PASS = frozenset((
+    "PATH", "LANG", "LANGUAGE", "TZ", "TERM", "USER", "LOGNAME", "SHELL", "HOME", "TMPDIR",
+    "LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "DYLD_FALLBACK_LIBRARY_PATH", "CC", "CXX",
+    "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "SYSTEMROOT", "COMSPEC", "PATHEXT",
+    "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+    "PYTHONWARNINGS", "PYTHONNOUSERSITE", "PYTHONFAULTHANDLER", "PYTHONIOENCODING", "PYTHONUTF8",
+))
+_ENV_PASS_PREFIXES = ("LC_", "AUTORESEARCH_", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "BLIS_",
+                      "CUDA_", "CUDNN_", "CUBLAS", "NVIDIA_", "NCCL_", "TORCH", "PYTORCH_", "TRITON_",
+                      "HIP_", "ROCM_", "HSA_", "MIOPEN_")
+
+
+def _passes(key: str) -> bool:
+    """Whether the runner's variable `key` reaches the candidate (see _ENV_PASS)."""
+    if key.startswith("AUTORESEARCH_CHANNEL"):
+        return False  # never pass on a channel we were given ourselves
+    return key in _ENV_PASS or key.startswith(_ENV_PASS_PREFIXES)
+
+
 def _child_env(extra_env: dict[str, str], runner_env: dict[str, str]) -> dict[str, str]:
-    child = dict(os.environ)
-    for key in ("AUTORESEARCH_CHANNEL_FD", "AUTORESEARCH_CHANNEL_KEY"):
-        child.pop(key, None)  # never pass on a channel we were given ourselves
+    child = {k: v for k, v in os.environ.items() if _passes(k)}
     child.update(extra_env)
     child.update(runner_env)
     # The child imports the same autoresearch_kit as this process (a dev checkout or
@@ -973,6 +993,10 @@ def _unstoppable(*steps: Callable[[bool], Any]) -> bool:
                 break
             except KeyboardInterrupt:
                 interrupted = True
+            except Exception as e:  # one step's failure must not skip the clean-up after it
+                log.warning("clean-up step %s failed (%s: %s); the rest goes on",
+                            getattr(step, "__name__", step), type(e).__name__, e)
+                break
     return interrupted
 
 

@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import site
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -319,10 +320,21 @@ class StagedRun:
         """Move what the run left into `files` (runs/<id>/files/) and drop its scratch."""
         files.mkdir(parents=True, exist_ok=True)
         for p in list(self.host_dir.iterdir()) if self.host_dir.is_dir() else []:
-            target = files / p.name
-            if target.exists():
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink()
-            shutil.move(str(p), str(target))
+            # What the candidate left is its own: a FIFO, a socket or a device node is not
+            # kept, and nothing it made may stop the runner's clean-up (a move across file
+            # systems copies, and copying a FIFO raises).
+            try:
+                mode = p.lstat().st_mode
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                    continue
+                target = files / p.name
+                if target.is_symlink() or target.is_file():
+                    target.unlink()
+                elif target.exists():
+                    shutil.rmtree(target, ignore_errors=True)
+                shutil.move(str(p), str(target))
+            except (OSError, shutil.Error) as e:
+                log.warning("left %s of the run behind: %s", p.name, e)
         shutil.rmtree(self.host_dir, ignore_errors=True)
         shutil.rmtree(self.scratch, ignore_errors=True)
 

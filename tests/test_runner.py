@@ -40,7 +40,7 @@ FAKE_HARNESS = textwrap.dedent('''
     ch = Conn.from_env()
     ch.send("hello", {"device": "cpu", "device_name": "fake", "torch": "none", "pid": os.getpid()})
     _kind, CFG, _ = ch.recv()
-    MARK = os.environ.get("TEST_MARK", "60")
+    MARK = os.environ.get("AUTORESEARCH_TEST_MARK", "60")
     def step(i, loss=2.0, batch=(4, 16)):
         ch.send("step", {"tokens": batch[0] * batch[1]})
         kind, h, _ = ch.recv()
@@ -465,7 +465,7 @@ def test_subprocess_in_its_own_session_is_killed(unchecked, tmp_path):
 def test_a_sandboxed_candidate_leaves_no_process_behind(unchecked, tmp_path, monkeypatch):
     # Its PID namespace dies with it: a double-forked, setsid'd `sleep` with every fd closed too.
     mark = _mark()
-    monkeypatch.setenv("TEST_MARK", mark)
+    monkeypatch.setenv("AUTORESEARCH_TEST_MARK", mark)
     res = run(fake("""
         if os.fork() == 0:
             os.setsid()
@@ -581,7 +581,7 @@ _FOREVER = """
 
 def test_stop_event_aborts_and_kills_the_group(unchecked, tmp_path, monkeypatch):
     mark = _mark()
-    monkeypatch.setenv("TEST_MARK", mark)
+    monkeypatch.setenv("AUTORESEARCH_TEST_MARK", mark)
     stop = threading.Event()
 
     def on_event(e):
@@ -608,7 +608,7 @@ def test_keyboard_interrupt_returns_aborted_and_leaves_nothing(tiny_data, tmp_pa
                           "pid": res.extra["pid"], "run_id": res.extra["run_id"]}}))
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TEST_MARK": mark})
+                            env={**os.environ, "AUTORESEARCH_TEST_MARK": mark})
     try:
         deadline = time.monotonic() + 30
         while not _marked(mark) and time.monotonic() < deadline:
@@ -644,7 +644,7 @@ def test_ctrl_c_again_during_cleanup_still_leaves_nothing(unchecked, tmp_path, m
 
     monkeypatch.setattr(runner, "_cleanup", cleanup_cut_short)
     mark = _mark()
-    monkeypatch.setenv("TEST_MARK", mark)
+    monkeypatch.setenv("AUTORESEARCH_TEST_MARK", mark)
     fds, threads = _open_fds(), set(threading.enumerate())
     res = run(fake("""
         import subprocess
@@ -695,7 +695,7 @@ def test_training_child_dies_with_a_killed_runner(tiny_data, tmp_path):
                             device="cpu", hard_limit=120)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "TEST_MARK": mark})
+                            env={**os.environ, "AUTORESEARCH_TEST_MARK": mark})
     child = None
     try:
         deadline = time.monotonic() + 30

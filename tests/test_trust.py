@@ -352,6 +352,45 @@ open("seen.txt", "w").write(str([_os.path.exists(_os.path.expanduser("~/.cache/w
     assert not (Path.home() / ".cache" / "weights.pt").exists()
 
 
+def test_the_runners_secrets_do_not_reach_the_candidate(kit_env, tmp_path, monkeypatch, how):
+    # An API key in the notebook's environment would otherwise sit in the candidate's process,
+    # its log, and (from a crash's log tail) the next prompt to the LLM.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-of-the-user")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-of-the-user")
+    res = run(after_loop("import os as _os, json as _json\n"
+                         "print(_json.dumps(dict(_os.environ)))\n"
+                         "open('env.json', 'w').write(_json.dumps(dict(_os.environ)))\n"), tmp_path)
+    assert res.status == "ok", res.reason
+    seen = json.loads((tmp_path / "work" / "files" / "env.json").read_text())
+    assert "OPENAI_API_KEY" not in seen and "AWS_SECRET_ACCESS_KEY" not in seen
+    assert "secret-of-the-user" not in Path(res.log_path).read_text()
+    assert seen["OMP_NUM_THREADS"] == "1" and "PATH" in seen   # what it needs still arrives
+
+
+def test_a_fifo_the_candidate_leaves_does_not_stop_the_clean_up(tmp_path, monkeypatch):
+    # Staged on another file system than the lab (the cache on tmpfs), moving a run's files
+    # copies them, and copying a FIFO raised: the rest of the clean-up never ran.
+    import errno
+
+    host, scratch = tmp_path / "stage" / "r1", tmp_path / "stage" / "r1.scratch"
+    (host / "sub").mkdir(parents=True)
+    scratch.mkdir()
+    (host / "train.py").write_text("x = 1\n")
+    (host / "sub" / "out.txt").write_text("kept")
+    os.mkfifo(host / "pipe")
+    os.mkfifo(host / "sub" / "pipe")
+
+    def cross_device(*_a, **_k):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    staged = sandbox.StagedRun(host, scratch, "/run/runs/r1", {}, {})
+    files = tmp_path / "lab" / "runs" / "0001" / "files"
+    staged.unstage(files)                       # no exception
+    assert (files / "train.py").read_text() == "x = 1\n"
+    assert not (files / "pipe").exists() and not host.exists() and not scratch.exists()
+
+
 @needs_sandbox
 def test_no_network_from_inside(kit_env, tmp_path, how):
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
