@@ -501,9 +501,9 @@ def _fill_from_outcome(res: RunResult, out: dict) -> None:
     if r:
         res.eval_tokens = int(r["eval_tokens"])
         res.eval_seconds = float(r["eval_seconds"])
-        res.extra.setdefault("eval", {}).update({k: r[k] for k in ("nats", "bytes", "seq_len", "probes",
-                                                                   "rechecked", "probe_max_diff", "logits_bytes", "logits_dtype",
-                                                                   "timing") if k in r})
+        res.extra.setdefault("eval", {}).update({k: r[k] for k in (
+            "nats", "bytes", "seq_len", "probes", "rechecked", "probe_max_diff", "batch_rows", "first_answer",
+            "logits_bytes", "logits_dtype", "timing") if k in r})
     res.extra["epochs"] = round(float(out.get("epochs") or 0.0), 4)
     res.extra["warmup_tokens"] = int(out.get("warmup_tokens") or 0)
     if out.get("flops_per_token") is not None:

@@ -14,19 +14,22 @@ What the candidate cannot do from its side of the socket:
   same order, as the loader train.py used to read itself), and counted here. A token
   budget is exact: a batch that would pass it is not served.
 - **Stretch the clock.** On a seconds budget the clock is this process's, started at the
-  first step after the warm-up steps; when it ends no more batches are served. The
+  first step after the warm-up steps (whose batches are random ids: nothing to learn off
+  the clock), checked on every request; when it ends no more batches are served. The
   candidate must then reach `run.finish` within a grace measured from its own step times
-  (about two steps, plus a second for the last sync): training after the budget, a
-  batch asked for after it, or a step logged after it make the run `invalid`.
+  (about two steps, plus a second for the last sync), and answer the first batch at
+  finish within about a forward pass: training after the budget, a batch asked for after
+  it, or a step logged after it make the run `invalid`.
 - **Score itself.** At `finish` this side sends the scored validation rows (the lab's
-  pinned set and context: metric.py's docstring) in an order the child cannot predict,
-  mixed with probe rows (a scored row whose tokens after a random position are replaced
-  by training text); the child answers with logits in shared memory, which are copied
-  out (one pass, the buffer is never read again) before use; the cross-entropy against
-  targets the child never receives, in float32 with a float64 sum, is computed here
-  (metric.py). A model whose logits at or before the cut differ between a row and its
-  probe sees the future: `invalid`. The next batch is sent as soon as a batch is copied
-  out, so the child's forward pass overlaps this side's scoring.
+  pinned set and context: metric.py's docstring) in an order the child cannot predict, in
+  batches of one shape, each with the probe rows of the batch before (a scored row whose
+  tokens after a random position are replaced by training text); the child answers with
+  logits in shared memory, which are copied out (one pass, the buffer is never read
+  again) before use; the cross-entropy against targets the child never receives, in
+  float32 with a float64 sum, is computed here (metric.py). A model whose logits at or
+  before the cut differ between a row and its probe sees the future or its batch-mates:
+  `invalid`. The next batch is sent as soon as a batch is copied out, so the child's
+  forward pass overlaps this side's scoring.
 
 The child's own reports (its loss curve, FLOPs per token, parameters, peak memory) are
 kept as what train.py reported; the tokens on the curve are this side's count.
@@ -69,10 +72,18 @@ FINISH_GRACE_MAX_FRACTION = 0.1
 # while a batch still keeps the GPU busy and the probe share stays 1 row in 8.
 LOGIT_BUDGET = {"cuda": 2**27, "mps": 2**26, "cpu": 2**25}
 PROBE_SHARE = 8             # one probe row per this many scored rows in a batch (at least one)
-# Rows of training text sent before any validation row and again after the last, each time in
-# a batch of 2 x RECHECK_ROWS rows (the same shape and places): a model that changes while it
-# is scored (trains on the rows it is sent, remembers them) answers them otherwise.
+# Rows of training text sent before any validation row and again after the last, at the same
+# places of a batch of the same shape: a model that changes while it is scored (trains on the
+# rows it is sent, remembers them) answers them otherwise.
 RECHECK_ROWS = 4
+# The first batch at finish (training text) must be answered within this floor plus this many
+# (median) training steps, scaled by its size against a step's: about what a forward pass of
+# it takes, so run.finish cannot buy time to train on the batches it was served.
+FIRST_ANSWER_FLOOR_SECONDS = 2.0
+FIRST_ANSWER_STEPS = 2.0
+# Warm-up batches (before the clock) are uniform random ids from this stream: the right shape
+# to compile and measure with, nothing to learn from, so the untimed warm-up buys nothing.
+WARMUP_STREAM = 0x5EED_0000
 # Their tolerance (relative, as in metric.probe_mismatch): an honest model agrees to the bit.
 RECHECK_TOL = {"16-bit": 4e-3, "float32": 1e-4}
 MAX_LOADERS = 64
@@ -311,7 +322,11 @@ class RunServer:
         self.conn.send("go" if go else "stop", reply)
 
     def _batch(self, h: dict) -> bytes | None:
-        """Draw one batch for loader h['loader'] if the budget allows it; else None (a violation)."""
+        """Draw one batch for loader h['loader'] if the budget allows it; else None (a violation).
+
+        Before the clock starts (the warm-up) the batch is uniform random ids, not counted
+        against the budget: compile and measure on it, there is nothing in it to learn.
+        """
         now = self._now()
         try:
             loader, bsz, seq = int(h["loader"]), int(h["batch_size"]), int(h["seq_len"])
@@ -324,10 +339,24 @@ class RunServer:
                     and seq + 1 <= len(self.data.train)):
                 self._violate(f"asked for a batch the runner cannot serve (loader {loader}, {bsz} x {seq})")
                 return None
+            if self.t_stop is None and self._past_end(now) > self.grace():
+                # a loop that never asks run.training() again: the clock is checked here too
+                self._stop(now, "budget spent")
             if self.t_stop is not None:
                 self._violate(f"asked for a training batch after the budget ended ({self.stop_reason}; "
                               f"{self.steps} steps): train.py must stop when run.training() returns False")
                 return None
+            if self.t_clock is None and self.batches >= self.warmup_steps * WARMUP_BATCHES_PER_STEP:
+                self._start_clock(now)  # batches without steps do not buy untimed training
+            if self.t_clock is None:
+                self.batches += 1
+                self.seq_len = seq
+                self.warmup_tokens += n
+                rng = self.loaders.get(-1 - loader)
+                if rng is None:
+                    rng = self.loaders[-1 - loader] = np.random.default_rng([WARMUP_STREAM, self.seed, loader])
+                rows = rng.integers(0, self.data.vocab_size, size=(bsz, seq + 1), dtype=np.uint16)
+                return rows.tobytes()
             b = self.budget
             over = (b.kind == "tokens" and self.tokens + n > b.amount) or (
                 b.kind == "flops" and (self.tokens + n) * (self.reported.get("flops_per_token") or 0) > b.amount)
@@ -336,18 +365,21 @@ class RunServer:
                               f"({self.tokens:,} served): pass each step's tokens to run.training(tokens=...)")
                 self._stop(now, "budget spent")
                 return None
-            if self.t_clock is None and self.batches >= self.warmup_steps * WARMUP_BATCHES_PER_STEP:
-                self._start_clock(now)  # batches without steps do not buy untimed training
             rng = self.loaders.get(loader)
             if rng is None:
                 rng = self.loaders[loader] = np.random.default_rng(self.seed + loader)
             rows = draw_windows(self.data.train, rng, bsz, seq)
             self.batches += 1
-            self.tokens += n
-            if self.t_clock is None:
-                self.warmup_tokens += n
             self.seq_len = seq
+            self.tokens += n
         return np.ascontiguousarray(rows, dtype=np.uint16).tobytes()
+
+    def _past_end(self, now: float) -> float:
+        """Seconds since a seconds budget ran out (on the runner's clock); 0 before, or for
+        tokens and FLOPs."""
+        if self.budget.kind != "seconds" or self.t_clock is None:
+            return 0.0
+        return max(0.0, now - self.t_clock - self.budget.amount)
 
     def _on_batch(self, h: dict, _p) -> None:
         ids = self._batch(h)
@@ -371,8 +403,7 @@ class RunServer:
             event["tokens"] = self.tokens
             event["elapsed"] = round((now - self.t_clock) if self.t_clock is not None else 0.0, 4)
             event["progress"] = round(self.progress(now), 5)
-            trained = self.tokens - self.warmup_tokens
-            event["tok_per_s"] = trained / event["elapsed"] if event["elapsed"] > 0 else None
+            event["tok_per_s"] = self.tokens / event["elapsed"] if event["elapsed"] > 0 else None
             self.curve.append(event)
             self.times.setdefault("first_log", now - self.t0)
             self.times["last_log"] = now - self.t0
@@ -431,7 +462,14 @@ class RunServer:
                 return
             self.finished = True
             self.times["finish"] = now - self.t0
-            if self.t_stop is None:
+            if self.t_stop is None and self._past_end(now) > 0:
+                # it never asked run.training() past the end: the budget ended on the clock
+                late, grace = self._past_end(now), self.grace()
+                self._stop(now, "budget spent")
+                if late > grace:
+                    self._violate(f"trained {late:.1f} s past the end of the budget without asking "
+                                  f"run.training() (allowed {grace:.1f} s): work after the budget is not counted")
+            elif self.t_stop is None:
                 self._stop(now, "train.py ended before the budget")
             else:
                 late, grace = now - self.t_stop, self.grace()
@@ -460,30 +498,60 @@ class RunServer:
             return
         self._evaluate()
 
-    def _eval_batches(self, x_all: np.ndarray, L: int, rng: np.random.Generator):
-        """Yield each evaluation batch as sent: (idx, sent ids, where, probe_of, cuts).
+    def _plan(self, x_all: np.ndarray, L: int, rng: np.random.Generator):
+        """Yield every batch sent at finish, in order; all of one shape (S rows of L ids).
 
-        idx: the evaluation rows it scores; sent: those rows and their probes, shuffled;
-        where[i]: the position in `sent` of batch row i (rows first, then probes).
+        First a batch of training text, with `RECHECK_ROWS` rows at the places `at`. Then the
+        validation batches: their scored rows (the split in an order train.py cannot
+        predict), the probes of the batch before (a row of it whose tokens after a random cut
+        are training text: its logits up to the cut must be the ones it got there, whatever
+        else its new batch holds) and training text to fill. Last, a batch holding the probes
+        of the last validation batch and the recheck rows again, at the same places.
+        No batch can be told from another by its shape, and a row's answer may depend on
+        nothing but its own tokens up to each position: not on its batch, not on its place.
+
+        Each item: ``sent`` (S, L) ids; ``idx``, ``pos``: the split rows it scores and their
+        places in ``sent``; ``checks``: (place, cut) of the probes of the batch before, in the
+        order that batch's ``sources`` lists their rows; ``sources``: (place, cut) of the rows
+        whose probes come in the next batch; ``at``: the recheck places (first and last only).
         """
-        d, train = self.data, self.data.train
+        none = np.zeros(0, dtype=np.int64)
         order = rng.permutation(len(x_all))
-        per = self._rows_per_batch(L)
+        per = max(1, min(self._rows_per_batch(L), len(x_all)))
+        k = max(1, per // PROBE_SHARE) if L >= 2 else 0
+        S = per + k
+        at = rng.choice(S, size=min(RECHECK_ROWS, per), replace=False)
+        first = self._train_rows(L, rng, S)
+        yield {"sent": first, "idx": none, "pos": none, "checks": [], "sources": [], "at": at, "end": "first"}
+        pending: list[tuple[np.ndarray, int]] = []      # (probe row, cut) for the next batch
         for start in range(0, len(order), per):
             idx = order[start:start + per]
-            k = max(1, len(idx) // PROBE_SHARE) if L >= 2 else 0
-            rows = x_all[idx]
-            probe_of = rng.choice(len(idx), size=k, replace=False) if k else np.zeros(0, dtype=np.int64)
-            cuts = rng.integers(0, L - 1, size=k)
-            alts = rows[probe_of].copy()
-            for j, (r, t) in enumerate(zip(probe_of, cuts)):
-                off = int(rng.integers(0, len(train) - L))
-                alts[j, t + 1:] = train[off:off + L - t - 1]
-            batch = np.concatenate([rows, alts]) if k else rows
-            perm = rng.permutation(len(batch))          # probes sit anywhere in the batch
+            m = len(idx)
+            rows = x_all[idx].astype(np.uint16)
+            probe_of = rng.choice(m, size=min(k, max(1, m // PROBE_SHARE)), replace=False) if k else none
+            cuts = rng.integers(0, L - 1, size=len(probe_of))
+            fresh = []
+            for r, t in zip(probe_of, cuts):
+                alt = rows[r].copy()
+                alt[t + 1:] = self._train_rows(L - t - 1, rng, 1)[0]
+                fresh.append((alt, int(t)))
+            parts = [rows, *(p[None] for p, _ in pending), self._train_rows(L, rng, S - m - len(pending))]
+            batch = np.concatenate(parts)
+            perm = rng.permutation(S)                  # sent[where[i]] = batch[i]
             where = np.empty_like(perm)
-            where[perm] = np.arange(len(perm))          # where[i]: position of batch row i in `sent`
-            yield idx, batch[perm], where, probe_of, cuts
+            where[perm] = np.arange(S)
+            yield {"sent": batch[perm], "idx": idx, "pos": where[:m],
+                   "checks": [(int(where[m + j]), t) for j, (_, t) in enumerate(pending)],
+                   "sources": [(int(where[r]), int(t)) for r, t in zip(probe_of, cuts)], "at": None, "end": ""}
+            pending = fresh
+        last = self._train_rows(L, rng, S)
+        last[at] = first[at]
+        free = np.setdiff1d(np.arange(S), at)
+        places = rng.choice(free, size=len(pending), replace=False)
+        for (p, _), w in zip(pending, places):
+            last[w] = p
+        yield {"sent": last, "idx": none, "pos": none, "checks": [(int(w), t) for (_, t), w in zip(pending, places)],
+               "sources": [], "at": at, "end": "last"}
 
     def _rows_per_batch(self, L: int) -> int:
         """Scored rows per evaluation batch: LOGIT_BUDGET logits for this device."""
@@ -492,18 +560,21 @@ class RunServer:
     def _train_rows(self, L: int, rng: np.random.Generator, n: int) -> np.ndarray:
         """`n` windows of training text (never scored), at offsets train.py cannot predict."""
         train = self.data.train
+        if n <= 0:
+            return np.zeros((0, L), dtype=np.uint16)
         offs = rng.integers(0, max(1, len(train) - L), size=n)
         return np.stack([np.asarray(train[int(o):int(o) + L]) for o in offs]).astype(np.uint16)
 
-    def _recheck_batches(self, L: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(first, last, at): two batches of 2 x RECHECK_ROWS rows of training text that hold
-        the same RECHECK_ROWS rows at the rows `at` (the others differ): the same shape and
-        places, so an honest model answers those rows to the bit both times."""
-        n = 2 * RECHECK_ROWS
-        first, last = self._train_rows(L, rng, n), self._train_rows(L, rng, n)
-        at = rng.choice(n, size=RECHECK_ROWS, replace=False)
-        last[at] = first[at]
-        return first, last, at
+    def first_answer_allowance(self, ids: int) -> float:
+        """Seconds allowed for the first batch at finish (`ids` token ids): a floor plus
+        FIRST_ANSWER_STEPS median training steps, scaled by its size against a step's."""
+        forced = config.env("FIRST_ANSWER_SECONDS")
+        if forced:
+            return float(forced)
+        step = statistics.median(self.step_intervals) if self.step_intervals else 0.0
+        step_ids = statistics.median(self.step_tokens) if self.step_tokens else 0
+        scale = max(1.0, ids / step_ids) if step_ids > 0 else 1.0
+        return FIRST_ANSWER_FLOOR_SECONDS + FIRST_ANSWER_STEPS * step * scale
 
     def _evaluate(self) -> None:
         import torch
@@ -522,91 +593,92 @@ class RunServer:
         x_all, y_all, m_all = eval_rows(d.val, n, L, d.bos_id)
         ce_all = torch.zeros(x_all.shape, dtype=torch.float32)  # each target's cross-entropy, split order
         rng = np.random.default_rng(secrets.randbits(64))  # an order train.py cannot predict
-        probes, worst, dtype = 0, 0.0, None
+        probes, rechecked, worst, dtype = 0, 0, 0.0, None
         timing = {"wait": 0.0, "copy": 0.0, "probes": 0.0, "ce": 0.0}
         pipelined = self.device_type != "cpu"
-        # First, before any validation row: a small batch of training text. Its recheck rows
-        # come again after the last validation batch, in a batch of the same shape, and must be
-        # answered the same: a model that trains on the validation rows it is sent (or otherwise
-        # changes while it is scored) answers them otherwise, and one that trains only on the
-        # first rows it sees trains on training text.
-        before, after, at = self._recheck_batches(L, rng)
-        first_rows = min(self._rows_per_batch(L), len(x_all))
-        self._max_rows = max(first_rows + max(1, first_rows // PROBE_SHARE), len(before))
-        self._send_val(before, L)
-        first = self._recv_logits(len(before), L, timing)
-        if first is None:
-            return
-        first = first[torch.from_numpy(at)].clone()   # _recv_logits reuses its memory
-        batches = self._eval_batches(x_all, L, rng)
-        nxt = next(batches)
-        self._send_val(nxt[1], L)
-        while nxt is not None:
-            idx, sent, where, probe_of, cuts = nxt
-            logits = self._recv_logits(len(sent), L, timing)   # a private copy
+        plan = self._plan(x_all, L, rng)
+        cur = next(plan)
+        S = len(cur["sent"])
+        self._max_rows = S
+        self._send_val(cur["sent"], L)
+        t_sent = self._now()
+        saved: list = []          # the logits, up to the cut, of the rows whose probes come next
+        recheck, first_answer = None, None
+        while cur is not None:
+            logits = self._recv_logits(S, L, timing)   # a private copy
             if logits is None:
                 return
+            if cur["end"] == "first":
+                # No validation row has been sent yet, and the model is final: this answer is a
+                # forward pass, not a chance to train on the batches it was served.
+                waited, allowed = self._now() - t_sent, self.first_answer_allowance(S * L)
+                first_answer = (round(waited, 4), round(allowed, 4))
+                if waited > allowed:
+                    self._invalid(f"answered the first evaluation batch {waited:.1f} s after it was sent (allowed "
+                                  f"{allowed:.1f} s, a few forward passes): training inside run.finish is work "
+                                  "after the budget, and is not counted")
+                    return
             # Pipelined on a GPU: the child computes the next batch while this one is scored
             # (the shared buffer was copied out: the child may overwrite it now). Not on a
             # CPU, where both sides would fight for the same cores (2 on the dev box).
-            nxt = next(batches, None)
+            nxt = next(plan, None)
             if nxt is not None and pipelined:
-                self._send_val(nxt[1], L)
+                self._send_val(nxt["sent"], L)
             dtype = logits.dtype
             if logits.shape[-1] < d.vocab_size:
                 self._invalid(f"the model's logits have {logits.shape[-1]} classes but the vocabulary has "
                               f"{d.vocab_size} tokens")
                 return
             t = self._now()
-            for j in range(len(probe_of)):
-                a = logits[where[probe_of[j]], : cuts[j] + 1]
-                b = logits[where[len(idx) + j], : cuts[j] + 1]
-                bad = probe_mismatch(a, b)
+            for (place, cut), a in zip(cur["checks"], saved):
+                bad = probe_mismatch(a, logits[place, : cut + 1])
                 probes += 1
                 worst = max(worst, bad["max_diff"])
                 if not bad["causal"]:
-                    self._invalid(f"the model is not causal: on a validation row, its logits at position "
-                                  f"{bad['position']} changed by {bad['max_diff']:.3g} when only later tokens "
-                                  "changed, so it can see the targets")
+                    self._invalid(f"the model is not causal: a validation row, sent again in the next batch with "
+                                  f"only its later tokens changed, got logits that moved by {bad['max_diff']:.3g} "
+                                  f"at position {bad['position']}: its answer depends on the targets, on the other "
+                                  "rows of its batch, or it changed while it was scored")
                     return
+            saved = [logits[place, : cut + 1].clone() for place, cut in cur["sources"]]
+            at = None if cur["at"] is None else torch.from_numpy(cur["at"])
+            if cur["end"] == "first":
+                recheck = logits[at].clone()
+            elif cur["end"] == "last":
+                low = torch.bfloat16, torch.float16
+                for j in range(len(at)):
+                    b = logits[int(at[j])]
+                    tol = RECHECK_TOL["16-bit" if b.dtype in low or recheck.dtype in low else "float32"]
+                    bad = probe_mismatch(recheck[j], b, tol=tol)
+                    rechecked += 1
+                    worst = max(worst, bad["max_diff"])
+                    if not bad["causal"]:
+                        self._invalid(f"the model changed while it was scored: a row of training text it answered "
+                                      f"before any validation row, sent again after the last, got logits that moved "
+                                      f"by {bad['max_diff']:.3g} at position {bad['position']} (a model must not "
+                                      "train on, or remember, the rows it is sent for scoring)")
+                        return
             t1 = self._now()
             timing["probes"] += t1 - t
-            # Score the rows in the order they lie in the buffer, each straight into its
-            # place in the split: no gathered copy, no whole float32 copy.
-            pos = where[: len(idx)]
-            y_sent = np.zeros((len(sent), L), dtype=np.int64)
-            y_sent[pos] = y_all[idx]
-            y_sent = torch.from_numpy(y_sent)
-            ce_sent = torch.empty(len(sent), L, dtype=torch.float32)
-            is_scored = np.zeros(len(sent) + 1, dtype=bool)
-            is_scored[pos] = True
-            edges = np.flatnonzero(np.diff(np.concatenate([[False], is_scored]).astype(np.int8)))
-            for a, b in zip(edges[0::2], edges[1::2]):   # runs of scored rows (probes skipped)
-                token_ce(logits[a:b], y_sent[a:b], out=ce_sent[a:b].view(-1))
-            ce_all[torch.from_numpy(idx)] = ce_sent[torch.from_numpy(pos)]
+            idx, pos = cur["idx"], cur["pos"]
+            if len(idx):
+                # Score the rows in the order they lie in the buffer, each straight into its
+                # place in the split: no gathered copy, no whole float32 copy.
+                y_sent = np.zeros((S, L), dtype=np.int64)
+                y_sent[pos] = y_all[idx]
+                y_sent = torch.from_numpy(y_sent)
+                ce_sent = torch.empty(S, L, dtype=torch.float32)
+                is_scored = np.zeros(S + 1, dtype=bool)
+                is_scored[pos] = True
+                edges = np.flatnonzero(np.diff(np.concatenate([[False], is_scored]).astype(np.int8)))
+                for a, b in zip(edges[0::2], edges[1::2]):   # runs of scored rows (the rest skipped)
+                    token_ce(logits[a:b], y_sent[a:b], out=ce_sent[a:b].view(-1))
+                ce_all[torch.from_numpy(idx)] = ce_sent[torch.from_numpy(pos)]
             if nxt is not None and not pipelined:
-                self._send_val(nxt[1], L)
+                self._send_val(nxt["sent"], L)
             timing["ce"] += self._now() - t1
             del logits
-        # Last: the rows answered before any validation row, again, in a batch of the same shape.
-        self._send_val(after, L)
-        logits = self._recv_logits(len(after), L, timing)
-        if logits is None:
-            return
-        rechecked = 0
-        for j, row in enumerate(at):
-            b = logits[int(row)]
-            low = b.dtype in (torch.bfloat16, torch.float16) or first.dtype in (torch.bfloat16, torch.float16)
-            bad = probe_mismatch(first[j], b, tol=RECHECK_TOL["16-bit" if low else "float32"])
-            rechecked += 1
-            worst = max(worst, bad["max_diff"])
-            if not bad["causal"]:
-                self._invalid(f"the model changed while it was scored: a row of training text it answered "
-                              f"before any validation row, sent again after the last, got logits that moved by "
-                              f"{bad['max_diff']:.3g} at position {bad['position']} (a model must not train "
-                              "on, or remember, the rows it is sent for scoring)")
-                return
-        del logits
+            cur = nxt
         nats, nbytes = total_nats(ce_all.numpy(), y_all, m_all, d.token_bytes)
         if nbytes == 0:
             self._invalid("the scored validation tokens carry no bytes (only special tokens?)")
@@ -614,7 +686,7 @@ class RunServer:
         bpb = nats / (math.log(2) * nbytes)
         self.result = {"val_bpb": bpb, "nats": nats, "bytes": nbytes, "eval_tokens": n, "seq_len": L,
                        "eval_seconds": self._now() - t0, "probes": probes, "rechecked": rechecked,
-                       "probe_max_diff": worst,
+                       "probe_max_diff": worst, "batch_rows": S, "first_answer": first_answer,
                        "logits_bytes": self.logits_bytes, "logits_dtype": str(dtype).removeprefix("torch."),
                        "timing": {k: round(v, 4) for k, v in timing.items()}}
         if not math.isfinite(bpb):
@@ -639,14 +711,14 @@ class RunServer:
         while True:
             kind, h, _p = self.conn.recv()
             if kind == "need":
-                size = int(h.get("bytes", 0))
-                limit = 4 * rows * L * max(self.data.vocab_size, 1) * 4
+                size = _num(h.get("bytes")) or 0
+                limit = rows * L * self._max_classes() * 4
                 if not 0 < size <= limit:
-                    self._invalid(f"asked for a logits buffer of {size} bytes for {rows} rows")
+                    self._invalid(f"asked for a logits buffer of {size:.0f} bytes for {rows} rows of {L} "
+                                  f"(at most {limit:,}: float32 logits of up to {self._max_classes():,} classes)")
                     return None
-                # Room for the largest batch to come (the first, of recheck rows, is small):
-                # a child that asks once, for the first batch it is sent, fits them all.
-                self._new_shm(max(size, -(-size // rows) * self._max_rows))
+                # Every batch at finish has the same shape: one buffer serves them all.
+                self._new_shm(int(size))
                 self.conn.send("buffer", {"bytes": self._shm_size}, fds=[self._shm_fd])
             elif kind == "logits":
                 break
@@ -659,7 +731,8 @@ class RunServer:
         timing["wait"] += t1 - t
         shape, dtype = h.get("shape"), str(h.get("dtype"))
         if (not isinstance(shape, list) or len(shape) != 3 or shape[:2] != [rows, L]
-                or dtype not in _DTYPES or not all(isinstance(s, int) and s > 0 for s in shape)):
+                or dtype not in _DTYPES or not all(type(s) is int and s > 0 for s in shape)
+                or shape[2] > self._max_classes()):
             self._invalid(f"answered with logits of shape {shape} ({dtype}) for ids of shape ({rows}, {L}): "
                           "the model must map ids (B, T) to logits (B, T, vocab)")
             return None
@@ -678,6 +751,10 @@ class RunServer:
         self.logits_bytes += nbytes
         timing["copy"] += self._now() - t1
         return raw.view(*shape)
+
+    def _max_classes(self) -> int:
+        """The most classes a model's logits may have: the vocabulary, padded (up to 2V + 128)."""
+        return 2 * max(self.data.vocab_size, 1) + 128
 
     def _on_need(self, _h, _p) -> None:
         # the child answering a batch sent before the evaluation ended (pipelined): nothing to do
@@ -712,7 +789,7 @@ class RunServer:
         """What this side knows, for the RunResult: trusted counts, the score or why not."""
         with self.lock:
             fpt = self.reported.get("flops_per_token")
-            timed = self.tokens - self.warmup_tokens
+            timed = self.tokens   # warm-up batches are not training data
             peak = _num((self.hello or {}).get("peak_flops"))
             mfu = (fpt * timed / (self.training_seconds * peak)
                    if fpt and peak and self.training_seconds > 0 else None)

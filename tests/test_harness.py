@@ -311,7 +311,7 @@ def test_candidate_run_is_served_and_scored_by_the_runner(kit_env, tmp_path, mon
     out = Path(res.log_path).read_text()
     assert res.status == "ok", res.reason + out
     assert "FD_SEEN None" in out  # the socket left os.environ before train.py ran
-    assert res.tokens == 156 * 256 and res.steps == 156  # 157 x 256 > 40k: counted by the runner
+    assert res.tokens == 156 * 256 and res.steps == 3 + 156  # 157 x 256 > 40k: counted by the runner (after 3 warm-up steps, not counted)
     assert res.flops == pytest.approx(res.tokens * res.extra["flops_per_token"])
     assert "not verified" in res.extra["flops_source"]
     assert res.eval_tokens == 4096 and res.extra["eval"]["probes"] >= 1

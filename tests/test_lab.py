@@ -979,7 +979,7 @@ def test_noise_runs_is_configurable_skippable_and_checked(tmp_path, kit_env, lab
     # a lab without sigma (made with noise off) learns it before its next candidate
     with _open(lab_dir) as lab:
         assert lab.noise_runs == 1 and lab.sigma is None
-        lab.recheck_below = 0                              # no narrow-win rerun: the kinds are exact below
+        lab.recheck_below, lab.recheck_until_paired = 0, False   # no reruns: the kinds are exact below
         rec = lab.step()
         assert [r["kind"] for r in lab.ledger.records(curves=False)] == ["baseline", "noise", "candidate"]
         assert lab.sigma is not None and rec["id"] == "0003" and "sigma" in rec["decision_reason"]

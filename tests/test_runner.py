@@ -165,7 +165,7 @@ def test_ok_run_is_scored_by_the_runner_and_streams_events(unchecked, tmp_path):
             step(i, loss=3.0 - i)
         print("training done")
         result()
-    """), tmp_path, on_event=events.append)
+    """), tmp_path, on_event=events.append, env={"AUTORESEARCH_WARMUP_STEPS": "0"})  # every batch real text
     assert res.status == "ok", res.reason
     assert res.val_bpb == pytest.approx(UNIFORM, rel=1e-6)  # the runner's cross-entropy of its logits
     assert [e["step"] for e in events] == [0, 1, 2]
@@ -763,9 +763,9 @@ def test_real_train_py_is_scored(kit_env, tmp_path):
     res = run(tiny_train(), tmp_path, budget=E2E_BUDGET, hard_limit=120, on_event=events.append)
     assert res.status == "ok", res.reason + "\n" + res.log_tail
     assert 0 < res.val_bpb < 12
-    assert res.tokens == 1280 and res.steps == 10
+    assert res.tokens == 1280 and res.steps == 3 + 10   # 3 warm-up steps on random ids, not counted
     assert res.eval_tokens == 4096 and res.params > 0 and res.flops > 0
-    assert events and events[-1]["step"] == 9
+    assert events and events[-1]["step"] == 3 + 9  # train.py counts its warm-up steps
     assert res.device.startswith("cpu") and res.torch_version
     assert "val_bpb:" in Path(res.log_path).read_text()  # the human summary is still printed
     _assert_nothing_left(res)
@@ -980,8 +980,9 @@ def test_the_pipelined_gpu_evaluation_scores_and_catches_what_the_cpu_one_does(t
         for out in (gpu, cpu):
             assert out["result"] is None and "not causal" in out["invalid"]
         assert seen[-1] == "invalid" and not gpu["violations"]
-        # Batch 0 is the recheck rows (training text, no probes): a peek that starts there is
-        # caught in the first validation batch. Pipelined: the next batch had gone out before
-        # the bad one was scored; not on a CPU run.
-        caught = max(peek_from, 1)
+        # Batch 0 is the recheck rows (training text, no probes), batch 1 the first validation
+        # rows, whose probes come in batch 2: a peek that starts by then is caught there, a
+        # later one in its first batch. Pipelined: the next batch had gone out before the bad
+        # one was scored; not on a CPU run.
+        caught = max(peek_from, 2)
         assert seen.count("val") == caught + 2 and seen_cpu.count("val") == caught + 1

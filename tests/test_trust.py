@@ -71,7 +71,8 @@ def _hashes(root: Path, skip: str = "runs/new") -> dict[str, str]:
 def test_an_honest_train_py_is_scored_and_isolated(kit_env, tmp_path):
     res = run(tiny_train(), tmp_path)
     assert res.status == "ok", res.reason + res.log_tail
-    assert res.tokens == 2560 and res.steps == 20
+    # 20 steps of the budget's data, after 3 warm-up steps on random ids (not counted)
+    assert res.tokens == 2560 and res.steps == 23 and res.extra["warmup_tokens"] == 3 * 128
     assert res.extra["eval"]["rechecked"] == 4 and res.extra["eval"]["probe_max_diff"] == 0.0
     assert res.extra["isolation"] == ("bwrap" if _bwrap() else res.extra["isolation"])
     again = run(tiny_train(), tmp_path, name="again")
@@ -124,17 +125,49 @@ def test_huge_warm_up_steps_on_a_seconds_budget_are_invalid(kit_env, tmp_path):
 
 def test_a_thread_that_fetches_beside_the_loop_is_counted(kit_env, tmp_path):
     # Every batch is served and counted: a second consumer only uses up the same budget.
-    src = tiny_train(**{"step = 0\nwhile": (
-        "import threading\n"
-        "def _side():\n"
-        "    for _ in range(5):\n"
-        "        next(run.train_loader(BATCH_SIZE, SEQ_LEN))\n"
-        "_t = threading.Thread(target=_side); _t.start(); _t.join()\n"
-        "step = 0\nwhile")})
+    src = tiny_train(**{"    x, y = next(loader)": (
+        "    if step == 5:\n"
+        "        import threading\n"
+        "        def _side():\n"
+        "            for _ in range(5):\n"
+        "                next(run.train_loader(BATCH_SIZE, SEQ_LEN))\n"
+        "        _t = threading.Thread(target=_side); _t.start(); _t.join()\n"
+        "    x, y = next(loader)")})
     res = run(src, tmp_path)
     assert res.status == "ok", res.reason
     assert res.tokens <= 2560  # the side batches came out of the budget, not on top of it
-    assert res.steps <= 15
+    assert res.steps <= 3 + 15
+
+
+def test_the_warm_up_serves_nothing_to_learn(kit_env, tmp_path):
+    # Off the clock, a loop over the warm-up batches may run as long as it likes: they are
+    # random ids, so 300 untimed passes over them buy nothing (on real text they paid).
+    src = tiny_train(**{"    x, y = next(loader)": (
+        "    x, y = next(loader)\n"
+        "    if step == 2:\n"
+        "        _hoard = [next(loader) for _ in range(3)] + [(x, y)]\n"
+        "        for _ in range(300):\n"
+        "            for x, y in _hoard:\n"
+        + "\n".join("            " + line for line in STEP.splitlines()) + "\n")})
+    honest = run(tiny_train(), tmp_path, name="honest", budget="3s")
+    res = run(src, tmp_path, budget="3s")
+    assert honest.status == "ok" and res.status in ("ok", "invalid"), (honest.reason, res.reason)
+    if res.status == "ok":
+        assert res.val_bpb > honest.val_bpb - 0.02, (res.val_bpb, honest.val_bpb)
+
+
+def test_a_loop_that_stops_asking_the_clock_is_invalid(kit_env, tmp_path):
+    # After the warm-up it never calls run.training() again and trains on for 3x the budget:
+    # the clock is the runner's, checked on every batch and at finish.
+    src = tiny_train(**{"while run.training(tokens=BATCH_SIZE * SEQ_LEN):": (
+        "import time as _t\n"
+        "for _ in range(4):\n"
+        "    run.training(tokens=BATCH_SIZE * SEQ_LEN)\n"
+        "_end = _t.monotonic() + 6\n"
+        "while _t.monotonic() < _end:")})
+    res = run(src, tmp_path, budget="2s")
+    assert res.status == "invalid", (res.status, res.reason)
+    assert "after the budget ended" in res.reason or "past the end of the budget" in res.reason
 
 
 # --------------------------------------------------------------------------- the evaluation
@@ -181,38 +214,93 @@ def test_a_huge_or_shifted_logit_does_not_widen_the_probe(kit_env, tmp_path, mon
     assert "not causal" in res.reason
 
 
-# Test-time training: once the budget is over, train on the rows sent for scoring before
-# answering them (every batch, or only the first).
+# A model that reads the other rows of its batch: what followed each token anywhere in the
+# batch (its own row's future, the neighbours' validation text) mixed into its answer.
+BATCH_CACHE = """
+class _BatchCache(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__(); self.m = m
+    def forward(self, idx):
+        logits = self.m(idx).float()
+        V = logits.size(-1)
+        C = torch.zeros(V, V)
+        a, b = idx[:, :-1].reshape(-1), idx[:, 1:].reshape(-1)
+        C.index_put_((a, b), torch.ones(a.numel()), accumulate=True)
+        cnt = C[idx]
+        tot = cnt.sum(-1, keepdim=True)
+        p = torch.softmax(logits, -1)
+        mix = torch.where(tot > 0, 0.5 * p + 0.5 * cnt / tot.clamp(min=1), p)
+        return mix.clamp(min=1e-30).log()
+model = _BatchCache(model)
+"""
+
+
+def test_a_model_that_reads_its_batch_mates_is_invalid(kit_env, tmp_path):
+    # Unchecked (probes in the same batch as their rows) this scored 0.98 against 2.0 honest:
+    # each probe now comes in another batch, and must be answered as its row was.
+    res = run(after_loop(BATCH_CACHE), tmp_path)
+    assert res.status == "invalid" and res.val_bpb is None, (res.status, res.val_bpb)
+    assert "not causal" in res.reason and "other rows of its batch" in res.reason
+
+
+# Test-time training: once the budget is over, train on the rows sent for scoring once they
+# are answered (so each batch gets a model that has seen the ones before), or
+# before answering the first; or, inside the first answer, on the batches it was served.
 TTT = """
 import torch.nn.functional as _F
 class _TTT(torch.nn.Module):
-    def __init__(self, m, every):
-        super().__init__(); self.m = m; self.every = every; self.done = False
-    def forward(self, idx):
-        if self.every or not self.done:
-            self.done = True
-            _opt = torch.optim.AdamW(self.m.parameters(), lr=1e-2)
-            with torch.enable_grad():
-                for _ in range(150):
-                    lg = self.m(idx[:, :-1]).float()
-                    loss = _F.cross_entropy(lg.reshape(-1, lg.size(-1)), idx[:, 1:].reshape(-1))
+    def __init__(self, m, mode, hoard):
+        super().__init__(); self.m = m; self.mode = mode; self.hoard = hoard; self.done = False
+    def _train(self, batches):
+        _opt = torch.optim.AdamW(self.m.parameters(), lr=1e-2)
+        with torch.enable_grad():
+            for _ in range(150):
+                for x, y in batches:
+                    lg = self.m(x).float()
+                    loss = _F.cross_entropy(lg.reshape(-1, lg.size(-1)), y.reshape(-1))
                     loss.backward(); _opt.step(); _opt.zero_grad(set_to_none=True)
+    def forward(self, idx):
+        if self.mode == "hoard" and not self.done:
+            self._train(self.hoard)
+        elif self.mode == "first" and not self.done:
+            self._train([(idx[:, :-1], idx[:, 1:])])
+        elif self.mode == "after" and self.done:   # the rows of the batch before, once answered
+            self._train([(self.last[:, :-1], self.last[:, 1:])])
+        self.done, self.last = True, idx
         return self.m(idx)
-model = _TTT(model, %s)
+model = _TTT(model, %r, _hoard)
 """
+
+
+def _hoarding(mode: str) -> str:
+    """train.py that keeps every batch it trains on, then wraps its model in _TTT(mode)."""
+    return tiny_train(**{"    x, y = next(loader)": "    x, y = next(loader)\n    _hoard.append((x, y))",
+                         "step = 0\nwhile": "_hoard = []\nstep = 0\nwhile",
+                         "\nrun.finish(model)": "\n" + TTT % mode + "\nrun.finish(model)"})
 
 
 def test_training_on_the_rows_sent_for_scoring_does_not_pay(kit_env, tmp_path, how):
     honest = run(tiny_train(), tmp_path, name="honest")
     assert honest.status == "ok", honest.reason
-    every = run(after_loop(TTT % "True"), tmp_path, name="every")
-    assert every.status == "invalid" and "changed while it was scored" in every.reason, (every.status, every.reason)
-    # Training only on the first rows it is sent: those are training text, answered before
-    # any validation row is sent. Unchecked, this scored 0.09 bpb better than honest.
-    first = run(after_loop(TTT % "False"), tmp_path, name="first")
+    after = run(_hoarding("after"), tmp_path, name="after")
+    assert after.status == "invalid" and "changed while it was scored" in after.reason, (after.status, after.reason)
+    assert "first evaluation batch" not in after.reason   # each answer came at once
+    # Training on the first rows it is sent before answering them: those are training text
+    # (unchecked, this scored 0.09 bpb better than honest), and the answer is late.
+    first = run(_hoarding("first"), tmp_path, name="first")
     assert first.status in ("ok", "invalid"), first.reason
     if first.status == "ok":
         assert first.val_bpb > honest.val_bpb - 0.01, (first.val_bpb, honest.val_bpb)
+    else:
+        assert "first evaluation batch" in first.reason, first.reason
+
+
+def test_training_inside_run_finish_on_the_served_batches_is_invalid(kit_env, tmp_path):
+    # The cool-down moved into the model's first forward pass at finish, on the batches it was
+    # served during the budget: the first answer comes far later than a forward pass takes.
+    res = run(_hoarding("hoard"), tmp_path, name="hoard")
+    assert res.status == "invalid" and res.val_bpb is None, (res.status, res.reason)
+    assert "first evaluation batch" in res.reason and "work after the budget" in res.reason
 
 
 def test_computed_names_cannot_reach_a_score(kit_env, tmp_path, monkeypatch):
