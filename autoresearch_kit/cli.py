@@ -430,6 +430,10 @@ class _LLMWatch:
             self.err.flush()
             self._drawn = False
 
+    def clear(self) -> None:
+        """Take the live count off the terminal, before a line of its own (a give-up, an error)."""
+        self._clear()
+
     def on_token(self, piece: str) -> None:
         self._chars += len(piece)
         if not self.err.isatty():
@@ -468,9 +472,14 @@ class _LLMWatch:
             shown = lines[:self.MAX_SHOWN] + ([f"... ({len(lines) - self.MAX_SHOWN} more lines)"]
                                               if len(lines) > self.MAX_SHOWN else [])
             print("  the model said:\n" + "\n".join("    | " + line[:160] for line in shown), file=self.out, flush=True)
+        elif kind == "note":        # a retry or a fallback: its own line, never counted as reply text
+            self._clear()
+            print(f"  {event.get('text')}", file=self.out, flush=True)
         elif kind == "structured":
+            self._clear()
             print(f"  {event.get('why')}: asking with {event.get('now')} instead", file=self.out, flush=True)
         elif kind == "switch":
+            self._clear()
             print(f"  switching to the knob mode ({event.get('why')})", file=self.out, flush=True)
 
 
@@ -517,6 +526,7 @@ def _proposer_kwargs(args: argparse.Namespace, *, watch: bool = False) -> dict[s
             if watch:
                 w = _LLMWatch()
                 kw.update(on_progress=w.on_progress, on_token=w.on_token)
+                args._llm_watch = w         # cmd_run clears its live line before printing a give-up
             return kw
     if given:
         flags = ", ".join(flag for name, flag in _LLM_FLAGS if name in given)
@@ -584,6 +594,18 @@ def _check_data(args: argparse.Namespace) -> None:
         raise UserError(f"no prepared data at {d}: run `autoresearch prepare` first (or pass --data DIR).")
 
 
+def _check_llm(lab, args: argparse.Namespace) -> None:
+    """Before anything trains: an LLM endpoint that is down or misnamed fails here, in seconds."""
+    from autoresearch_kit.propose.llm import LLMProposer
+
+    if _proposer_name(args) != "llm":
+        return
+    proposer = lab.proposer
+    if isinstance(proposer, LLMProposer):
+        model = proposer.check_endpoint()    # raises a fatal ProposalError: one line, what to do
+        print(f"llm: {model} at {proposer.endpoint} answers")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from autoresearch_kit.lab import format_record
 
@@ -597,6 +619,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"experiment(s) {', '.join(lab.recovered)} were interrupted last time: recorded as aborted")
         print(f"lab {lab.path}  budget {lab.budget}  proposer {_proposer_name(args)}  "
               f"{'autopilot' if args.yes else 'asking before each run'}")
+        _check_llm(lab, args)
         lab._autopilot = args.yes   # decisions are recorded as the autopilot's under --yes
         try:
             base = lab._baseline_record()
@@ -656,12 +679,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
                     if not isinstance(e, ProposalError):
                         raise
-                    if e.reason == last_reason:
-                        # the same failure twice (an endpoint that is down, a bad key): asking again won't help
+                    watch = getattr(args, "_llm_watch", None)
+                    if watch is not None:
+                        watch.clear()
+                    saved = _save_refused(lab.path, e)
+                    if getattr(e, "fatal", False):
+                        # the endpoint is down, hung or refuses the request: asking again won't help
+                        if saved:
+                            print(f"the model's replies are kept in {saved}")
                         raise UserError(e.reason) from None
+                    if e.reason == last_reason:
+                        # the same failure twice: said once above, not again
+                        raise UserError("the proposer failed the same way twice in a row (the reason is above); "
+                                        "asking again won't help. Fix that, or try --proposer mutate (offline).") from None
                     failures, last_reason = failures + 1, e.reason
                     print(f"proposer gave up ({failures}/3): {e.reason}")
-                    saved = _save_refused(lab.path, e)
                     if saved:
                         print(f"  the model's replies are kept in {saved}")
                     if failures >= 3:
@@ -719,6 +751,9 @@ def _run_batch(lab, args: argparse.Namespace, approve, n: int, *, first: bool) -
     try:
         recs = lab.step(approve=approve, on_event=bar, feedback=args.feedback if first else "", parallel=n)
     except ProposalError as e:
+        watch = getattr(args, "_llm_watch", None)
+        if watch is not None:
+            watch.clear()
         raise UserError(f"the proposer gave up: {e.reason}") from None
     finally:
         bar.close()

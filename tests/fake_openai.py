@@ -43,6 +43,9 @@ class Reply:
     usage: tuple[int, int] | None = (120, 30)   # prompt, completion tokens; None: the server reports none
     chunk: int = 16                # characters per streamed chunk
     chunk_delay: float = 0.0       # seconds between streamed chunks (a reply that trickles in)
+    finish: str = "stop"           # finish_reason ("length": cut off at max_tokens)
+    reasoning: str = ""            # reasoning_content (llama.cpp --reasoning-format, vLLM reasoning parsers)
+    raw_body: str | None = None    # an error body sent as text/plain (Ollama: "404 page not found")
 
 
 class FakeOpenAI:
@@ -50,11 +53,16 @@ class FakeOpenAI:
 
     def __init__(self, replies: list[Reply], models: tuple[str, ...] = ("fake-model",), *, n_ctx: int | None = None,
                  max_model_len: int | None = None, props: bool = True,
-                 constraints: tuple[str, ...] = ("response_format", "grammar"), refuse_status: int = 400) -> None:
+                 constraints: tuple[str, ...] = ("response_format", "grammar"), refuse_status: int = 400,
+                 refuse_body: dict | None = None, reject_fields: tuple[str, ...] = (),
+                 owned_by: str = "test") -> None:
         self.replies = list(replies)
         self.models = models
         self.n_ctx, self.max_model_len, self.props, self.constraints = n_ctx, max_model_len, props, constraints
         self.refuse_status = refuse_status  # 500: a refused constraint as llama-cpp-python answers it
+        self.refuse_body = refuse_body      # the body of that refusal (FastAPI: {"detail": [...]})
+        self.reject_fields = reject_fields  # request fields answered with OpenAI's 400 "Unsupported parameter"
+        self.owned_by = owned_by            # "llamacpp": llama.cpp's server
         self.requests: list[dict] = []      # {"path", "headers", "body"} per request
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -109,10 +117,11 @@ class FakeOpenAI:
 
             def do_GET(self) -> None:
                 fake.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": None})
-                if self.path.rstrip("/").endswith("/models"):
+                if self.path.rstrip("/") == "/v1/models":
                     extra = {"max_model_len": fake.max_model_len} if fake.max_model_len else {}
                     self._json(200, {"object": "list", "data": [
-                        {"id": m, "object": "model", "created": 0, "owned_by": "test", **extra} for m in fake.models]})
+                        {"id": m, "object": "model", "created": 0, "owned_by": fake.owned_by, **extra}
+                        for m in fake.models]})
                 elif self.path.rstrip("/") == "/props" and fake.props and fake.n_ctx:
                     self._json(200, {"default_generation_settings": {"n_ctx": fake.n_ctx}, "total_slots": 1})
                 else:
@@ -135,22 +144,40 @@ class FakeOpenAI:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                if reply.status != 200 and reply.raw_body is not None:
+                    data = reply.raw_body.encode()
+                    self.send_response(reply.status)
+                    self.send_header("Content-Type", "text/plain; charset=utf-8")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if reply.status != 200:
                     err = reply.error_body or {"error": {"message": f"scripted HTTP {reply.status}",
                                                          "type": "test", "code": None}}
                     self._json(reply.status, err, reply.headers)
                     return
+                for field in fake.reject_fields:      # OpenAI's words for max_tokens to an o-series model
+                    if field in body:
+                        self._json(400, {"error": {
+                            "message": f"Unsupported parameter: '{field}' is not supported with this model. Use "
+                                       f"'max_completion_tokens' instead.", "type": "invalid_request_error",
+                            "param": field, "code": "unsupported_parameter"}})
+                        return
                 for field, present in (("response_format", "response_format" in body), ("grammar", "grammar" in body)):
                     if present and field not in fake.constraints and fake.refuse_status == 400:
                         self._json(400, {"error": {"message": f"{field} is not supported by this server",
                                                    "type": "invalid_request_error", "code": None}})
+                        return
+                    if present and field not in fake.constraints and fake.refuse_body is not None:
+                        self._json(fake.refuse_status, fake.refuse_body)
                         return
                     if present and field not in fake.constraints:  # llama-cpp-python 0.3's words for json_schema
                         self._json(fake.refuse_status, {"message": (
                             f"1 validation error:\n  {{'type': 'literal_error', 'loc': ('body', '{field}', 'type'), "
                             "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}")})
                         return
-                need = fake.prompt_tokens(body) + int(body.get("max_tokens") or 0)
+                need = fake.prompt_tokens(body) + int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
                 if fake.n_ctx and need > fake.n_ctx:
                     if body.get("stream"):         # llama-cpp-python: the stream just ends, empty
                         self.send_response(200)
@@ -171,10 +198,11 @@ class FakeOpenAI:
                     usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                              "total_tokens": prompt + completion}
                 if not body.get("stream"):
+                    message = {"role": "assistant", "content": reply.text,
+                               **({"reasoning_content": reply.reasoning} if reply.reasoning else {})}
                     self._json(200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 0,
                                      "model": model, **({"usage": usage} if usage else {}),
-                                     "choices": [{"index": 0, "finish_reason": "stop",
-                                                  "message": {"role": "assistant", "content": reply.text}}]})
+                                     "choices": [{"index": 0, "finish_reason": reply.finish, "message": message}]})
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -189,12 +217,15 @@ class FakeOpenAI:
                 base = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": model}
                 send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]})
+                for i in range(0, len(reply.reasoning), reply.chunk):
+                    send({**base, "choices": [{"index": 0, "delta": {"reasoning_content": reply.reasoning[i:i + reply.chunk]},
+                                               "finish_reason": None}]})
                 for i in range(0, len(reply.text), reply.chunk):
                     if reply.chunk_delay:
                         time.sleep(reply.chunk_delay)
                     send({**base, "choices": [{"index": 0, "delta": {"content": reply.text[i:i + reply.chunk]},
                                                "finish_reason": None}]})
-                send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish}]})
                 if usage and (body.get("stream_options") or {}).get("include_usage"):
                     send({**base, "choices": [], "usage": usage})
                 send(b"[DONE]")

@@ -228,8 +228,8 @@ def test_unreachable_llm_endpoint_from_the_environment_stops_at_once(cli_lab, tm
     captured = capsys.readouterr()
     assert rc == 2
     assert "proposer llm" in captured.out                       # auto picked the LLM from the environment
-    # the same "cannot reach" twice ends the session: no third identical attempt
-    assert captured.out.count("proposer gave up") == 1
+    # the endpoint is checked before anything is asked or trained: one line, no give-up count
+    assert captured.out.count("proposer gave up") == 0 and captured.err.count("cannot reach") == 1
     assert "cannot reach the LLM endpoint" in captured.err and "--proposer mutate" in captured.err
     assert len(Ledger(d, readonly=True).records()) == 3         # nothing new was recorded
 
@@ -603,3 +603,48 @@ def test_status_shows_training_seconds_and_the_compute_against_the_parent(cli_la
     cells = [ln[col:].split()[0] for ln in lines[1:4]]
     assert cells[0][0].isdigit() and all(c.startswith(tuple("0123456789")) for c in cells)
     assert all(" x" in ln[col:col + 16] for ln in lines[2:4])   # candidates: a ratio to the parent's seconds
+
+
+def test_a_dead_or_misnamed_llm_endpoint_fails_before_the_baseline_trains(tmp_path, kit_env, monkeypatch, capsys):
+    import time
+
+    from fake_openai import FakeOpenAI, Reply, free_port
+
+    for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTORESEARCH_MODEL", "AUTORESEARCH_PROPOSER"):
+        monkeypatch.delenv(k, raising=False)
+    d = tmp_path / "fresh"
+    assert main(["init", str(d)]) == 0                         # no baseline yet: it would train first
+    capsys.readouterr()
+    with FakeOpenAI([Reply("unused")], models=("qwen3:8b",)) as server:
+        for flags, words in ((["--base-url", f"http://127.0.0.1:{free_port()}/v1"], "start the LLM server"),
+                             (["--base-url", server.url[:-3]], "missing /v1"),
+                             (["--base-url", server.url, "--model", "qwen3:4b"], "it lists: qwen3:8b")):
+            t0 = time.monotonic()
+            rc = main(["run", "--lab", str(d), "--steps", "1", "--budget", BUDGET, "--yes", *flags])
+            err = capsys.readouterr().err
+            assert rc == 2 and time.monotonic() - t0 < 20, err
+            assert words in err and len(err.strip().splitlines()) == 1
+        assert not server.chats
+    assert len(Ledger(d, readonly=True).records()) == 0          # nothing trained, not even the baseline
+
+
+def test_a_hung_llm_server_stops_the_run_at_once_with_one_message(cli_lab, tmp_path, kit_env, monkeypatch, capsys):
+    import time
+
+    from fake_openai import FakeOpenAI, Reply
+
+    for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTORESEARCH_MODEL", "AUTORESEARCH_PROPOSER"):
+        monkeypatch.delenv(k, raising=False)
+    d = _copy(cli_lab, tmp_path)
+    with FakeOpenAI([Reply("unused", delay=30)], models=("m",)) as server:
+        t0 = time.monotonic()
+        rc = main(["run", "--lab", str(d), "--steps", "3", "--budget", BUDGET, "--yes", "--base-url", server.url,
+                   "--model", "m", "--edit-mode", "edits", "--timeout", "1", "--max-wait", "2"])
+        secs = time.monotonic() - t0
+        asked = len(server.chats)
+    captured = capsys.readouterr()
+    assert rc == 2 and secs < 15, captured
+    assert "proposer gave up" not in captured.out                # no "1/3": the run stopped at the first
+    text = captured.out + captured.err
+    assert text.count("within 2 s") == 1 and "--max-wait" in captured.err   # said once, not twice
+    assert asked <= 3 and len(Ledger(d, readonly=True).records()) == 3

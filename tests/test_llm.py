@@ -592,7 +592,7 @@ def test_an_overflow_the_server_reports_is_trimmed_and_asked_again(stream):
 
 
 def test_an_empty_reply_names_the_context_size_and_the_setting():
-    err, server, _, streamed = _run([Reply("")], max_attempts=2)
+    err, server, _, streamed = _run([Reply("", usage=(120, 0))], max_attempts=2)   # nothing generated
     assert isinstance(err, ProposalError) and "empty reply" in err.reason
     assert "context" in err.reason and "AUTORESEARCH_CONTEXT" in err.reason and "-c 8192" in err.reason
     assert [c["body"].get("stream", False) for c in server.chats] == [True, False, True, False]
@@ -718,3 +718,149 @@ def test_a_hung_endpoint_is_given_up_on_within_max_wait_with_what_to_do(reply, s
 def test_max_wait_must_be_positive():
     with pytest.raises(ValueError, match="max_wait"):
         LLMProposer(base_url="http://127.0.0.1:9/v1", model="m", max_wait=0)
+
+
+# ---------------------------------------------------------------------------- the endpoint check, before training
+
+def test_check_endpoint_passes_a_served_model_and_resolves_one_skipping_embeddings():
+    with FakeOpenAI([Reply(GOOD)], models=("m",)) as server:
+        assert LLMProposer(base_url=server.url, model="m").check_endpoint() == "m"
+    notes: list[dict] = []
+    with FakeOpenAI([Reply(GOOD)], models=("nomic-embed-text", "qwen3:8b", "llama3:8b")) as server:
+        p = LLMProposer(base_url=server.url, on_progress=notes.append)
+        assert p.check_endpoint() == "qwen3:8b"             # not the embedding model listed first
+        assert p.propose(context()).metadata["model"] == "qwen3:8b"
+        assert len([r for r in server.requests if r["path"] == "/v1/models"]) == 1   # asked once
+    said = [e["text"] for e in notes if e["event"] == "note"]
+    assert said and "using qwen3:8b" in said[0] and "--model" in said[0] and "llama3:8b" in said[0]
+    with FakeOpenAI([Reply(GOOD)], models=("qwen2.5-coder:latest",)) as server:   # Ollama's bare name
+        assert LLMProposer(base_url=server.url, model="qwen2.5-coder").check_endpoint() == "qwen2.5-coder"
+    with FakeOpenAI([Reply(GOOD)], models=("/models/x.gguf",), owned_by="llamacpp") as server:
+        assert LLMProposer(base_url=server.url, model="any").check_endpoint() == "any"   # llama.cpp takes any name
+
+
+@pytest.mark.parametrize("case", ["down", "no_v1", "unlisted", "only_embeddings"])
+def test_check_endpoint_fails_in_seconds_with_one_line_naming_the_address_and_the_fix(case):
+    models = ("nomic-embed-text",) if case == "only_embeddings" else ("qwen3:8b", "llama3:8b")
+    with FakeOpenAI([Reply(GOOD)], models=models) as server:
+        url = {"down": f"http://127.0.0.1:{free_port()}/v1", "no_v1": server.url[:-3]}.get(case, server.url)
+        p = LLMProposer(base_url=url, model=None if case == "only_embeddings" else "qwen3:4b")
+        t0 = time.monotonic()
+        with pytest.raises(ProposalError) as info:
+            p.check_endpoint()
+        assert time.monotonic() - t0 < 5 and not server.chats
+    e = info.value
+    assert e.fatal and url in e.reason and "\n" not in e.reason
+    assert {"down": "start the LLM server", "no_v1": "missing /v1", "unlisted": "it lists: qwen3:8b, llama3:8b",
+            "only_embeddings": "no chat model (only nomic-embed-text)"}[case] in e.reason
+    assert ("mutate" in e.reason) if case in ("down", "no_v1") else ("--model" in e.reason)
+
+
+# ---------------------------------------------------------------------------- endpoint failures are fatal
+
+def test_endpoint_failures_are_fatal_and_refused_replies_are_not():
+    hung, *_ = _run([Reply(GOOD, delay=30)], timeout=0.5, max_retries=5, max_wait=1.0)
+    assert isinstance(hung, ProposalError) and hung.fatal
+    for reply in (Reply(status=500), Reply(status=403), Reply(status=404)):
+        err, *_ = _run([reply])
+        assert isinstance(err, ProposalError) and err.fatal, reply
+    with pytest.raises(ProposalError) as info:
+        LLMProposer(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m").propose(context())
+    assert info.value.fatal and "cannot reach" in info.value.reason
+    prose, *_ = _run([Reply("I would raise the learning rate.")])
+    assert isinstance(prose, ProposalError) and not prose.fatal
+
+
+# ---------------------------------------------------------------------------- notes are not reply text
+
+def test_retry_notes_are_progress_events_not_reply_text_and_the_watch_prints_them():
+    import io
+
+    from autoresearch_kit.cli import _LLMWatch
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out, err = io.StringIO(), Tty()
+    w = _LLMWatch(out=out, err=err)
+    tokens: list[str] = []
+
+    def on_token(piece):
+        tokens.append(piece)
+        w.on_token(piece)
+
+    events: list[dict] = []
+
+    def on_progress(event):
+        events.append(event)
+        w.on_progress(event)
+
+    with FakeOpenAI([Reply(GOOD, delay=2), Reply(GOOD, chunk=400)]) as server:
+        p = LLMProposer(base_url=server.url, model="fake-model", timeout=0.5, retry_delay=0.01, edit_mode="edits",
+                        on_progress=on_progress)
+        p.propose(context(), on_token=on_token)
+    assert "".join(tokens) == GOOD                       # the reply, and nothing else
+    notes = [e["text"] for e in events if e["event"] == "note"]
+    assert len(notes) == 1 and notes[0].startswith("[no answer within 0.5s (timeout); retrying in")
+    assert f"\n  {notes[0]}\n" in out.getvalue()          # a line of its own, on a terminal too
+    assert w._chars == len(GOOD)
+    # without on_progress the notes stay inline in the stream (the notebook panel shows them)
+    _, _, _, streamed = _run([Reply(GOOD, delay=2), Reply(GOOD)], timeout=0.5)
+    assert "[no answer within 0.5s (timeout); retrying in" in streamed
+
+
+# ---------------------------------------------------------------------------- max_tokens, error bodies, finish_reason
+
+def test_a_400_naming_max_tokens_is_retried_with_max_completion_tokens_for_the_session():
+    script = [Reply(_knob("MATRIX_LR", 0.05))] * 2 + [Reply(_knob("DEPTH", 5))]   # the refused request takes one
+    with FakeOpenAI(script, reject_fields=("max_tokens",)) as server:
+        p = LLMProposer(base_url=server.url, model="o4-mini", edit_mode="knobs", retry_delay=0.01)
+        first = p.propose(context())
+        second = p.propose(context())
+    bodies = [c["body"] for c in server.chats]
+    assert first.description == "MATRIX_LR 0.04 -> 0.05" and second.description == "DEPTH 4 -> 5"
+    assert first.metadata["structured"] == "json_schema"       # the constraint was not blamed
+    assert ["max_tokens" in b for b in bodies] == [True, False, False]
+    assert [b.get("max_completion_tokens") for b in bodies] == [None, 256, 256]
+    assert all("response_format" in b for b in bodies) and first.metadata["attempts"] == 1
+
+
+def test_a_fastapi_422_detail_body_is_read_and_steps_the_constraint_down():
+    detail = {"detail": [{"type": "literal_error", "loc": ["body", "response_format", "type"],
+                          "msg": "Input should be 'text' or 'json_object'", "input": "json_schema"}]}
+    with FakeOpenAI([Reply(_knob("MATRIX_LR", 0.05))], constraints=("grammar",), refuse_status=422,
+                    refuse_body=detail) as server:
+        events: list[dict] = []
+        out = LLMProposer(base_url=server.url, model="m", edit_mode="knobs", retry_delay=0.01,
+                          on_progress=events.append).propose(context())
+    assert out.metadata["structured"] == "grammar" and out.description == "MATRIX_LR 0.04 -> 0.05"
+    why = next(e["why"] for e in events if e["event"] == "structured")
+    assert "Error code: 422" in why and "Input should be 'text' or 'json_object'" in why
+
+
+def test_an_error_body_without_a_message_is_shown():
+    err, *_ = _run([Reply(status=404, raw_body="404 page not found")])     # Ollama's plain text
+    assert isinstance(err, ProposalError) and "Error code: 404 - 404 page not found" in err.reason
+    err, *_ = _run([Reply(status=422, error_body={"detail": [{"loc": ["body", "seed"], "msg": "Extra inputs are "
+                                                                                            "not permitted"}]})])
+    assert "Error code: 422" in err.reason and "Extra inputs are not permitted" in err.reason
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_reply_cut_off_at_max_tokens_says_so(stream):
+    cut = GOOD[:GOOD.index("=======") + 12]
+    err, *_ = _run([Reply(cut, finish="length")], stream=stream, max_tokens=100, max_attempts=1)
+    assert isinstance(err, ProposalError)
+    assert "the reply was cut off at max_tokens=100" in err.reason and "--max-tokens" in err.reason
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_model_that_only_reasoned_is_told_apart_from_a_context_overflow(stream):
+    err, server, _, _ = _run([Reply("", reasoning="Let me think about the learning rate... " * 5, usage=None)],
+                             stream=stream, max_attempts=1)
+    assert isinstance(err, ProposalError) and "only reasoned" in err.reason and "--max-tokens" in err.reason
+    assert "context" not in err.reason.split("last problem:")[1].split("Try")[0]
+    assert len(server.chats) == 1                       # the prompt fit: no unstreamed second ask
+    err, *_ = _run([Reply("", usage=(120, 64))], stream=stream, max_attempts=1)   # tokens generated, none shown
+    assert "only reasoned" in err.reason and "64 tokens generated" in err.reason

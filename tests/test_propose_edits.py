@@ -235,3 +235,56 @@ def test_thinking_is_ignored_and_a_diff_block_is_accepted():
     r = parse_reply(text)
     assert r.blocks == [] and r.description == "no weight decay"
     assert apply_reply(SYNTHETIC_TRAIN, r) == new
+
+
+# R1 distills and Qwen3 through some servers: the template opens <think>, only </think> is in the reply
+ORPHAN_THINK = ("Okay, the user wants a lower val_bpb. A draft:\n<<<<<<< SEARCH\nDEPTH = 4                  # transformer "
+                "layers\n=======\nDEPTH = 8\n>>>>>>> REPLACE\nHmm, no: the lr.\n</think>\n\n" + BLOCK)
+
+
+@pytest.mark.parametrize("text", [
+    ORPHAN_THINK,
+    "<think>first\n</think>\nstill thinking aloud: ```python\nDEPTH = 8\n```\n</think>\n" + BLOCK,  # the last one counts
+    BLOCK + "\n<think>\nand now, cut off while thinking again:\n<<<<<<< SEARCH\nDEPTH = 4",       # unterminated tail
+])
+def test_reasoning_before_a_lone_closing_think_tag_is_not_the_answer(text):
+    r = parse_reply(text)
+    assert [b.replace for b in r.blocks] == ["MATRIX_LR = 0.05           # Muon-style lr for 2D weights"]
+    assert r.description == "MATRIX_LR 0.04 -> 0.05" and "DEPTH" not in apply_reply(SYNTHETIC_TRAIN, r).split(
+        "DEPTH = 4", 1)[1].split("\n", 1)[0]
+
+
+def test_knob_reply_after_a_lone_closing_think_tag_is_the_answer():
+    from autoresearch_kit.propose import knobs
+
+    ks = knobs.find_knobs(SYNTHETIC_TRAIN, None)
+    text = 'maybe {"knob": "DEPTH", "value": 8, "why": "x"}\n</think>\n{"knob": "MATRIX_LR", "value": 0.05, "why": "y"}'
+    assert knobs.parse_reply(text, ks).knob.name == "MATRIX_LR"
+    with pytest.raises(EditError, match="not JSON"):          # cut off while thinking: nothing to read
+        knobs.parse_reply('<think>maybe {"knob": "DEPTH", "value": 8, "why": "x"}', ks)
+
+
+def _whole(body: str) -> str:
+    return f"DESCRIPTION: MATRIX_LR 0.05\nRATIONALE: faster.\n\n```python\n{body}```\n"
+
+
+@pytest.mark.parametrize("cut, problem", [
+    ("# ... (MLP and GPT unchanged) ...", "placeholder line '# ... (MLP and GPT unchanged) ...'"),
+    ("# rest of the model as before", "placeholder line"),
+    ("", "GPT is still used but no longer defined"),      # MLP went too, but only GPT called it
+])
+def test_a_whole_file_that_leaves_code_out_is_refused_asking_for_blocks(cut, problem):
+    lines = SYNTHETIC_TRAIN.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05").split("\n")
+    a = next(i for i, l in enumerate(lines) if l.startswith("class MLP"))
+    b = next(i for i, l in enumerate(lines) if l.startswith("def lr_factor"))
+    body = "\n".join(lines[:a] + ([cut] if cut else []) + lines[b:])
+    compile(body, "train.py", "exec")                          # it compiles: only running it would crash
+    with pytest.raises(EditError, match="not the complete train.py") as info:
+        apply_reply(SYNTHETIC_TRAIN, parse_reply(_whole(body)))
+    assert problem in str(info.value) and "SEARCH/REPLACE" in str(info.value)
+    # a complete file, a parent's own "# ..." comment and a helper nobody calls any more are fine
+    whole = SYNTHETIC_TRAIN.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05")
+    assert apply_reply(SYNTHETIC_TRAIN, parse_reply(_whole(whole))) == whole
+    parent = SYNTHETIC_TRAIN + "\n# ... unchanged below ...\n\ndef unused_helper():\n    return 1\n"
+    edited = parent.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05").replace("\ndef unused_helper():\n    return 1\n", "")
+    assert apply_reply(parent, parse_reply(_whole(edited))) == edited

@@ -28,11 +28,18 @@ def unified_diff(old: str, new: str, path: str = "train.py") -> str:
 
 
 class ProposalError(RuntimeError):
-    """A proposer gave up: `reason` says why, in words the panel and CLI show as is."""
+    """A proposer gave up: `reason` says why, in words the panel and CLI show as is.
 
-    def __init__(self, reason: str, *, attempts: int = 0, metadata: dict | None = None) -> None:
+    `fatal` is True when asking again cannot help before a person acts: the endpoint is
+    unreachable, hung (out of time), answered HTTP 4xx, or failed every retry. A loop
+    (the CLI) stops at once on a fatal error instead of asking for the next proposal.
+    """
+
+    def __init__(self, reason: str, *, attempts: int = 0, metadata: dict | None = None,
+                 fatal: bool = False) -> None:
         super().__init__(reason)
         self.reason, self.attempts, self.metadata = reason, attempts, metadata or {}
+        self.fatal = fatal
 
 
 @dataclass

@@ -104,6 +104,29 @@ def _previous_nonblank(lines: Sequence[str], i: int) -> str:
     return lines[j] if j >= 0 else ""
 
 
+_THINK_OPEN = re.compile(r"<think(?:ing)?>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think(?:ing)?>", re.IGNORECASE)
+
+
+def strip_thinking(text: str) -> str:
+    """A reply without its reasoning: everything up to the last `</think>`, and a `<think>...` tail.
+
+    Reasoning models (qwen3, deepseek-r1) think aloud first, and their drafts (a python
+    block, a SEARCH/REPLACE block, a JSON object) must not be taken for the answer. The
+    opening `<think>` is often in the prompt template, not the reply (R1 distills, Qwen3
+    through some servers): then only `</think>` shows, and what precedes it is reasoning
+    too. A `<think>` never closed (cut off at max_tokens) leaves only the text before it.
+    """
+    text = text or ""
+    closes = list(_THINK_CLOSE.finditer(text))
+    if closes:
+        text = text[closes[-1].end():]
+    m = _THINK_OPEN.search(text)
+    if m:
+        text = text[:m.start()]
+    return text
+
+
 def parse_reply(text: str) -> ParsedReply:
     """Split a proposer's reply into description, rationale and the edit.
 
@@ -123,8 +146,7 @@ def parse_reply(text: str) -> ParsedReply:
     EditError
         A block is malformed, or a block / fenced file names a file other than train.py.
     """
-    # Reasoning models (qwen3, deepseek-r1 via Ollama) think aloud first: drop that part.
-    text = re.sub(r"<think>.*?</think>", "", (text or "").replace("\r\n", "\n"), flags=re.DOTALL)
+    text = strip_thinking((text or "").replace("\r\n", "\n"))
     lines = text.split("\n")
     out = ParsedReply()
     prose: list[str] = []          # lines outside blocks and fences
@@ -368,10 +390,50 @@ def apply_reply(parent: str, reply: ParsedReply) -> str:
                    f"{parent_lines}: it looks like a fragment. Use SEARCH/REPLACE blocks, or send the "
                    f"complete file")
             raise EditError(msg)
+        elided = _elided(parent, body)
+        if elided:
+            msg = (f"the ```python block is not the complete {TARGET}: {elided}. Do not shorten the file; "
+                   f"reply with SEARCH/REPLACE blocks that change only the lines you mean to change")
+            raise EditError(msg)
         return body
     msg = (f"the reply has no SEARCH/REPLACE block and no ```python block with the complete "
            f"{TARGET}; reply with DESCRIPTION, RATIONALE and SEARCH/REPLACE blocks")
     raise EditError(msg)
+
+
+# "# ... unchanged ...", "# (rest of the file as before)", "# ...", "// ... existing code ..."
+_ELISION = re.compile(r"^\s*(?:#|//)\s*(?:\.\.\.|…|\(?\s*(?:the\s+)?(?:rest|remainder)\b"
+                      r"|.*\b(?:unchanged|omitted|elided|as before|same as (?:before|above|the original)|"
+                      r"existing code|remains the same|no changes?)\b)", re.IGNORECASE)
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+
+
+def _elided(parent: str, body: str) -> str:
+    """Why a whole-file reply left code out ("" when it looks complete).
+
+    Models shorten a long file with a placeholder comment ("# ... unchanged ..."), or drop
+    a function the rest still calls; such a file compiles and crashes only when it runs.
+    """
+    parent_lines = {line.strip() for line in parent.split("\n")}
+    for line in body.split("\n"):
+        if _ELISION.match(line) and line.strip() not in parent_lines:
+            return f"it has the placeholder line {line.strip()[:80]!r} where code was left out"
+    try:
+        old, new = ast.parse(parent), ast.parse(body)
+    except SyntaxError:
+        return ""                          # validate() reports a file that does not compile
+    missing = _top_level_names(old) - _top_level_names(new)
+    used = {n.id for n in ast.walk(new) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assigned = {n.id for n in ast.walk(new) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    assigned |= {(a.asname or a.name).split(".")[0] for n in ast.walk(new) if isinstance(n, (ast.Import, ast.ImportFrom))
+                 for a in n.names}
+    gone = sorted(name for name in missing & used if name not in assigned)
+    if gone:
+        return f"{', '.join(gone[:5])} {'is' if len(gone) == 1 else 'are'} still used but no longer defined"
+    return ""
 
 
 # --------------------------------------------------------------------- unified diffs

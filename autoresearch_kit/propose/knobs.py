@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoresearch_kit.propose.base import HistoryEntry, ProposalContext, source_hash
-from autoresearch_kit.propose.edits import EditError
+from autoresearch_kit.propose.edits import EditError, strip_thinking
 # The same "not a research knob" rule and categorical choices as the offline proposer.
 from autoresearch_kit.propose.mutate import _SKIP, KNOWN_CHOICES
 
@@ -376,7 +376,7 @@ def parse_reply(text: str, knobs: list[Knob]) -> KnobChange:
     EditError
         Not JSON, no knob or value, an unknown knob, or a value `check_value` refuses.
     """
-    text = re.sub(r"<think>.*?</think>", "", text or "", flags=re.DOTALL).strip()
+    text = strip_thinking(text or "").strip()
     example = '{"knob": "' + (knobs[0].name if knobs else "NAME") + '", "value": ..., "why": "one sentence"}'
     obj = None
     for chunk in _json_objects(text):

@@ -23,7 +23,10 @@ estimate) and trimmed to the server's context (reported by vLLM and llama.cpp, o
 AUTORESEARCH_CONTEXT); a prompt that cannot fit is never sent. Token counts the server does
 not report are recorded as None (unknown), not 0. Network faults (timeouts, dropped connections, HTTP 429/5xx) are
 retried `max_retries` times with exponential backoff; an unreachable host fails at once
-and names the offline proposer.
+and names the offline proposer. Endpoint-level failures raise ProposalError(fatal=True), so
+a loop stops instead of asking again; `check_endpoint()` finds a dead or misnamed endpoint
+in seconds, before anything trains. Retry notes go to `on_progress` ("note" events) when
+it is set, else inline to `on_token`.
 
     python -m pytest tests/test_llm.py -q      # a real HTTP server on 127.0.0.1
 """
@@ -207,6 +210,8 @@ class LLMProposer:
         self._client = None
         self._network_retries = 0      # per propose(), reported in the metadata
         self._stream_usage = True      # ask for usage in the stream until a server refuses
+        self._max_tokens_field: str | None = "max_tokens"   # max_completion_tokens, or None, once refused
+        self._reply: dict = {}         # of the last reply: finish_reason, reasoning chars, the cap sent
 
     # ------------------------------------------------------------------ plumbing
 
@@ -236,9 +241,29 @@ class LLMProposer:
                                          max_retries=0)
         return self._client
 
-    def _fail(self, reason: str, **meta) -> ProposalError:
+    def _fail(self, reason: str, *, fatal: bool = False, **meta) -> ProposalError:
+        """A ProposalError with the key scrubbed; `fatal` for an endpoint-level failure (asking again won't help)."""
         return ProposalError(self._scrub(reason), metadata={k: self._scrub(v) if isinstance(v, str) else v
-                                                            for k, v in meta.items()})
+                                                            for k, v in meta.items()}, fatal=fatal)
+
+    def _error_text(self, e) -> str:
+        """An openai error's message, with the body when the message is only "Error code: N".
+
+        FastAPI servers answer {"detail": [...]}, Ollama a plain-text "404 page not found":
+        the client keeps only `error.message`, so without this the reason is lost.
+        """
+        message = str(getattr(e, "message", None) or e)
+        if re.fullmatch(r"\s*Error code: \d+\s*", message):
+            body = getattr(e, "body", None)
+            if isinstance(body, dict) and len(body) == 1 and isinstance(next(iter(body.values())), str):
+                body = next(iter(body.values()))          # {"error": "404 page not found"}
+            if body not in (None, "", {}, []):
+                import json
+
+                text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, default=str)
+                text = " ".join(text.split())
+                message += " - " + (text if len(text) <= 300 else text[:297] + "...")
+        return self._scrub(message)
 
     def _left(self) -> float:
         """Seconds left of `max_wait` for the proposal in progress (inf outside one)."""
@@ -248,7 +273,7 @@ class LLMProposer:
         return self._fail(f"no usable reply from {self.model or 'the model'} at {self.endpoint} within "
                           f"{self.max_wait:g} s ({what}{': ' + last if last else ''}). The server may be hung or "
                           f"too slow for this prompt: check it, raise the cap (--max-wait S, "
-                          f"AUTORESEARCH_LLM_MAX_WAIT), use a faster model, or {OFFLINE_HINT}")
+                          f"AUTORESEARCH_LLM_MAX_WAIT), use a faster model, or {OFFLINE_HINT}", fatal=True)
 
     def _with_retries(self, what: str, call: Callable[[], Any], on_token: Callable[[str], Any] | None):
         """Run `call`, retrying timeouts, dropped connections, 429 and 5xx with backoff, within max_wait."""
@@ -271,38 +296,40 @@ class LLMProposer:
                 if _unreachable(e):
                     cause = e.__cause__ or e
                     raise self._fail(f"cannot reach the LLM endpoint {self.endpoint} ({cause}); is the server "
-                                     f"running and the network up? Or {OFFLINE_HINT}") from None
+                                     f"running and the network up? Or {OFFLINE_HINT}", fatal=True) from None
                 last = f"connection lost ({e.__cause__ or e})"
             except openai.RateLimitError as e:
-                last = f"HTTP 429 rate limited ({self._scrub(str(e.message))})"
+                last = f"HTTP 429 rate limited ({self._error_text(e)})"
                 delay = self._retry_after(e, delay)
             except openai.InternalServerError as e:
-                last = f"HTTP {e.status_code} server error ({self._scrub(str(e.message))})"
+                last = f"HTTP {e.status_code} server error ({self._error_text(e)})"
                 delay = self._retry_after(e, delay)
             except openai.AuthenticationError as e:
                 raise self._fail(f"the LLM endpoint {self.endpoint} refused the API key (HTTP {e.status_code}: "
-                                 f"{e.message}); set OPENAI_API_KEY, or {OFFLINE_HINT}") from None
+                                 f"{self._error_text(e)}); set OPENAI_API_KEY, or {OFFLINE_HINT}", fatal=True) from None
             except openai.NotFoundError as e:
-                raise self._fail(f"{what}: HTTP 404 from {self.endpoint} ({e.message}); check the model name "
-                                 f"(AUTORESEARCH_MODEL, now {self.model!r}) and that base_url ends in /v1") from None
+                raise self._fail(f"{what}: HTTP 404 from {self.endpoint} ({self._error_text(e)}); check the model "
+                                 f"name (--model, AUTORESEARCH_MODEL; now {self.model!r}) and that the base URL "
+                                 f"ends in /v1", fatal=True) from None
             except openai.APIStatusError as e:
                 if e.status_code in (408, 409):
-                    last = f"HTTP {e.status_code} ({self._scrub(str(e.message))})"
+                    last = f"HTTP {e.status_code} ({self._error_text(e)})"
                 else:
-                    raise self._fail(f"{what}: HTTP {e.status_code} from {self.endpoint}: {e.message}") from None
+                    raise self._fail(f"{what}: HTTP {e.status_code} from {self.endpoint}: {self._error_text(e)}",
+                                     fatal=True) from None
             except openai.APIError as e:  # an error event in the middle of a stream ("model overloaded")
-                last = f"the endpoint reported an error ({self._scrub(str(e.message))})"
+                last = f"the endpoint reported an error ({self._error_text(e)})"
             except ValueError as e:  # JSON that does not parse, an HTML page: not an OpenAI-compatible server
                 raise self._fail(f"{what}: {self.endpoint} did not answer like an OpenAI-compatible API ({e}); "
-                                 f"check that base_url is the server's /v1 endpoint, or {OFFLINE_HINT}") from None
+                                 f"check that base_url is the server's /v1 endpoint, or {OFFLINE_HINT}",
+                                 fatal=True) from None
             self._network_retries += i < self.max_retries
             if i < self.max_retries:
                 delay = max(0.0, min(delay, self._left()))
-                if on_token is not None:
-                    on_token(f"\n[{last}; retrying in {delay:.2g}s]\n")
+                self._note(on_token, f"\n[{last}; retrying in {delay:.2g}s]\n")
                 time.sleep(delay)
         raise self._fail(f"the LLM endpoint {self.endpoint} failed {self.max_retries + 1} times ({what}); "
-                         f"last error: {last}. Try again later, or {OFFLINE_HINT}")
+                         f"last error: {last}. Try again later, or {OFFLINE_HINT}", fatal=True)
 
     def _retry_after(self, e, default: float) -> float:
         try:
@@ -317,14 +344,75 @@ class LLMProposer:
         if self.base_url is None:
             self.model = DEFAULT_OPENAI_MODEL
             return self.model
-        models = self._with_retries("listing models", lambda: list(self._client_().models.list()), on_token)
-        self._models = models          # read again for max_model_len (context_window)
-        if not models:
-            msg = (f"the LLM endpoint {self.endpoint} lists no models: load one in the server, or set "
-                   f"AUTORESEARCH_MODEL / model=")
-            raise self._fail(msg)
-        self.model = models[0].id
+        if self._models is None:
+            models = self._with_retries("listing models", lambda: list(self._client_().models.list()), on_token)
+            self._models = models      # read again for max_model_len (context_window)
+        names = _model_names(self._models)
+        chat = [m for m in names if not _EMBEDDING.search(m)]   # an embedding model cannot chat
+        if not chat:
+            msg = (f"the LLM endpoint {self.endpoint} lists no chat model"
+                   + (f" (only {', '.join(names[:5])})" if names else "")
+                   + ": load one in the server (Ollama: ollama pull qwen2.5-coder:7b), or name it with --model "
+                     "(AUTORESEARCH_MODEL, model=)")
+            raise self._fail(msg, fatal=True)
+        self.model = chat[0]
+        if len(chat) > 1:
+            others = ", ".join(chat[1:6]) + (f" and {len(chat) - 6} more" if len(chat) > 6 else "")
+            self._note(on_token, f"\n[using {self.model}, the first model {self.endpoint} lists; --model "
+                                 f"(AUTORESEARCH_MODEL, model=) picks another: {others}]\n")
         return self.model
+
+    def check_endpoint(self, timeout: float = 10.0) -> str:
+        """Check, in seconds, that the endpoint answers and serves the model; return the model name.
+
+        Meant for before anything trains (the CLI calls it before the baseline; a notebook
+        can call `lab.proposer.check_endpoint()`). Lists the server's models (GET /models),
+        resolves the model when none is set, and checks a set model is one of those
+        listed. Raises a fatal ProposalError whose one line names the address and what to
+        do: start the server, fix the base URL (missing /v1?), pick a listed model, or use
+        the offline proposer. A server that does not list models passes when a model is set.
+        """
+        import openai
+
+        where = self.endpoint
+        timeout = max(0.1, min(self.timeout, timeout))
+        client = self._client_().with_options(timeout=timeout, max_retries=0)
+        v1 = "" if urlsplit(where).path.rstrip("/").endswith("/v1") else " (missing /v1 at the end?)"
+        try:
+            models = list(client.models.list())
+            names = _model_names(models)
+        except openai.APITimeoutError:
+            raise self._fail(f"the LLM endpoint {where} did not answer GET /models within {timeout:g} s: is the "
+                             f"server up and not stuck? Check it, or {OFFLINE_HINT}", fatal=True) from None
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e
+            first = ("start the LLM server (e.g. `ollama serve`, `llama-server -m MODEL.gguf`, `vllm serve "
+                     "MODEL`)") if _unreachable(e) else "check that the server is up and the network works"
+            raise self._fail(f"cannot reach the LLM endpoint {where} ({cause}): {first}, or fix --base-url "
+                             f"(OPENAI_BASE_URL){v1}; or {OFFLINE_HINT}", fatal=True) from None
+        except openai.AuthenticationError as e:
+            raise self._fail(f"the LLM endpoint {where} refused the API key (HTTP {e.status_code}: "
+                             f"{self._error_text(e)}); set OPENAI_API_KEY, or {OFFLINE_HINT}", fatal=True) from None
+        except openai.APIStatusError as e:
+            if e.status_code in (404, 405, 501) and self.model and not v1:
+                return self.model      # a /v1 server without a model list: the first request tells
+            raise self._fail(f"the LLM endpoint {where} answered GET /models with HTTP {e.status_code} "
+                             f"({self._error_text(e)}): is --base-url (OPENAI_BASE_URL) the server's "
+                             f"OpenAI-compatible address{v1}? e.g. http://localhost:11434/v1 (Ollama), "
+                             f"http://localhost:8080/v1 (llama.cpp); or {OFFLINE_HINT}", fatal=True) from None
+        except Exception as e:   # an HTML page, JSON of another shape: not an OpenAI-compatible API
+            raise self._fail(f"the LLM endpoint {where} did not answer GET /models like an OpenAI-compatible API "
+                             f"({type(e).__name__}: {str(e)[:120]}): is --base-url the server's /v1 address{v1}? "
+                             f"Or {OFFLINE_HINT}", fatal=True) from None
+        self._models = models
+        if not self.model:
+            return self._resolve_model(self.on_token)
+        if not names or _listed(self.model, names) or _accepts_any_model(models):
+            return self.model
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise self._fail(f"the LLM endpoint {where} does not serve the model {self.model!r}; it lists: {shown}. "
+                         f"Pick one with --model (AUTORESEARCH_MODEL, model=), or load it in the server "
+                         f"(Ollama: ollama pull {self.model})", fatal=True)
 
     def _complete(self, messages: list[dict], on_token, *, extra: dict | None = None,
                   stream: bool | None = None) -> tuple[str, dict]:
@@ -343,8 +431,7 @@ class LLMProposer:
         if self.temperature is not None:
             kw["temperature"] = self.temperature
         max_tokens = extra.pop("max_tokens", None) or self.max_tokens
-        if max_tokens is not None:
-            kw["max_tokens"] = max_tokens
+        self._reply = {"finish": None, "reasoning": 0, "max_tokens": max_tokens}
         body = {**(self.extra_body or {}), **extra.pop("extra_body", {})}
         if body:
             kw["extra_body"] = body
@@ -356,21 +443,30 @@ class LLMProposer:
             left = self._left()   # a request never outlives the proposal's total wait
             if left != float("inf"):
                 more.setdefault("timeout", max(0.05, min(self.timeout, left)))
+            cap = {self._max_tokens_field: max_tokens} if max_tokens is not None and self._max_tokens_field else {}
             try:
-                return client.chat.completions.create(**kw, **more)
-            except openai.BadRequestError as e:
-                message = self._scrub(str(e.message))
-                if _context_error(message):
-                    raise _ContextOverflow(message, _context_in(message)) from None
-                if constrained and not more.get("stream_options"):
-                    raise _ConstraintRefused(message) from None
-                raise
+                return client.chat.completions.create(**kw, **cap, **more)
             except openai.APIStatusError as e:
-                # llama-cpp-python answers a response_format type it does not take (json_schema)
-                # with HTTP 500, a validation error naming the field; FastAPI servers with 422.
-                # The constraint was refused, not the server broken: step down, do not retry.
-                message = self._scrub(str(e.message))
-                if constrained and e.status_code in (422, 500) and _names_constraint(message):
+                message = self._error_text(e)
+                field = self._max_tokens_field
+                if cap and e.status_code in (400, 422) and re.search(rf"\b{field}\b", message):
+                    # OpenAI's o-series / gpt-5 want max_completion_tokens; some servers take neither
+                    nxt = {"max_tokens": "max_completion_tokens", "max_completion_tokens": None}[field]
+                    self._max_tokens_field = nxt
+                    self._note(on_token, f"\n[the server refused {field} ({message}): "
+                                         f"{'sending max_completion_tokens' if nxt else 'sending no reply cap'} "
+                                         f"instead from now on]\n")
+                    self._progress(event="max_tokens", was=field, now=nxt, why=message)
+                    return create(**more)
+                if e.status_code == 400 and _context_error(message):
+                    raise _ContextOverflow(message, _context_in(message)) from None
+                # A refused constraint, not a broken server: step down, do not retry. Servers name
+                # the field (llama-cpp-python answers json_schema with a 500, FastAPI ones with
+                # 422); a bare 400 naming no other field of the request counts too.
+                if constrained and e.status_code in (400, 422, 500) and (
+                        _names_constraint(message)
+                        or (e.status_code == 400 and not more.get("stream_options")
+                            and not _names_field(message, {**kw, **cap, **body}))):
                     raise _ConstraintRefused(message) from None
                 raise
 
@@ -381,6 +477,10 @@ class LLMProposer:
                     msg = f"the reply is not a chat completion: {str(resp)[:80]!r}"
                     raise ValueError(msg)
                 text = resp.choices[0].message.content or "" if resp.choices else ""
+                if resp.choices:
+                    msg = resp.choices[0].message
+                    self._reply["finish"] = resp.choices[0].finish_reason
+                    self._reply["reasoning"] = len(_reasoning(msg))
                 if on_token is not None and text:
                     on_token(text)
                 return text, _usage(resp.usage)
@@ -390,12 +490,14 @@ class LLMProposer:
             more = {"stream_options": {"include_usage": True}} if self._stream_usage else {}
             try:
                 chunks = create(stream=True, **more)
-            except openai.BadRequestError:
-                if not more:
+            except openai.APIStatusError as e:
+                # older servers reject stream_options (vLLM: 400; FastAPI ones: 422 naming it): ask without it
+                if not more or not (e.status_code == 400 or (e.status_code == 422
+                                                             and "stream_options" in self._error_text(e))):
                     raise
-                self._stream_usage = False   # older servers reject stream_options: ask without it
+                self._stream_usage = False
                 chunks = create(stream=True)
-            parts, usage = [], {}
+            parts, usage, reasoning = [], {}, 0
             for chunk in chunks:
                 if self._left() <= 0:   # a reply that trickles in forever (each read within the timeout)
                     close = getattr(chunks, "close", None)
@@ -405,11 +507,16 @@ class LLMProposer:
                 if getattr(chunk, "usage", None):
                     usage = _usage(chunk.usage)
                 for choice in chunk.choices or ():
+                    if getattr(choice, "finish_reason", None):
+                        self._reply["finish"] = choice.finish_reason
                     piece = getattr(choice.delta, "content", None) if choice.delta else None
+                    if choice.delta:
+                        reasoning += len(_reasoning(choice.delta))
                     if piece:
                         parts.append(piece)
                         if on_token is not None:
                             on_token(piece)
+            self._reply["reasoning"] = reasoning
             return "".join(parts), usage
         return self._with_retries("chat completion", call_stream, on_token)
 
@@ -524,8 +631,17 @@ class LLMProposer:
 
     # ------------------------------------------------------------------ the proposer
 
-    def _note(self, on_token, text: str) -> None:
-        if on_token is not None:
+    def _note(self, on_token, text: str, *, covered: bool = False) -> None:
+        """A bracketed note for a person (a retry, a fallback), not part of the reply.
+
+        With `on_progress` set it goes there as {"event": "note", "text": ...} (skipped when
+        `covered`: an event of its own already says it), so a reply counter never counts it;
+        without, it goes inline through `on_token` (the panel shows it in the stream).
+        """
+        if self.on_progress is not None:
+            if not covered:
+                self._progress(event="note", text=text.strip())
+        elif on_token is not None:
             on_token(text)
 
     def _progress(self, **event) -> None:
@@ -584,7 +700,7 @@ class LLMProposer:
                 self._switched = True
                 meta["edit_mode"], meta["switched_from"] = "knobs", {"mode": "edits", "why": why}
                 self._note(on_token, "\n\n[free-form edits did not work with this model: switching to the knob mode "
-                                     "(one UPPER_CASE constant per experiment, as JSON)]\n\n")
+                                     "(one UPPER_CASE constant per experiment, as JSON)]\n\n", covered=True)
                 self._progress(event="switch", to="knobs", why=why)
                 ks = knobs.find_knobs(context.parent_source, self._device())
             try:
@@ -641,7 +757,7 @@ class LLMProposer:
             return False
         nxt = {"json_schema": "grammar", "grammar": "none"}[self._structured]
         self._note(on_token, f"\n[{why}: asking with {'a GBNF grammar' if nxt == 'grammar' else 'the prompt alone'} "
-                             f"instead]\n")
+                             f"instead]\n", covered=True)
         self._progress(event="structured", was=self._structured, now=nxt, why=why)
         self._structured = nxt
         return True
@@ -666,7 +782,7 @@ class LLMProposer:
             meta["attempts"] += 1
             if attempt > 1:
                 self._note(on_token, f"\n\n[reply {attempt - 1} refused: {error}; asking again "
-                                     f"({attempt}/{self.max_attempts})]\n\n")
+                                     f"({attempt}/{self.max_attempts})]\n\n", covered=True)
             while True:
                 try:
                     text, usage, n = self._ask(messages, on_token, meta, mode, ks, attempt)
@@ -682,7 +798,17 @@ class LLMProposer:
                 else:
                     self._usage_missing = True
             meta["network_retries"] = self._network_retries
+            info = dict(self._reply)
             try:
+                if not text.strip() and (info.get("reasoning") or usage.get("completion_tokens")):
+                    what = (f"{info['reasoning']} characters of reasoning_content" if info.get("reasoning")
+                            else f"{usage['completion_tokens']} tokens generated")
+                    cut = (f", cut off at max_tokens={info['max_tokens']}" if info.get("finish") == "length"
+                           and info.get("max_tokens") else "")
+                    raise EditError(
+                        f"the model only reasoned and gave no answer ({what}{cut}): raise --max-tokens "
+                        f"(max_tokens=), or turn its thinking off (Qwen3: /no_think in program.md; Ollama: "
+                        f"--extra-body '{{\"think\": false}}'; llama.cpp: --reasoning-budget 0)")
                 if not text.strip():
                     ctx, source = self.context_window()
                     raise EditError(
@@ -707,6 +833,13 @@ class LLMProposer:
                 return proposal
             except (EditError, ProposalError) as e:
                 error = self._scrub(str(e))
+                if info.get("finish") == "length" and text.strip() and isinstance(e, EditError):
+                    cap = info.get("max_tokens")
+                    at = f"max_tokens={cap}" if cap else "the server's reply limit"
+                    error = (f"the reply was cut off at {at} "
+                             f"(finish_reason=length) before the edit was complete: raise --max-tokens "
+                             f"(max_tokens=){', or reply with shorter SEARCH/REPLACE blocks' if mode == 'edits' else ''}"
+                             f" [{error}]")
                 meta["errors"].append(error)
                 meta["refused"].append({"attempt": meta["attempts"], "mode": mode, "error": error,
                                         "reply": self._scrub(text[:MAX_SAVED_REPLY])})
@@ -752,7 +885,7 @@ class LLMProposer:
             except _ConstraintRefused as e:
                 if self._downgrade(on_token, f"the server refused the {self._structured} constraint ({e})"):
                     continue
-                raise self._fail(f"chat completion: HTTP 400 from {self.endpoint}: {e}") from None
+                raise self._fail(f"chat completion: HTTP 400 from {self.endpoint}: {e}", fatal=True) from None
             except _ContextOverflow as e:
                 known, _ = self.context_window()
                 if e.context and not shrunk and (known is None or e.context < known):
@@ -764,7 +897,8 @@ class LLMProposer:
                     f"({self.counter.method}). Start the server with a larger context (llama.cpp: -c 8192; Ollama: "
                     f"OLLAMA_CONTEXT_LENGTH=8192), or set AUTORESEARCH_CONTEXT to its size so the kit trims "
                     f"the prompt", prompt_tokens_counted=n) from None
-            if not text.strip() and (self.stream if stream is None else stream):
+            if not text.strip() and (self.stream if stream is None else stream) and not self._reply.get("reasoning") \
+                    and not usage.get("completion_tokens"):
                 stream = False               # ask again unstreamed: a 400 shows there, not in a stream
                 self._note(on_token, "\n[empty streamed reply: asking once more without streaming]\n")
                 continue
@@ -801,6 +935,38 @@ def _context_in(message: str) -> int | None:
         if m:
             return int(m.group(1))
     return None
+
+
+def _names_field(message: str, fields: dict) -> bool:
+    """Whether a server error names one of the request's other fields (max_tokens, temperature, ...)."""
+    names = [k for k in fields if k not in ("model", "messages", "response_format", "grammar", "stream")]
+    return any(re.search(rf"\b{re.escape(k)}\b", message or "") for k in names)
+
+
+def _reasoning(obj) -> str:
+    """The reasoning text of a message or delta (llama.cpp, vLLM: reasoning_content; others: reasoning)."""
+    for name in ("reasoning_content", "reasoning"):
+        value = getattr(obj, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+_EMBEDDING = re.compile(r"embed", re.IGNORECASE)
+
+
+def _model_names(models) -> list[str]:
+    return [str(m.id) for m in models or () if getattr(m, "id", None)]
+
+
+def _listed(model: str, names: list[str]) -> bool:
+    """`model` is served: listed as is, or as Ollama's "NAME:latest" for a bare NAME."""
+    return model in names or (":" not in model and f"{model}:latest" in names)
+
+
+def _accepts_any_model(models) -> bool:
+    """llama.cpp's server serves its one model under any name."""
+    return len(models or ()) == 1 and getattr(models[0], "owned_by", "") == "llamacpp"
 
 
 def _names_constraint(message: str) -> bool:
