@@ -273,8 +273,15 @@ print(f"model: depth {DEPTH}, width {WIDTH}, {N_HEAD} heads | batch {BATCH_SIZE}
 
 # --- training -----------------------------------------------------------------------------
 step = 0
+warming = True
 while run.training(tokens=BATCH_SIZE * SEQ_LEN):
-    lrm = lr_multiplier(run.progress)
+    if warming and not run.warming_up:  # the first timed step: forget the warm-up's moments
+        for opt in optimizers:
+            opt.state.clear()
+    warming = run.warming_up
+    # The warm-up steps (random ids, off the clock) only compile: learning rate 0 keeps the
+    # weights as initialised.
+    lrm = 0.0 if warming else lr_multiplier(run.progress)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm

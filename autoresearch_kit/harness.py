@@ -258,6 +258,16 @@ class Run:
         return s.tokenizer
 
     @property
+    def warming_up(self) -> bool:
+        """Whether the step run.training() just granted is a warm-up step (or none was yet).
+
+        The first AUTORESEARCH_WARMUP_STEPS steps compile and measure; they are not on the
+        clock and, under the runner, their batches are random ids. train.py keeps its
+        weights and optimizer state out of them (learning rate 0, moments reset after).
+        """
+        return self._s.calls <= self._s.warmup_steps
+
+    @property
     def step(self) -> int:
         """Training steps granted so far."""
         return self._s.steps

@@ -84,7 +84,7 @@ def candidates() -> dict[str, str]:
     src = (REPO / "train.py").read_text()
     finish = "\nrun.finish(model)"
     hoarding = _edit(_edit(src, "    x, y = next(loader)", "    x, y = next(loader)\n    _hoard.append((x, y))"),
-                     "step = 0\nwhile", "_hoard = []\nstep = 0\nwhile")
+                     "\nstep = 0\n", "\n_hoard = []\nstep = 0\n")
     return {
         "honest": src,
         "honest-again": src,

@@ -212,8 +212,10 @@ def test_seconds_budget_excludes_warmup_steps(fresh_harness, monkeypatch):
     run = harness.start()
     loader = run.train_loader(2, 8)
     t0 = time.perf_counter()
+    warming = []
     # the two warm-up steps take 0.5 s each (a compile, say): counted, they alone would end the run
-    steps = _loop(run, loader, step_fn=lambda i: time.sleep(0.5 if i < 2 else 0.05))
+    steps = _loop(run, loader, step_fn=lambda i: (warming.append(run.warming_up), time.sleep(0.5 if i < 2 else 0.05)))
+    assert warming[:3] == [True, True, False] and not any(warming[2:])  # train.py sees which steps are warm-up
     wall = time.perf_counter() - t0
     assert steps >= 2 + 5
     assert run.progress == 1.0

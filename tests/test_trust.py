@@ -117,7 +117,7 @@ def test_long_work_after_the_budget_is_invalid(kit_env, tmp_path):
 def test_huge_warm_up_steps_on_a_seconds_budget_are_invalid(kit_env, tmp_path):
     # Warm-up steps are outside the clock; one that trains on 50x a step's data is training.
     src = tiny_train(**{"    x, y = next(loader)": "    x, y = next(big if step < 3 else loader)",
-                        "step = 0\nwhile": "big = run.train_loader(BATCH_SIZE * 50, SEQ_LEN)\nstep = 0\nwhile"})
+                        "\nstep = 0\n": "\nbig = run.train_loader(BATCH_SIZE * 50, SEQ_LEN)\nstep = 0\n"})
     res = run(src, tmp_path, budget="3s")
     assert res.status == "invalid"
     assert "warm-up steps used" in res.reason
@@ -275,7 +275,7 @@ model = _TTT(model, %r, _hoard)
 def _hoarding(mode: str) -> str:
     """train.py that keeps every batch it trains on, then wraps its model in _TTT(mode)."""
     return tiny_train(**{"    x, y = next(loader)": "    x, y = next(loader)\n    _hoard.append((x, y))",
-                         "step = 0\nwhile": "_hoard = []\nstep = 0\nwhile",
+                         "\nstep = 0\n": "\n_hoard = []\nstep = 0\n",
                          "\nrun.finish(model)": "\n" + TTT % mode + "\nrun.finish(model)"})
 
 
