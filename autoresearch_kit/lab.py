@@ -1132,7 +1132,10 @@ class Lab:
 
     def _commit_run(self, exp_id: str, source: str, parent_id: str | None, description: str) -> str:
         """Commit the candidate (refs/experiments/<id>) and reserve room for its result; the commit."""
-        sha = self.workspace.commit_experiment(exp_id, source, parent_id, description)
+        rec = self.ledger.get(exp_id)
+        # what recover_ledger needs to keep the lab comparable: the budget and the data it ran on
+        trailers = {"Budget": rec["budget"], "Data": (rec["proposal_meta"] or {}).get("manifest_hash")}
+        sha = self.workspace.commit_experiment(exp_id, source, parent_id, description, trailers)
         self._reserve_pending(exp_id)
         return sha
 
@@ -2332,8 +2335,10 @@ def recover_ledger(path: str | os.PathLike) -> dict:
     row (rejected, undecided or interrupted: results.tsv cannot tell) comes back as
     ``rejected``; rows without a commit come back after them. The kept line's tip is
     the workspace's. A damaged ledger.sqlite is moved aside (``ledger.sqlite.damaged-*``),
-    results.tsv is copied to ``results.tsv.before-recover`` first. What results.tsv does
-    not hold (curves, logs tails, budget, hardware, reasons) is not recovered.
+    results.tsv is copied to ``results.tsv.before-recover`` first. Each run's budget and
+    the data it was scored on come from its commit's ``Budget:`` / ``Data:`` trailers (older
+    commits: the budget its run.log names), so the lab keeps its budget and its data pin.
+    What neither holds (curves, log tails, hardware, reasons) is not recovered.
 
     Returns
     -------
@@ -2365,8 +2370,9 @@ def recover_ledger(path: str | os.PathLike) -> dict:
             sha = commits[exp_id]
             body = ws._git("log", "-1", "--format=%B", sha)
             subject = body.strip().splitlines()[0] if body.strip() else ""
-            parent = next((line.split(":", 1)[1].strip() for line in body.splitlines()
-                           if line.startswith("Parent:")), None)
+            trailer = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in body.splitlines()[1:])
+                       if k.strip() in ("Parent", "Budget", "Data")}
+            parent = trailer.get("Parent")
             source = ws.source(exp_id)
             kind = ("noise" if subject.startswith("noise:") else "rerun" if subject.startswith("rerun:")
                     else "baseline" if parent is None and subject == "baseline" else "candidate")
@@ -2377,6 +2383,11 @@ def recover_ledger(path: str | os.PathLike) -> dict:
             log = path / RUNS / exp_id / "run.log"
             if log.is_file():
                 values["log_path"] = str(log)
+            budget = trailer.get("Budget") or _budget_from_log(log)
+            if budget:
+                values["budget"] = budget   # else the lab would fall back to the default budget
+            if trailer.get("Data"):
+                values["proposal_meta"] = {"manifest_hash": trailer["Data"]}   # the lab's data pin holds
             row = next((i for i in unused if rows[i].get("commit") and sha.startswith(rows[i]["commit"])), None)
             if row is not None:
                 unused.remove(row)
@@ -2398,6 +2409,20 @@ def recover_ledger(path: str | os.PathLike) -> dict:
                 "moved_aside": led.moved_aside, "tip": led.tip()}
     finally:
         led.close()
+
+
+def _budget_from_log(log: Path) -> str | None:
+    """The budget a run's log names ("run: budget 2k-tokens | seed ..."), for commits made before
+    the Budget trailer; None when there is no such line or it does not parse."""
+    try:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            for _, line in zip(range(200), f):
+                m = re.match(r"run: budget (\S+) \|", line)
+                if m:
+                    return str(config.Budget.parse(m.group(1)))
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _from_tsv_row(row: dict) -> dict:

@@ -217,14 +217,16 @@ class Workspace:
             msg = f"The workspace {self.lab_dir} has no repository yet: call init(train_source, program_source) first."
             raise RuntimeError(msg)
 
-    def commit_experiment(self, exp_id: str, source: str, parent_id: str | None, message: str) -> str:
+    def commit_experiment(self, exp_id: str, source: str, parent_id: str | None, message: str,
+                          trailers: dict[str, str] | None = None) -> str:
         """Commit an experiment's train.py as refs/experiments/<id>.
 
         The commit's parent is the parent experiment's commit (the kept tip when
         ``parent_id`` is None, e.g. the baseline). program.md is the lab's current one.
         The message's first line is the description; an ``Experiment: <id>`` trailer
-        names the experiment. Committing the same id again with the same source is a
-        no-op (returns the existing sha).
+        names the experiment; ``trailers`` add lines after it (the Lab's ``Budget:`` and
+        ``Data:``, what a lost ledger is rebuilt with). Committing the same id again with the
+        same source is a no-op (returns the existing sha).
 
         Returns
         -------
@@ -252,6 +254,7 @@ class Workspace:
                    else self._git("show", f"{parent}:program.md"))
         subject = " ".join(str(message or f"experiment {exp_id}").split())  # one line, as results.tsv
         trailer = f"Experiment: {exp_id}" + (f"\nParent: {_norm_id(parent_id)}" if parent_id is not None else "")
+        trailer += "".join(f"\n{k}: {' '.join(str(v).split())}" for k, v in (trailers or {}).items() if v)
         sha = self._commit({"train.py": source, "program.md": program}, parent, f"{subject}\n\n{trailer}\n")
         # the empty old-value makes update-ref refuse if the ref appeared meanwhile
         self._git("update-ref", EXP_PREFIX + exp_id, sha, "")

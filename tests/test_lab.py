@@ -621,6 +621,7 @@ def test_a_lost_ledger_is_refused_then_recovered_from_results_tsv_and_git(lab_di
         lab.step(approve=lambda p: "no")
         lab.step(decide=False)
         before = {r["id"]: r for r in lab.ledger.records()}
+        budget = lab.budget
     tsv = (lab_dir / "results.tsv").read_text()
     (lab_dir / "ledger.sqlite").unlink()
     with pytest.raises(LedgerLostError, match="autoresearch recover"):
@@ -635,8 +636,13 @@ def test_a_lost_ledger_is_refused_then_recovered_from_results_tsv_and_git(lab_di
     assert (lab_dir / "results.tsv").read_text() == tsv
     with _open(lab_dir) as lab:
         after = {r["id"]: r for r in lab.ledger.records()}
-        for k in ("status", "decision", "commit", "parent_id", "source_hash", "description", "kind"):
+        for k in ("status", "decision", "commit", "parent_id", "source_hash", "description", "kind", "budget"):
             assert {i: r[k] for i, r in after.items()} == {i: r[k] for i, r in before.items()}, k
+        # the lab keeps its budget and its data pin (a recovered lab must stay comparable)
+        assert lab.budget == budget and after["0001"]["budget"] == str(budget)
+        ran = [i for i, r in before.items() if r["proposal_meta"].get("manifest_hash")]
+        assert ran and all(after[i]["proposal_meta"]["manifest_hash"] == before[i]["proposal_meta"]["manifest_hash"]
+                           for i in ran)
         # scores as precise as results.tsv keeps them
         assert {i: r["val_bpb"] for i, r in after.items()} == \
             {i: (round(r["val_bpb"], 6) if r["val_bpb"] is not None else None) for i, r in before.items()}
@@ -1412,3 +1418,14 @@ def test_the_verdict_says_when_a_seconds_budget_run_trained_at_another_speed(tmp
     lab.close()
     with _open(tmp_path / "lab", budget="36k-tokens") as lab:   # a token budget is not affected by load
         assert lab.verdict(slow)["throughput_note"] == ""
+
+
+def test_recovery_reads_the_budget_of_an_older_commit_from_its_run_log(tmp_path):
+    # Commits made before the Budget trailer: the harness's first line names the budget.
+    from autoresearch_kit.lab import _budget_from_log
+
+    log = tmp_path / "run.log"
+    log.write_text("CPU requested: training on CPU\nrun: budget 2k-tokens | seed 42 | data x (vocab 257, ...)\n")
+    assert _budget_from_log(log) == "2k-tokens"
+    log.write_text("no such line\n")
+    assert _budget_from_log(log) is None and _budget_from_log(tmp_path / "missing.log") is None
