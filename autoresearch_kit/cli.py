@@ -590,8 +590,23 @@ def _check_data(args: argparse.Namespace) -> None:
     from autoresearch_kit import config
 
     d = Path(args.data).expanduser() if args.data else config.data_dir()
-    if not (d / "manifest.json").is_file():
-        raise UserError(f"no prepared data at {d}: run `autoresearch prepare` first (or pass --data DIR).")
+    if (d / "manifest.json").is_file():
+        return
+    from autoresearch_kit.data import prepare as prep
+
+    default = config.cache_dir() / "data" / config.data_name()
+    if not args.data and not config.env("DATA") and d == default and not prep.training_on_cuda():
+        # A first run on a CPU or a Mac: the built-in corpus is offline and takes seconds,
+        # exactly what `autoresearch prepare` would make here.
+        print(f"autoresearch: no prepared data yet: preparing the built-in corpus into {d} "
+              "(offline, a few seconds; `autoresearch prepare --help` for other data)", flush=True)
+        try:
+            prep.prepare(config.DEFAULT_DATASET, config.DEFAULT_VOCAB_SIZE, progress=False)
+        except OSError as e:
+            raise UserError(f"could not prepare the built-in corpus into {d} ({e}): free space there or "
+                            "set AUTORESEARCH_CACHE to a writable folder, then run again.") from e
+        return
+    raise UserError(f"no prepared data at {d}: run `autoresearch prepare` first (or pass --data DIR).")
 
 
 def _check_llm(lab, args: argparse.Namespace) -> None:

@@ -648,3 +648,22 @@ def test_a_hung_llm_server_stops_the_run_at_once_with_one_message(cli_lab, tmp_p
     text = captured.out + captured.err
     assert text.count("within 2 s") == 1 and "--max-wait" in captured.err   # said once, not twice
     assert asked <= 3 and len(Ledger(d, readonly=True).records()) == 3
+
+
+def test_a_first_run_on_a_cpu_prepares_the_built_in_corpus_itself(tmp_path, monkeypatch, capsys):
+    # `pip install -e . && autoresearch run`: no `autoresearch prepare` first, and no internet.
+    monkeypatch.delenv("AUTORESEARCH_DATA", raising=False)
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "4096")
+    (tmp_path / "tiny_train.py").write_text(tiny_train_source())
+    assert main(["init", str(tmp_path / "lab"), "--train", str(tmp_path / "tiny_train.py")]) == 0
+    rc = main(["run", "--lab", str(tmp_path / "lab"), "--steps", "1", "--budget", BUDGET, "--yes",
+               "--proposer", "mutate", "--noise-runs", "0"])
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+    assert "preparing the built-in corpus" in out.out
+    assert (tmp_path / "cache" / "data" / "builtin-bpe4096" / "manifest.json").is_file()
+    recs = Ledger(tmp_path / "lab", readonly=True).records()
+    assert recs[0]["kind"] == "baseline" and recs[0]["status"] == "ok"
+    assert "builtin" in recs[0]["proposal_meta"]["data"]
