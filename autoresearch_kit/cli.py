@@ -541,6 +541,25 @@ def _proposer_kwargs(args: argparse.Namespace, *, watch: bool = False) -> dict[s
     return kw
 
 
+def _new_lab_or_typo(path: Path, given: str | None) -> None:
+    """`run` makes a lab where there is none; not where the path looks like a typo of one."""
+    import difflib
+
+    from autoresearch_kit.lab import is_lab
+
+    _not_a_file(path)
+    if is_lab(path):
+        return
+    if given is not None:
+        parent = path.parent if path.parent.is_dir() else None
+        labs = [p.name for p in parent.iterdir() if p.is_dir() and p.name != path.name and is_lab(p)] if parent else []
+        near = difflib.get_close_matches(path.name, labs, n=1, cutoff=0.75)
+        if near:
+            raise UserError(f"{path} is not a lab, and {parent / near[0]} is: pass --lab {parent / near[0]}, "
+                            f"or create a new lab there with `autoresearch init {path}` first.")
+    print(f"new lab: {path} (`autoresearch init` makes one without running anything)", flush=True)
+
+
 def _make_lab(args: argparse.Namespace, *, verbose: bool = False):
     from autoresearch_kit.lab import Lab
 
@@ -629,6 +648,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.noise < 0:   # checked before anything trains (it used to fail after the baseline)
         raise UserError(f"--noise must be 0 (no noise runs) or more reruns of the parent, got {args.noise}.")
     _check_data(args)
+    _new_lab_or_typo(_lab_dir(args.lab), args.lab)
     with _make_lab(args) as lab:
         if lab.recovered:
             print(f"experiment(s) {', '.join(lab.recovered)} were interrupted last time: recorded as aborted")

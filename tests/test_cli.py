@@ -667,3 +667,12 @@ def test_a_first_run_on_a_cpu_prepares_the_built_in_corpus_itself(tmp_path, monk
     recs = Ledger(tmp_path / "lab", readonly=True).records()
     assert recs[0]["kind"] == "baseline" and recs[0]["status"] == "ok"
     assert "builtin" in recs[0]["proposal_meta"]["data"]
+
+
+def test_run_on_a_typo_of_a_lab_refuses_instead_of_starting_a_new_lab(cli_lab, kit_env, capsys):
+    d, _ = cli_lab
+    typo = d.parent / (d.name + "b")
+    assert main(["run", "--lab", str(typo), "--steps", "1", "--budget", BUDGET, "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert f"--lab {d}" in err and "autoresearch init" in err and len(err.strip().splitlines()) == 1
+    assert not typo.exists()   # nothing trained, nothing made
