@@ -358,6 +358,8 @@ class Lab:
                     train_src = _initial_text("train.py", train, self.path)
                     program_src = _initial_text("program.md", program, self.path)
                 self.workspace.init(train_src, program_src)
+            else:
+                self.workspace.refresh_ignore()
             self.pending_recorded = self._recover_pending()
             self.recovered = self.ledger.recover()
             moved = self._reconcile()

@@ -53,6 +53,9 @@ runs/
 ledger.sqlite
 ledger.sqlite-*
 results.tsv
+results.tsv.*
+ledger.sqlite.*
+data.json
 .*.tmp
 progress.png
 .lock
@@ -203,6 +206,7 @@ class Workspace:
                 self._git("config", key, value)
         tip = self._resolve(KEPT_REF)
         if tip is not None:
+            self.refresh_ignore()
             return tip
         (self.lab_dir / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
         self._write_file("train.py", train_source)
@@ -211,6 +215,23 @@ class Workspace:
         self._git("update-ref", KEPT_REF, sha)
         self._git("read-tree", KEPT_REF)
         return sha
+
+    def refresh_ignore(self) -> None:
+        """A lab made by an older kit gets the files it now writes (data.json, ...) ignored too;
+        a .gitignore the user wrote (without our first line) is left alone."""
+        path = self.lab_dir / ".gitignore"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            return
+        if not text.startswith(GITIGNORE.splitlines()[0]):
+            return
+        missing = [line for line in GITIGNORE.splitlines() if line not in text.splitlines()]
+        if missing:
+            try:
+                path.write_text(text.rstrip("\n") + "\n" + "\n".join(missing) + "\n", encoding="utf-8")
+            except OSError:
+                pass   # a read-only lab: git status shows a file more, nothing breaks
 
     def _require_init(self) -> None:
         if not self.initialized:

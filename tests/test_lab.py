@@ -1429,3 +1429,25 @@ def test_recovery_reads_the_budget_of_an_older_commit_from_its_run_log(tmp_path)
     assert _budget_from_log(log) == "2k-tokens"
     log.write_text("no such line\n")
     assert _budget_from_log(log) is None and _budget_from_log(tmp_path / "missing.log") is None
+
+
+def test_git_status_in_a_lab_shows_only_what_the_user_changed(lab_dir, monkeypatch):
+    import subprocess
+
+    from autoresearch_kit.workspace import GITIGNORE
+
+    def status():
+        return subprocess.run(["git", "status", "--porcelain"], cwd=lab_dir, capture_output=True,
+                              text=True, check=True).stdout
+
+    # a lab made by an older kit: its .gitignore lacked the files the lab now writes
+    (lab_dir / ".gitignore").write_text("\n".join(line for line in GITIGNORE.splitlines()
+                                                  if line not in ("data.json", "results.tsv.*")) + "\n")
+    _fake_runs(monkeypatch, 0.5, 0.4)
+    with _open(lab_dir) as lab:
+        lab.step()
+    assert (lab_dir / "data.json").is_file()
+    (lab_dir / "results.tsv.before-recover").write_text("x")
+    assert status() == ""   # the kit's files (ledger, runs, data pin, ...) are not the user's changes
+    (lab_dir / "train.py").write_text((lab_dir / "train.py").read_text() + "# mine\n")
+    assert status().split() == ["M", "train.py"]
