@@ -1015,12 +1015,15 @@ def _write_report(path: Path, out: Path | None = None, *, quiet: bool = True, re
             print("no finished experiments yet: no progress.png")
         return None
     try:
+        if out is not None:
+            out = out.expanduser()
+            if out.is_dir():
+                out = out / "progress.png"   # --out a folder: the report goes in it
+            out.parent.mkdir(parents=True, exist_ok=True)
         target = save_progress(records, out or path / "progress.png")
-    except OSError as e:   # a read-only lab (or a full disk): say where instead of a traceback
-        if getattr(e, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise UserError(f"cannot write {out or path / 'progress.png'} ({e.strerror}): pass --out PATH "
-                            f"somewhere writable.") from None
-        raise
+    except OSError as e:   # a read-only lab, a full disk, a file where a folder should be: one line
+        raise UserError(f"cannot write {out or path / 'progress.png'} ({e.strerror or e}): pass --out PATH "
+                        f"somewhere writable.") from None
     s = summary(records)
     print(f"wrote {target}: {s['experiments']} experiments, {s['kept']} kept, {s['discarded']} discarded, "
           f"{s['failed']} failed or aborted; baseline {s['baseline']:.6f} -> best {s['best']:.6f}")

@@ -676,3 +676,16 @@ def test_run_on_a_typo_of_a_lab_refuses_instead_of_starting_a_new_lab(cli_lab, k
     err = capsys.readouterr().err
     assert f"--lab {d}" in err and "autoresearch init" in err and len(err.strip().splitlines()) == 1
     assert not typo.exists()   # nothing trained, nothing made
+
+
+def test_report_out_makes_its_folder_and_a_bad_path_is_one_line(cli_lab, tmp_path, capsys):
+    d = _copy(cli_lab, tmp_path)
+    assert main(["report", "--lab", str(d), "--out", str(tmp_path / "figs" / "new" / "run1.png")]) == 0
+    assert (tmp_path / "figs" / "new" / "run1.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["report", "--lab", str(d), "--out", str(tmp_path / "figs")]) == 0   # a folder: the png goes in it
+    assert (tmp_path / "figs" / "progress.png").is_file()
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(["report", "--lab", str(d), "--out", str(tmp_path / "afile" / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "--out" in err and len(err.strip().splitlines()) == 1
