@@ -907,6 +907,9 @@ def cmd_decide(args: argparse.Namespace) -> int:
         if rec["status"] != "ok" or rec["kind"] != "candidate":
             raise UserError(f"experiment {rec['id']} is a {rec['kind']} with status {rec['status']}: only a "
                             f"candidate that ran ok is kept or discarded.")
+        if rec["decision"] and (args.keep or args.discard or args.rule):
+            print(f"experiment {rec['id']} was decided before ({rec['decision']}, by {rec['decided_by'] or 'the rule'}"
+                  f"{': ' + rec['decision_reason'] if rec['decision_reason'] else ''}): deciding it again")
         if args.keep or args.discard:
             out = lab.decide(rec["id"], keep=bool(args.keep), reason=args.reason, decided_by="human")
         elif args.rule:

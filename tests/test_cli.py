@@ -390,6 +390,10 @@ def test_autoresearch_decide(cli_lab, tmp_path, kit_env, monkeypatch, capsys):
     assert "no experiment is waiting" in capsys.readouterr().out
     assert main(["decide", "0001", "--lab", str(d), "--keep"]) == 2
     assert "only a candidate that ran ok" in _one_line_error(capsys)
+    # deciding a decided experiment again says what it overrides
+    assert main(["decide", a, "--lab", str(d), "--keep"]) == 0
+    assert f"experiment {a} was decided before (discard, by human: looks like luck)" in capsys.readouterr().out
+    assert Ledger(d, readonly=True).get(a)["decision"] == "keep"
 
 
 def test_a_lost_ledger_is_one_line_and_autoresearch_recover_rebuilds_it(cli_lab, tmp_path, kit_env, capsys):
