@@ -211,6 +211,20 @@ class ProgressBar:
                 self.stream.flush()
             self._drawn = False
 
+    def note(self, text: str, *, next_run: str | None = None) -> None:
+        """Print a line of what the lab does between runs (above the bar on a terminal);
+        with ``next_run``, the bar starts over for that run (a rerun's steps start at 0)."""
+        with self._mu:
+            if self.tty and self._drawn:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+                self._drawn = False
+            print(text, flush=True)
+            if next_run is not None:
+                self.label, self._events, self._last_quarter, self._said = next_run, [], -1, None
+                if self._t0 is not None:
+                    self._t0 = self.clock()
+
 
 def _edit_source(source: str) -> str:
     """Open the source in $VISUAL / $EDITOR (default vi) and return the edited text."""
@@ -660,6 +674,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             base = lab._baseline_record()
             if base is None or base["status"] != "ok" or lab.rebaseline_pending:
                 bar = ProgressBar("baseline")
+                lab.on_note = _lab_notes(lab, bar)   # its noise reruns show as they run
                 bar.start()
                 try:
                     rec = lab.baseline(on_event=bar)
@@ -682,6 +697,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     print(f"noise: {lab.load_note()}")
             if args.noise:
                 bar = ProgressBar("noise")
+                lab.on_note = _lab_notes(lab, bar)
                 bar.start()
                 try:
                     n = lab.measure_noise(args.noise, on_event=bar)
@@ -703,6 +719,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     break
             while done < args.steps:
                 bar = ProgressBar(f"exp {len(lab.ledger) + 1:04d}", eval_s=_last_eval_seconds(lab))
+                lab.on_note = _lab_notes(lab, bar)   # the reruns a narrow win gets are shown, not silent
                 try:
                     rec = lab.step(approve=_starting(approve, bar), on_event=bar, feedback=args.feedback if done == 0 else "",
                                    decide=args.yes)
@@ -768,6 +785,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"best: {best['id']} val_bpb {best['val_bpb']:.6f}  {best['description']}")
         _write_report(lab.path, quiet=False, records=lab.ledger.records(curves=False))
     return 0
+
+
+def _lab_notes(lab, bar: ProgressBar):
+    """Lab.on_note for the CLI: the lab's own runs (rechecks, noise reruns) each get a line, and
+    the bar follows the run that is starting."""
+    def note(text: str) -> None:
+        starting = text.endswith("starting...")
+        bar.note(text, next_run=f"exp {len(lab.ledger) + 1:04d}" if starting else None)
+    return note
 
 
 def _run_batch(lab, args: argparse.Namespace, approve, n: int, *, first: bool) -> int:

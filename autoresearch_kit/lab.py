@@ -348,6 +348,7 @@ class Lab:
         self.ledger = Ledger(self.path)   # takes the lock
         self._hand_description: str | None = None   # the subject of a hand commit, for its experiment
         self.verbose = verbose
+        self.on_note: Callable[[str], Any] | None = None   # see _note
         try:
             self.workspace = Workspace(self.path)
             gone = _git_lost(self.ledger, self.workspace)
@@ -1985,9 +1986,10 @@ class Lab:
         for seed in [s for s in seeds if s not in used]:
             if stop is not None and stop.is_set():
                 break
+            self._note(f"{kind}: rerun of {exp_id} with seed {seed} starting...")
             self._run(source, parent_id=exp_id, kind=kind, description=f"{kind}: rerun of {exp_id} (seed {seed})",
                       proposer="rerun", seed=seed, on_event=on_event, stop=stop)
-            self._say(self.ledger.get(self._last_id))
+            self._note(format_record(self.ledger.get(self._last_id)))
         return self._scores(exp_id)
 
     def measure_noise(self, k: int = 3, on_event: Callable[[dict], Any] | None = None,
@@ -2076,10 +2078,9 @@ class Lab:
                         and self.paired_noise()["sd"] is None)
         if not (narrow or learning):
             return False
-        if self.verbose:
-            why = (f"wins by {v['gain'] / v['se']:.1f} SE (< {self.recheck_below:g})" if narrow else
-                   f"beats its parent by {v['gain'] / v['se']:.1f} SE before the lab knows its paired noise")
-            print(f"{exp_id}: {why}: one more seed first")
+        why = (f"wins by {v['gain'] / v['se']:.1f} SE (< {self.recheck_below:g})" if narrow else
+               f"beats its parent by {v['gain'] / v['se']:.1f} SE before the lab knows its paired noise")
+        self._note(f"{exp_id}: {why}: one more seed first (and its parent at that seed)")
         self._rerun(exp_id, 1, "rerun", on_event, stop)
         parent = self.ledger.get(exp_id)["parent_id"]
         missing = sorted(set(self._seed_scores(exp_id)) - set(self._seed_scores(parent)))
@@ -2182,6 +2183,14 @@ class Lab:
     def _say(self, rec: dict) -> None:
         if self.verbose:
             print(format_record(rec))
+
+    def _note(self, text: str) -> None:
+        """What the lab does on its own (noise reruns, rechecks): to `on_note` if set, else
+        printed when verbose. The CLI sets on_note, so no run it pays for goes unseen."""
+        if self.on_note is not None:
+            self.on_note(text)
+        elif self.verbose:
+            print(text, flush=True)
 
     def close(self) -> None:
         """Release the lab (its lock) and the local cluster it started, if any. Safe to call twice."""
@@ -2295,7 +2304,9 @@ def format_record(rec: dict) -> str:
     if rec["status"] not in ("ok", "rejected") and rec.get("reason"):
         bpb += f" ({rec['reason'][:80]})"
     decision = rec.get("decision") or ("rejected" if rec["status"] == "rejected" else
-                                       "running" if rec["status"] == "running" else "undecided")
+                                       "running" if rec["status"] == "running" else
+                                       "-" if rec.get("kind") in ("noise", "rerun") else   # nothing to decide
+                                       "undecided")
     if rec.get("within_noise"):
         decision += " (within noise)"
     by_rule = rec.get("decided_by") in ("rule", "autopilot")

@@ -693,3 +693,26 @@ def test_report_out_makes_its_folder_and_a_bad_path_is_one_line(cli_lab, tmp_pat
     assert main(["report", "--lab", str(d), "--out", str(tmp_path / "afile" / "p.png")]) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and "--out" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_runs_the_lab_adds_on_its_own_are_shown(tmp_path, kit_env, monkeypatch, capsys):
+    # noise reruns of the baseline and the recheck of a narrow result cost a budget each:
+    # each gets its line (they used to run silently, ids jumping from 0001 to 0004)
+    (tmp_path / "tiny_train.py").write_text(tiny_train_source())
+    assert main(["init", str(tmp_path / "lab"), "--train", str(tmp_path / "tiny_train.py")]) == 0
+    from autoresearch_kit import runner
+    from autoresearch_kit.runner import RunResult
+
+    scores = iter([0.5, 0.5002, 0.4998, 0.4999, 0.4999, 0.5, 0.5, 0.5])
+    monkeypatch.setattr(runner, "run_budgeted", lambda *a, **kw: RunResult(
+        status="ok", val_bpb=next(scores), seed=kw.get("seed", 42), peak_memory_gb=0.1))
+    assert main(["run", "--lab", str(tmp_path / "lab"), "--steps", "1", "--budget", BUDGET, "--yes",
+                 "--proposer", "mutate", "--noise-runs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "noise: rerun of 0001 with seed 43 starting..." in out
+    assert "0002  noise" in out and "undecided" not in out   # a rerun has nothing to decide
+    assert "0004: beats its parent by" in out and "one more seed first" in out, out
+    assert "rerun: rerun of 0004 with seed 43 starting..." in out and "0005  rerun" in out
+    recs = Ledger(tmp_path / "lab", readonly=True).records()
+    shown = {line.split()[0] for line in out.splitlines() if line[:4].isdigit()}
+    assert {r["id"] for r in recs} <= shown, "every experiment the lab ran has a line"
