@@ -288,3 +288,92 @@ def test_a_whole_file_that_leaves_code_out_is_refused_asking_for_blocks(cut, pro
     parent = SYNTHETIC_TRAIN + "\n# ... unchanged below ...\n\ndef unused_helper():\n    return 1\n"
     edited = parent.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05").replace("\ndef unused_helper():\n    return 1\n", "")
     assert apply_reply(parent, parse_reply(_whole(edited))) == edited
+
+
+# ---------------------------------------------------------------------------- unified diffs as local models write them
+
+TWO_LRS = SYNTHETIC_TRAIN.replace("MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ").replace("WEIGHT_DECAY = 0.1 ",
+                                                                                    "WEIGHT_DECAY = 0.2 ")
+TWO_LRS_BODY = unified_diff(SYNTHETIC_TRAIN, TWO_LRS).split("\n", 3)[3]      # the lines after "@@ -15,10 +15,10 @@"
+
+
+@pytest.mark.parametrize("header", [
+    "@@ -15,3 +15,3 @@",           # counts too small: the WEIGHT_DECAY change after them must not be dropped
+    "@@ -15,40 +15,41 @@",         # counts too large
+    "@@ -15 +15 @@",               # counts missing
+    "@@ -90,7 +90,8 @@",           # the wrong line numbers (the file has 80 lines)
+    "@@ ... @@",                   # no numbers at all
+    "@@",
+])
+def test_a_diff_with_a_wrong_hunk_header_applies_by_its_lines(header):
+    patch = f"--- a/train.py\n+++ b/train.py\n{header}\n{TWO_LRS_BODY}"
+    assert apply_unified_diff(SYNTHETIC_TRAIN, patch) == TWO_LRS
+    # in a reply, with prose after the fence's last line and a blank context line that lost its space
+    reply = (f"DESCRIPTION: two lrs\nRATIONALE: both.\n\n```diff\n{patch.replace(' ' + chr(10), chr(10))}\n\n"
+             f"```\nThis should help.\n")
+    assert apply_reply(SYNTHETIC_TRAIN, parse_reply(reply)) == TWO_LRS
+
+
+def test_a_hunk_found_in_several_places_goes_nearest_its_line_or_is_refused_without_one():
+    parent = "def a():\n    x = 1\n    return x\n\ndef b():\n    x = 1\n    return x\n"
+    body = "     x = 1\n-    return x\n+    return x + 1\n"
+    assert apply_unified_diff(parent, "@@ -6,3 +6,3 @@\n" + body) == parent[:-1] + " + 1\n"            # b, line 6
+    assert apply_unified_diff(parent, "@@ -1,2 +1,2 @@\n" + body) == parent.replace("x\n\n", "x + 1\n\n", 1)  # a
+    for header in ("@@ @@", "@@ -4,2 +4,2 @@"):       # no line to choose by, or one as near the first as the second
+        with pytest.raises(EditError) as info:
+            apply_unified_diff(parent, header + "\n" + body)
+        msg = str(info.value)
+        assert msg.startswith("hunk 1 of the patch") and "matches 2 places" in msg and "(lines 2, 6)" in msg
+        assert "add unchanged lines" in msg and "\n" not in msg
+
+
+def test_a_hunk_ignores_trailing_whitespace_and_keeps_train_py_s_own_context():
+    parent = SYNTHETIC_TRAIN.replace("BATCH_SIZE = 16            # rows per step",
+                                     "BATCH_SIZE = 16            # rows per step   ")      # trailing spaces
+    patch = unified_diff(SYNTHETIC_TRAIN, TWO_LRS).replace("# tokens per optimizer step\n",
+                                                           "# tokens per optimizer step  \n")
+    want = TWO_LRS.replace("# rows per step", "# rows per step   ")
+    assert apply_unified_diff(parent, patch) == want
+
+
+def test_a_hunk_whose_lines_are_not_in_train_py_is_refused_saying_which_and_what_to_do():
+    patch = unified_diff(SYNTHETIC_TRAIN, TWO_LRS)
+    moved = "@@ -40,3 +40,3 @@\n     def forward(self, x):\n-        x = self.fc(x)\n+        x = self.fc(x) * 2\n"
+    other = SYNTHETIC_TRAIN.replace("EMBEDDING_LR = 0.6 ", "EMBEDDING_LR = 0.7 ")   # train.py changed since
+    with pytest.raises(EditError) as info:
+        apply_unified_diff(other, moved + patch.split("\n", 2)[2])
+    msg = str(info.value)
+    assert msg.startswith("hunk 2 of the patch (@@ -15,10 +15,10 @@) does not match train.py: its line "
+                          "'EMBEDDING_LR = 0.6         # lr for the token embedding' is not in train.py "
+                          "(the closest line is 'EMBEDDING_LR = 0.7         # lr for the token embedding')")
+    assert "Copy its unchanged (' ') and removed ('-') lines exactly" in msg and "SEARCH/REPLACE" in msg
+    assert "\n" not in msg
+    # every line is there, but not together: a context line the model left out
+    gap = "@@ -17,3 +17,3 @@\n TOTAL_BATCH_SIZE = 2**12   # tokens per optimizer step\n" \
+          "-EMBEDDING_LR = 0.6         # lr for the token embedding\n+EMBEDDING_LR = 0.7\n"
+    with pytest.raises(EditError, match="hunk 1 of the patch .* not together in this order"):
+        apply_unified_diff(SYNTHETIC_TRAIN, gap)
+
+
+def test_a_hunk_that_only_adds_lines_needs_its_context_or_an_explicit_zero_count():
+    import difflib
+
+    new = SYNTHETIC_TRAIN.replace("LOG_EVERY = 10\n", "LOG_EVERY = 10\nGRAD_CLIP = 1.0\n")
+    zero = "".join(difflib.unified_diff(SYNTHETIC_TRAIN.splitlines(True), new.splitlines(True), "a/train.py",
+                                        "b/train.py", n=0))                  # diff -U0: "@@ -29,0 +30 @@"
+    assert "@@ -29,0 +30 @@" in zero and apply_unified_diff(SYNTHETIC_TRAIN, zero) == new
+    for header in ("@@ -29,2 +30,3 @@", "@@ @@"):      # a model's header: the count says nothing about the place
+        with pytest.raises(EditError, match=r"hunk 1 of the patch \(.*\) only adds lines and has no unchanged "
+                                            r"lines to place it by: include 2-3 unchanged lines"):
+            apply_unified_diff(SYNTHETIC_TRAIN, f"{header}\n+GRAD_CLIP = 1.0\n")
+    with pytest.raises(EditError, match="creates train.py from nothing"):
+        apply_unified_diff(SYNTHETIC_TRAIN, unified_diff("", new).replace("a/train.py", "/dev/null"))
+
+
+def test_a_git_format_patch_with_its_signature_and_several_hunks_applies():
+    new = SYNTHETIC_TRAIN.replace("DEPTH = 4 ", "DEPTH = 5 ").replace("LOG_EVERY = 10", "LOG_EVERY = 20") \
+        .replace("x = F.silu(x)", "x = F.silu(x) * 1.0")
+    patch = ("From 1f2e Mon Sep 17 00:00:00 2001\nSubject: [PATCH] three\n\n---\n train.py | 6 +++---\n\n"
+             "diff --git a/train.py b/train.py\nindex 1111111..2222222 100644\n"
+             + unified_diff(SYNTHETIC_TRAIN, new) + "-- \n2.39.2\n\n")
+    assert patch.count("\n@@ ") == 3 and apply_unified_diff(SYNTHETIC_TRAIN, patch) == new

@@ -19,7 +19,9 @@ The LLM reply format (see prompts.py) is SEARCH/REPLACE blocks against the paren
 or one ```python block holding the complete file, plus `DESCRIPTION:` and `RATIONALE:`
 lines. Blocks are matched exactly first, then ignoring trailing whitespace, then ignoring
 indentation (the replacement is re-indented by the same offset), because models drift on
-whitespace far more often than on code. Unified diffs (replay patches) apply here too.
+whitespace far more often than on code. Unified diffs (replay patches, a model's ```diff
+block) apply here too, as leniently as `patch` / `git apply --recount`: hunk lengths are
+counted from the body, and each hunk is placed by its lines, never by line number alone.
 
     python -m pytest tests/test_propose_edits.py -q
 """
@@ -205,7 +207,7 @@ def parse_reply(text: str) -> ParsedReply:
             body = "\n".join(lines[i + 1:j])
             path = _fence_path(info) or _named_path(_previous_nonblank(lines, i)) or _first_line_path(body)
             lang = info.strip().split()[0].lower() if info.strip() else ""
-            if lang in ("diff", "patch") or re.search(r"^@@ -\d", body, re.MULTILINE):
+            if lang in ("diff", "patch") or _HUNK_LINE.search(body):
                 out.patch = out.patch or body + "\n"
             elif lang in ("", "python", "py", "python3") or path:
                 fences.append((path, body))
@@ -438,81 +440,205 @@ def _elided(parent: str, body: str) -> str:
 
 # --------------------------------------------------------------------- unified diffs
 
-_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+# "@@ -10,7 +10,8 @@ def f():" as diff writes it; models also write "@@ -10 +10,2", "@@ -10,7 +10,8" and "@@ ... @@"
+_HUNK = re.compile(r"^@@\s*-(\d+)(?:,(\d+))?\s+\+(\d+)(?:,(\d+))?")
+_HUNK_LINE = re.compile(r"^@@(?=[\s\-]|$)", re.MULTILINE)
 
 
-def apply_unified_diff(parent: str, patch: str) -> str:
-    """Apply a unified diff (git or diff -u) for train.py to `parent`.
+@dataclass
+class _Hunk:
+    """One hunk as its body says, whatever its header claims."""
 
-    Hunks are located by their context and removed lines: at the stated line number if
-    they match there, else at the nearest place they match (exactly, then ignoring
-    trailing whitespace), like `patch` with fuzz 0.
+    k: int
+    header: str
+    start: int | None              # the stated first line in the old file (1-based); None: no numbers
+    old_count: int | None          # the stated count of old lines (only "-N,0" is trusted: a bare insertion)
+    body: list[tuple[str, str]]    # (" " | "-" | "+", text)
 
-    Raises
-    ------
-    EditError
-        The diff names another file, has no hunk, or a hunk does not match.
+    @property
+    def old(self) -> list[str]:
+        return [t for tag, t in self.body if tag != "+"]
+
+    def where(self) -> str:
+        head = self.header.strip()
+        return f"hunk {self.k} of the patch ({head if len(head) <= 40 else head[:37] + '...'})"
+
+
+def _file_header(lines: Sequence[str], i: int) -> bool:
+    return lines[i].startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ ")
+
+
+def _ends_hunk(lines: Sequence[str], i: int) -> bool:
+    line = lines[i]
+    if line.startswith(("@@", "diff ", "Index: ")) or _file_header(lines, i):
+        return True
+    # git format-patch's signature: "-- " then the git version (not a removed line "- ")
+    return line == "-- " and (i + 1 == len(lines) or bool(re.match(r"\d+\.\d+", lines[i + 1])))
+
+
+def _hunk_body(lines: Sequence[str]) -> list[tuple[str, str]]:
+    """The body's lines, counted from the body itself (`git apply --recount`), not from the header.
+
+    It ends at its last ' '/'-'/'+' line: blank lines and prose after it are not part of it.
+    An unmarked line before that is a context line whose leading space was lost (a blank line
+    most often); it is matched against train.py like any other, so a stray line refuses the
+    hunk rather than moving it.
     """
+    marked = [j for j, line in enumerate(lines) if line[:1] in (" ", "-", "+")]
+    body = []
+    for line in lines[:marked[-1] + 1] if marked else ():
+        if line.startswith("\\"):                  # "\ No newline at end of file"
+            continue
+        tag = line[:1]
+        body.append((tag, line[1:]) if tag in (" ", "-", "+") else (" ", line))
+    return body
+
+
+def _parse_hunks(patch: str) -> tuple[list[_Hunk], bool]:
+    """The patch's hunks for train.py, and whether it creates the file (--- /dev/null)."""
     lines = patch.replace("\r\n", "\n").split("\n")
-    hunks: list[tuple[int, list[str], list[str]]] = []
+    hunks: list[_Hunk] = []
+    creates = False
     i = 0
     while i < len(lines):
         line = lines[i]
         if line.startswith(("--- ", "+++ ")):
             path = line[4:].split("\t")[0].strip()
-            if path != "/dev/null":
+            if path == "/dev/null":
+                creates = creates or line.startswith("---")
+            else:
                 path = re.sub(r"^[ab]/", "", path)
                 if not _is_target(path):
                     msg = f"the patch changes {path!r}: only {TARGET} may be changed"
                     raise EditError(msg)
             i += 1
             continue
-        m = _HUNK.match(line)
-        if not m:
+        if not line.startswith("@@"):
             i += 1
             continue
-        old_n = int(m.group(2)) if m.group(2) is not None else 1
-        new_n = int(m.group(4)) if m.group(4) is not None else 1
-        old, new = [], []
-        i += 1
-        while i < len(lines) and (len(old) < old_n or len(new) < new_n):
-            body = lines[i]
-            if body.startswith("\\"):            # "\ No newline at end of file"
-                i += 1
-                continue
-            tag, text = (body[:1], body[1:]) if body else (" ", "")
-            if tag == " ":
-                old.append(text); new.append(text)
-            elif tag == "-":
-                old.append(text)
-            elif tag == "+":
-                new.append(text)
-            else:
-                break
-            i += 1
-        hunks.append((int(m.group(1)), old, new))
+        m = _HUNK.match(line)
+        j = i + 1
+        while j < len(lines) and not _ends_hunk(lines, j):
+            j += 1
+        body = _hunk_body(lines[i + 1:j])
+        if body:
+            start = int(m.group(1)) if m else None
+            count = (int(m.group(2)) if m.group(2) is not None else 1) if m else None
+            hunks.append(_Hunk(len(hunks) + 1, line, start, count, body))
+        i = j
+    return hunks, creates
+
+
+def _overlaps(a: int, b: int, spans: Iterable[tuple[int, int]]) -> bool:
+    """Whether [a, b) crosses a span already taken (an insertion may touch one's edges)."""
+    for c, d in spans:
+        if (a < d and c < b) if a < b and c < d else (c < a < d if a == b else a < c < b):
+            return True
+    return False
+
+
+def _not_found(hunk: _Hunk, hay: list[str]) -> str:
+    """Why a hunk's context/removed lines are not in train.py, and what to do."""
+    have = {line.rstrip() for line in hay}
+    missing = next((t for t in hunk.old if t.strip() and t.rstrip() not in have), None)
+    if missing is not None:
+        code = {l.split("#", 1)[0].strip(): l.strip() for l in hay if l.split("#", 1)[0].strip()}
+        close = difflib.get_close_matches(missing.split("#", 1)[0].strip(), list(code), n=1, cutoff=0.6)
+        why = (f"its line {_snippet(missing)!r} is not in {TARGET}"
+               + (f" (the closest line is {code[close[0]]!r})" if close else ""))
+    else:
+        why = f"its lines are in {TARGET} but not together in this order (a line left out or added?)"
+    return (f"{hunk.where()} does not match {TARGET}: {why}. Copy its unchanged (' ') and removed ('-') lines "
+            f"exactly from the current {TARGET}, or send SEARCH/REPLACE blocks instead")
+
+
+def _locate(hunk: _Hunk, hay: list[str], want: int | None, taken: list[tuple[int, int]]) -> int:
+    """Where a hunk's old lines are: exactly, else ignoring trailing whitespace; nearest `want` if several."""
+    old = hunk.old
+    for level, norm in (("", None), (" (ignoring trailing whitespace)", str.rstrip)):
+        hits = [h for h in _find_lines(hay, old, norm or (lambda s: s))
+                if not _overlaps(h, h + len(old), taken)]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            continue
+        lines = ", ".join(str(h + 1) for h in hits[:5]) + (" ..." if len(hits) > 5 else "")
+        if want is None:
+            msg = (f"{hunk.where()} matches {len(hits)} places in {TARGET}{level} (lines {lines}) and its header "
+                   f"has no line number to choose by: add unchanged lines around the change until it matches "
+                   f"one place, or send SEARCH/REPLACE blocks instead")
+            raise EditError(msg)
+        near = sorted(hits, key=lambda h: abs(h - want))
+        if abs(near[0] - want) == abs(near[1] - want):
+            msg = (f"{hunk.where()} matches {len(hits)} places in {TARGET}{level} (lines {lines}), two of them "
+                   f"equally near its stated line {want + 1}: add unchanged lines around the change until it "
+                   f"matches one place, or send SEARCH/REPLACE blocks instead")
+            raise EditError(msg)
+        return near[0]
+    raise EditError(_not_found(hunk, hay))
+
+
+def apply_unified_diff(parent: str, patch: str) -> str:
+    """Apply a unified diff (git, diff -u, or a model's) for train.py to `parent`.
+
+    Lenient the way `patch` and `git apply --recount` are, because models rarely get hunk
+    headers right: each hunk's length is counted from its body (the header's counts are
+    ignored, and may be missing), and each hunk is placed by its context and removed lines,
+    exactly first, then ignoring trailing whitespace; when they match several places, the
+    one nearest the stated line number (shifted by how far the previous hunk moved) wins.
+    Context lines keep train.py's own text. Nothing is ever placed by line number alone:
+    a hunk that only adds lines needs an explicit "-N,0" header (diff -U0), and one whose
+    lines match nowhere, or match several places with no way to choose, refuses the patch.
+
+    Raises
+    ------
+    EditError
+        The diff names another file, has no hunk, or a hunk does not match (which one,
+        its first line not found, and what to do).
+    """
+    hunks, creates = _parse_hunks(patch)
     if not hunks:
         msg = "the patch has no hunk ('@@ -a,b +c,d @@' lines): is it a unified diff?"
         raise EditError(msg)
-
     trailing_nl = parent.endswith("\n")
     hay = parent.split("\n")
     if trailing_nl:
         hay = hay[:-1]
-    offset = 0
-    for k, (start, old, new) in enumerate(hunks, 1):
-        want = start - 1 + offset if old else start + offset
-        pos = None
-        for norm in ((lambda s: s), str.rstrip):
-            hits = _find_lines(hay, old, norm) if old else [max(0, min(len(hay), want))]
-            if hits:
-                pos = min(hits, key=lambda h: abs(h - want))
-                break
-        if pos is None:
-            msg = f"hunk {k} of the patch (at line {start}) does not match {TARGET}: first line {_snippet(chr(10).join(old))!r}"
-            raise EditError(msg)
-        hay[pos:pos + len(old)] = new
-        offset += len(new) - len(old)
+    if creates and parent.strip():
+        msg = (f"the patch creates {TARGET} from nothing (--- /dev/null), but {TARGET} exists: send a diff "
+               f"against the current {TARGET}, or SEARCH/REPLACE blocks")
+        raise EditError(msg)
+    placed: list[tuple[int, _Hunk]] = []
+    taken: list[tuple[int, int]] = []
+    drift = 0                              # how far the last hunk was from its stated line
+    for hunk in hunks:
+        old = hunk.old
+        if not old:                        # only '+' lines: nothing to check a place against
+            pos = None if hunk.start is None or hunk.old_count != 0 else hunk.start + drift
+            if pos is None or not 0 <= pos <= len(hay) or _overlaps(pos, pos, taken):
+                msg = (f"{hunk.where()} only adds lines and has no unchanged lines to place it by: include 2-3 "
+                       f"unchanged lines before and after the change (each starting with a space), or send "
+                       f"SEARCH/REPLACE blocks instead")
+                raise EditError(msg)
+        else:
+            want = None if hunk.start is None else max(0, hunk.start - 1 + drift)
+            pos = _locate(hunk, hay, want, taken)
+            if hunk.start is not None:
+                drift = pos - (hunk.start - 1)
+        placed.append((pos, hunk))
+        taken.append((pos, pos + len(old)))
+    # Bottom up, so each place found in the parent still holds. At one place the hunk that replaces
+    # lines goes first, then the insertions there, last one first: they end up in the patch's order.
+    for pos, hunk in sorted(placed, key=lambda p: (p[0], bool(p[1].old), p[1].k), reverse=True):
+        out, j = [], pos
+        for tag, text in hunk.body:
+            if tag == "+":
+                out.append(text)
+            else:
+                if tag == " ":
+                    out.append(hay[j])     # train.py's own line (its trailing whitespace too)
+                j += 1
+        hay[pos:j] = out
     return "\n".join(hay) + ("\n" if trailing_nl else "")
 
 
