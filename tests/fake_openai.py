@@ -45,6 +45,9 @@ class Reply:
     chunk_delay: float = 0.0       # seconds between streamed chunks (a reply that trickles in)
     finish: str = "stop"           # finish_reason ("length": cut off at max_tokens)
     reasoning: str = ""            # reasoning_content (llama.cpp --reasoning-format, vLLM reasoning parsers)
+    reasoning_delay: float = 0.0   # seconds between streamed reasoning chunks (a model thinking for long)
+    reasoning_field: str = "reasoning_content"   # "reasoning": the field's name on Ollama and newer vLLM
+    ignore_stream: bool = False    # answer stream=True with one JSON body, as servers without streaming do
     raw_body: str | None = None    # an error body sent as text/plain (Ollama: "404 page not found")
 
 
@@ -197,9 +200,9 @@ class FakeOpenAI:
                     prompt, completion = reply.usage
                     usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                              "total_tokens": prompt + completion}
-                if not body.get("stream"):
+                if not body.get("stream") or reply.ignore_stream:
                     message = {"role": "assistant", "content": reply.text,
-                               **({"reasoning_content": reply.reasoning} if reply.reasoning else {})}
+                               **({reply.reasoning_field: reply.reasoning} if reply.reasoning else {})}
                     self._json(200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 0,
                                      "model": model, **({"usage": usage} if usage else {}),
                                      "choices": [{"index": 0, "finish_reason": reply.finish, "message": message}]})
@@ -218,7 +221,10 @@ class FakeOpenAI:
                 send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]})
                 for i in range(0, len(reply.reasoning), reply.chunk):
-                    send({**base, "choices": [{"index": 0, "delta": {"reasoning_content": reply.reasoning[i:i + reply.chunk]},
+                    if reply.reasoning_delay:
+                        time.sleep(reply.reasoning_delay)
+                    piece = reply.reasoning[i:i + reply.chunk]
+                    send({**base, "choices": [{"index": 0, "delta": {reply.reasoning_field: piece},
                                                "finish_reason": None}]})
                 for i in range(0, len(reply.text), reply.chunk):
                     if reply.chunk_delay:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -864,3 +865,101 @@ def test_a_model_that_only_reasoned_is_told_apart_from_a_context_overflow(stream
     assert len(server.chats) == 1                       # the prompt fit: no unstreamed second ask
     err, *_ = _run([Reply("", usage=(120, 64))], stream=stream, max_attempts=1)   # tokens generated, none shown
     assert "only reasoned" in err.reason and "64 tokens generated" in err.reason
+
+
+# ---------------------------------------------------------------------------- reasoning models: alive, never cut off
+
+# A draft edit in the reasoning: it must never be taken for the answer (reasoning is not code).
+DRAFT = ("Maybe deeper?\n<<<<<<< SEARCH\nDEPTH = 4                  # transformer layers\n=======\nDEPTH = 8\n"
+         ">>>>>>> REPLACE\n")
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])   # llama.cpp / vLLM; Ollama, newer vLLM
+def test_a_model_reasoning_longer_than_max_wait_is_not_cut_off_and_notes_say_it_is_alive(field):
+    import io
+
+    from autoresearch_kit.cli import _LLMWatch
+
+    out = io.StringIO()
+    watch = _LLMWatch(out=out, err=io.StringIO())
+    events: list[dict] = []
+
+    def on_progress(event):
+        events.append(event)
+        watch.on_progress(event)
+
+    reasoning = DRAFT + "Let me weigh the learning rate against the budget. " * 8    # 32 chunks, 0.06 s apart
+    tokens: list[str] = []
+    with FakeOpenAI([Reply(GOOD, reasoning=reasoning, reasoning_field=field, reasoning_delay=0.06)]) as server:
+        p = LLMProposer(base_url=server.url, model="qwen3:8b", edit_mode="edits", timeout=1.0, max_wait=1.0,
+                        on_progress=on_progress)
+        p.reasoning_note_seconds = 0.4
+        p.context_window(), p.counter.count("warm up")   # asked once per session: not part of this wait
+        t0 = time.monotonic()
+        proposal = p.propose(context(), on_token=tokens.append)
+        secs = time.monotonic() - t0
+    chunks = -(-len(reasoning) // 16)
+    assert secs > 1.5                                    # longer than max_wait, all of it reasoning
+    assert proposal.description == "MATRIX_LR 0.04 -> 0.05" and "DEPTH = 4 " in proposal.source
+    assert "".join(tokens) == GOOD                       # the reply shown is the answer, not the reasoning
+    notes = [e for e in events if e["event"] == "note"]
+    assert notes[0]["text"] == "[thinking... (the model streams its reasoning before the answer)]"
+    ticks = notes[1:-1]
+    assert ticks and all(re.fullmatch(r"\[thinking\.\.\. \d+ reasoning tokens, \d+ s\]", e["text"]) for e in ticks)
+    counts = [e["reasoning_tokens"] for e in notes]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)   # growing, never the same note twice
+    assert len(notes) <= 2 + secs / 0.4 + 1 < chunks      # throttled: far fewer notes than reasoning chunks
+    assert re.fullmatch(rf"\[thought for \d+ s \({chunks} reasoning tokens\); now the answer\]", notes[-1]["text"])
+    for e in notes:
+        assert f"\n  {e['text']}\n" in out.getvalue()    # the CLI prints each on a line of its own
+
+
+def test_reasoning_notes_without_on_progress_go_inline_and_a_silent_server_still_times_out():
+    reasoning = "Hmm, the learning rate. " * 6
+    p, _, _, streamed = _run([Reply(GOOD, reasoning=reasoning, reasoning_delay=0.02)])
+    assert p.description == "MATRIX_LR 0.04 -> 0.05"
+    assert streamed.startswith("\n[thinking... (the model streams its reasoning before the answer)]\n")
+    assert streamed.endswith("reasoning tokens); now the answer]\n" + GOOD)
+    # a server that stops sending mid-reasoning: the per-chunk timeout still applies
+    err, server, _, _ = _run([Reply(GOOD, reasoning=reasoning, reasoning_delay=1.5)], timeout=0.5, max_retries=1)
+    assert isinstance(err, ProposalError) and err.fatal and len(server.chats) == 2
+    assert "failed 2 times" in err.reason and "no answer within 0.5s (timeout)" in err.reason
+
+
+def test_inline_think_text_does_not_count_toward_max_wait_and_is_not_the_answer():
+    think = "<think>\n" + DRAFT + "The lr is the knob to try here. " * 36 + "</think>\n"   # 16 chunks, 0.1 s apart
+    p, *_ = _run([Reply(think + GOOD, chunk=80, chunk_delay=0.1)], max_wait=1.0)   # the answer: 4 more chunks
+    assert not isinstance(p, ProposalError), p.reason
+    assert p.description == "MATRIX_LR 0.04 -> 0.05" and "DEPTH = 4 " in p.source and p.metadata["seconds"] > 1.5
+
+
+def test_non_streaming_servers_still_work_and_a_slow_unstreamed_reply_says_to_stream():
+    p, server, _, streamed = _run([Reply(GOOD, reasoning=DRAFT)], stream=False)
+    assert p.description == "MATRIX_LR 0.04 -> 0.05" and "DEPTH = 4 " in p.source and streamed == GOOD
+    # a server that answers stream=True with one JSON body: asked again without streaming
+    p, server, _, _ = _run([Reply(GOOD, ignore_stream=True)])
+    assert p.description == "MATRIX_LR 0.04 -> 0.05" and [c["body"].get("stream") for c in server.chats] == [True, None]
+    err, *_ = _run([Reply(GOOD, reasoning=DRAFT, delay=1.0)], stream=False, timeout=0.3, max_retries=1)
+    assert isinstance(err, ProposalError) and "no answer within 0.3s (timeout)" in err.reason
+    assert "Without streaming the timeout covers the whole reply" in err.reason and "--timeout" in err.reason
+    assert "stream=True" in err.reason and "Try again later" not in err.reason
+
+
+# ---------------------------------------------------------------------------- a local model's unified diff
+
+def test_a_diff_reply_with_a_wrong_hunk_header_is_applied_and_one_that_does_not_match_is_fed_back():
+    from autoresearch_kit.propose.base import unified_diff
+
+    new = SYNTHETIC_TRAIN.replace("MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ").replace("WEIGHT_DECAY = 0.1 ",
+                                                                                    "WEIGHT_DECAY = 0.2 ")
+    body = unified_diff(SYNTHETIC_TRAIN, new).split("\n", 3)[3]
+    good = (f"DESCRIPTION: two lrs\nRATIONALE: both.\n\n```diff\n--- a/train.py\n+++ b/train.py\n"
+            f"@@ -10,7 +10,8 @@\n{body}```\n")
+    stale = good.replace(" EMBEDDING_LR = 0.6 ", " EMBEDDING_LR = 0.5 ")     # a context line the model misremembered
+    events: list[dict] = []
+    p, server, _, _ = _run([Reply(stale), Reply(good)], on_progress=events.append)
+    assert p.source == new and p.description == "two lrs" and p.metadata["attempts"] == 2
+    refusal = next(e["error"] for e in events if e["event"] == "refused")
+    assert refusal.startswith("hunk 1 of the patch (@@ -10,7 +10,8 @@) does not match train.py: its line "
+                              "'EMBEDDING_LR = 0.5         # lr for the token embedding' is not in train.py")
+    assert refusal in server.chats[1]["body"]["messages"][-1]["content"]        # the model is told what to fix

@@ -26,7 +26,9 @@ retried `max_retries` times with exponential backoff; an unreachable host fails 
 and names the offline proposer. Endpoint-level failures raise ProposalError(fatal=True), so
 a loop stops instead of asking again; `check_endpoint()` finds a dead or misnamed endpoint
 in seconds, before anything trains. Retry notes go to `on_progress` ("note" events) when
-it is set, else inline to `on_token`.
+it is set, else inline to `on_token`. A reasoning model's reasoning_content is never part
+of the reply: while it streams, throttled "thinking..." notes say the model is alive, and
+that time does not count toward `max_wait` (the timeout is per chunk).
 
     python -m pytest tests/test_llm.py -q      # a real HTTP server on 127.0.0.1
 """
@@ -56,6 +58,60 @@ MAX_SAVED_REPLY = 4000       # characters of each refused reply kept in the meta
 
 
 DEFAULT_MAX_WAIT = 600.0   # seconds one proposal may take in all (LLMProposer(max_wait=))
+
+
+class _Thinking:
+    """What a streamed reply has reasoned so far, and when to say so (`LLMProposer.reasoning_note_seconds`).
+
+    Reasoning deltas are counted as tokens: llama.cpp, vLLM and LM Studio send one token per delta.
+    """
+
+    def __init__(self, t0: float, every: float) -> None:
+        self.t0 = self.last = t0           # request start; the last chunk's arrival
+        self.every = every
+        self.chunks = self.chars = 0       # reasoning deltas (tokens) and characters
+        self.noted: float | None = None    # when the last note was given
+        self.answered = False              # non-blank content has begun
+        self._head = ""                    # the content's start, until it shows whether it opens <think>
+        self._open: bool | None = None     # inside an inline <think> (None: not known yet)
+        self._tail = ""
+
+    def add(self, thought: str, now: float) -> str:
+        """Count a reasoning delta; the note to give now, or ""."""
+        self.chunks += 1
+        self.chars += len(thought)
+        if self.noted is None:
+            self.noted = now
+            return "[thinking... (the model streams its reasoning before the answer)]"
+        if now - self.noted < self.every:
+            return ""
+        self.noted = now
+        return f"[thinking... {self.chunks:,} reasoning tokens, {now - self.t0:.0f} s]"
+
+    def done(self, now: float) -> str:
+        return f"[thought for {now - self.t0:.0f} s ({self.chunks:,} reasoning tokens); now the answer]"
+
+    def inline(self, pieces: list[str]) -> bool:
+        """Whether these content pieces are inside a `<think>` that opens the content (no reasoning parser)."""
+        if not pieces or self._open is False:
+            return False
+        text = "".join(pieces)
+        if self._open is None:
+            self._head += text
+            head = self._head.lstrip().lower()
+            if head.startswith("<think"):
+                self._open = True
+                text = self._head
+            elif len(head) >= 6 or not "<think>".startswith(head):
+                self._open = False
+                return False
+            else:
+                return True            # "<thi": not known yet, and nothing shown is an answer
+        seen = (self._tail + text).lower()
+        if "</think" in seen:
+            self._open = False         # the closing chunk is the last one that thinks
+        self._tail = seen[-8:]
+        return True
 
 
 class _OutOfTime(Exception):
@@ -110,14 +166,17 @@ class LLMProposer:
         Called with each piece of text as it arrives (also given per call to `propose`).
         Between attempts it also gets a bracketed note saying why the reply was refused.
     timeout
-        Seconds to wait for the server (per read while streaming).
+        Seconds to wait for the server: per chunk while streaming (a model that keeps sending
+        reasoning is never cut off by it), for the whole reply without streaming.
     max_retries
         Extra tries per request after a timeout, dropped connection, HTTP 429 or 5xx.
     max_wait
         Seconds one proposal may take in all (requests, retries, backoff, a reply that
         trickles in; default AUTORESEARCH_LLM_MAX_WAIT, else 600): past it the proposer
         gives up with a message that names the endpoint and this setting, so a hung
-        server never holds the loop for longer.
+        server never holds the loop for longer. Time a streamed reply spends reasoning
+        (reasoning_content deltas, or content inside an opening <think>) does not count:
+        a thinking model is working, not hung; max_tokens bounds it.
     retry_delay, max_retry_delay
         Backoff: retry_delay * 2**i seconds, capped (Retry-After is honoured up to the cap).
     temperature, max_tokens
@@ -143,7 +202,9 @@ class LLMProposer:
     on_progress
         Called with a dict per event, for a person watching: {"event": "ask", "model",
         "endpoint", "prompt_tokens", "method", "context", ...}, "reply", "refused"
-        (with the reply text), "accepted", "structured" (a fallback), "switch" (to knobs).
+        (with the reply text), "accepted", "structured" (a fallback), "switch" (to knobs),
+        "note" (a retry, a fallback; while reasoning streams, "[thinking... N reasoning tokens,
+        S s]" with "reasoning_tokens" and "seconds", at most every `reasoning_note_seconds`).
     device
         The knob mode offers the shared knobs and only this device's CPU_*/GPU_* ones:
         "cpu", "mps", "cuda", "auto" (default: the device training runs on, as the offline
@@ -151,6 +212,7 @@ class LLMProposer:
     """
 
     name = "llm"
+    reasoning_note_seconds = 15.0   # at most one "thinking..." note this often (a long think stays a few lines)
 
     def __init__(self, model: str | None = None, base_url: str | None = None, api_key: str | None = None, *,
                  max_attempts: int = 3, stream: bool = True, on_token: Callable[[str], Any] | None = None,
@@ -275,8 +337,12 @@ class LLMProposer:
                           f"too slow for this prompt: check it, raise the cap (--max-wait S, "
                           f"AUTORESEARCH_LLM_MAX_WAIT), use a faster model, or {OFFLINE_HINT}", fatal=True)
 
-    def _with_retries(self, what: str, call: Callable[[], Any], on_token: Callable[[str], Any] | None):
-        """Run `call`, retrying timeouts, dropped connections, 429 and 5xx with backoff, within max_wait."""
+    def _with_retries(self, what: str, call: Callable[[], Any], on_token: Callable[[str], Any] | None,
+                      slow: str = ""):
+        """Run `call`, retrying timeouts, dropped connections, 429 and 5xx with backoff, within max_wait.
+
+        `slow` is said after the last error when every try timed out (what to do about a slow reply).
+        """
         import openai
 
         last = ""
@@ -328,8 +394,9 @@ class LLMProposer:
                 delay = max(0.0, min(delay, self._left()))
                 self._note(on_token, f"\n[{last}; retrying in {delay:.2g}s]\n")
                 time.sleep(delay)
+        advice = slow if slow and last.startswith("no answer within") else "Try again later"
         raise self._fail(f"the LLM endpoint {self.endpoint} failed {self.max_retries + 1} times ({what}); "
-                         f"last error: {last}. Try again later, or {OFFLINE_HINT}", fatal=True)
+                         f"last error: {last}. {advice}, or {OFFLINE_HINT}", fatal=True)
 
     def _retry_after(self, e, default: float) -> float:
         try:
@@ -484,7 +551,10 @@ class LLMProposer:
                 if on_token is not None and text:
                     on_token(text)
                 return text, _usage(resp.usage)
-            return self._with_retries("chat completion", call, on_token)
+            # Unstreamed, the timeout is for the whole reply: a model that reasons for minutes exceeds it.
+            return self._with_retries("chat completion", call, on_token, slow=(
+                "Without streaming the timeout covers the whole reply, and a reasoning model can think for "
+                "longer: raise it (--timeout, timeout=), or stream (stream=True), where it is per chunk"))
 
         def call_stream():
             more = {"stream_options": {"include_usage": True}} if self._stream_usage else {}
@@ -497,26 +567,43 @@ class LLMProposer:
                     raise
                 self._stream_usage = False
                 chunks = create(stream=True)
-            parts, usage, reasoning = [], {}, 0
+            parts, usage = [], {}
+            thinking = _Thinking(time.monotonic(), self.reasoning_note_seconds)
             for chunk in chunks:
+                now = time.monotonic()
+                usage = _usage(chunk.usage) if getattr(chunk, "usage", None) else usage
+                pieces, thought = [], ""
+                for choice in chunk.choices or ():
+                    if getattr(choice, "finish_reason", None):
+                        self._reply["finish"] = choice.finish_reason
+                    if choice.delta:
+                        thought += _reasoning(choice.delta)
+                        if getattr(choice.delta, "content", None):
+                            pieces.append(choice.delta.content)
+                # A model still thinking is working, not hung: the wait for each reasoning chunk (and for
+                # inline <think> text) does not count toward max_wait; the per-read timeout still applies.
+                inline = thinking.inline(pieces)
+                if (inline or (thought and not thinking.answered)) and self._deadline is not None:
+                    self._deadline += now - thinking.last
+                thinking.last = now
                 if self._left() <= 0:   # a reply that trickles in forever (each read within the timeout)
                     close = getattr(chunks, "close", None)
                     if close is not None:
                         close()
                     raise _OutOfTime
-                if getattr(chunk, "usage", None):
-                    usage = _usage(chunk.usage)
-                for choice in chunk.choices or ():
-                    if getattr(choice, "finish_reason", None):
-                        self._reply["finish"] = choice.finish_reason
-                    piece = getattr(choice.delta, "content", None) if choice.delta else None
-                    if choice.delta:
-                        reasoning += len(_reasoning(choice.delta))
-                    if piece:
-                        parts.append(piece)
-                        if on_token is not None:
-                            on_token(piece)
-            self._reply["reasoning"] = reasoning
+                if thought:
+                    note = thinking.add(thought, now)
+                    if note:
+                        self._thinking_note(on_token, note, thinking)
+                for piece in pieces:
+                    if piece.strip() and not inline and not thinking.answered:
+                        thinking.answered = True
+                        if thinking.chunks:
+                            self._thinking_note(on_token, thinking.done(now), thinking)
+                    parts.append(piece)
+                    if on_token is not None:
+                        on_token(piece)
+            self._reply["reasoning"] = thinking.chars
             return "".join(parts), usage
         return self._with_retries("chat completion", call_stream, on_token)
 
@@ -643,6 +730,14 @@ class LLMProposer:
                 self._progress(event="note", text=text.strip())
         elif on_token is not None:
             on_token(text)
+
+    def _thinking_note(self, on_token, text: str, thinking: "_Thinking") -> None:
+        """A liveness note while reasoning streams: an "event": "note" with the counts, else inline."""
+        if self.on_progress is not None:
+            self._progress(event="note", text=text, reasoning_tokens=thinking.chunks,
+                           seconds=round(thinking.last - thinking.t0, 1))
+        elif on_token is not None:
+            on_token(f"\n{text}\n")
 
     def _progress(self, **event) -> None:
         if self.on_progress is not None:
