@@ -155,23 +155,59 @@ _TOOL_VARS = ("CC", "CXX", "CUDA_HOME", "CUDA_PATH", "TRITON_PTXAS_PATH", "TRITO
               "TRITON_NVDISASM_PATH")
 
 
-def _tool_dirs(env: dict[str, str]) -> list[str]:
-    """Read-only folders for the compilers and libraries the environment names."""
+def _private_roots(hide: list[Path] = ()) -> list[str]:
+    """Host paths no folder a variable names may expose: the user's home, the kit's cache (the
+    prepared data, other runs' compile caches), and what the caller hides (data, lab)."""
+    roots = [os.path.expanduser("~"), str(config.cache_dir()), *(str(h) for h in hide)]
+    return [os.path.realpath(r) for r in roots if r and os.path.isabs(r) and os.path.realpath(r) != "/"]
+
+
+def _exposes(d: str, private: list[str]) -> bool:
+    """Whether binding `d` shows any private path: d is one, holds one, or lies inside one."""
+    return any(_under(r, [d]) or _under(d, [r]) for r in private)
+
+
+# Folders of English text on a typical system (licences, manuals, package docs): a candidate
+# could pretrain on them before the clock starts. Empty inside the sandbox.
+_TEXT_DIRS = ("/usr/share/doc", "/usr/share/common-licenses", "/usr/share/man", "/usr/share/info",
+              "/usr/share/dict", "/usr/share/licenses")
+
+
+def _tool_dirs(env: dict[str, str], hide: list[Path] = ()) -> list[str]:
+    """Read-only paths for the compilers and libraries the environment names.
+
+    The toolchain folder of a tool (/opt/gcc for /opt/gcc/bin/gcc), or only the tool itself
+    when that folder would show a private path (CC=~/bin/gcc must not bind the home, with the
+    prepared data and the lab in it); a library folder that would is left out. The variables
+    are the user's, but what they mount is checked on the result, not trusted.
+    """
+    private = _private_roots(hide)
     out: list[str] = []
     for var in _TOOL_VARS:
         value = env.get(var, "")
         if not os.path.isabs(value) or not os.path.exists(value):
             continue
-        p = os.path.realpath(value)
+        p = tool = os.path.realpath(value)
         if os.path.isfile(p):
             p = os.path.dirname(p)
             if os.path.basename(p) == "bin":  # /opt/gcc/bin/gcc: the toolchain is /opt/gcc
                 p = os.path.dirname(p)
+        if _exposes(p, private) or p in ("/", "/home", "/root", "/tmp", "/work"):
+            if os.path.isfile(tool) and not _under(tool, private[1:]):
+                p = tool      # just the file (in the home, say), never one in the cache, the data or the lab
+            else:
+                log.warning("sandbox: %s=%s would show private files (home, data, cache); not bound", var, value)
+                continue
         out.append(p)
     for lib in env.get("LD_LIBRARY_PATH", "").split(os.pathsep):
         if os.path.isabs(lib) and os.path.isdir(lib):
-            out.append(os.path.realpath(lib))
-    return [d for d in out if d not in ("/", "/home", "/root", "/tmp", "/work")]
+            d = os.path.realpath(lib)
+            if _exposes(d, private) or d in ("/", "/home", "/root", "/tmp", "/work"):
+                log.warning("sandbox: LD_LIBRARY_PATH entry %s would show private files (home, data, cache); "
+                            "not bound", lib)
+                continue
+            out.append(d)
+    return out
 
 
 def compile_cache(source: str) -> Path:
@@ -209,15 +245,18 @@ def _view(env: dict[str, str], device_type: str, hide: list[Path],
     if os.path.isdir(os.path.join(pkg, "data", "builtin")):
         # the built-in corpus holds the val text: an empty, read-only folder in its place
         args += ["--tmpfs", f"{inner_pkg}/data/builtin", "--remount-ro", f"{inner_pkg}/data/builtin"]
-    for h in hide:
-        p = os.path.realpath(str(h))
-        if os.path.exists(p) and _under(p, bound) and os.path.isdir(p):
-            args += ["--tmpfs", p]
     args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/tmp/home"]
-    for d in _tool_dirs(env):  # after /tmp's tmpfs, which would hide one under /tmp
+    for d in _tool_dirs(env, hide):  # after /tmp's tmpfs, which would hide one under /tmp
         if not _under(d, bound):
             args += ["--ro-bind", d, d]
             bound.append(d)
+    for d in _TEXT_DIRS:   # English text to pretrain on before the clock: not the candidate's
+        if os.path.isdir(d) and _under(d, bound):
+            args += ["--tmpfs", d, "--remount-ro", d]
+    for h in hide:   # last: a mask applies only under the binds made before it
+        p = os.path.realpath(str(h))
+        if os.path.exists(p) and _under(p, bound) and os.path.isdir(p):
+            args += ["--tmpfs", p]
     if os.path.isdir("/sys"):
         args += ["--ro-bind", "/sys", "/sys"]
     if device_type.split(":")[0] == "cuda":
