@@ -685,7 +685,10 @@ class Lab:
     # ---- hand edits ---------------------------------------------------------------------------
 
     def _recorded_hashes(self) -> set[str]:
-        return {r["source_hash"] for r in self.ledger.records(curves=False) if r["source_hash"]}
+        """Sources that have an experiment. A run that was `aborted` (stopped, interrupted, its
+        worker lost) taught nothing: its train.py written back by hand is a new experiment."""
+        return {r["source_hash"] for r in self.ledger.records(curves=False)
+                if r["source_hash"] and r["status"] != "aborted"}
 
     def _unrecorded_edit(self) -> str | None:
         """lab/train.py when it differs from the kept line (git's tip and the ledger's) and no
@@ -916,7 +919,8 @@ class Lab:
 
         The history lists every proposal (run or rejected) oldest first, with the
         decision and the human's reason; `seen_hashes` holds every train.py ever
-        proposed, so none is proposed twice. `siblings`: proposals of the same batch made
+        proposed, so none is proposed twice (a hand edit may repeat one whose runs were all
+        aborted: `_recorded_hashes`). `siblings`: proposals of the same batch made
         before this one (see `step(parallel=)`): listed last in the history as running,
         their train.py counted as seen, and the seed moved on, so the next one differs.
         """
@@ -1029,8 +1033,12 @@ class Lab:
         if original is not None:
             meta = {"edited_from": original.proposer, "original_description": original.description,
                     "original_source_hash": original.source_hash}
+        import dataclasses
+
+        # a person may run again what only ever ran to `aborted` (the agent is not offered it)
+        ctx = dataclasses.replace(self.context(), seen_hashes=self._recorded_hashes())
         try:
-            return make_proposal(self.context(), source, description, proposer="human",
+            return make_proposal(ctx, source, description, proposer="human",
                                  rationale=original.rationale if original else "", metadata=meta)
         except ProposalError as e:
             msg = f"This edit of train.py cannot run: {e.reason}"

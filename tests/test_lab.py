@@ -1451,3 +1451,22 @@ def test_git_status_in_a_lab_shows_only_what_the_user_changed(lab_dir, monkeypat
     assert status() == ""   # the kit's files (ledger, runs, data pin, ...) are not the user's changes
     (lab_dir / "train.py").write_text((lab_dir / "train.py").read_text() + "# mine\n")
     assert status().split() == ["M", "train.py"]
+
+
+def test_an_aborted_experiment_written_back_into_train_py_runs_again(lab_dir, monkeypatch):
+    # Stopped by a Ctrl-C, a full machine or a lost worker, it never got a result: a person who
+    # puts its train.py back (from git) wants it run, not silently put back to the kept version.
+    from autoresearch_kit import runner
+
+    results = iter([RunResult(status="aborted", reason="stopped by the user", seed=42),
+                    RunResult(status="ok", val_bpb=0.5, seed=42, peak_memory_gb=0.1)])
+    monkeypatch.setattr(runner, "run_budgeted", lambda *a, **kw: next(results))
+    with _open(lab_dir) as lab:
+        first = lab.step()
+        assert first["status"] == "aborted"
+        source = lab.workspace.source(first["id"])
+        (lab_dir / "train.py").write_text(source)
+        assert lab.hand_edit() == source
+        again = lab.step()
+        assert again["proposer"] == "human" and again["status"] == "ok" and again["id"] != first["id"]
+        assert lab.workspace.source(again["id"]) == source
