@@ -771,6 +771,20 @@ def test_real_train_py_is_scored(kit_env, tmp_path):
     _assert_nothing_left(res)
 
 
+def test_a_bug_in_the_runners_evaluation_ends_the_run_at_once(kit_env, tmp_path, monkeypatch):
+    # The child waits for the runner's answer: a runner that fails must hang up on it, not
+    # leave it waiting until the hard limit (it used to take the whole 120 s).
+    from autoresearch_kit import serve
+
+    def broken(self):
+        raise NameError("name 'torch' is not defined")
+
+    monkeypatch.setattr(serve.RunServer, "_evaluate", broken)
+    res = run(tiny_train(), tmp_path, budget=E2E_BUDGET, hard_limit=120)
+    assert res.status == "invalid" and "the runner could not answer the child: NameError" in res.reason
+    assert res.wall_seconds < 60, res.wall_seconds
+
+
 def test_real_non_causal_model_is_invalid(kit_env, tmp_path):
     res = run(tiny_train(**{"is_causal=True": "is_causal=False"}), tmp_path, budget=E2E_BUDGET, hard_limit=120)
     assert res.status == "invalid" and res.val_bpb is None

@@ -157,18 +157,32 @@ def test_the_warm_up_serves_nothing_to_learn(kit_env, tmp_path):
         assert res.val_bpb > honest.val_bpb - 0.02, (res.val_bpb, honest.val_bpb)
 
 
-def test_a_loop_that_stops_asking_the_clock_is_invalid(kit_env, tmp_path):
-    # After the warm-up it never calls run.training() again and trains on for 3x the budget:
-    # the clock is the runner's, checked on every batch and at finish.
-    src = tiny_train(**{"while run.training(tokens=BATCH_SIZE * SEQ_LEN):": (
+def _stops_asking(seconds: float) -> str:
+    """A train.py that asks run.training() for the warm-up and one timed step only, then
+    trains on without asking for `seconds` after that."""
+    return tiny_train(**{"while run.training(tokens=BATCH_SIZE * SEQ_LEN):": (
         "import time as _t\n"
         "for _ in range(4):\n"
         "    run.training(tokens=BATCH_SIZE * SEQ_LEN)\n"
-        "_end = _t.monotonic() + 6\n"
+        f"_end = _t.monotonic() + {seconds}\n"
         "while _t.monotonic() < _end:")})
-    res = run(src, tmp_path, budget="2s")
+
+
+def test_a_loop_that_stops_asking_the_clock_is_invalid(kit_env, tmp_path):
+    # After the warm-up it never calls run.training() again and trains on for 3x the budget:
+    # the clock is the runner's, checked on every batch and at finish.
+    res = run(_stops_asking(6), tmp_path, budget="2s")
     assert res.status == "invalid", (res.status, res.reason)
     assert "after the budget ended" in res.reason or "past the end of the budget" in res.reason
+
+
+def test_fresh_batches_inside_the_finish_grace_are_invalid(kit_env, tmp_path):
+    # It draws batches until 1 s past the end of a 2 s budget, inside the grace for reaching
+    # run.finish: up to 1.8x the tokens of the budget, accepted before. Past the end only the
+    # rest of the last granted step is served.
+    res = run(_stops_asking(2 + 1.0), tmp_path, budget="2s")
+    assert res.status == "invalid", (res.status, res.reason)
+    assert "than one step uses" in res.reason
 
 
 # --------------------------------------------------------------------------- the evaluation
@@ -213,6 +227,25 @@ def test_a_huge_or_shifted_logit_does_not_widen_the_probe(kit_env, tmp_path, mon
     res = run(after_loop(PEEK_WITH % extra), tmp_path, unchecked=monkeypatch)
     assert res.status == "invalid" and res.val_bpb is None, (res.status, res.val_bpb)
     assert "not causal" in res.reason
+
+
+# A peek small enough to pass as rounding: every logit shifted down by 25 (softmax does not see
+# it) so the largest is about 25 in size, and 0.001 added to the target's logit.
+SMALL_PEEK = PEEK_WITH.replace("lg.shape\n", "lg.shape\n        lg = lg - 25.0\n").replace("40.0", "0.001")
+
+
+def test_a_peek_within_rounding_is_invalid_unless_the_probes_are_told_to_allow_rounding(
+        kit_env, tmp_path, monkeypatch):
+    # A tolerance the candidate's logits scale (0.12 nats at most, in 16 bits) let a peek score
+    # 2.81 against 2.90: an honest model agrees to the bit, so the probes ask for the bit.
+    src = after_loop(SMALL_PEEK % "lg")
+    assert "lg - 25.0" in src and "0.001)" in src
+    res = run(src, tmp_path / "strict", unchecked=monkeypatch)
+    assert res.status == "invalid" and "not causal" in res.reason, (res.status, res.reason)
+    assert "AUTORESEARCH_PROBE_TOLERANT=1" in res.reason      # says what to do on hardware that rounds
+    monkeypatch.setenv("AUTORESEARCH_PROBE_TOLERANT", "1")
+    res = run(src, tmp_path / "tolerant", unchecked=monkeypatch)
+    assert res.status == "ok", res.reason                     # rounding allowed: this peek fits in it
 
 
 # A model that reads the other rows of its batch: what followed each token anywhere in the
