@@ -939,6 +939,15 @@ def test_non_streaming_servers_still_work_and_a_slow_unstreamed_reply_says_to_st
     # a server that answers stream=True with one JSON body: asked again without streaming
     p, server, _, _ = _run([Reply(GOOD, ignore_stream=True)])
     assert p.description == "MATRIX_LR 0.04 -> 0.05" and [c["body"].get("stream") for c in server.chats] == [True, None]
+    # ... and only once: the next proposals are asked unstreamed (each reply would be generated twice)
+    with FakeOpenAI([Reply(GOOD, ignore_stream=True)], ("fake-model",)) as server:
+        p = LLMProposer(base_url=server.url, api_key=KEY, model="fake-model", retry_delay=0.01, timeout=2.0,
+                        edit_mode="edits")
+        notes: list[str] = []
+        for _ in range(2):
+            assert p.propose(context(), on_token=notes.append).description == "MATRIX_LR 0.04 -> 0.05"
+    assert [c["body"].get("stream") for c in server.chats] == [True, None, None]
+    assert "the server does not stream" in "".join(notes)
     err, *_ = _run([Reply(GOOD, reasoning=DRAFT, delay=1.0)], stream=False, timeout=0.3, max_retries=1)
     assert isinstance(err, ProposalError) and "no answer within 0.3s (timeout)" in err.reason
     assert "Without streaming the timeout covers the whole reply" in err.reason and "--timeout" in err.reason

@@ -272,6 +272,7 @@ class LLMProposer:
         self._client = None
         self._network_retries = 0      # per propose(), reported in the metadata
         self._stream_usage = True      # ask for usage in the stream until a server refuses
+        self._stream_ignored = False   # the server answered a stream with one JSON body: ask unstreamed
         self._max_tokens_field: str | None = "max_tokens"   # max_completion_tokens, or None, once refused
         self._reply: dict = {}         # of the last reply: finish_reason, reasoning chars, the cap sent
 
@@ -962,7 +963,7 @@ class LLMProposer:
         streamed reply is asked once more without streaming (servers report an overflow
         only there).
         """
-        stream, shrunk = None, False
+        stream, shrunk, unstreamed_retry = (False if self._stream_ignored else None), False, False
         while True:
             n = self.counter.count_messages(messages)
             limit = self._limit(mode)
@@ -995,8 +996,14 @@ class LLMProposer:
             if not text.strip() and (self.stream if stream is None else stream) and not self._reply.get("reasoning") \
                     and not usage.get("completion_tokens"):
                 stream = False               # ask again unstreamed: a 400 shows there, not in a stream
+                unstreamed_retry = True
                 self._note(on_token, "\n[empty streamed reply: asking once more without streaming]\n")
                 continue
+            if unstreamed_retry and text.strip() and not self._stream_ignored:
+                # an empty stream, then a full answer unstreamed: this server does not stream (it
+                # answers stream=True with one JSON body); asking it to would generate every reply twice
+                self._stream_ignored = True
+                self._note(on_token, "\n[the server does not stream: asking without streaming from now on]\n")
             self._progress(event="reply", attempt=attempt, chars=len(text), usage=usage)
             return text, usage, n
 
