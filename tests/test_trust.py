@@ -248,6 +248,57 @@ def test_a_peek_within_rounding_is_invalid_unless_the_probes_are_told_to_allow_r
     assert res.status == "ok", res.reason                     # rounding allowed: this peek fits in it
 
 
+# A stateful wrapper (the 2026-12-03 red-team pass) that peeks at the target wherever its
+# prefix is unique in the batch, answers a probe row (a prefix of a row of the batch before)
+# with what it gave that row, and the recheck rows with what it gave them first.
+MEMO_PEEK = r'''PEEK = 40.0
+class _Memo(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__(); self.m = m; self.first = None; self.prev = None
+    def forward(self, idx):
+        out = self.m(idx)
+        # peek at position t only where the prefix idx[:, :t+1] is unique in this batch: a probe
+        # of it (next batch) then has exactly one source row to copy its answer from
+        h = torch.zeros(idx.size(0), dtype=torch.int64); uniq = torch.zeros_like(idx, dtype=torch.bool)
+        for t in range(idx.size(1)):
+            h = h * 1000003 + idx[:, t] + 1
+            _, inv, cnt = torch.unique(h, return_inverse=True, return_counts=True)
+            uniq[:, t] = cnt[inv] == 1
+        peek = torch.zeros_like(out)
+        peek[:, :-1].scatter_(2, idx[:, 1:].unsqueeze(-1), PEEK)      # read the future
+        out = out + peek * uniq.unsqueeze(-1).to(peek.dtype)
+        self.calls = getattr(self, "calls", 0) + 1
+
+        if self.prev is not None and self.calls >= 3:   # the plan: batch 2 carries no probes
+            pi, po = self.prev
+            eq = (idx[:, None, :] == pi[None, :, :]).long().cumprod(-1)   # (B, B', T) common prefix
+            lcp = eq.sum(-1)                                               # (B, B')
+            best, j = lcp.max(-1)
+            for i in range(idx.size(0)):
+                n = int(best[i])
+                if n >= 1:                                                 # a probe: its row's answer
+                    out[i, :n] = po[int(j[i]), :n]
+        if self.first is None:
+            self.first = (idx.clone(), out.clone())
+        else:
+            fi, fo = self.first
+            same = (idx == fi).all(-1)                                     # a recheck row, same place
+            out[same] = fo[same]
+        self.prev = (idx.clone(), out.clone())
+        return out
+model = _Memo(model)
+'''
+
+
+def test_a_model_that_remembers_its_batches_and_peeks_is_invalid(kit_env, tmp_path, monkeypatch):
+    # Measured: 0.36 against 2.90 honest, `ok`. Open: this test says so (xfail) while it scores.
+    res = run(after_loop(MEMO_PEEK), tmp_path, unchecked=monkeypatch)
+    if res.status == "ok" and res.val_bpb < 1.0:
+        pytest.xfail("open (docs/THREAT_MODEL.md): a model that remembers the batches it is sent passes the "
+                     f"probes (val_bpb {res.val_bpb:.2f}); the fix is a stateless scored model")
+    assert res.status == "invalid", (res.status, res.reason, res.log_tail)
+
+
 # A model that reads the other rows of its batch: what followed each token anywhere in the
 # batch (its own row's future, the neighbours' validation text) mixed into its answer.
 BATCH_CACHE = """
