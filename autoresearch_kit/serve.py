@@ -84,8 +84,6 @@ FIRST_ANSWER_STEPS = 2.0
 # Warm-up batches (before the clock) are uniform random ids from this stream: the right shape
 # to compile and measure with, nothing to learn from, so the untimed warm-up buys nothing.
 WARMUP_STREAM = 0x5EED_0000
-# Their tolerance (relative, as in metric.probe_mismatch): an honest model agrees to the bit.
-RECHECK_TOL = {"16-bit": 4e-3, "float32": 1e-4}
 MAX_LOADERS = 64
 MAX_BATCH_TOKENS = 1 << 26  # one training batch of more ids than this is not a batch
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -100,15 +98,15 @@ def probe_tolerance() -> float | None:
     return None if config.env("PROBE_TOLERANT") in ("1", "true", "yes") else 0.0
 
 
-def _rounding_hint(a, bad: dict) -> str:
-    """For a difference small enough to be rounding: how to tell, and what to set."""
-    if config.env("PROBE_TOLERANT") in ("1", "true", "yes"):
+def _rounding_hint(a, b, tol: float | None) -> str:
+    """For a strict comparison that rounding would explain (metric.probe_mismatch's own
+    tolerance lets it through): what to set on hardware that rounds."""
+    from autoresearch_kit.metric import probe_mismatch
+
+    if tol is None or not probe_mismatch(a, b)["causal"]:
         return ""
-    low = str(a.dtype) in ("torch.bfloat16", "torch.float16")
-    if bad["max_diff"] <= (4e-3 if low else 1e-4) * 30.0:
-        return (". A difference this small may be rounding: if the unedited baseline fails this way on "
-                "this hardware, set AUTORESEARCH_PROBE_TOLERANT=1 (probes then allow rounding)")
-    return ""
+    return (". A difference this small may be rounding: if the unedited baseline fails this way on "
+            "this hardware, set AUTORESEARCH_PROBE_TOLERANT=1 (probes then allow rounding)")
 
 
 def score_threads_for(device_type: str) -> int:
@@ -672,32 +670,31 @@ class RunServer:
                 return
             t = self._now()
             for (place, cut), a in zip(cur["checks"], saved):
-                bad = probe_mismatch(a, logits[place, : cut + 1], tol=probe_tol)
+                b = logits[place, : cut + 1]
+                bad = probe_mismatch(a, b, tol=probe_tol)
                 probes += 1
                 worst = max(worst, bad["max_diff"])
                 if not bad["causal"]:
                     self._invalid(f"the model is not causal: a validation row, sent again in the next batch with "
                                   f"only its later tokens changed, got logits that moved by {bad['max_diff']:.3g} "
                                   f"at position {bad['position']}: its answer depends on the targets, on the other "
-                                  f"rows of its batch, or it changed while it was scored{_rounding_hint(a, bad)}")
+                                  f"rows of its batch, or it changed while it was scored{_rounding_hint(a, b, probe_tol)}")
                     return
             saved = [logits[place, : cut + 1].clone() for place, cut in cur["sources"]]
             at = None if cur["at"] is None else torch.from_numpy(cur["at"])
             if cur["end"] == "first":
                 recheck = logits[at].clone()
             elif cur["end"] == "last":
-                low = torch.bfloat16, torch.float16
                 for j in range(len(at)):
                     b = logits[int(at[j])]
-                    tol = RECHECK_TOL["16-bit" if b.dtype in low or recheck.dtype in low else "float32"]
-                    bad = probe_mismatch(recheck[j], b, tol=tol if probe_tol is None else probe_tol)
+                    bad = probe_mismatch(recheck[j], b, tol=probe_tol)
                     rechecked += 1
                     worst = max(worst, bad["max_diff"])
                     if not bad["causal"]:
                         self._invalid(f"the model changed while it was scored: a row it answered before any "
                                       f"validation row, sent again after the last, got logits that moved "
                                       f"by {bad['max_diff']:.3g} at position {bad['position']} (a model must not "
-                                      f"train on, or remember, the rows it is sent for scoring){_rounding_hint(b, bad)}")
+                                      f"train on, or remember, the rows it is sent for scoring){_rounding_hint(recheck[j], b, probe_tol)}")
                         return
             t1 = self._now()
             timing["probes"] += t1 - t
